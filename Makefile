@@ -1,0 +1,30 @@
+# Two entry points, each doing all of its own set-up on a fresh machine:
+#   make demo   the main job (the kernels' parity-and-speed report on this device)
+#   make test   the test suite (Triton kernels run under the interpreter when there is no GPU)
+VENV   ?= .venv
+PYTHON ?= python3
+PY     := $(VENV)/bin/python
+# The CPU build of torch 2.13 lies on this project's machines; the GPU machine brings its own torch.
+TORCH_SPEC  ?= torch==2.13.0
+TRITON_SPEC ?= triton==3.7.1
+
+.PHONY: demo test test-fast bench clean
+
+$(VENV)/.installed: setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)" "$(TRITON_SPEC)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+demo: $(VENV)/.installed
+	$(PY) -m tgr_kernels
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q tests
+
+test-fast: $(VENV)/.installed
+	$(PY) -m pytest -q -m "not slow" tests
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache

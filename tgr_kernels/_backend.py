@@ -1,0 +1,39 @@
+"""Backend resolution and Triton launch helpers shared by the ops.
+
+Triton runs on CUDA tensors, or on CPU tensors under Triton's interpreter, which is only active
+when ``TRITON_INTERPRET=1`` was in the environment before triton was first imported.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ._validation import check_backend
+
+# Read once: the interpreter is chosen when triton is imported, so a later change has no effect.
+TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """Map ``"auto"`` to a concrete backend and reject Triton where it cannot run."""
+    check_backend(backend)
+    if backend == "auto":
+        return "triton" if device.type == "cuda" else "torch"
+    if backend == "triton" and device.type != "cuda" and not (device.type == "cpu" and TRITON_INTERPRET):
+        raise RuntimeError(
+            f"backend='triton' needs CUDA tensors, or CPU tensors with TRITON_INTERPRET=1 set before "
+            f"triton is imported; got tensors on {device}. Use backend='torch' on this device."
+        )
+    return backend
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def triton_dot_precision(dtype: torch.dtype) -> str:
+    """``input_precision`` for ``tl.dot``: TF32 only for fp32 inputs when PyTorch allows it."""
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"

@@ -1,0 +1,123 @@
+"""Temperature-guided attention with GSoT: the public op, its backend dispatch and its module.
+
+Math (per query row i; see DESIGN.md for the backward)::
+
+    S_ij = t̄_i · scale · (q_i·k_j) + m_ij,   P = softmax_j(S),   Y_i = 1[t̄_i >= τ] · (P V)_i
+
+Implementations, chosen by ``backend`` and the head dim D:
+
+    "triton", D <= 256   attention_flash: fused flash kernels, forward and backward
+    "triton", D >  256   attention_wide: GEMMs + fused Triton row kernels, chunked
+    "torch",  D <= 256   attention_sdpa: SDPA on the temperature-scaled query
+    "torch",  D >  256   attention_wide with PyTorch row ops (the CPU path for the seed's shape)
+    "reference"          reference.temperature_guided_attention_ref: the seed's eager math
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ._backend import resolve_backend
+from ._validation import check_attention_inputs, check_backend
+from .attention_flash import FLASH_MAX_HEAD_DIM, flash_attention
+from .attention_sdpa import sdpa_attention
+from .attention_wide import wide_attention
+from .reference import mean_temperature, temperature_guided_attention_ref
+
+__all__ = ["temperature_guided_attention", "TemperatureGuidedAttention"]
+
+# Widest head the "torch" backend sends to SDPA; wider heads take the chunked GEMM path.
+SDPA_MAX_HEAD_DIM = 256
+
+
+def temperature_guided_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    temperature: torch.Tensor,
+    attn_mask: Optional[torch.Tensor] = None,
+    *,
+    causal: bool = False,
+    gsot_threshold: Optional[float] = None,
+    scale: Optional[float] = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Attention whose logits are scaled per query row by its temperature, with GSoT pruning.
+
+    Args:
+        q: ``[B, H, S_q, D]``; k, v: ``[B, H, S_k, D]``. float16, bfloat16, float32 (float64 on
+            the "torch" and "reference" backends). The same tensor may be passed for all three.
+        temperature: ``[B, S_q]``, or ``[B, S_q, T]`` whose mean over T is used (the seed's form).
+        attn_mask: None; a key-padding mask ``[B, S_k]`` (bool or 0/1, true = keep); or an
+            additive float mask broadcastable to ``[B, H, S_q, S_k]`` (the seed's
+            ``(1 - mask) * -1e4`` form works unchanged; −inf entries are masked). A bool mask of
+            3 or 4 dims is read as keep = true. Masks get no gradient.
+        causal: key j is visible to query i when ``j <= i + S_k - S_q`` (bottom-right aligned,
+            so a query block at the end of a cache lines up with the last keys).
+        gsot_threshold: rows whose (mean) temperature is below it output zeros (GSoT); None = off.
+        scale: logit scale, default ``1/sqrt(D)``.
+        backend: "auto" (Triton on CUDA, "torch" elsewhere), "triton", "torch", "reference".
+
+    Returns:
+        ``[B, H, S_q, D]`` in q's dtype. A row with no visible key gives zeros, never NaN.
+        Differentiable in q, k, v and temperature; gradients that are not needed are not computed.
+    """
+    check_backend(backend)
+    args = check_attention_inputs(q, k, v, temperature, attn_mask, causal, gsot_threshold, scale)
+    backend = resolve_backend(backend, q.device)
+    if backend == "triton" and q.dtype == torch.float64:
+        raise TypeError("backend='triton' supports float16, bfloat16 and float32 q/k/v, got float64; "
+                        "use backend='torch'")
+    if backend == "reference":
+        return temperature_guided_attention_ref(
+            q, k, v, temperature, attn_mask, causal=causal, gsot_threshold=gsot_threshold,
+            scale=args.scale, upcast=False,
+        )
+    t_bar = mean_temperature(args.temperature).float()
+    options = (args.key_padding, args.additive, args.causal, args.gsot_threshold, args.scale)
+    if backend == "triton":
+        if q.shape[-1] <= FLASH_MAX_HEAD_DIM:
+            return flash_attention(q, k, v, t_bar, *options)
+        return wide_attention(q, k, v, t_bar, *options, row_ops="triton")
+    return _torch_attention(q, k, v, t_bar, *options)
+
+
+def _torch_attention(q, k, v, t_bar, *options):
+    """The "torch" backend. On the CPU, half-precision inputs are computed in fp32: this CPU's
+    bf16/fp16 GEMMs are about 100x slower than its fp32 ones."""
+    dtype = q.dtype
+    if q.device.type == "cpu" and dtype in (torch.float16, torch.bfloat16):
+        qf = q.float()
+        kf = qf if k is q else k.float()
+        vf = qf if v is q else (kf if v is k else v.float())
+        q, k, v = qf, kf, vf
+    if q.shape[-1] <= SDPA_MAX_HEAD_DIM:
+        out = sdpa_attention(q, k, v, t_bar, *options)
+    else:
+        out = wide_attention(q, k, v, t_bar, *options, row_ops="torch")
+    return out.to(dtype)
+
+
+class TemperatureGuidedAttention(nn.Module):
+    """Module form of :func:`temperature_guided_attention` (no parameters of its own)."""
+
+    def __init__(self, causal: bool = False, gsot_threshold: Optional[float] = None,
+                 scale: Optional[float] = None, *, backend: str = "auto"):
+        super().__init__()
+        check_backend(backend)
+        self.causal = causal
+        self.gsot_threshold = gsot_threshold
+        self.scale = scale
+        self.backend = backend
+
+    def forward(self, q, k, v, temperature, attn_mask=None):
+        return temperature_guided_attention(
+            q, k, v, temperature, attn_mask, causal=self.causal, gsot_threshold=self.gsot_threshold,
+            scale=self.scale, backend=self.backend,
+        )
+
+    def extra_repr(self) -> str:
+        return (f"causal={self.causal}, gsot_threshold={self.gsot_threshold}, scale={self.scale}, "
+                f"backend={self.backend!r}")

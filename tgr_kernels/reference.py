@@ -1,0 +1,130 @@
+"""Eager PyTorch references: the seed's math, made precise. They define correctness.
+
+Every fast path in this package is tested against these functions, and the benchmarks time them
+as the ``eager-seed`` provider. They are written for clarity, not speed: the attention reference
+materialises the full ``[B, H, S_q, S_k]`` score matrix.
+
+``upcast=True`` computes in float32 (float64 inputs stay float64) and casts the result back to the
+input dtype: that is the "true" answer the tests compare against. ``upcast=False`` computes in
+the input dtype, as the seed does; the tests use it to measure PyTorch's own low-precision error.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from ._validation import AttentionInputs, check_attention_inputs, check_projection_inputs
+
+__all__ = [
+    "temperature_projection_ref",
+    "temperature_guided_attention_ref",
+    "mean_temperature",
+    "gsot_gate",
+]
+
+
+def _compute_dtype(tensor: torch.Tensor, upcast: bool) -> torch.dtype:
+    dtype = tensor.dtype
+    if not upcast:
+        return dtype
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def temperature_projection_ref(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    clamp_min: float = 0.01,
+    clamp_max: float = 0.99,
+    *,
+    upcast: bool = True,
+) -> torch.Tensor:
+    """Token Temperature Mechanism: ``t = clamp(sigmoid(hidden @ weight.T + bias), min, max)``.
+
+    hidden ``[..., H]``, weight ``[T, H]``, bias ``[T]`` or None; returns ``[..., T]`` in the
+    promoted dtype of hidden and weight.
+    """
+    check_projection_inputs(hidden, weight, bias, clamp_min, clamp_max)
+    out_dtype = torch.promote_types(hidden.dtype, weight.dtype)
+    if out_dtype == torch.float64 or not upcast:
+        dtype = out_dtype
+    else:
+        dtype = torch.float32
+    b = None if bias is None else bias.to(dtype)
+    z = torch.nn.functional.linear(hidden.to(dtype), weight.to(dtype), b)
+    return torch.clamp(torch.sigmoid(z), clamp_min, clamp_max).to(out_dtype)
+
+
+def mean_temperature(temperature: torch.Tensor) -> torch.Tensor:
+    """The per-row temperature t̄ ``[B, S_q]``: the mean over temperature heads when 3-D."""
+    return temperature.mean(dim=-1) if temperature.dim() == 3 else temperature
+
+
+def gsot_gate(t_bar: torch.Tensor, threshold: Optional[float]) -> Optional[torch.Tensor]:
+    """GSoT keep-gate ``g_i = 1[t̄_i >= threshold]`` (no gradient), or None when disabled."""
+    if threshold is None:
+        return None
+    return (t_bar.detach() >= threshold)
+
+
+def _logit_bias(args: AttentionInputs, dtype: torch.dtype) -> Optional[torch.Tensor]:
+    """The additive mask ``m`` of the math, broadcastable to [B, H, S_q, S_k] (−inf = masked)."""
+    B, _, S_q, _ = args.q.shape
+    S_k = args.k.shape[2]
+    device = args.q.device
+    bias = None
+    if args.key_padding is not None:
+        keep = args.key_padding.view(B, 1, 1, S_k)
+        bias = torch.zeros(keep.shape, dtype=dtype, device=device).masked_fill(~keep, -math.inf)
+    if args.additive is not None:
+        add = args.additive.to(dtype)
+        bias = add if bias is None else bias + add
+    if args.causal:
+        # Bottom-right aligned: query i sits at key position S_k - S_q + i.
+        rows = torch.arange(S_q, device=device).view(S_q, 1) + (S_k - S_q)
+        cols = torch.arange(S_k, device=device).view(1, S_k)
+        causal = torch.zeros(S_q, S_k, dtype=dtype, device=device).masked_fill(cols > rows, -math.inf)
+        bias = causal if bias is None else bias + causal
+    return bias
+
+
+def temperature_guided_attention_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    temperature: torch.Tensor,
+    attn_mask: Optional[torch.Tensor] = None,
+    *,
+    causal: bool = False,
+    gsot_threshold: Optional[float] = None,
+    scale: Optional[float] = None,
+    upcast: bool = True,
+) -> torch.Tensor:
+    """Temperature-guided attention with GSoT, materialising the scores.
+
+    ``S_ij = t̄_i · (q_i·k_j) · scale + m_ij``, ``P = softmax_j(S)``, ``O = P V``,
+    ``Y_i = 1[t̄_i >= τ] · O_i``. A row whose every logit is −inf gives zeros.
+    """
+    args = check_attention_inputs(q, k, v, temperature, attn_mask, causal, gsot_threshold, scale)
+    dtype = _compute_dtype(q, upcast=upcast)
+    qc, kc, vc = args.q.to(dtype), args.k.to(dtype), args.v.to(dtype)
+    t_bar = mean_temperature(args.temperature.to(dtype))
+
+    scores = torch.matmul(qc, kc.transpose(-2, -1)) * args.scale
+    scores = scores * t_bar[:, None, :, None]
+    bias = _logit_bias(args, dtype)
+    if bias is not None:
+        scores = scores + bias
+    # Safe softmax: a fully masked row (all −inf) gives zero probabilities, not NaN.
+    row_max = scores.amax(dim=-1, keepdim=True)
+    dead = torch.isneginf(row_max)
+    scores = scores.masked_fill(dead, 0.0)
+    probs = torch.softmax(scores, dim=-1).masked_fill(dead, 0.0)
+    out = torch.matmul(probs, vc)
+
+    gate = gsot_gate(t_bar, args.gsot_threshold)
+    if gate is not None:
+        out = out * gate[:, None, :, None].to(out.dtype)
+    return out.to(q.dtype)
