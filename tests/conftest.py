@@ -40,3 +40,11 @@ def _seed_and_precision():
     torch.backends.cuda.matmul.allow_tf32 = False
     yield
     torch.backends.cuda.matmul.allow_tf32 = prev
+
+
+@pytest.fixture(autouse=True)
+def _poison_kernel_outputs(monkeypatch):
+    """Kernel outputs start as NaN in tests: an element a kernel forgets to write fails."""
+    from tgr_kernels import _backend
+
+    monkeypatch.setattr(_backend, "POISON_OUTPUTS", True)

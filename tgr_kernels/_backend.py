@@ -37,3 +37,15 @@ def triton_dot_precision(dtype: torch.dtype) -> str:
     if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
         return "tf32"
     return "ieee"
+
+
+# Tests set this to fill every kernel output with NaN before launch, so that an element a kernel
+# forgets to write fails the test instead of passing with stale memory.
+POISON_OUTPUTS = False
+
+
+def new_output(shape, dtype: torch.dtype, device) -> torch.Tensor:
+    """An uninitialised kernel output (NaN-filled when ``POISON_OUTPUTS`` is set)."""
+    if POISON_OUTPUTS:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)

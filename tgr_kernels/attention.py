@@ -75,7 +75,8 @@ def temperature_guided_attention(
             q, k, v, temperature, attn_mask, causal=causal, gsot_threshold=gsot_threshold,
             scale=args.scale, upcast=False,
         )
-    t_bar = mean_temperature(args.temperature).float()
+    t_bar = mean_temperature(args.temperature)
+    t_bar = t_bar.double() if t_bar.dtype == torch.float64 else t_bar.float()
     options = (args.key_padding, args.additive, args.causal, args.gsot_threshold, args.scale)
     if backend == "triton":
         if q.shape[-1] <= FLASH_MAX_HEAD_DIM:

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._backend import TRITON_INTERPRET, next_power_of_2, triton_dot_precision
+from ._backend import TRITON_INTERPRET, new_output, next_power_of_2, triton_dot_precision
 
 FLASH_MAX_HEAD_DIM = 256
 _LOG2E = 1.4426950408889634
@@ -342,8 +342,8 @@ def flash_forward(q, k, v, t_bar, key_padding, additive, causal, gsot_threshold,
     """Launch the forward kernel. Returns (out, lse)."""
     B, H, S_q, D = q.shape
     S_k = k.shape[2]
-    out = torch.empty_like(q)
-    lse = torch.empty(B, H, S_q, device=q.device, dtype=torch.float32)
+    out = new_output(q.shape, q.dtype, q.device)
+    lse = new_output((B, H, S_q), torch.float32, q.device)
     kpm, kpm_strides, bias, bias_strides = mask_args(key_padding, additive, (B, H, S_q, S_k), q.device)
     block_m, block_n, num_warps, num_stages = _block_config(D, backward=False)
     grid = (triton.cdiv(S_q, block_m), B * H)
@@ -382,14 +382,14 @@ def flash_backward(q, k, v, t_bar, key_padding, additive, causal, gsot_threshold
 
     dk = dv = None
     if need_dkv:
-        dk = torch.empty(B, H, S_k, D, device=q.device, dtype=k.dtype)
-        dv = torch.empty(B, H, S_k, D, device=q.device, dtype=v.dtype)
+        dk = new_output((B, H, S_k, D), k.dtype, q.device)
+        dv = new_output((B, H, S_k, D), v.dtype, q.device)
         _flash_bwd_dkdv_kernel[(triton.cdiv(S_k, block_n), B * H)](
             q, k, v, t_bar, kpm, bias, grad_out, lse, delta, dk, dv,
             *strides, H, S_q, S_k, D, scale, **common,
         )
-    dq = torch.empty(B, H, S_q, D, device=q.device, dtype=q.dtype) if need_dq else q.new_empty(1)
-    dt = torch.empty(B, H, S_q, device=q.device, dtype=torch.float32)
+    dq = new_output((B, H, S_q, D), q.dtype, q.device) if need_dq else q.new_empty(1)
+    dt = new_output((B, H, S_q), torch.float32, q.device)
     _flash_bwd_dq_kernel[(triton.cdiv(S_q, block_m), B * H)](
         q, k, v, t_bar, kpm, bias, grad_out, lse, delta, dq, dt,
         *strides, H, S_q, S_k, D, scale, STORE_DQ=need_dq, **common,

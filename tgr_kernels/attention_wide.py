@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._backend import TRITON_INTERPRET, next_power_of_2
+from ._backend import TRITON_INTERPRET, new_output, next_power_of_2
 from .attention_flash import _logits_tile, mask_args
 
 DEFAULT_CHUNK_BYTES = {"cpu": 64 << 20, "cuda": 512 << 20}
@@ -204,7 +204,7 @@ def _torch_logits_(z, row0, t_bar, key_padding, additive, causal, scale, S_q, S_
 
 def _torch_rows_forward(z, row0, t_bar, key_padding, additive, causal, gsot_threshold, scale, lse, S_q, S_k):
     M = z.shape[2]
-    s = z if z.dtype == torch.float32 else z.float()
+    s = z.to(lse.dtype)  # fp32 for half inputs (a copy), in place for fp32 and fp64
     _torch_logits_(s, row0, t_bar, key_padding, additive, causal, scale, S_q, S_k)
     row_lse = torch.logsumexp(s, dim=-1, keepdim=True)
     row_lse.masked_fill_(torch.isneginf(row_lse), math.inf)  # fully masked row: P = 0
@@ -219,8 +219,7 @@ def _torch_rows_forward(z, row0, t_bar, key_padding, additive, causal, gsot_thre
 def _torch_rows_backward(z, dp, row0, t_bar, key_padding, additive, causal, scale, lse, delta, dt,
                          S_q, S_k, store_p, store_g):
     M = z.shape[2]
-    zf = z.float()
-    dpf = dp if dp.dtype == torch.float32 else dp.float()
+    zf, dpf = z.to(lse.dtype), dp.to(lse.dtype)
     p = zf.clone()  # the raw products stay in zf for dt̄
     _torch_logits_(p, row0, t_bar, key_padding, additive, causal, scale, S_q, S_k)
     p.sub_((lse[:, :, row0:row0 + M] * math.log(2.0))[..., None]).exp_()
@@ -241,6 +240,11 @@ _ROW_OPS = {
 
 
 # ----------------------------------------------------------------------------- orchestration
+def _stats_dtype(q: torch.Tensor) -> torch.dtype:
+    """Per-row statistics (lse, Δ, dt̄) and accumulators: fp32, or fp64 for fp64 inputs."""
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
 def _chunks(S_q: int, S_k: int, B: int, H: int, elem: int, causal: bool, chunk_bytes: int):
     """Yield (row0, row1, n_cols): query-row chunks and how many keys each one can see."""
     rows = max(1, min(S_q, chunk_bytes // max(1, B * H * S_k * elem)))
@@ -254,8 +258,8 @@ def wide_forward(q, k, v, t_bar, key_padding, additive, causal, gsot_threshold, 
     B, H, S_q, D = q.shape
     S_k = k.shape[2]
     rows_forward = _ROW_OPS[row_ops][0]
-    out = torch.empty_like(q)
-    lse = torch.empty(B, H, S_q, device=q.device, dtype=torch.float32)
+    out = new_output(q.shape, q.dtype, q.device)
+    lse = new_output((B, H, S_q), _stats_dtype(q), q.device)
     for row0, row1, n_cols in _chunks(S_q, S_k, B, H, q.element_size(), causal, chunk_bytes):
         if n_cols == 0:  # rows that see no key at all
             out[:, :, row0:row1] = 0
@@ -274,12 +278,13 @@ def wide_backward(q, k, v, t_bar, key_padding, additive, causal, gsot_threshold,
     rows_backward = _ROW_OPS[row_ops][1]
     if gsot_threshold is not None:
         grad_out = grad_out * (t_bar >= gsot_threshold)[:, None, :, None].to(grad_out.dtype)
-    delta = torch.einsum("bhmd,bhmd->bhm", grad_out.float(), out.float()).contiguous()
-    dt = torch.empty(B, H, S_q, device=q.device, dtype=torch.float32)
-    dq = torch.empty_like(q) if need_dq else None
+    stats = _stats_dtype(q)
+    delta = torch.einsum("bhmd,bhmd->bhm", grad_out.to(stats), out.to(stats)).contiguous()
+    dt = new_output((B, H, S_q), stats, q.device)
+    dq = new_output(q.shape, q.dtype, q.device) if need_dq else None
     # Accumulate dK/dV across chunks in fp32 when there is more than one chunk.
     chunks = list(_chunks(S_q, S_k, B, H, q.element_size(), causal, chunk_bytes))
-    acc_dtype = q.dtype if len(chunks) == 1 else torch.float32
+    acc_dtype = q.dtype if len(chunks) == 1 else stats
     dk = torch.zeros(B, H, S_k, D, device=q.device, dtype=acc_dtype) if need_dkv else None
     dv = torch.zeros(B, H, S_k, D, device=q.device, dtype=acc_dtype) if need_dkv else None
     for row0, row1, n_cols in chunks:

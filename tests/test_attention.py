@@ -1,0 +1,321 @@
+"""Parity of every attention backend against the float64 reference, forward and all gradients,
+plus the behaviours the API promises (masks, GSoT, skipped gradients, errors)."""
+import math
+
+import pytest
+import torch
+
+from conftest import DEVICE
+from parity import FLOOR, assert_parity, max_err
+from tgr_kernels import attention_flash, attention_wide
+from tgr_kernels.attention import TemperatureGuidedAttention, temperature_guided_attention
+from tgr_kernels.reference import temperature_guided_attention_ref
+
+F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
+BACKENDS = ["triton", "torch"]
+
+
+def make_mask(kind, B, H, S_q, S_k, device=DEVICE):
+    """Masks of every accepted form; the "dead" kinds contain rows with no visible key."""
+    if kind is None:
+        return None
+    if kind in ("kpm", "kpm_dead", "kpm01"):
+        keep = torch.ones(B, S_k, dtype=torch.bool, device=device)
+        keep[-1, max(1, S_k - S_k // 3):] = False  # right padding on the last batch row
+        if kind == "kpm_dead":
+            keep[0] = False  # a sequence with no visible key at all
+        return keep.long() if kind == "kpm01" else keep
+    if kind == "additive":  # the seed's form: (1 - attention_mask) * -1e4, [B, 1, 1, S_k]
+        keep = torch.ones(B, S_k, device=device)
+        keep[-1, max(1, S_k - S_k // 3):] = 0
+        return ((1.0 - keep) * -1e4)[:, None, None, :]
+    if kind == "additive_inf":  # arbitrary additive bias with −inf entries and a fully masked row
+        bias = torch.randn(B, 1, S_q, S_k, device=device)
+        bias[torch.rand(B, 1, S_q, S_k, device=device) < 0.3] = -math.inf
+        bias[0, 0, S_q // 2] = -math.inf
+        return bias
+    if kind == "bool4d":
+        keep = torch.rand(B, 1, S_q, S_k, device=device) > 0.3
+        keep[..., 0] = True
+        return keep
+    raise ValueError(kind)
+
+
+def make_inputs(B, H, S_q, S_k, D, dtype, same_qkv, T=3, device=DEVICE):
+    if same_qkv:
+        assert S_q == S_k
+        x = torch.randn(B, H, S_q, D, device=device, dtype=dtype).requires_grad_()
+        leaves, qkv = [x], (x, x, x)
+    else:
+        q = torch.randn(B, H, S_q, D, device=device, dtype=dtype).requires_grad_()
+        k = torch.randn(B, H, S_k, D, device=device, dtype=dtype).requires_grad_()
+        v = torch.randn(B, H, S_k, D, device=device, dtype=dtype).requires_grad_()
+        leaves, qkv = [q, k, v], (q, k, v)
+    # Temperatures in [0.01, 0.99] like the TTM's, some of them near the GSoT thresholds.
+    temperature = (torch.rand(B, S_q, T, device=device) * 0.98 + 0.01).requires_grad_()
+    return leaves, qkv, temperature
+
+
+def _rebuild(leaves, temperature, same_qkv, dtype):
+    """Detached copies of the inputs in another dtype, as fresh leaves."""
+    new = [x.detach().to(dtype).requires_grad_() for x in leaves]
+    t = temperature.detach().to(torch.float64 if dtype == torch.float64 else temperature.dtype).requires_grad_()
+    qkv = (new[0],) * 3 if same_qkv else tuple(new)
+    return new, qkv, t
+
+
+def check_parity(backend, B, H, S_q, S_k, D, mask_kind, causal, thr, same_qkv, dtype):
+    leaves, (q, k, v), temperature = make_inputs(B, H, S_q, S_k, D, dtype, same_qkv)
+    mask = make_mask(mask_kind, B, H, S_q, S_k)
+    kwargs = dict(causal=causal, gsot_threshold=thr)
+
+    out = temperature_guided_attention(q, k, v, temperature, mask, backend=backend, **kwargs)
+    assert out.dtype == dtype and out.shape == q.shape
+    grad_out = torch.randn_like(out)
+    grads = torch.autograd.grad(out, leaves + [temperature], grad_out)
+
+    l64, qkv64, t64 = _rebuild(leaves, temperature, same_qkv, torch.float64)
+    truth = temperature_guided_attention_ref(*qkv64, t64, mask, upcast=True, **kwargs)
+    truth_grads = torch.autograd.grad(truth, l64 + [t64], grad_out.double())
+
+    le, qkve, te = _rebuild(leaves, temperature, same_qkv, dtype)
+    eager = temperature_guided_attention_ref(*qkve, te, mask, upcast=False, **kwargs)
+    eager_grads = torch.autograd.grad(eager, le + [te], grad_out)
+
+    names = ["x"] if same_qkv else ["q", "k", "v"]
+    assert_parity("out", out, eager, truth, dtype)
+    for name, g, ge, gt in zip(names + ["temperature"], grads, eager_grads, truth_grads):
+        assert_parity(f"d{name}", g, ge, gt, dtype)
+
+
+# (B, H, S_q, S_k, D, mask, causal, gsot_threshold, q = k = v, dtype)
+FLASH_CASES = [
+    (1, 1, 1, 1, 16, None, False, None, False, F32),
+    (2, 2, 7, 7, 16, "kpm", True, None, True, F32),
+    (1, 2, 113, 113, 32, None, True, 0.5, False, F32),
+    (2, 2, 45, 37, 64, "additive", False, 0.5, False, F32),
+    (2, 1, 23, 23, 72, "kpm_dead", False, None, False, F16),
+    (2, 2, 40, 33, 16, "additive_inf", False, None, False, F16),
+    (1, 2, 30, 70, 32, "kpm01", True, None, False, F16),
+    (2, 2, 20, 20, 16, "bool4d", True, 0.45, False, F32),
+    (2, 1, 19, 19, 40, "kpm_dead", True, 2.0, True, F16),  # every row pruned
+]
+WIDE_CASES = [
+    (1, 1, 7, 7, 300, None, False, None, True, F32),
+    (2, 1, 33, 33, 264, "additive", False, 0.45, True, F32),  # the seed's shape and mask
+    (2, 1, 45, 37, 320, "kpm_dead", True, None, False, F16),
+    (1, 2, 24, 50, 272, "additive_inf", True, 0.5, False, F16),
+]
+
+
+def _case_id(case):
+    B, H, S_q, S_k, D, mask, causal, thr, same, dtype = case
+    return (f"{B}x{H}x{S_q}x{S_k}x{D}-{mask}-{'causal' if causal else 'full'}-gsot{thr}"
+            f"-{'qkv' if same else 'sep'}-{str(dtype)[6:]}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", FLASH_CASES + WIDE_CASES, ids=_case_id)
+def test_parity_with_reference(backend, case):
+    check_parity(backend, *case)
+
+
+@pytest.mark.parametrize("case", FLASH_CASES + WIDE_CASES, ids=_case_id)
+def test_reference_backend_is_the_eager_math(case):
+    B, H, S_q, S_k, D, mask_kind, causal, thr, same_qkv, dtype = case
+    _, (q, k, v), temperature = make_inputs(B, H, S_q, S_k, D, dtype, same_qkv)
+    mask = make_mask(mask_kind, B, H, S_q, S_k)
+    out = temperature_guided_attention(q, k, v, temperature, mask, causal=causal, gsot_threshold=thr,
+                                       backend="reference")
+    eager = temperature_guided_attention_ref(q, k, v, temperature, mask, causal=causal, gsot_threshold=thr,
+                                             upcast=False)
+    assert torch.equal(out, eager)
+
+
+@pytest.mark.parametrize("row_ops", ["triton", "torch"])
+@pytest.mark.parametrize("mask_kind,causal", [(None, True), ("kpm_dead", False), ("additive_inf", True)])
+def test_wide_path_across_chunks(row_ops, mask_kind, causal):
+    """Chunks of a few query rows: the per-chunk key ranges and fp32 dK/dV accumulation."""
+    B, H, S_q, S_k, D = 2, 1, 29, 29, 288
+    leaves, (q, k, v), temperature = make_inputs(B, H, S_q, S_k, D, F32, same_qkv=False)
+    mask = make_mask(mask_kind, B, H, S_q, S_k)
+    from tgr_kernels._validation import check_attention_inputs
+    args = check_attention_inputs(q, k, v, temperature, mask, causal, 0.3, None)
+    t_bar = temperature.mean(-1)
+    chunk_bytes = B * H * S_k * 4 * 6  # six rows a chunk
+    out = attention_wide.wide_attention(q, k, v, t_bar, args.key_padding, args.additive, causal, 0.3,
+                                        args.scale, row_ops=row_ops, chunk_bytes=chunk_bytes)
+    grad_out = torch.randn_like(out)
+    grads = torch.autograd.grad(out, leaves + [temperature], grad_out)
+    l64, qkv64, t64 = _rebuild(leaves, temperature, False, torch.float64)
+    truth = temperature_guided_attention_ref(*qkv64, t64, mask, causal=causal, gsot_threshold=0.3)
+    truth_grads = torch.autograd.grad(truth, l64 + [t64], grad_out.double())
+    assert max_err(out, truth) < FLOOR[F32]
+    for g, gt in zip(grads, truth_grads):
+        assert max_err(g, gt) < FLOOR[F32]
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+@pytest.mark.parametrize("D", [32, 300])
+def test_rows_without_visible_keys_are_zero_not_nan(backend, D):
+    leaves, (q, k, v), temperature = make_inputs(2, 2, 9, 9, D, F32, same_qkv=False)
+    mask = make_mask("kpm_dead", 2, 2, 9, 9)
+    out = temperature_guided_attention(q, k, v, temperature, mask, causal=True, backend=backend)
+    assert torch.equal(out[0], torch.zeros_like(out[0]))
+    grads = torch.autograd.grad(out, leaves + [temperature], torch.randn_like(out))
+    assert all(torch.isfinite(g).all() for g in grads)
+    assert torch.equal(grads[-1][0], torch.zeros_like(grads[-1][0]))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("D", [16, 264])
+def test_all_rows_pruned_gives_zero_output_and_gradients(backend, D):
+    leaves, (q, k, v), temperature = make_inputs(1, 2, 11, 11, D, F32, same_qkv=False)
+    out = temperature_guided_attention(q, k, v, temperature, gsot_threshold=1.0, backend=backend)
+    assert torch.equal(out, torch.zeros_like(out))
+    for g in torch.autograd.grad(out, leaves + [temperature], torch.randn_like(out)):
+        assert torch.equal(g, torch.zeros_like(g))
+
+
+@pytest.mark.parametrize("D", [32, 300])
+def test_only_temperature_gradient_skips_qkv_work(D, monkeypatch):
+    """Frozen base: q, k, v need no gradient, so no dQ/dK/dV is computed, and dt̄ is still right."""
+    calls = []
+    for module, name in ((attention_flash, "flash_backward"), (attention_wide, "wide_backward")):
+        real = getattr(module, name)
+
+        def spy(*args, _real=real, **kw):
+            calls.append((kw["need_dq"], kw["need_dkv"]))
+            return _real(*args, **kw)
+
+        monkeypatch.setattr(module, name, spy)
+    leaves, (q, k, v), temperature = make_inputs(2, 1, 21, 21, D, F32, same_qkv=False)
+    for x in leaves:
+        x.requires_grad_(False)
+    out = temperature_guided_attention(q, k, v, temperature, causal=True, gsot_threshold=0.4, backend="triton")
+    grad_out = torch.randn_like(out)
+    (dt,) = torch.autograd.grad(out, [temperature], grad_out)
+    assert calls == [(False, False)]
+    t64 = temperature.detach().double().requires_grad_()
+    truth = temperature_guided_attention_ref(q.double(), k.double(), v.double(), t64, causal=True,
+                                             gsot_threshold=0.4)
+    (dt_truth,) = torch.autograd.grad(truth, [t64], grad_out.double())
+    assert max_err(dt, dt_truth) < FLOOR[F32]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("D", [32, 300])
+def test_non_contiguous_inputs(backend, D):
+    B, S, H = 2, 17, 2
+    x = torch.randn(B, S, 3, H, D, device=DEVICE)  # a fused QKV projection's layout
+    q, k, v = (x[:, :, i].transpose(1, 2) for i in range(3))
+    assert not q.is_contiguous()
+    temperature = torch.rand(B, S, 4, device=DEVICE).transpose(1, 2).contiguous().transpose(1, 2)
+    mask = make_mask("kpm", B, H, S, S)[:, :].t().contiguous().t()
+    out = temperature_guided_attention(q, k, v, temperature, mask, causal=True, backend=backend)
+    truth = temperature_guided_attention_ref(q.contiguous(), k.contiguous(), v.contiguous(),
+                                             temperature.contiguous(), mask.contiguous(), causal=True)
+    assert max_err(out, truth) < FLOOR[F32]
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+def test_2d_temperature_equals_its_3d_mean(backend):
+    _, (q, k, v), temperature = make_inputs(1, 2, 13, 13, 16, F32, same_qkv=False)
+    a = temperature_guided_attention(q, k, v, temperature, backend=backend)
+    b = temperature_guided_attention(q, k, v, temperature.mean(-1), backend=backend)
+    assert max_err(a, b) < 1e-6
+
+
+def test_module_matches_function():
+    _, (q, k, v), temperature = make_inputs(1, 2, 10, 10, 16, F32, same_qkv=False)
+    module = TemperatureGuidedAttention(causal=True, gsot_threshold=0.3, backend="torch")
+    assert "causal=True" in repr(module)
+    expected = temperature_guided_attention(q, k, v, temperature, causal=True, gsot_threshold=0.3, backend="torch")
+    assert torch.equal(module(q, k, v, temperature), expected)
+
+
+def test_reference_gradcheck_float64():
+    q, k, v = (torch.randn(1, 2, 5, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    temperature = (torch.rand(1, 5, 2, dtype=torch.float64) * 0.9 + 0.05).requires_grad_()
+    mask = torch.tensor([[True, True, True, False, True]])
+
+    def fn(q, k, v, t):
+        return temperature_guided_attention_ref(q, k, v, t, mask, causal=True, gsot_threshold=0.2)
+
+    assert torch.autograd.gradcheck(fn, (q, k, v, temperature))
+
+
+@pytest.mark.parametrize("backend", ["torch"])
+def test_float64_torch_backend_gradcheck(backend):
+    """The fast PyTorch paths (SDPA and chunked) are exact enough for a float64 gradcheck too."""
+    for D in (4, 300):
+        q, k, v = (torch.randn(1, 1, 4, D, dtype=torch.float64, requires_grad=True) for _ in range(3))
+        temperature = (torch.rand(1, 4, dtype=torch.float64) * 0.9 + 0.05).requires_grad_()
+
+        def fn(q, k, v, t):
+            return temperature_guided_attention(q, k, v, t, causal=True, backend=backend)
+
+        assert torch.autograd.gradcheck(fn, (q, k, v, temperature))
+
+
+# ----------------------------------------------------------------------------- bad input
+def _good(B=2, H=2, S=5, D=8):
+    return (torch.randn(B, H, S, D), torch.randn(B, H, S, D), torch.randn(B, H, S, D), torch.rand(B, S))
+
+
+@pytest.mark.parametrize(
+    "mutate,error,match",
+    [
+        (lambda a: {**a, "q": torch.randn(2, 5, 8)}, ValueError, "q must be 4-D"),
+        (lambda a: {**a, "k": torch.randn(2, 2, 5, 9)}, ValueError, "head dim"),
+        (lambda a: {**a, "v": torch.randn(2, 2, 6, 8)}, ValueError, "S_k"),
+        (lambda a: {**a, "k": torch.randn(3, 2, 5, 8)}, ValueError, "batch and heads"),
+        (lambda a: {**a, "q": a["q"].double()}, TypeError, "share a dtype"),
+        (lambda a: {**a, "q": a["q"].long()}, TypeError, "q must be float"),
+        (lambda a: {**a, "temperature": torch.rand(2, 4)}, ValueError, r"temperature must be \[B, S_q\]"),
+        (lambda a: {**a, "temperature": torch.rand(2, 5, 3, 1)}, ValueError, "temperature must be 2-D or 3-D"),
+        (lambda a: {**a, "temperature": torch.full((2, 5), float("nan"))}, ValueError, "contains NaN"),
+        (lambda a: {**a, "attn_mask": torch.ones(2, 6, dtype=torch.bool)}, ValueError, "key-padding"),
+        (lambda a: {**a, "attn_mask": torch.full((2, 5), 3.0)}, ValueError, "0/1"),
+        (lambda a: {**a, "attn_mask": torch.zeros(2, 3, 5, 5)}, ValueError, "does not broadcast"),
+        (lambda a: {**a, "attn_mask": torch.zeros(2, 1, 5, 5, dtype=torch.long)}, TypeError, "bool or floating"),
+        (lambda a: {**a, "q": torch.randn(0, 2, 5, 8), "k": torch.randn(0, 2, 5, 8), "v": torch.randn(0, 2, 5, 8),
+                    "temperature": torch.rand(0, 5)}, ValueError, "empty"),
+        (lambda a: {**a, "scale": -1.0}, ValueError, "scale"),
+        (lambda a: {**a, "gsot_threshold": "high"}, TypeError, "gsot_threshold"),
+        (lambda a: {**a, "backend": "cuda"}, ValueError, "backend must be one of"),
+        (lambda a: {**a, "q": a["q"].double(), "k": a["k"].double(), "v": a["v"].double(), "backend": "triton"},
+         TypeError, "float64"),
+    ],
+)
+def test_bad_input_is_named_before_any_kernel(mutate, error, match):
+    q, k, v, t = _good()
+    args = mutate(dict(q=q, k=k, v=v, temperature=t, attn_mask=None, scale=None, gsot_threshold=None,
+                       backend="triton"))
+    with pytest.raises(error, match=match):
+        temperature_guided_attention(args.pop("q"), args.pop("k"), args.pop("v"), args.pop("temperature"),
+                                     args.pop("attn_mask"), **args)
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="checks the CPU-only error")
+def test_triton_on_cpu_without_interpreter_says_how(monkeypatch):
+    from tgr_kernels import _backend
+    monkeypatch.setattr(_backend, "TRITON_INTERPRET", False)
+    q, k, v, t = _good()
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        temperature_guided_attention(q, k, v, t, backend="triton")
+
+
+# ----------------------------------------------------------------------------- GPU only
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [BF16, F16, F32])
+@pytest.mark.parametrize("case", [
+    (2, 8, 1023, 1023, 128, "kpm", True, 0.5, False),
+    (1, 4, 203, 517, 64, "additive", False, None, False),
+    (2, 2, 257, 257, 256, "kpm_dead", True, 0.4, True),
+    (1, 32, 513, 513, 96, None, True, None, False),
+    (2, 1, 1023, 1023, 4096, "additive", False, 0.4, True),
+    (1, 1, 600, 700, 1024, "kpm_dead", True, None, False),
+], ids=lambda c: "x".join(map(str, c[:5])) + f"-{c[5]}-{c[6]}-{c[7]}-{c[8]}")
+def test_cuda_parity_large(dtype, case):
+    check_parity("triton", *case, dtype)

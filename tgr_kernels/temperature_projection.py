@@ -1,0 +1,590 @@
+"""Token Temperature Mechanism (TTM): the temperature projection as one fused, differentiable op.
+
+Math (hidden ``h [N, H]`` after flattening the leading dims, weight ``W [T, H]``, bias ``b [T]``)::
+
+    z = h @ W^T + b                  [N, T]   fp32 accumulation
+    σ = sigmoid(z)
+    t = clamp(σ, t_min, t_max)       the temperatures
+
+Backward, with upstream gradient ``dt [N, T]``::
+
+    dz = dt ∘ σ(1 − σ) ∘ 1[t_min ≤ σ ≤ t_max]      (torch.clamp passes the gradient at equality)
+    dh = dz W        [N, H]
+    dW = dzᵀ h       [T, H]
+    db = Σ_rows dz   [T]
+
+This file holds the op's Triton kernels, its ``torch.autograd.Function``, the optimized PyTorch
+path, the public dispatch function :func:`temperature_projection` and the thin module
+:class:`TemperatureMechanism`. The op is memory bound: T (temperature heads, 8 in the seed) is
+tiny next to H, so every kernel streams ``h`` once and keeps W's ``[T, BLOCK_K]`` tile and the
+``[BLOCK_M, T]`` accumulator on chip.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from ._backend import new_output, next_power_of_2, resolve_backend, triton_dot_precision
+from ._validation import check_backend, check_projection_inputs
+from .reference import temperature_projection_ref
+
+__all__ = ["temperature_projection", "TemperatureMechanism"]
+
+# Rows of h per program and columns of H per loop step. Fixed (no autotune: the interpreter
+# cannot run more than one config, and this memory-bound op gains little from tuning).
+BLOCK_M = 64
+BLOCK_K = 64
+# tl.dot needs every tile dim >= 16 on a GPU, so T is padded up to at least 16.
+MIN_BLOCK_T = 16
+# The whole T lives in one tile; wider projections (not TTM's shape) go to the torch backend.
+MAX_TEMPERATURE_HEADS = 128
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+# --------------------------------------------------------------------------------------------
+# Triton kernels
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _projection_forward_kernel(
+    hidden_ptr,
+    weight_ptr,
+    bias_ptr,
+    out_ptr,
+    sigma_ptr,
+    n_rows,
+    hidden_size,
+    n_heads,
+    stride_hidden_row,
+    stride_hidden_col,
+    stride_weight_head,
+    stride_weight_col,
+    clamp_min,
+    clamp_max,
+    HAS_BIAS: tl.constexpr,
+    SAVE_SIGMA: tl.constexpr,
+    DOT_IN_FP32: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """``t = clamp(sigmoid(h @ W^T + b), clamp_min, clamp_max)`` for one block of BLOCK_M rows.
+
+    ``acc[BLOCK_M, BLOCK_T] = Σ_k h[rows, k] W[heads, k]`` over H in BLOCK_K steps, in fp32.
+
+    Args:
+        hidden_ptr: h ``[n_rows, hidden_size]``, any strides, fp16/bf16/fp32.
+        weight_ptr: W ``[n_heads, hidden_size]``, any strides, fp16/bf16/fp32.
+        bias_ptr: b ``[n_heads]`` contiguous (any float dtype), unused unless HAS_BIAS.
+        out_ptr: t ``[n_rows, n_heads]`` contiguous, written in its own dtype.
+        sigma_ptr: σ ``[n_rows, n_heads]`` contiguous fp32 (pre-clamp, for the backward),
+            written only when SAVE_SIGMA.
+        n_rows: N, the product of hidden's leading dims.
+        hidden_size: H.
+        n_heads: T, the number of temperature heads (<= BLOCK_T).
+        stride_hidden_row, stride_hidden_col: h's strides in elements.
+        stride_weight_head, stride_weight_col: W's strides in elements.
+        clamp_min, clamp_max: the clamp bounds (fp32).
+        HAS_BIAS: add b.
+        SAVE_SIGMA: store σ (some input needs a gradient).
+        DOT_IN_FP32: cast both tiles to fp32 before tl.dot (fp32 or mixed-dtype inputs); else
+            h and W share a half dtype and the dot runs on it with fp32 accumulation.
+        INPUT_PRECISION: tl.dot's ``input_precision`` for fp32 tiles ("ieee" or "tf32").
+        BLOCK_M, BLOCK_T, BLOCK_K: tile sizes; BLOCK_T >= n_heads, all >= 16.
+    """
+    pid = tl.program_id(0)
+    rows = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    heads = tl.arange(0, BLOCK_T).to(tl.int64)
+    row_mask = rows < n_rows
+    head_mask = heads < n_heads
+
+    acc = tl.zeros((BLOCK_M, BLOCK_T), dtype=tl.float32)
+    for k_start in range(0, hidden_size, BLOCK_K):
+        cols = k_start + tl.arange(0, BLOCK_K).to(tl.int64)
+        col_mask = cols < hidden_size
+        h = tl.load(
+            hidden_ptr + rows[:, None] * stride_hidden_row + cols[None, :] * stride_hidden_col,
+            mask=row_mask[:, None] & col_mask[None, :],
+            other=0.0,
+        )
+        w = tl.load(
+            weight_ptr + heads[:, None] * stride_weight_head + cols[None, :] * stride_weight_col,
+            mask=head_mask[:, None] & col_mask[None, :],
+            other=0.0,
+        )
+        if DOT_IN_FP32:
+            h = h.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = tl.dot(h, tl.trans(w), acc, input_precision=INPUT_PRECISION)
+
+    if HAS_BIAS:
+        b = tl.load(bias_ptr + heads, mask=head_mask, other=0.0).to(tl.float32)
+        acc += b[None, :]
+    sigma = tl.sigmoid(acc)
+    # where() rather than minimum/maximum: NaN must propagate, as in torch.clamp.
+    temperature = tl.where(sigma < clamp_min, clamp_min, tl.where(sigma > clamp_max, clamp_max, sigma))
+
+    offsets = rows[:, None] * n_heads + heads[None, :]
+    mask = row_mask[:, None] & (heads < n_heads - 1)[None, :]
+    tl.store(out_ptr + offsets, temperature.to(out_ptr.dtype.element_ty), mask=mask)
+    if SAVE_SIGMA:
+        tl.store(sigma_ptr + offsets, sigma, mask=mask)
+
+
+@triton.jit
+def _projection_backward_rows_kernel(
+    grad_out_ptr,
+    sigma_ptr,
+    weight_ptr,
+    grad_logits_ptr,
+    grad_hidden_ptr,
+    n_rows,
+    hidden_size,
+    n_heads,
+    stride_grad_out_row,
+    stride_grad_out_head,
+    stride_weight_head,
+    stride_weight_col,
+    clamp_min,
+    clamp_max,
+    STORE_GRAD_LOGITS: tl.constexpr,
+    HIDDEN_GRAD: tl.constexpr,
+    DOT_IN_FP32: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """Per row block: ``dz = dt ∘ σ(1 − σ) ∘ 1[clamp_min ≤ σ ≤ clamp_max]`` and ``dh = dz W``.
+
+    One program owns BLOCK_M rows of dz and dh, so there are no atomics.
+
+    Args:
+        grad_out_ptr: dt ``[n_rows, n_heads]``, any strides (autograd may hand an expanded or
+            transposed gradient), any float dtype.
+        sigma_ptr: σ ``[n_rows, n_heads]`` contiguous fp32, saved by the forward.
+        weight_ptr: W ``[n_heads, hidden_size]``, any strides; read only when HIDDEN_GRAD.
+        grad_logits_ptr: dz ``[n_rows, n_heads]`` contiguous fp32, written when
+            STORE_GRAD_LOGITS (the weight/bias gradients need it).
+        grad_hidden_ptr: dh ``[n_rows, hidden_size]`` contiguous, in hidden's dtype, written when
+            HIDDEN_GRAD.
+        n_rows, hidden_size, n_heads: N, H, T.
+        stride_grad_out_row, stride_grad_out_head: dt's strides in elements.
+        stride_weight_head, stride_weight_col: W's strides in elements.
+        clamp_min, clamp_max: the clamp bounds (fp32).
+        STORE_GRAD_LOGITS: store dz.
+        HIDDEN_GRAD: compute and store dh.
+        DOT_IN_FP32: run ``dz W`` in fp32; else cast dz to W's half dtype (as eager autograd
+            does) and accumulate in fp32.
+        INPUT_PRECISION: tl.dot's ``input_precision`` for fp32 tiles.
+        BLOCK_M, BLOCK_T, BLOCK_K: tile sizes; BLOCK_T >= n_heads, all >= 16.
+    """
+    pid = tl.program_id(0)
+    rows = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    heads = tl.arange(0, BLOCK_T).to(tl.int64)
+    row_mask = rows < n_rows
+    head_mask = heads < n_heads
+    mask = row_mask[:, None] & head_mask[None, :]
+
+    sigma = tl.load(sigma_ptr + rows[:, None] * n_heads + heads[None, :], mask=mask, other=0.0)
+    grad_out = tl.load(
+        grad_out_ptr + rows[:, None] * stride_grad_out_row + heads[None, :] * stride_grad_out_head,
+        mask=mask,
+        other=0.0,
+    ).to(tl.float32)
+    in_range = (sigma >= clamp_min) & (sigma <= clamp_max)
+    # Padded rows/heads load σ = 0, dt = 0, so their dz is 0 and they add nothing to the dots.
+    grad_logits = tl.where(in_range, grad_out * sigma * (1.0 - sigma), 0.0)
+    if STORE_GRAD_LOGITS:
+        tl.store(grad_logits_ptr + rows[:, None] * n_heads + heads[None, :], grad_logits, mask=mask)
+
+    if HIDDEN_GRAD:
+        if DOT_IN_FP32:
+            dz = grad_logits
+        else:
+            dz = grad_logits.to(weight_ptr.dtype.element_ty)
+        for k_start in range(0, hidden_size, BLOCK_K):
+            cols = k_start + tl.arange(0, BLOCK_K).to(tl.int64)
+            col_mask = cols < hidden_size
+            w = tl.load(
+                weight_ptr + heads[:, None] * stride_weight_head + cols[None, :] * stride_weight_col,
+                mask=head_mask[:, None] & col_mask[None, :],
+                other=0.0,
+            )
+            if DOT_IN_FP32:
+                w = w.to(tl.float32)
+            grad_hidden = tl.dot(dz, w, input_precision=INPUT_PRECISION)
+            tl.store(
+                grad_hidden_ptr + rows[:, None] * hidden_size + cols[None, :],
+                grad_hidden.to(grad_hidden_ptr.dtype.element_ty),
+                mask=row_mask[:, None] & col_mask[None, :],
+            )
+
+
+@triton.jit
+def _projection_backward_weight_kernel(
+    grad_logits_ptr,
+    hidden_ptr,
+    partial_grad_weight_ptr,
+    n_rows,
+    hidden_size,
+    n_heads,
+    rows_per_split,
+    stride_hidden_row,
+    stride_hidden_col,
+    DOT_IN_FP32: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """``dW[:, cols] = Σ_rows dz[rows]ᵀ h[rows, cols]`` over one split of the rows.
+
+    Program (c, s) owns the BLOCK_K columns c of dW and the rows
+    ``[s · rows_per_split, (s + 1) · rows_per_split)``; it writes its partial sum to
+    ``partial[s]``, and the host sums the splits in a fixed order (deterministic, no atomics).
+    Splitting the rows keeps the GPU busy when H / BLOCK_K alone gives too few programs.
+
+    Args:
+        grad_logits_ptr: dz ``[n_rows, n_heads]`` contiguous fp32.
+        hidden_ptr: h ``[n_rows, hidden_size]``, any strides, fp16/bf16/fp32.
+        partial_grad_weight_ptr: ``[n_splits, n_heads, hidden_size]`` contiguous fp32.
+        n_rows, hidden_size, n_heads: N, H, T.
+        rows_per_split: rows per split, a multiple of BLOCK_M.
+        stride_hidden_row, stride_hidden_col: h's strides in elements.
+        DOT_IN_FP32: run the dot in fp32; else cast dz to h's half dtype, fp32 accumulation.
+        INPUT_PRECISION: tl.dot's ``input_precision`` for fp32 tiles.
+        BLOCK_M, BLOCK_T, BLOCK_K: tile sizes; BLOCK_T >= n_heads, all >= 16.
+    """
+    pid_col = tl.program_id(0)
+    pid_split = tl.program_id(1)
+    cols = pid_col.to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
+    heads = tl.arange(0, BLOCK_T).to(tl.int64)
+    col_mask = cols < hidden_size
+    head_mask = heads < n_heads
+    first_row = pid_split.to(tl.int64) * rows_per_split
+
+    acc = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.float32)
+    for row_offset in range(0, rows_per_split, BLOCK_M):
+        rows = first_row + row_offset + tl.arange(0, BLOCK_M)
+        row_mask = rows < n_rows
+        dz = tl.load(
+            grad_logits_ptr + rows[:, None] * n_heads + heads[None, :],
+            mask=row_mask[:, None] & head_mask[None, :],
+            other=0.0,
+        )
+        h = tl.load(
+            hidden_ptr + rows[:, None] * stride_hidden_row + cols[None, :] * stride_hidden_col,
+            mask=row_mask[:, None] & col_mask[None, :],
+            other=0.0,
+        )
+        if DOT_IN_FP32:
+            h = h.to(tl.float32)
+        else:
+            dz = dz.to(h.dtype)
+        acc = tl.dot(tl.trans(dz), h, acc, input_precision=INPUT_PRECISION)
+
+    partial_ptr = partial_grad_weight_ptr + pid_split.to(tl.int64) * n_heads * hidden_size
+    tl.store(
+        partial_ptr + heads[:, None] * hidden_size + cols[None, :],
+        acc,
+        mask=head_mask[:, None] & col_mask[None, :],
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------------
+
+
+def _dot_in_fp32(hidden_dtype: torch.dtype, weight_dtype: torch.dtype) -> bool:
+    """The dots run on a half dtype only when h and W share it; fp32 and mixed inputs use fp32."""
+    return not (hidden_dtype == weight_dtype and hidden_dtype in _HALF_DTYPES)
+
+
+def _block_t(n_heads: int) -> int:
+    return max(MIN_BLOCK_T, next_power_of_2(n_heads))
+
+
+def _launch_forward(hidden2d, weight, bias, clamp_min, clamp_max, save_sigma: bool):
+    """Run the forward kernel; returns ``(t [N, T], σ [N, T] fp32 or None)``."""
+    n_rows, hidden_size = hidden2d.shape
+    n_heads = weight.shape[0]
+    out = new_output((n_rows, n_heads), torch.promote_types(hidden2d.dtype, weight.dtype), hidden2d.device)
+    sigma = new_output((n_rows, n_heads), torch.float32, hidden2d.device) if save_sigma else out
+    bias_arg = bias.contiguous() if bias is not None else out  # never read without HAS_BIAS
+    grid = (triton.cdiv(n_rows, BLOCK_M),)
+    _projection_forward_kernel[grid](
+        hidden2d, weight, bias_arg, out, sigma,
+        n_rows, hidden_size, n_heads,
+        hidden2d.stride(0), hidden2d.stride(1),
+        weight.stride(0), weight.stride(1),
+        float(clamp_min), float(clamp_max),
+        HAS_BIAS=bias is not None,
+        SAVE_SIGMA=save_sigma,
+        DOT_IN_FP32=_dot_in_fp32(hidden2d.dtype, weight.dtype),
+        INPUT_PRECISION=triton_dot_precision(torch.float32),
+        BLOCK_M=BLOCK_M, BLOCK_T=_block_t(n_heads), BLOCK_K=BLOCK_K,
+    )
+    return out, (sigma if save_sigma else None)
+
+
+def _launch_backward_rows(grad_out, sigma, weight, hidden_dtype, clamp_min, clamp_max,
+                          store_grad_logits: bool, hidden_grad: bool):
+    """Run the row kernel; returns ``(dz [N, T] fp32 or None, dh [N, H] or None)``."""
+    n_rows, n_heads = sigma.shape
+    hidden_size = weight.shape[1]
+    device = sigma.device
+    grad_logits = new_output((n_rows, n_heads), torch.float32, device) if store_grad_logits else sigma
+    grad_hidden = new_output((n_rows, hidden_size), hidden_dtype, device) if hidden_grad else sigma
+    grid = (triton.cdiv(n_rows, BLOCK_M),)
+    _projection_backward_rows_kernel[grid](
+        grad_out, sigma, weight, grad_logits, grad_hidden,
+        n_rows, hidden_size, n_heads,
+        grad_out.stride(0), grad_out.stride(1),
+        weight.stride(0), weight.stride(1),
+        float(clamp_min), float(clamp_max),
+        STORE_GRAD_LOGITS=store_grad_logits,
+        HIDDEN_GRAD=hidden_grad,
+        DOT_IN_FP32=_dot_in_fp32(hidden_dtype, weight.dtype),
+        INPUT_PRECISION=triton_dot_precision(torch.float32),
+        BLOCK_M=BLOCK_M, BLOCK_T=_block_t(n_heads), BLOCK_K=BLOCK_K,
+    )
+    return (grad_logits if store_grad_logits else None), (grad_hidden if hidden_grad else None)
+
+
+@functools.lru_cache(maxsize=None)
+def _multiprocessor_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _num_row_splits(n_row_blocks: int, n_col_blocks: int, device: torch.device) -> int:
+    """How many row splits the weight-gradient kernel uses: enough programs to fill the GPU.
+
+    On the interpreter (CPU) more programs only cost time, so one split.
+    """
+    if device.type != "cuda":
+        return 1
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    target_programs = 2 * _multiprocessor_count(index)
+    return max(1, min(n_row_blocks, triton.cdiv(target_programs, n_col_blocks)))
+
+
+def _launch_backward_weight(grad_logits, hidden2d, weight_dtype):
+    """Run the weight-gradient kernel; returns dW ``[T, H]`` in fp32."""
+    n_rows, n_heads = grad_logits.shape
+    hidden_size = hidden2d.shape[1]
+    n_row_blocks = triton.cdiv(n_rows, BLOCK_M)
+    n_col_blocks = triton.cdiv(hidden_size, BLOCK_K)
+    n_splits = _num_row_splits(n_row_blocks, n_col_blocks, hidden2d.device)
+    rows_per_split = triton.cdiv(n_row_blocks, n_splits) * BLOCK_M
+    n_splits = triton.cdiv(n_rows, rows_per_split)  # drop splits that would own no rows
+    partial = new_output((n_splits, n_heads, hidden_size), torch.float32, hidden2d.device)
+    _projection_backward_weight_kernel[(n_col_blocks, n_splits)](
+        grad_logits, hidden2d, partial,
+        n_rows, hidden_size, n_heads, rows_per_split,
+        hidden2d.stride(0), hidden2d.stride(1),
+        DOT_IN_FP32=_dot_in_fp32(hidden2d.dtype, weight_dtype),
+        INPUT_PRECISION=triton_dot_precision(torch.float32),
+        BLOCK_M=BLOCK_M, BLOCK_T=_block_t(n_heads), BLOCK_K=BLOCK_K,
+    )
+    return partial[0] if n_splits == 1 else partial.sum(dim=0)
+
+
+# --------------------------------------------------------------------------------------------
+# Autograd
+# --------------------------------------------------------------------------------------------
+
+
+class TemperatureProjectionFunction(torch.autograd.Function):
+    """Fused TTM on 2-D hidden ``[N, H]``; the backward computes only the gradients asked for."""
+
+    @staticmethod
+    def forward(ctx, hidden2d, weight, bias, clamp_min, clamp_max):
+        weight_grad = ctx.needs_input_grad[1]
+        with torch.cuda.device_of(hidden2d):
+            out, sigma = _launch_forward(hidden2d, weight, bias, clamp_min, clamp_max, save_sigma=True)
+        # h is needed only for dW: with frozen weights the activation is not kept alive.
+        # W is a parameter that lives anyway, so keeping a reference costs nothing.
+        ctx.save_for_backward(hidden2d if weight_grad else None, weight, sigma)
+        ctx.clamp = (clamp_min, clamp_max)
+        ctx.hidden_dtype = hidden2d.dtype
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hidden2d, weight, sigma = ctx.saved_tensors
+        hidden_grad, weight_grad, bias_grad = ctx.needs_input_grad[:3]
+        clamp_min, clamp_max = ctx.clamp
+        grad_weight = grad_bias = None
+        with torch.cuda.device_of(sigma):
+            grad_logits, grad_hidden = _launch_backward_rows(
+                grad_out, sigma, weight, ctx.hidden_dtype, clamp_min, clamp_max,
+                store_grad_logits=weight_grad or bias_grad, hidden_grad=hidden_grad,
+            )
+            if weight_grad:
+                grad_weight = _launch_backward_weight(grad_logits, hidden2d, weight.dtype).to(weight.dtype)
+        if bias_grad:
+            grad_bias = grad_logits.sum(dim=0).to(ctx.bias_dtype)
+        return grad_hidden, grad_weight, grad_bias, None, None
+
+
+# --------------------------------------------------------------------------------------------
+# PyTorch path and dispatch
+# --------------------------------------------------------------------------------------------
+
+
+def _torch_projection(hidden, weight, bias, clamp_min, clamp_max):
+    """Optimized PyTorch TTM: one GEMM, then sigmoid and clamp in fp32 (autograd does the rest).
+
+    On CUDA, hidden and weight that share a half dtype use the half GEMM (fp32 accumulation in
+    cuBLAS); everything else, and everything on the CPU (where bf16 GEMMs are ~100x slower than
+    fp32), runs the GEMM in fp32 (float64 stays float64).
+    """
+    out_dtype = torch.promote_types(hidden.dtype, weight.dtype)
+    if out_dtype == torch.float64:
+        gemm_dtype = torch.float64
+    elif hidden.is_cuda and hidden.dtype == weight.dtype and hidden.dtype in _HALF_DTYPES:
+        gemm_dtype = hidden.dtype
+    else:
+        gemm_dtype = torch.float32
+    act_dtype = torch.float64 if out_dtype == torch.float64 else torch.float32
+    logits = F.linear(hidden.to(gemm_dtype), weight.to(gemm_dtype)).to(act_dtype)
+    if bias is not None:
+        logits = logits + bias.to(act_dtype)
+    return torch.clamp(torch.sigmoid(logits), clamp_min, clamp_max).to(out_dtype)
+
+
+def _triton_unsupported(hidden, weight, bias) -> Optional[Exception]:
+    """The error to raise when the Triton kernels cannot take these inputs, or None."""
+    for name, tensor in (("hidden", hidden), ("weight", weight), ("bias", bias)):
+        if tensor is not None and tensor.dtype == torch.float64:
+            return TypeError(
+                f"backend='triton' has no float64 kernels ({name} is {tensor.dtype}); use backend='torch'"
+            )
+    if weight.shape[0] > MAX_TEMPERATURE_HEADS:
+        return ValueError(
+            f"backend='triton' supports at most {MAX_TEMPERATURE_HEADS} temperature heads, but weight "
+            f"{list(weight.shape)} has {weight.shape[0]}; use backend='torch'"
+        )
+    return None
+
+
+def _triton_projection(hidden, weight, bias, clamp_min, clamp_max):
+    hidden_size = hidden.shape[-1]
+    lead_shape = hidden.shape[:-1]
+    hidden2d = hidden.reshape(-1, hidden_size)  # a view when it can be, a copy otherwise
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (hidden, weight, bias)
+    )
+    if needs_grad:
+        out = TemperatureProjectionFunction.apply(hidden2d, weight, bias, clamp_min, clamp_max)
+    else:
+        # Inference: no autograd node, and no σ to keep.
+        with torch.cuda.device_of(hidden2d):
+            out, _ = _launch_forward(hidden2d, weight, bias, clamp_min, clamp_max, save_sigma=False)
+    return out.view(*lead_shape, weight.shape[0])
+
+
+def temperature_projection(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    clamp_min: float = 0.01,
+    clamp_max: float = 0.99,
+    *,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Per-token temperatures ``clamp(sigmoid(hidden @ weight.T + bias), clamp_min, clamp_max)``.
+
+    Args:
+        hidden: ``[..., H]``, any leading dims, any strides; fp16, bf16, fp32 (fp64: torch and
+            reference backends only).
+        weight: ``[T, H]``, T temperature heads.
+        bias: ``[T]`` or None.
+        clamp_min, clamp_max: bounds, ``0 <= clamp_min <= clamp_max <= 1``. The gradient
+            passes where ``clamp_min <= σ <= clamp_max``, as with ``torch.clamp``.
+        backend: ``"triton"`` (fused kernels: CUDA, or CPU tensors under TRITON_INTERPRET=1),
+            ``"torch"`` (optimized PyTorch), ``"reference"`` (the eager reference computed in
+            the inputs' dtype) or ``"auto"`` (Triton on CUDA, torch elsewhere and for float64
+            or more than 128 heads).
+
+    Returns:
+        ``[..., T]`` in ``torch.promote_types(hidden.dtype, weight.dtype)``: with the model's
+        fp32 head weights and bf16/fp16 hidden states the temperatures come out fp32. The
+        matmul always accumulates in fp32, and sigmoid and clamp run in fp32.
+
+    Differentiable in hidden, weight and bias; gradients come back in each input's dtype, and
+    only those that are needed are computed (a frozen base costs no ``d hidden`` work).
+    """
+    check_projection_inputs(hidden, weight, bias, clamp_min, clamp_max)
+    chosen = resolve_backend(backend, hidden.device)
+    if chosen == "reference":
+        return temperature_projection_ref(hidden, weight, bias, clamp_min, clamp_max, upcast=False)
+    if chosen == "triton":
+        error = _triton_unsupported(hidden, weight, bias)
+        if error is not None and backend == "auto":
+            chosen = "torch"
+        elif error is not None:
+            raise error
+    if chosen == "torch":
+        return _torch_projection(hidden, weight, bias, clamp_min, clamp_max)
+    return _triton_projection(hidden, weight, bias, clamp_min, clamp_max)
+
+
+# --------------------------------------------------------------------------------------------
+# Module
+# --------------------------------------------------------------------------------------------
+
+
+class TemperatureMechanism(nn.Module):
+    """Projects hidden states to per-token temperatures in ``[clamp_min, clamp_max]``.
+
+    A drop-in for the seed's module: same ``proj`` (``nn.Linear(hidden_size, temperature_heads)``),
+    so its state dict (``proj.weight``, ``proj.bias``) loads unchanged, and the same output, via
+    the fused :func:`temperature_projection`.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        temperature_heads: int,
+        clamp_min: float = 0.01,
+        clamp_max: float = 0.99,
+        *,
+        backend: str = "auto",
+    ):
+        super().__init__()
+        check_backend(backend)
+        if not (0.0 <= clamp_min <= clamp_max <= 1.0):
+            raise ValueError(
+                f"need 0 <= clamp_min <= clamp_max <= 1, got clamp_min={clamp_min}, clamp_max={clamp_max}"
+            )
+        self.hidden_size = hidden_size
+        self.temperature_heads = temperature_heads
+        self.clamp_min = clamp_min
+        self.clamp_max = clamp_max
+        self.backend = backend
+        self.proj = nn.Linear(hidden_size, temperature_heads)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """``[..., hidden_size]`` → temperatures ``[..., temperature_heads]``."""
+        return temperature_projection(
+            hidden_states, self.proj.weight, self.proj.bias, self.clamp_min, self.clamp_max,
+            backend=self.backend,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"hidden_size={self.hidden_size}, temperature_heads={self.temperature_heads}, "
+            f"clamp_min={self.clamp_min}, clamp_max={self.clamp_max}, backend={self.backend!r}"
+        )
