@@ -133,7 +133,7 @@ def _projection_forward_kernel(
     temperature = tl.where(sigma < clamp_min, clamp_min, tl.where(sigma > clamp_max, clamp_max, sigma))
 
     offsets = rows[:, None] * n_heads + heads[None, :]
-    mask = row_mask[:, None] & (heads < n_heads - 1)[None, :]
+    mask = row_mask[:, None] & head_mask[None, :]
     tl.store(out_ptr + offsets, temperature.to(out_ptr.dtype.element_ty), mask=mask)
     if SAVE_SIGMA:
         tl.store(sigma_ptr + offsets, sigma, mask=mask)
