@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ._backend import resolve_backend
+from ._backend import cpu_computes_natively, resolve_backend
 from ._validation import check_attention_inputs, check_backend
 from .attention_flash import FLASH_MAX_HEAD_DIM, flash_attention
 from .attention_sdpa import sdpa_attention
@@ -86,10 +86,10 @@ def temperature_guided_attention(
 
 
 def _torch_attention(q, k, v, t_bar, *options):
-    """The "torch" backend. On the CPU, half-precision inputs are computed in fp32: this CPU's
-    bf16/fp16 GEMMs are about 100x slower than its fp32 ones."""
+    """The "torch" backend. On a CPU without native bf16/fp16 GEMMs, half-precision inputs are
+    computed in fp32 (emulated half GEMMs are up to ~100x slower than fp32 ones)."""
     dtype = q.dtype
-    if q.device.type == "cpu" and dtype in (torch.float16, torch.bfloat16):
+    if q.device.type == "cpu" and dtype in (torch.float16, torch.bfloat16) and not cpu_computes_natively(dtype):
         qf = q.float()
         kf = qf if k is q else k.float()
         vf = qf if v is q else (kf if v is k else v.float())

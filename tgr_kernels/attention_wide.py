@@ -246,44 +246,61 @@ def _stats_dtype(q: torch.Tensor) -> torch.dtype:
 
 
 def _chunks(S_q: int, S_k: int, B: int, H: int, elem: int, causal: bool, chunk_bytes: int):
-    """Yield (row0, row1, n_cols): query-row chunks and how many keys each one can see."""
+    """[(row0, row1, n_cols)]: query-row chunks and how many keys each one can see."""
     rows = max(1, min(S_q, chunk_bytes // max(1, B * H * S_k * elem)))
+    chunks = []
     for row0 in range(0, S_q, rows):
         row1 = min(S_q, row0 + rows)
-        n_cols = min(S_k, max(0, row1 - 1 + (S_k - S_q) + 1)) if causal else S_k
-        yield row0, row1, n_cols
+        n_cols = min(S_k, max(0, row1 + (S_k - S_q))) if causal else S_k
+        chunks.append((row0, row1, n_cols))
+    return chunks
 
 
-def wide_forward(q, k, v, t_bar, key_padding, additive, causal, gsot_threshold, scale, row_ops, chunk_bytes):
+def wide_forward(q, k, v, t_bar, key_padding, additive, causal, gsot_threshold, scale, row_ops, chunk_bytes,
+                 keep_scores=False):
+    """Returns (out, lse, scores). With ``keep_scores`` and a single chunk, the raw products
+    ``Z = Q Kᵀ`` (one chunk's worth of memory) are returned for the backward, which then needs
+    no GEMM to recompute them; otherwise scores is None."""
     B, H, S_q, D = q.shape
     S_k = k.shape[2]
     rows_forward = _ROW_OPS[row_ops][0]
     out = new_output(q.shape, q.dtype, q.device)
     lse = new_output((B, H, S_q), _stats_dtype(q), q.device)
-    for row0, row1, n_cols in _chunks(S_q, S_k, B, H, q.element_size(), causal, chunk_bytes):
+    chunks = _chunks(S_q, S_k, B, H, q.element_size(), causal, chunk_bytes)
+    keep_scores = keep_scores and len(chunks) == 1
+    saved = None
+    for row0, row1, n_cols in chunks:
         if n_cols == 0:  # rows that see no key at all
             out[:, :, row0:row1] = 0
             lse[:, :, row0:row1] = math.inf
             continue
         z = torch.matmul(q[:, :, row0:row1], k[:, :, :n_cols].transpose(-2, -1))
+        if keep_scores:
+            saved, z = z, z.clone()
         rows_forward(z, row0, t_bar, key_padding, additive, causal, gsot_threshold, scale, lse, S_q, S_k)
         out[:, :, row0:row1] = torch.matmul(z, v[:, :, :n_cols])
-    return out, lse
+    return out, lse, saved
 
 
 def wide_backward(q, k, v, t_bar, key_padding, additive, causal, gsot_threshold, scale, row_ops, chunk_bytes,
-                  out, lse, grad_out, need_dq, need_dkv):
+                  out, lse, scores, grad_out, need_dq, need_dkv, same_qkv=False):
+    """Returns (dq, dk, dv, dt̄ [B, S_q]); unneeded gradients are None. ``scores``: the forward's
+    saved Z (single chunk) or None. With ``same_qkv`` (q, k, v one tensor X, single chunk) the
+    three gradients are summed as ``dX = (G + Gᵀ) X + Pᵀ dO``: two GEMMs instead of three."""
     B, H, S_q, D = q.shape
     S_k = k.shape[2]
     rows_backward = _ROW_OPS[row_ops][1]
+    stats = _stats_dtype(q)
     if gsot_threshold is not None:
         grad_out = grad_out * (t_bar >= gsot_threshold)[:, None, :, None].to(grad_out.dtype)
-    stats = _stats_dtype(q)
-    delta = torch.einsum("bhmd,bhmd->bhm", grad_out.to(stats), out.to(stats)).contiguous()
+    delta = (grad_out.to(stats) * out.to(stats)).sum(-1)
     dt = new_output((B, H, S_q), stats, q.device)
+    chunks = _chunks(S_q, S_k, B, H, q.element_size(), causal, chunk_bytes)
+    if same_qkv and len(chunks) == 1 and need_dq and need_dkv:
+        return _backward_same_qkv(q, t_bar, key_padding, additive, causal, scale, rows_backward,
+                                  lse, delta, dt, scores, grad_out, chunks[0][2])
     dq = new_output(q.shape, q.dtype, q.device) if need_dq else None
     # Accumulate dK/dV across chunks in fp32 when there is more than one chunk.
-    chunks = list(_chunks(S_q, S_k, B, H, q.element_size(), causal, chunk_bytes))
     acc_dtype = q.dtype if len(chunks) == 1 else stats
     dk = torch.zeros(B, H, S_k, D, device=q.device, dtype=acc_dtype) if need_dkv else None
     dv = torch.zeros(B, H, S_k, D, device=q.device, dtype=acc_dtype) if need_dkv else None
@@ -295,7 +312,7 @@ def wide_backward(q, k, v, t_bar, key_padding, additive, causal, gsot_threshold,
             continue
         q_c, do_c = q[:, :, row0:row1], grad_out[:, :, row0:row1]
         k_c, v_c = k[:, :, :n_cols], v[:, :, :n_cols]
-        z = torch.matmul(q_c, k_c.transpose(-2, -1))
+        z = _scores_for_backward(scores, q_c, k_c, store_p=need_dkv)
         dp = torch.matmul(do_c, v_c.transpose(-2, -1))
         rows_backward(z, dp, row0, t_bar, key_padding, additive, causal, scale, lse, delta, dt,
                       S_q, S_k, store_p=need_dkv, store_g=need_dq or need_dkv)
@@ -309,26 +326,50 @@ def wide_backward(q, k, v, t_bar, key_padding, additive, causal, gsot_threshold,
     return dq, dk, dv, dt.sum(1)
 
 
+def _scores_for_backward(scores, q_c, k_c, store_p):
+    """Z for one chunk: the forward's saved copy (cloned when P will overwrite it, so a second
+    backward with retain_graph still sees Z) or a recomputed GEMM."""
+    if scores is None:
+        return torch.matmul(q_c, k_c.transpose(-2, -1))
+    return scores.clone() if store_p else scores
+
+
+def _backward_same_qkv(x, t_bar, key_padding, additive, causal, scale, rows_backward,
+                       lse, delta, dt, scores, grad_out, n_cols):
+    S_q = S_k = x.shape[2]
+    z = _scores_for_backward(scores, x, x, store_p=True)
+    dp = torch.matmul(grad_out, x.transpose(-2, -1))
+    rows_backward(z, dp, 0, t_bar, key_padding, additive, causal, scale, lse, delta, dt,
+                  S_q, S_k, store_p=True, store_g=True)
+    g_sym = dp + dp.transpose(-2, -1)  # dQ + dK = G X + Gᵀ X
+    dx = torch.matmul(g_sym, x)
+    dx.add_(torch.matmul(z.transpose(-2, -1), grad_out))  # + dV = Pᵀ dO
+    return dx, None, None, dt.sum(1)
+
+
 class WideAttentionFunction(torch.autograd.Function):
     """Autograd wrapper of the chunked GEMM + row-kernel path (inputs validated by the caller)."""
 
     @staticmethod
     def forward(ctx, q, k, v, t_bar, key_padding, additive, causal, gsot_threshold, scale, row_ops, chunk_bytes):
-        out, lse = wide_forward(q, k, v, t_bar, key_padding, additive, causal, gsot_threshold, scale,
-                                row_ops, chunk_bytes)
-        ctx.save_for_backward(q, k, v, t_bar, key_padding, additive, out, lse)
+        need_grad = any(ctx.needs_input_grad[:4])
+        out, lse, scores = wide_forward(q, k, v, t_bar, key_padding, additive, causal, gsot_threshold, scale,
+                                        row_ops, chunk_bytes, keep_scores=need_grad)
+        ctx.save_for_backward(q, k, v, t_bar, key_padding, additive, out, lse, scores)
         ctx.options = (causal, gsot_threshold, scale, row_ops, chunk_bytes)
+        ctx.same_qkv = q is k and k is v
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, t_bar, key_padding, additive, out, lse = ctx.saved_tensors
+        q, k, v, t_bar, key_padding, additive, out, lse, scores = ctx.saved_tensors
         need_q, need_k, need_v, need_t = ctx.needs_input_grad[:4]
         nones = (None,) * 7
         if not (need_q or need_k or need_v or need_t):
             return (None,) * 4 + nones
-        dq, dk, dv, dt = wide_backward(q, k, v, t_bar, key_padding, additive, *ctx.options,
-                                       out, lse, grad_out.contiguous(), need_dq=need_q, need_dkv=need_k or need_v)
+        dq, dk, dv, dt = wide_backward(q, k, v, t_bar, key_padding, additive, *ctx.options, out, lse, scores,
+                                       grad_out.contiguous(), need_dq=need_q, need_dkv=need_k or need_v,
+                                       same_qkv=ctx.same_qkv)
         return (dq, dk if need_k else None, dv if need_v else None, dt if need_t else None) + nones
 
 
