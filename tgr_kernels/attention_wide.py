@@ -264,29 +264,29 @@ def wide_forward(q, k, v, t_bar, key_padding, additive, causal, gsot_threshold, 
     B, H, S_q, D = q.shape
     S_k = k.shape[2]
     rows_forward = _ROW_OPS[row_ops][0]
-    out = new_output(q.shape, q.dtype, q.device)
     lse = new_output((B, H, S_q), _stats_dtype(q), q.device)
     chunks = _chunks(S_q, S_k, B, H, q.element_size(), causal, chunk_bytes)
-    keep_scores = keep_scores and len(chunks) == 1
-    saved = None
+    if len(chunks) == 1:  # one chunk (then it sees every key): no output slices to copy into
+        z = torch.matmul(q, k.transpose(-2, -1))
+        saved, z = (z, z.clone()) if keep_scores else (None, z)
+        rows_forward(z, 0, t_bar, key_padding, additive, causal, gsot_threshold, scale, lse, S_q, S_k)
+        return torch.matmul(z, v), lse, saved
+    out = new_output(q.shape, q.dtype, q.device)
     for row0, row1, n_cols in chunks:
         if n_cols == 0:  # rows that see no key at all
             out[:, :, row0:row1] = 0
             lse[:, :, row0:row1] = math.inf
             continue
         z = torch.matmul(q[:, :, row0:row1], k[:, :, :n_cols].transpose(-2, -1))
-        if keep_scores:
-            saved, z = z, z.clone()
         rows_forward(z, row0, t_bar, key_padding, additive, causal, gsot_threshold, scale, lse, S_q, S_k)
         out[:, :, row0:row1] = torch.matmul(z, v[:, :, :n_cols])
-    return out, lse, saved
+    return out, lse, None
 
 
 def wide_backward(q, k, v, t_bar, key_padding, additive, causal, gsot_threshold, scale, row_ops, chunk_bytes,
                   out, lse, scores, grad_out, need_dq, need_dkv, same_qkv=False):
     """Returns (dq, dk, dv, dt̄ [B, S_q]); unneeded gradients are None. ``scores``: the forward's
-    saved Z (single chunk) or None. With ``same_qkv`` (q, k, v one tensor X, single chunk) the
-    three gradients are summed as ``dX = (G + Gᵀ) X + Pᵀ dO``: two GEMMs instead of three."""
+    saved Z (single chunk) or None; ``same_qkv``: q, k and v are one tensor."""
     B, H, S_q, D = q.shape
     S_k = k.shape[2]
     rows_backward = _ROW_OPS[row_ops][1]
@@ -296,14 +296,14 @@ def wide_backward(q, k, v, t_bar, key_padding, additive, causal, gsot_threshold,
     delta = (grad_out.to(stats) * out.to(stats)).sum(-1)
     dt = new_output((B, H, S_q), stats, q.device)
     chunks = _chunks(S_q, S_k, B, H, q.element_size(), causal, chunk_bytes)
-    if same_qkv and len(chunks) == 1 and need_dq and need_dkv:
-        return _backward_same_qkv(q, t_bar, key_padding, additive, causal, scale, rows_backward,
-                                  lse, delta, dt, scores, grad_out, chunks[0][2])
+    if len(chunks) == 1:
+        dq, dk, dv = _backward_one_chunk(q, k, v, t_bar, key_padding, additive, causal, scale, rows_backward,
+                                         lse, delta, dt, scores, grad_out, need_dq, need_dkv, same_qkv)
+        return dq, dk, dv, dt.sum(1)
     dq = new_output(q.shape, q.dtype, q.device) if need_dq else None
-    # Accumulate dK/dV across chunks in fp32 when there is more than one chunk.
-    acc_dtype = q.dtype if len(chunks) == 1 else stats
-    dk = torch.zeros(B, H, S_k, D, device=q.device, dtype=acc_dtype) if need_dkv else None
-    dv = torch.zeros(B, H, S_k, D, device=q.device, dtype=acc_dtype) if need_dkv else None
+    # dK/dV add up over chunks: accumulate in fp32.
+    dk = torch.zeros(B, H, S_k, D, device=q.device, dtype=stats) if need_dkv else None
+    dv = torch.zeros(B, H, S_k, D, device=q.device, dtype=stats) if need_dkv else None
     for row0, row1, n_cols in chunks:
         if n_cols == 0:
             dt[:, :, row0:row1] = 0
@@ -334,17 +334,23 @@ def _scores_for_backward(scores, q_c, k_c, store_p):
     return scores.clone() if store_p else scores
 
 
-def _backward_same_qkv(x, t_bar, key_padding, additive, causal, scale, rows_backward,
-                       lse, delta, dt, scores, grad_out, n_cols):
-    S_q = S_k = x.shape[2]
-    z = _scores_for_backward(scores, x, x, store_p=True)
-    dp = torch.matmul(grad_out, x.transpose(-2, -1))
+def _backward_one_chunk(q, k, v, t_bar, key_padding, additive, causal, scale, rows_backward,
+                        lse, delta, dt, scores, grad_out, need_dq, need_dkv, same_qkv):
+    """The whole problem in one chunk: every GEMM writes its gradient directly. When q, k, v are
+    one tensor X the three gradients are summed as ``dX = (G + Gᵀ) X + Pᵀ dO``: two GEMMs, not three."""
+    S_q, S_k = q.shape[2], k.shape[2]
+    z = _scores_for_backward(scores, q, k, store_p=need_dkv)
+    dp = torch.matmul(grad_out, v.transpose(-2, -1))
     rows_backward(z, dp, 0, t_bar, key_padding, additive, causal, scale, lse, delta, dt,
-                  S_q, S_k, store_p=True, store_g=True)
-    g_sym = dp + dp.transpose(-2, -1)  # dQ + dK = G X + Gᵀ X
-    dx = torch.matmul(g_sym, x)
-    dx.add_(torch.matmul(z.transpose(-2, -1), grad_out))  # + dV = Pᵀ dO
-    return dx, None, None, dt.sum(1)
+                  S_q, S_k, store_p=need_dkv, store_g=need_dq or need_dkv)
+    if same_qkv and need_dq and need_dkv:
+        dx = torch.matmul(dp + dp.transpose(-2, -1), q)  # dQ + dK = G X + Gᵀ X
+        dx.add_(torch.matmul(z.transpose(-2, -1), grad_out))  # + dV = Pᵀ dO
+        return dx, None, None
+    dq = torch.matmul(dp, k) if need_dq else None
+    dk = torch.matmul(dp.transpose(-2, -1), q) if need_dkv else None
+    dv = torch.matmul(z.transpose(-2, -1), grad_out) if need_dkv else None
+    return dq, dk, dv
 
 
 class WideAttentionFunction(torch.autograd.Function):
