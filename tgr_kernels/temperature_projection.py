@@ -447,8 +447,9 @@ def _torch_projection(hidden, weight, bias, clamp_min, clamp_max):
     """Optimized PyTorch TTM: one GEMM, then sigmoid and clamp in fp32 (autograd does the rest).
 
     On CUDA, hidden and weight that share a half dtype use the half GEMM (fp32 accumulation in
-    cuBLAS); everything else, and everything on the CPU (where bf16 GEMMs are ~100x slower than
-    fp32), runs the GEMM in fp32 (float64 stays float64).
+    cuBLAS); everything else, and everything on the CPU, runs the GEMM in fp32 (float64 stays
+    float64): with T tiny the op is memory bound, and CPUs without bf16 instructions emulate bf16
+    GEMMs about 100x slower than fp32.
     """
     out_dtype = torch.promote_types(hidden.dtype, weight.dtype)
     if out_dtype == torch.float64:
