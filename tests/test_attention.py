@@ -325,3 +325,11 @@ def test_triton_on_cpu_without_interpreter_says_how(monkeypatch):
 ], ids=lambda c: "x".join(map(str, c[:5])) + f"-{c[5]}-{c[6]}-{c[7]}-{c[8]}")
 def test_cuda_parity_large(dtype, case):
     check_parity("triton", *case, dtype)
+
+
+@pytest.mark.parametrize("mask_kind", ["kpm_dead", "additive_inf"])
+def test_sdpa_path_chunks_query_rows_when_the_mask_is_dense(mask_kind, monkeypatch):
+    """Causal + a mask needs a dense [B, 1, rows, S_k] mask: it is built a few rows at a time."""
+    from tgr_kernels import attention_sdpa
+    monkeypatch.setattr(attention_sdpa, "DENSE_MASK_ELEMENTS", 2 * 23 * 5)  # five rows a chunk
+    check_parity("torch", 2, 2, 19, 23, 32, mask_kind, True, 0.4, False, F32)

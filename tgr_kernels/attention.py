@@ -79,9 +79,10 @@ def temperature_guided_attention(
     t_bar = t_bar.double() if t_bar.dtype == torch.float64 else t_bar.float()
     options = (args.key_padding, args.additive, args.causal, args.gsot_threshold, args.scale)
     if backend == "triton":
-        if q.shape[-1] <= FLASH_MAX_HEAD_DIM:
-            return flash_attention(q, k, v, t_bar, *options)
-        return wide_attention(q, k, v, t_bar, *options, row_ops="triton")
+        with torch.cuda.device_of(q):  # launch on q's GPU, not the current one
+            if q.shape[-1] <= FLASH_MAX_HEAD_DIM:
+                return flash_attention(q, k, v, t_bar, *options)
+            return wide_attention(q, k, v, t_bar, *options, row_ops="triton")
     return _torch_attention(q, k, v, t_bar, *options)
 
 
