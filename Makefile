@@ -1,5 +1,5 @@
 # Two entry points, each doing all of its own set-up on a fresh machine:
-#   make demo   the main job (the kernels' parity-and-speed report on this device)
+#   make demo   the main job: `tgr demo`, train + evaluate + generate on the embedded default (offline)
 #   make test   the test suite (Triton kernels run under the interpreter when there is no GPU)
 VENV   ?= .venv
 PYTHON ?= python3
@@ -8,7 +8,7 @@ PY     := $(VENV)/bin/python
 TORCH_SPEC  ?= torch==2.13.0
 TRITON_SPEC ?= triton==3.7.1
 
-.PHONY: demo test test-fast bench clean
+.PHONY: demo report test test-fast bench clean
 
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,9 @@ $(VENV)/.installed: setup.py
 	touch $@
 
 demo: $(VENV)/.installed
+	$(PY) -m tgr demo
+
+report: $(VENV)/.installed
 	$(PY) -m tgr_kernels
 
 test: $(VENV)/.installed

@@ -10,6 +10,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["tgr_kernels", "tgr_kernels.*", "tgr", "tgr.*"]),
+    package_data={"tgr": ["resources/*", "resources/demo-llama/*"]},
     # torch 2.11 + triton 3.6 on the GPU machine, torch 2.13 (CPU) + triton 3.7.1 here.
     install_requires=[
         "torch>=2.4,<2.15",
@@ -17,6 +18,7 @@ setup(
         "numpy",
         "tqdm",
     ],
+    entry_points={"console_scripts": ["tgr = tgr.cli:main"]},
     extras_require={
         "model": [
             "transformers>=4.46",
@@ -25,6 +27,7 @@ setup(
             "accelerate>=1.0",
             "safetensors",
             "tokenizers",
+            "peft",
         ],
         "dev": [
             "pytest>=8",

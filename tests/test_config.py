@@ -1,0 +1,105 @@
+"""TGRConfig: the seed's defaults, JSON round trips, and clear errors for bad values."""
+import json
+import math
+
+import pytest
+
+from tgr import TGRConfig
+from tgr.config import CONFIG_NAME
+
+
+def test_seed_defaults_and_new_fields():
+    c = TGRConfig()
+    assert c.base_model_name_or_path == "meta-llama/Llama-2-7b-hf"
+    assert (c.temperature_heads, c.initial_temperature, c.temperature_regularization_weight) == (8, 0.5, 0.01)
+    assert (c.temperature_clamp_min, c.temperature_clamp_max) == (0.01, 0.99)
+    assert c.gsoT_enabled is True and c.temperature_conf_threshold == 0.4
+    assert c.causal is True and c.attention_backend == "auto" and c.num_tgr_heads == 1
+    assert c.load_in_4bit is True and c.compute_dtype == "auto" and c.lora_r == 0
+
+
+def test_seed_style_construction():
+    # The seed's demo config, and its Llama size fields.
+    c = TGRConfig(base_model_name_or_path="meta-llama/Llama-2-7b-hf", temperature_heads=4, gsoT_enabled=True,
+                  temperature_conf_threshold=0.4, hidden_size=4096, num_hidden_layers=32,
+                  intermediate_size=11008, num_attention_heads=32, max_position_embeddings=2048)
+    assert c.temperature_heads == 4 and c.hidden_size == 4096
+
+
+def test_json_round_trip(tmp_path):
+    c = TGRConfig(base_model_name_or_path=str(tmp_path / "base"), temperature_heads=3, causal=False,
+                  attention_backend="reference", num_tgr_heads=2, load_in_4bit=False, compute_dtype="bfloat16",
+                  lora_r=4, lora_target_modules=["q_proj", "k_proj"], hidden_size=64, device="cpu")
+    d = c.to_dict()
+    assert d["model_type"] == "tgr" and "tgr_version" in d
+    json.dumps(d)  # JSON-ready
+    assert TGRConfig.from_dict(d) == c
+    assert TGRConfig.from_json_string(c.to_json_string()) == c
+    path = c.save_pretrained(tmp_path / "saved")
+    assert path.endswith(CONFIG_NAME)
+    assert TGRConfig.from_pretrained(tmp_path / "saved") == c
+    assert TGRConfig.from_pretrained(path) == c
+    assert TGRConfig.from_pretrained(tmp_path / "saved", attention_backend="torch").attention_backend == "torch"
+    assert c.copy(temperature_heads=5).temperature_heads == 5 and c.temperature_heads == 3
+
+
+@pytest.mark.parametrize("field, value, words", [
+    ("temperature_heads", 0, "temperature_heads"),
+    ("temperature_heads", 2.5, "temperature_heads"),
+    ("temperature_heads", True, "temperature_heads"),
+    ("temperature_clamp_min", -0.1, "temperature_clamp_min"),
+    ("temperature_clamp_max", 1.5, "temperature_clamp_max"),
+    ("initial_temperature", math.nan, "initial_temperature"),
+    ("temperature_conf_threshold", "0.4", "temperature_conf_threshold"),
+    ("temperature_regularization_weight", -1.0, "temperature_regularization_weight"),
+    ("temperature_regularization_weight", math.inf, "temperature_regularization_weight"),
+    ("gsoT_enabled", "yes", "gsoT_enabled"),
+    ("causal", 1, "causal"),
+    ("load_in_4bit", None, "load_in_4bit"),
+    ("attention_backend", "cuda", "attention_backend"),
+    ("num_tgr_heads", 0, "num_tgr_heads"),
+    ("compute_dtype", "fp8", "compute_dtype"),
+    ("device", "gpu0", "device"),
+    ("base_model_name_or_path", "", "base_model_name_or_path"),
+    ("hidden_size", -64, "hidden_size"),
+    ("lora_r", -1, "lora_r"),
+    ("lora_alpha", 0, "lora_alpha"),
+    ("lora_dropout", 1.0, "lora_dropout"),
+    ("lora_target_modules", [], "lora_target_modules"),
+])
+def test_bad_values_name_the_field(field, value, words):
+    with pytest.raises((ValueError, TypeError), match=words):
+        TGRConfig(**{field: value})
+
+
+def test_cross_field_errors():
+    with pytest.raises(ValueError, match="temperature_clamp_min <= temperature_clamp_max"):
+        TGRConfig(temperature_clamp_min=0.8, temperature_clamp_max=0.2)
+    with pytest.raises(ValueError, match="num_tgr_heads=5 must divide hidden_size=64"):
+        TGRConfig(hidden_size=64, num_tgr_heads=5)
+
+
+def test_mutation_is_validated_on_use():
+    c = TGRConfig()
+    c.attention_backend = "fast"
+    with pytest.raises(ValueError, match="attention_backend"):
+        c.to_json_string()
+
+
+def test_unknown_and_malformed_input(tmp_path):
+    d = TGRConfig().to_dict()
+    d["temperature_head"] = 4  # typo
+    with pytest.raises(ValueError, match="unknown TGRConfig field.*temperature_head"):
+        TGRConfig.from_dict(d)
+    with pytest.raises(TypeError):
+        TGRConfig(temprature_heads=4)
+    with pytest.raises(ValueError, match="not valid JSON"):
+        TGRConfig.from_json_string("{not json")
+    with pytest.raises(TypeError, match="needs a dict"):
+        TGRConfig.from_dict([1, 2])
+    with pytest.raises(FileNotFoundError, match=CONFIG_NAME):
+        TGRConfig.from_pretrained(tmp_path)
+    # What a seed-era (PretrainedConfig) dump adds is tolerated.
+    seed_dump = {"model_type": "temperature_guided_llama", "transformers_version": "4.46.0",
+                 "temperature_heads": 4}
+    assert TGRConfig.from_dict(seed_dump).temperature_heads == 4

@@ -1,0 +1,141 @@
+"""WikiQA loading, validation, training examples, collation and ranking groups."""
+import csv
+import json
+
+import pytest
+import torch
+
+from tgr.data import (
+    COLUMNS, IGNORE_INDEX, SAMPLE_PATH, DataError, PaddingCollator, build_training_examples, load_wikiqa,
+    ranking_groups, split_by_question,
+)
+
+ROWS = [
+    {"question_id": "Q1", "question": "Who?", "document_title": "T", "answer": "Someone.", "label": 1},
+    {"question_id": "Q1", "question": "Who?", "document_title": "T", "answer": "Other.", "label": 0},
+    {"question_id": "Q2", "question": "What?", "document_title": "U", "answer": "Nothing.", "label": 0},
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<pad>", "<s>", "</s>", "<unk>", "Q", ":", "A", "Who", "?", "Someone", ".", "Other", "What", "Nothing"]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>")
+
+
+def _write(path, rows, fmt):
+    if fmt == "jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    elif fmt == "json":
+        path.write_text(json.dumps(rows))
+    elif fmt in ("csv", "tsv"):
+        with open(path, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]), delimiter="\t" if fmt == "tsv" else ",")
+            w.writeheader()
+            w.writerows(rows)
+    elif fmt == "parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+        pq.write_table(pa.Table.from_pylist(rows), path)
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "json", "csv", "tsv", "parquet"])
+def test_local_files_of_every_format_load_the_same_rows(tmp_path, fmt):
+    path = tmp_path / f"wiki.{fmt}"
+    _write(path, ROWS, fmt)
+    assert load_wikiqa(str(path)) == ROWS
+
+
+def test_folder_picks_the_split_files(tmp_path):
+    _write(tmp_path / "train.jsonl", ROWS[:2], "jsonl")
+    _write(tmp_path / "test.jsonl", ROWS[2:], "jsonl")
+    assert load_wikiqa(str(tmp_path), split="train") == ROWS[:2]
+    assert load_wikiqa(str(tmp_path), split="test") == ROWS[2:]
+
+
+def test_the_shipped_sample_is_a_meaningful_ranking_set():
+    rows = load_wikiqa(None)
+    assert SAMPLE_PATH.stat().st_size < 100_000
+    groups = ranking_groups(rows)
+    assert len(groups) >= 40
+    for g in groups:  # one correct and several wrong candidates per question
+        assert sum(g.labels) == 1 and len(g.labels) >= 3
+    # The correct answer's position varies, so candidate order carries no signal.
+    assert len({g.labels.index(1) for g in groups}) > 1
+
+
+@pytest.mark.parametrize(
+    "rows,match",
+    [
+        ([{k: v for k, v in ROWS[0].items() if k != "label"}], "lacks the column"),
+        ([{**ROWS[0], "label": 2}], "labels must be 0 or 1"),
+        ([{**ROWS[0], "label": "yes"}], "labels must be 0 or 1"),
+        ([], "holds no rows"),
+    ],
+)
+def test_bad_rows_are_named(tmp_path, rows, match):
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(rows))
+    with pytest.raises(DataError, match=match):
+        load_wikiqa(str(path))
+
+
+def test_empty_missing_and_unsupported_files(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(DataError, match="is empty"):
+        load_wikiqa(str(empty))
+    with pytest.raises(DataError, match="does not exist"):
+        load_wikiqa(str(tmp_path / "nope.jsonl"))
+    other = tmp_path / "data.xml"
+    other.write_text("<x/>")
+    with pytest.raises(DataError, match="unsupported file type"):
+        load_wikiqa(str(other))
+
+
+def test_unreachable_hub_fails_fast_with_a_hint(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(DataError, match=r"cannot load 'microsoft/wiki_qa'.*local files"):
+        load_wikiqa("microsoft/wiki_qa")
+
+
+def test_training_examples_end_with_eos_and_can_mask_the_prompt(tokenizer):
+    (full,) = build_training_examples(ROWS, tokenizer)
+    assert full["input_ids"][0] == tokenizer.bos_token_id
+    assert full["input_ids"][-1] == tokenizer.eos_token_id
+    assert full["labels"] == full["input_ids"]
+    (masked,) = build_training_examples(ROWS, tokenizer, mask_prompt=True)
+    prompt_len = 1 + len(tokenizer("Q: Who?\nA:", add_special_tokens=False)["input_ids"])
+    assert masked["labels"][:prompt_len] == [IGNORE_INDEX] * prompt_len
+    assert masked["labels"][prompt_len:] == masked["input_ids"][prompt_len:]
+    (short,) = build_training_examples(ROWS, tokenizer, max_length=4)
+    assert len(short["input_ids"]) == 4 and short["input_ids"][-1] == tokenizer.eos_token_id
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_collator_never_trains_on_padding(side):
+    batch = PaddingCollator(pad_token_id=0, pad_to_multiple_of=4, padding_side=side)(
+        [{"input_ids": [5, 6, 7], "labels": [5, 6, 7]}, {"input_ids": [8], "labels": [8]}])
+    assert batch["input_ids"].shape == (2, 4)
+    pad = batch["attention_mask"] == 0
+    assert torch.all(batch["labels"][pad] == IGNORE_INDEX) and torch.all(batch["input_ids"][pad] == 0)
+    assert batch["attention_mask"].sum().item() == 4
+    first_real = 0 if side == "right" else 1
+    assert batch["input_ids"][1, 3 * first_real] == 8
+
+
+def test_ranking_groups_and_question_split():
+    groups = ranking_groups(ROWS)
+    assert [g.question_id for g in groups] == ["Q1"]  # Q2 has no correct answer
+    assert groups[0].labels == [1, 0]
+    rows = load_wikiqa(None)
+    train, held_out = split_by_question(rows)
+    assert {r["question_id"] for r in train}.isdisjoint({r["question_id"] for r in held_out})
+    assert len(train) + len(held_out) == len(rows) and held_out
+    assert all(c in rows[0] for c in COLUMNS)

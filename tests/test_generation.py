@@ -1,0 +1,291 @@
+"""Generation from the TGR head: incremental decoding equals recomputing the full forward at every
+step (both attention modes, every backend, batched left-padded prompts), logits processors,
+sampling that never fails, EOS handling, and ClampLogits."""
+import math
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from transformers import (  # noqa: E402
+    LogitsProcessorList,
+    RepetitionPenaltyLogitsProcessor,
+    TopKLogitsWarper,
+)
+
+from tgr import ClampLogits, TGRConfig, TGRLlamaModel, build_tiny_llama  # noqa: E402
+
+try:
+    import bitsandbytes  # noqa: F401
+
+    HAVE_BNB = True
+except ImportError:
+    HAVE_BNB = False
+
+EOS = 2
+PAD = 0
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory):
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny64gen"), hidden_size=64, num_hidden_layers=2,
+                            vocab_size=256, initializer_range=0.1)
+
+
+@pytest.fixture(scope="module")
+def wide_base(tmp_path_factory):
+    """hidden 288 > 256: one TGR head takes the wide path."""
+    return build_tiny_llama(tmp_path_factory.mktemp("wide288gen"), hidden_size=288, num_hidden_layers=1,
+                            intermediate_size=288, vocab_size=128, initializer_range=0.1)
+
+
+def make_model(base, **overrides) -> TGRLlamaModel:
+    """GSoT off unless asked for: a pruned last token gives all-zero logits (lm_head(0)), a
+    uniform next-token distribution that makes sampling tests meaningless."""
+    fields = dict(base_model_name_or_path=base, temperature_heads=4, compute_dtype="float32",
+                  load_in_4bit=HAVE_BNB, attention_backend="torch", gsoT_enabled=False)
+    fields.update(overrides)
+    model = TGRLlamaModel(TGRConfig(**fields)).eval()
+    g = torch.Generator().manual_seed(11)
+    with torch.no_grad():  # temperatures spread over about 0.3 .. 0.8: GSoT (at 0.4) prunes a few
+        proj = model.temperature_mechanisms[0].proj
+        proj.weight.copy_(torch.randn(proj.weight.shape, generator=g) * 0.1)
+        proj.bias.fill_(0.2)
+    return model
+
+
+def prompts(model, left_pad=(0, 3, 6), S=10, seed=5):
+    g = torch.Generator().manual_seed(seed)
+    B = len(left_pad)
+    ids = torch.randint(4, model.vocab_size, (B, S), generator=g)
+    mask = torch.ones(B, S, dtype=torch.long)
+    for row, pad in enumerate(left_pad):
+        ids[row, :pad] = PAD
+        mask[row, :pad] = 0
+    return ids.to(model.device), mask.to(model.device)
+
+
+@torch.no_grad()
+def greedy_by_recompute(model, ids, mask, n, processors=None):
+    """The obvious, slow decoder: the full forward on the whole sequence for every new token."""
+    processors = LogitsProcessorList(processors or [])
+    for _ in range(n):
+        logits = model(ids, attention_mask=mask).logits[:, -1].float()
+        next_tokens = processors(ids, logits).argmax(-1)
+        ids = torch.cat([ids, next_tokens[:, None]], dim=-1)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
+    return ids
+
+
+GREEDY_CASES = [  # (base, backend, causal, TGR heads)
+    pytest.param("tiny_base", "torch", True, 1, id="torch-causal"),
+    pytest.param("tiny_base", "torch", False, 1, id="torch-seed"),
+    pytest.param("tiny_base", "torch", True, 4, id="torch-causal-4heads"),
+    pytest.param("tiny_base", "reference", True, 1, id="reference-causal"),
+    pytest.param("tiny_base", "reference", False, 1, id="reference-seed"),
+    pytest.param("tiny_base", "triton", True, 1, id="triton-causal"),
+    pytest.param("tiny_base", "triton", False, 4, id="triton-seed-4heads"),
+    pytest.param("wide_base", "torch", True, 1, id="wide-torch-causal"),
+    pytest.param("wide_base", "triton", False, 1, id="wide-triton-seed"),
+]
+
+
+@pytest.mark.parametrize("base_name, backend, causal, heads", GREEDY_CASES)
+def test_incremental_greedy_equals_full_recompute(request, base_name, backend, causal, heads):
+    model = make_model(request.getfixturevalue(base_name), attention_backend=backend, causal=causal,
+                       num_tgr_heads=heads, gsoT_enabled=True)
+    ids, mask = prompts(model)
+    n = 6
+    expected = greedy_by_recompute(model, ids, mask, n)
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=n, eos_token_id=[], output_scores=True)
+    assert torch.equal(out.sequences, expected)
+    slow = model.generate(ids, attention_mask=mask, max_new_tokens=n, eos_token_id=[], use_cache=False,
+                          output_scores=True)
+    assert torch.equal(slow.sequences, expected)
+    for fast_logits, slow_logits in zip(out.logits, slow.logits):
+        assert torch.allclose(fast_logits, slow_logits, atol=1e-4, rtol=1e-4)
+
+
+def test_each_new_token_is_one_base_step(tiny_base):
+    model = make_model(tiny_base)
+    ids, mask = prompts(model)
+    seen = []
+    hook = model.get_input_embeddings().register_forward_hook(lambda m, args, out: seen.append(tuple(args[0].shape)))
+    try:
+        model.generate(ids, attention_mask=mask, max_new_tokens=5, eos_token_id=[])
+    finally:
+        hook.remove()
+    assert seen == [(3, 10)] + [(3, 1)] * 4  # the prompt once, then one token per step
+
+
+def test_samples_from_the_tgr_head_not_the_base(tiny_base):
+    model = make_model(tiny_base)
+    ids, mask = prompts(model)
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=1, eos_token_id=[], output_scores=True)
+    with torch.no_grad():
+        tgr_logits = model(ids, attention_mask=mask).logits[:, -1]
+        base_logits = model.base_llama_model(input_ids=ids, attention_mask=mask).logits[:, -1]
+    assert torch.allclose(out.logits[0], tgr_logits, atol=1e-5)
+    assert not torch.allclose(out.logits[0], base_logits, atol=1e-2)
+
+
+def test_any_padding_side(tiny_base):
+    """A right-padded prompt gives the same continuation as the same prompt left-padded."""
+    model = make_model(tiny_base, causal=True)
+    ids, mask = prompts(model, left_pad=(0, 4))
+    right_ids, right_mask = ids.clone(), mask.clone()
+    right_ids[1] = torch.cat([ids[1, 4:], ids[1, :4]])
+    right_mask[1] = torch.cat([mask[1, 4:], mask[1, :4]])
+    left = model.generate(ids, attention_mask=mask, max_new_tokens=4, eos_token_id=[])
+    right = model.generate(right_ids, attention_mask=right_mask, max_new_tokens=4, eos_token_id=[])
+    assert torch.equal(left[:, 10:], right[:, 10:])
+    alone = model.generate(ids[1:, 4:], max_new_tokens=4, eos_token_id=[])  # no padding at all
+    assert torch.equal(alone[:, 6:], left[1:, 10:])
+
+
+# ----------------------------------------------------------------------------------------------
+# Logits processors
+# ----------------------------------------------------------------------------------------------
+
+
+def test_hf_logits_processors_are_applied(tiny_base):
+    model = make_model(tiny_base)
+    ids, mask = prompts(model)
+    penalty = [RepetitionPenaltyLogitsProcessor(penalty=1e6)]
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=6, eos_token_id=[], logits_processor=penalty)
+    assert torch.equal(out, greedy_by_recompute(model, ids, mask, 6, penalty))
+    for row in out:  # an enormous repetition penalty: every new token is new to the sequence
+        for i in range(10, 16):
+            assert row[i] not in row[:i]
+
+    calls = []
+
+    def recorder(input_ids, scores):
+        calls.append(input_ids.clone())
+        return scores
+
+    banned = int(model.generate(ids, attention_mask=mask, max_new_tokens=1, eos_token_id=[])[0, -1])
+
+    def ban(input_ids, scores):
+        scores[:, banned] = -math.inf
+        return scores
+
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=4, eos_token_id=[],
+                         logits_processor=LogitsProcessorList([recorder, ban]))
+    assert (out[:, 10:] != banned).all()
+    assert [c.shape[1] for c in calls] == [10, 11, 12, 13]
+    assert all(torch.equal(c, out[:, : c.shape[1]]) for c in calls)  # the sequence so far
+
+
+def test_sampling_is_reproducible_and_top_k_1_is_greedy(tiny_base):
+    model = make_model(tiny_base)
+    ids, mask = prompts(model)
+
+    def sample(seed, **kw):
+        return model.generate(ids, attention_mask=mask, max_new_tokens=6, eos_token_id=[], do_sample=True,
+                              generator=torch.Generator(device=model.device).manual_seed(seed), **kw)
+
+    assert torch.equal(sample(0, temperature=0.7, top_p=0.9), sample(0, temperature=0.7, top_p=0.9))
+    assert not torch.equal(sample(0, temperature=5.0), sample(1, temperature=5.0))
+    greedy = model.generate(ids, attention_mask=mask, max_new_tokens=6, eos_token_id=[])
+    assert torch.equal(sample(3, top_k=1), greedy)
+    assert torch.equal(sample(4, logits_processor=[TopKLogitsWarper(1)]), greedy)
+
+
+@pytest.mark.parametrize("poison", ["nan", "inf", "mixed"])
+@pytest.mark.parametrize("clamp", [False, True])
+def test_non_finite_logits_never_break_sampling(tiny_base, poison, clamp):
+    model = make_model(tiny_base)
+    ids, mask = prompts(model)
+    V = model.vocab_size
+
+    def poisoner(input_ids, scores):
+        if poison == "nan":
+            return torch.full_like(scores, math.nan)
+        if poison == "inf":
+            scores = scores.clone()
+            scores[:, 7] = math.inf
+            scores[:, 8] = -math.inf
+            return scores
+        scores = scores.clone()
+        scores[0] = math.nan
+        scores[1, ::2] = -math.inf
+        scores[2, 5] = math.inf
+        return scores
+
+    processors = [poisoner] + ([ClampLogits()] if clamp else [])
+    for do_sample in (True, False):
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=3, eos_token_id=[], do_sample=do_sample,
+                             top_p=0.9, logits_processor=processors,
+                             generator=torch.Generator(device=model.device).manual_seed(0))
+        new = out[:, 10:]
+        assert new.shape == (3, 3) and ((new >= 0) & (new < V)).all()
+        if poison == "inf":
+            assert (new == 7).all()  # +inf (or the clamp's max) wins
+
+
+def test_clamp_logits():
+    scores = torch.tensor([[math.nan, math.inf, -math.inf, 100.0, -100.0, 3.5]])
+    out = ClampLogits(min_value=-50, max_value=50)(None, scores)
+    assert torch.equal(out, torch.tensor([[-50.0, 50.0, -50.0, 50.0, -50.0, 3.5]]))
+    assert torch.isfinite(ClampLogits()(None, scores.half())).all()
+    with_hf = LogitsProcessorList([ClampLogits(-1, 1)])(torch.zeros(1, 3, dtype=torch.long), scores)
+    assert with_hf.min() == -1 and with_hf.max() == 1
+    for bad in (dict(min_value=math.nan), dict(max_value=math.inf), dict(min_value=2, max_value=1)):
+        with pytest.raises(ValueError):
+            ClampLogits(**bad)
+
+
+# ----------------------------------------------------------------------------------------------
+# EOS and arguments
+# ----------------------------------------------------------------------------------------------
+
+
+def test_eos_pads_finished_rows_and_stops_early(tiny_base):
+    model = make_model(tiny_base)
+    ids, mask = prompts(model)
+
+    def eos_for_row_0_at_step_1(input_ids, scores):
+        if input_ids.shape[1] == 11:
+            scores[0] = -math.inf
+            scores[0, EOS] = 0.0
+        return scores
+
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=5, eos_token_id=EOS,
+                         logits_processor=[eos_for_row_0_at_step_1])
+    assert out.shape == (3, 15)
+    assert out[0, 11] == EOS and (out[0, 12:] == PAD).all()
+    expected = model.generate(ids, attention_mask=mask, max_new_tokens=5, eos_token_id=[])
+    assert torch.equal(out[1:], expected[1:])  # the other rows go on untouched
+
+    def eos_everywhere(input_ids, scores):
+        scores[:] = -math.inf
+        scores[:, EOS] = 0.0
+        return scores
+
+    # eos_token_id=None takes the base's generation config (EOS = 2 in the tiny checkpoint).
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=5, logits_processor=[eos_everywhere])
+    assert out.shape == (3, 11) and (out[:, -1] == EOS).all()
+
+
+def test_bad_generation_arguments(tiny_base):
+    model = make_model(tiny_base)
+    ids, mask = prompts(model)
+    assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=0), ids)
+    cases = [
+        (dict(max_new_tokens=-1), "max_new_tokens"),
+        (dict(do_sample=True, temperature=0.0), "temperature"),
+        (dict(do_sample=True, top_p=0.0), "top_p"),
+        (dict(do_sample=True, top_k=-2), "top_k"),
+        (dict(attention_mask=mask[:, 1:]), "attention_mask must have the shape"),
+        (dict(attention_mask=torch.zeros_like(mask)), "at least one real token"),
+        (dict(eos_token_id="</s>"), "eos_token_id"),
+        (dict(logits_processor=[1]), "callable"),
+    ]
+    for kwargs, words in cases:
+        kwargs.setdefault("attention_mask", mask)
+        with pytest.raises((ValueError, TypeError), match=words):
+            model.generate(ids, **kwargs)
+    with pytest.raises(ValueError, match="integer tensor"):
+        model.generate(ids.float())

@@ -1,0 +1,103 @@
+"""WikiQA answer-sentence selection: rank each question's candidates by the model's conditional
+log-likelihood ``log p(answer | "Q: <question>\\nA:")`` and report MAP and MRR.
+
+The prompt and the answer are tokenized separately, so the answer's tokens are exactly those
+scored, whatever the tokenizer does at the boundary. Any model can be scored through a
+``logits_fn(input_ids, attention_mask) -> logits [B, S, V]``: the TGR head and the base model's
+own head are evaluated with the same protocol.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Sequence
+
+import torch
+
+from .data import RankingGroup, answer_text, prompt_text
+
+logger = logging.getLogger("tgr")
+
+LogitsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def average_precision(ranked_labels: Sequence[int]) -> float:
+    """Mean of precision@k over the ranks k of the correct items (0 when there is none)."""
+    hits, total = 0, 0.0
+    for k, label in enumerate(ranked_labels, start=1):
+        if label:
+            hits += 1
+            total += hits / k
+    return total / hits if hits else 0.0
+
+
+def reciprocal_rank(ranked_labels: Sequence[int]) -> float:
+    for k, label in enumerate(ranked_labels, start=1):
+        if label:
+            return 1.0 / k
+    return 0.0
+
+
+@dataclass
+class RankingResult:
+    map: float
+    mrr: float
+    questions: int
+    candidates: int
+
+    def as_dict(self) -> Dict[str, float]:
+        return {"map": self.map, "mrr": self.mrr, "questions": self.questions, "candidates": self.candidates}
+
+
+def encode_pair(tokenizer, question: str, answer: str, max_length: int):
+    """(ids, number of prompt tokens): BOS + prompt + answer, the answer truncated to fit."""
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    prompt = bos + tokenizer(prompt_text(question), add_special_tokens=False)["input_ids"]
+    answer_ids = tokenizer(answer_text(answer), add_special_tokens=False)["input_ids"]
+    prompt = prompt[-(max_length - 1):]  # keep at least one answer token
+    return (prompt + answer_ids)[:max_length], len(prompt)
+
+
+@torch.no_grad()
+def answer_log_likelihoods(logits_fn: LogitsFn, tokenizer, pairs: Sequence[tuple], *, batch_size: int = 8,
+                           max_length: int = 256, device="cpu", per_token: bool = False) -> List[float]:
+    """``log p(answer | prompt)`` for each (question, answer) pair (or its per-token mean)."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    encoded = [encode_pair(tokenizer, q, a, max_length) for q, a in pairs]
+    scores: List[float] = [0.0] * len(encoded)
+    # Longest first: batches of similar lengths waste little padding.
+    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i][0]))
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        longest = max(len(encoded[i][0]) for i in idx)
+        ids = torch.full((len(idx), longest), pad, dtype=torch.long)
+        mask = torch.zeros((len(idx), longest), dtype=torch.long)
+        for row, i in enumerate(idx):
+            seq = encoded[i][0]
+            ids[row, :len(seq)] = torch.tensor(seq)
+            mask[row, :len(seq)] = 1
+        logits = logits_fn(ids.to(device), mask.to(device)).float()
+        logprobs = torch.log_softmax(logits[:, :-1], dim=-1)
+        token_lp = logprobs.gather(-1, ids[:, 1:].to(logprobs.device).unsqueeze(-1)).squeeze(-1)
+        for row, i in enumerate(idx):
+            seq, n_prompt = encoded[i]
+            answer_lp = token_lp[row, n_prompt - 1:len(seq) - 1]
+            total = answer_lp.sum().item()
+            scores[i] = total / max(1, answer_lp.numel()) if per_token else total
+    return scores
+
+
+def evaluate_ranking(logits_fn: LogitsFn, tokenizer, groups: Sequence[RankingGroup], **kwargs) -> RankingResult:
+    """MAP and MRR over the groups (questions with at least one correct candidate)."""
+    pairs = [(g.question, a) for g in groups for a in g.answers]
+    scores = answer_log_likelihoods(logits_fn, tokenizer, pairs, **kwargs)
+    aps, rrs, offset = [], [], 0
+    for g in groups:
+        s = scores[offset:offset + len(g.answers)]
+        offset += len(g.answers)
+        # Ties are broken against the correct answer, so a constant model scores as badly as possible.
+        ranked = [label for _, label in sorted(zip(s, g.labels), key=lambda x: (-x[0], x[1]))]
+        aps.append(average_precision(ranked))
+        rrs.append(reciprocal_rank(ranked))
+    n = max(1, len(groups))
+    return RankingResult(sum(aps) / n, sum(rrs) / n, len(groups), len(pairs))

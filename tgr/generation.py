@@ -1,0 +1,278 @@
+"""Generation from the TGR head's logits, incremental.
+
+The seed generated with the base model alone, so the trained TGR head was never used. Here each
+new token comes from ``lm_head(TGR-head(h))``. The TGR attention of the newest token needs the
+final hidden states of every token so far (its keys and values), so generation keeps two caches:
+
+- the base's KV cache (a ``DynamicCache``): each step runs the base on the new token only;
+- ``hidden``: the base's final hidden states so far, ``[B, S_max, H]``, preallocated.
+
+Each step then costs one base step plus one TGR-attention row (a query of length 1 against the
+``S`` cached keys). Only the newest token's logits are needed, and the newest token sees every
+earlier (non-padding) token both with ``causal=True`` (bottom-right aligned) and in the seed's
+non-causal mode, so incremental decoding equals recomputing the full forward at every step
+(``use_cache=False`` does exactly that, as a check).
+
+Batched prompts may be padded on either side: positions come from the attention mask
+(``cumsum − 1``) and padding is masked out of both the base's and the TGR head's attention.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterable, List, Optional, Sequence, Tuple, Union
+
+import torch
+from transformers import LogitsProcessorList
+from transformers.utils import ModelOutput
+
+__all__ = ["generate", "TGRGenerateOutput", "TGRDecodeState"]
+
+logger = logging.getLogger("tgr")
+
+
+@dataclass
+class TGRGenerateOutput(ModelOutput):
+    """Returned by ``generate(..., output_scores=True)``.
+
+    sequences: ``[B, S + n]`` prompt and new tokens.
+    scores: n tensors ``[B, V]``: the processed scores each token was chosen from.
+    logits: n tensors ``[B, V]``: the TGR head's raw logits at each step (float32).
+    """
+
+    sequences: Optional[torch.LongTensor] = None
+    scores: Optional[Tuple[torch.Tensor, ...]] = None
+    logits: Optional[Tuple[torch.Tensor, ...]] = None
+
+
+@dataclass
+class TGRDecodeState:
+    """The caches of incremental decoding.
+
+    base_cache: the base's KV cache. hidden: ``[B, capacity, H]`` final hidden states, the first
+    ``length`` valid. positions: ``[B, 1]`` the position id of the last token of each row.
+    """
+
+    base_cache: object
+    hidden: torch.Tensor
+    length: int
+    positions: torch.Tensor
+
+
+def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids from a 0/1 mask: real tokens count 0, 1, 2, ... whatever the padding."""
+    return (attention_mask.long().cumsum(dim=-1) - 1).clamp(min=0)
+
+
+def prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, capacity: int):
+    """Run the prompt through the base (filling its KV cache) and the TGR head's last row.
+
+    Returns ``(logits [B, V] of the last position, TGRDecodeState)``.
+    """
+    B, S = input_ids.shape
+    positions = _positions(attention_mask)
+    cache = model._new_base_cache()
+    hidden = model._base_hidden(input_ids, attention_mask, positions, cache)
+    buffer = hidden.new_empty((B, max(capacity, S), hidden.shape[-1]))
+    buffer[:, :S] = hidden
+    state = TGRDecodeState(cache, buffer, S, positions[:, -1:])
+    return _last_logits(model, state, hidden[:, -1:], attention_mask), state
+
+
+def decode_step(model, state: TGRDecodeState, next_tokens: torch.Tensor, attention_mask: torch.Tensor):
+    """Append one token per row (``next_tokens [B]``; ``attention_mask`` covers it) and return the
+    logits ``[B, V]`` for the token after it."""
+    if state.length >= state.hidden.shape[1]:
+        raise RuntimeError("TGR decode cache is full")
+    state.positions = state.positions + 1
+    hidden = model._base_hidden(next_tokens[:, None], attention_mask, state.positions, state.base_cache)
+    state.hidden[:, state.length] = hidden[:, 0]
+    state.length += 1
+    return _last_logits(model, state, hidden, attention_mask)
+
+
+def _last_logits(model, state: TGRDecodeState, query_hidden: torch.Tensor, attention_mask) -> torch.Tensor:
+    y, _, _ = model.tgr_head(query_hidden, state.hidden[:, : state.length], attention_mask)
+    return model.lm_head(y)[:, -1].float()
+
+
+def _as_processor_list(logits_processor) -> LogitsProcessorList:
+    if logits_processor is None:
+        return LogitsProcessorList()
+    if isinstance(logits_processor, LogitsProcessorList):
+        return logits_processor
+    if callable(logits_processor) and not isinstance(logits_processor, (list, tuple)):
+        return LogitsProcessorList([logits_processor])
+    processors = list(logits_processor)
+    for p in processors:
+        if not callable(p):
+            raise TypeError(f"logits_processor entries must be callable (input_ids, scores) -> scores, got {p!r}")
+    return LogitsProcessorList(processors)
+
+
+def _sampling_warpers(temperature, top_k, top_p) -> LogitsProcessorList:
+    from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    warpers = LogitsProcessorList()
+    if temperature != 1.0:
+        warpers.append(TemperatureLogitsWarper(float(temperature)))
+    if top_k:
+        warpers.append(TopKLogitsWarper(int(top_k)))
+    if top_p < 1.0:
+        warpers.append(TopPLogitsWarper(float(top_p)))
+    return warpers
+
+
+def _token_ids(value, name: str) -> List[int]:
+    if value is None:
+        return []
+    if isinstance(value, torch.Tensor):
+        value = value.flatten().tolist()
+    if isinstance(value, int) and not isinstance(value, bool):
+        return [value]
+    if isinstance(value, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        return list(value)
+    raise TypeError(f"{name} must be a token id, a list of token ids or None, got {value!r}")
+
+
+def _safe_argmax(scores: torch.Tensor) -> torch.Tensor:
+    return torch.nan_to_num(scores, nan=-math.inf).argmax(dim=-1)
+
+
+def _sample(scores: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
+    """Multinomial sampling that never fails: NaN counts as probability 0, and a row with no
+    finite score falls back to greedy."""
+    probs = torch.softmax(scores.float(), dim=-1)
+    probs = torch.nan_to_num(probs, nan=0.0, posinf=0.0, neginf=0.0)
+    dead = probs.sum(dim=-1) <= 0
+    if bool(dead.any()):
+        probs[dead] = torch.nn.functional.one_hot(_safe_argmax(scores[dead]), probs.shape[-1]).to(probs.dtype)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _check_number(name, value, ok: Callable[[float], bool], want: str):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not ok(value):
+        raise ValueError(f"{name} must be {want}, got {value!r}")
+
+
+@torch.no_grad()
+def generate(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: Optional[torch.Tensor] = None,
+    *,
+    max_new_tokens: int = 20,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: Optional[int] = None,
+    logits_processor: Optional[Union[LogitsProcessorList, Sequence[Callable], Callable]] = None,
+    eos_token_id: Optional[Union[int, Iterable[int]]] = None,
+    pad_token_id: Optional[int] = None,
+    use_cache: bool = True,
+    generator: Optional[torch.Generator] = None,
+    output_scores: bool = False,
+):
+    """Generate up to ``max_new_tokens`` tokens per prompt from the TGR head's logits.
+
+    Args:
+        model: a :class:`tgr.TGRLlamaModel`.
+        input_ids: ``[B, S]`` prompts; ``attention_mask`` ``[B, S]`` 0/1 marks padding (left
+            padding is the usual choice for batched prompts; any side works). Every prompt needs
+            at least one real token.
+        max_new_tokens: how many tokens to add at most.
+        do_sample: sample (with ``temperature``, ``top_k``, ``top_p``) or decode greedily.
+        temperature, top_k, top_p: HF's sampling warpers, applied after ``logits_processor``
+            when ``do_sample``; ``top_k`` None or 0 and ``top_p`` 1.0 turn them off.
+        logits_processor: HF logits processors (a ``LogitsProcessorList``, a list of callables
+            ``(input_ids, scores) -> scores``, or one), applied first, in both modes, to float32
+            scores, with ``input_ids`` the whole sequence so far. :class:`tgr.ClampLogits` is one.
+        eos_token_id: id(s) that end a sequence; None = the base's generation config; ``[]`` =
+            none. A finished sequence is filled with ``pad_token_id`` (default: the generation
+            config's pad token, else the first EOS id, else 0); generation stops early when every
+            sequence has finished.
+        use_cache: incremental decoding (default). False recomputes the full forward for every
+            new token: slow, for checking.
+        generator: a ``torch.Generator`` for reproducible sampling.
+        output_scores: return a :class:`TGRGenerateOutput` with the per-step scores and raw logits.
+
+    Returns:
+        ``[B, S + n]`` token ids (prompt, then the n <= max_new_tokens new tokens), or a
+        :class:`TGRGenerateOutput` when ``output_scores``.
+
+    Sampling never hits a device-side assert: NaN scores count as probability 0 and a row with
+    no finite score falls back to greedy. To clamp extreme logits too, pass ``ClampLogits()``.
+    """
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype.is_floating_point:
+        raise ValueError(f"input_ids must be an integer tensor [B, S], got "
+                         f"{getattr(input_ids, 'shape', type(input_ids).__name__)}")
+    if input_ids.numel() == 0:
+        raise ValueError("input_ids is empty: every prompt needs at least one token")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    if do_sample:
+        _check_number("temperature", temperature, lambda v: v > 0, "a positive number")
+        _check_number("top_p", top_p, lambda v: 0 < v <= 1, "in (0, 1]")
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0):
+            raise ValueError(f"top_k must be None or an integer >= 0, got {top_k!r}")
+
+    device = model.device
+    input_ids = input_ids.to(device)
+    B, S = input_ids.shape
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    else:
+        if tuple(attention_mask.shape) != (B, S):
+            raise ValueError(f"attention_mask must have the shape of input_ids {(B, S)}, got {tuple(attention_mask.shape)}")
+        attention_mask = attention_mask.to(device=device, dtype=torch.long)
+        if not bool(attention_mask.any(dim=-1).all()):
+            raise ValueError("every prompt needs at least one real token (a row of attention_mask is all 0)")
+
+    gen_config = model.generation_config
+    if eos_token_id is None and gen_config is not None:
+        eos_token_id = gen_config.eos_token_id
+    eos_ids = _token_ids(eos_token_id, "eos_token_id")
+    if pad_token_id is None:
+        pad_token_id = getattr(gen_config, "pad_token_id", None) if gen_config is not None else None
+        if pad_token_id is None:
+            pad_token_id = eos_ids[0] if eos_ids else 0
+    eos = torch.tensor(eos_ids, dtype=torch.long, device=device) if eos_ids else None
+
+    processors = _as_processor_list(logits_processor)
+    warpers = _sampling_warpers(temperature, top_k, top_p) if do_sample else LogitsProcessorList()
+
+    tokens, mask = input_ids, attention_mask
+    unfinished = torch.ones(B, dtype=torch.bool, device=device)
+    all_scores, all_logits = [], []
+    state = None
+    for step in range(max_new_tokens):
+        if not use_cache:
+            out = model(tokens, attention_mask=mask, position_ids=_positions(mask))
+            logits = out.logits[:, -1].float()
+        elif state is None:
+            logits, state = prefill(model, tokens, mask, S + max_new_tokens)
+        else:
+            logits = decode_step(model, state, tokens[:, -1], mask)
+
+        scores = processors(tokens, logits.clone())
+        if do_sample:
+            scores = warpers(tokens, scores)
+            next_tokens = _sample(scores, generator)
+        else:
+            next_tokens = _safe_argmax(scores)
+        if output_scores:
+            all_scores.append(scores)
+            all_logits.append(logits)
+        if eos is not None:
+            next_tokens = torch.where(unfinished, next_tokens, torch.full_like(next_tokens, pad_token_id))
+        tokens = torch.cat([tokens, next_tokens[:, None]], dim=-1)
+        mask = torch.cat([mask, mask.new_ones((B, 1))], dim=-1)
+        if eos is not None:
+            unfinished &= ~torch.isin(next_tokens, eos)
+            if not bool(unfinished.any()):
+                break
+
+    if output_scores:
+        return TGRGenerateOutput(sequences=tokens, scores=tuple(all_scores), logits=tuple(all_logits))
+    return tokens
