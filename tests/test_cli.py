@@ -84,7 +84,7 @@ def test_bad_labels_in_a_local_file(tmp_path, capsys):
                                "label": 5}) + "\n")
     assert main(["train", "--data", str(bad), "--output", str(tmp_path / "o")] + FAST) == 2
     assert "labels must be 0 or 1" in capsys.readouterr().err
-    assert not (tmp_path / "o" / "final").exists()
+    assert not (tmp_path / "o").exists()  # nothing half-written left behind
 
 
 def test_parser_defaults_follow_the_seed():

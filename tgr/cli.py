@@ -208,9 +208,10 @@ def _write_json(path: Path, data) -> None:
 def cmd_train(args, split_rows=None) -> dict:
     from .train import TrainSettings, train
 
-    out = _fresh_output(args.output, args.overwrite, "outputs/train")
+    # Check the data and the model before creating anything, so a bad input leaves nothing behind.
     rows = split_rows if split_rows is not None else _rows(args, args.split)
     model, tokenizer = _load(args)
+    out = _fresh_output(args.output, args.overwrite, "outputs/train")
     settings = TrainSettings(
         output_dir=str(out), epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
         grad_accum=args.grad_accum, learning_rate=args.lr, max_length=args.max_length,
@@ -320,8 +321,8 @@ def cmd_demo(args) -> dict:
     from .data import split_by_question
 
     start = time.time()
-    args.output = str(_fresh_output(args.output, args.overwrite, time.strftime("outputs/demo-%Y%m%d-%H%M%S")))
     rows = _rows(args, args.split)
+    args.output = str(_fresh_output(args.output, args.overwrite, time.strftime("outputs/demo-%Y%m%d-%H%M%S")))
     train_rows, held_out = split_by_question(rows)
     print(f"tgr demo: base {args.model or 'embedded demo Llama'}, data {args.data or 'project sample'}: "
           f"{len(train_rows)} training rows, {len(held_out)} held-out rows -> {args.output}")
