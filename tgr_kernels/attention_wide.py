@@ -10,10 +10,12 @@ keys its rows can see.
 Forward, per chunk of query rows: ``Z = Q_c Kᵀ`` (GEMM), then the row kernel turns Z in place
 into ``P = g ∘ softmax(t̄·scale·Z + m)`` and saves each row's log-sum-exp; ``O_c = P V`` (GEMM).
 
-Backward, per chunk (``dO = g ∘ dY``, ``Δ_i = rowsum(dO_i ∘ Y_i)``): ``Z = Q_c Kᵀ`` and
-``dP = dO_c Vᵀ`` (GEMMs); the row kernel recomputes ``P = exp(S − lse)`` into Z's buffer and
-turns dP in place into ``G = t̄·scale·dS`` with ``dS = P ∘ (dP − Δ)``, and sums
-``dt̄_i = scale · Σ_j dS_ij Z_ij``; then ``dV += Pᵀ dO_c``, ``dQ_c = G K``, ``dK += Gᵀ Q_c``.
+Backward, per chunk (``dO = g ∘ dY``): ``Z = Q_c Kᵀ`` (or the forward's, kept when the problem
+is one chunk) and ``dP = dO_c Vᵀ`` (GEMMs); the row kernel recomputes ``P = exp(S − lse)`` into
+Z's buffer, sums ``Δ_i = Σ_j P_ij dP_ij``, turns dP in place into ``G = t̄·scale·dS`` with
+``dS = P ∘ (dP − Δ)``, and sums ``dt̄_i = scale · Σ_j dS_ij Z_ij``; then ``dV += Pᵀ dO_c``,
+``dQ_c = G K``, ``dK += Gᵀ Q_c``. (The flash path's ``Δ = rowsum(dO ∘ O)`` would lose dt̄ to
+cancellation when the softmax saturates, as the seed's q = k = v at D = 4096 does.)
 
 Two implementations of the row kernels share the orchestration: Triton (``row_ops="triton"``,
 for CUDA) and PyTorch in-place ops (``row_ops="torch"``, the CPU path).
@@ -94,7 +96,7 @@ def _wide_softmax_fwd_kernel(
 
 @triton.jit
 def _wide_softmax_bwd_kernel(
-    Z, DP, T_BAR, KPM, BIAS, LSE, DELTA, DT,
+    Z, DP, T_BAR, KPM, BIAS, LSE, DT,
     stride_tb, stride_tm,
     stride_pb, stride_pn,
     stride_bb, stride_bh, stride_bm, stride_bn,
@@ -106,9 +108,12 @@ def _wide_softmax_bwd_kernel(
 
     Z: contiguous [B, H, M, n_cols] raw q·k products, overwritten by P when STORE_P.
     DP: same shape, dO·vⱼ products, overwritten by ``G = t̄·scale·dS`` when STORE_G, where
-    ``dS = P ∘ (dP − Δ)``. LSE, DELTA: fp32 [B, H, S_q]. DT: fp32 [B, H, S_q], receives
-    ``scale · Σ_j dS_ij Z_ij`` (masked entries have P = 0, so the −inf logits never enter).
-    Grid: (B * H * M,).
+    ``dS = P ∘ (dP − Δ)`` with ``Δ_i = Σ_j P_ij dP_ij`` summed here, from the same P and dP
+    (not as rowsum(dO ∘ O)), and P renormalised to sum to one (exp(S − lse) misses by the
+    rounding of lse): when the softmax saturates, dS is a tiny difference of nearly equal terms,
+    and only consistent operands let them cancel. LSE: fp32 [B, H, S_q].
+    DT: fp32 [B, H, S_q], receives ``scale · Σ_j dS_ij Z_ij`` (masked entries have P = 0, so
+    the −inf logits never enter). Grid: (B * H * M,).
     """
     r = tl.program_id(0)
     bh = r // M
@@ -122,8 +127,23 @@ def _wide_softmax_bwd_kernel(
     row_scale = (t_bar * (scale * 1.4426950408889634)) + tl.zeros([1], dtype=tl.float32)
     row_off = bh.to(tl.int64) * S_q + i + tl.zeros([1], dtype=tl.int32)
     lse = tl.load(LSE + row_off)
-    delta = tl.load(DELTA + row_off)
     offs0 = tl.arange(0, BLOCK_N)
+
+    row_sum = tl.zeros([1], dtype=tl.float32)
+    delta = tl.zeros([1], dtype=tl.float32)
+    for start in range(0, n_cols, BLOCK_N):
+        offs_n = start + offs0
+        col_ok = offs_n[None, :] < n_cols
+        z = tl.load(z_row + offs_n[None, :], mask=col_ok, other=0.0).to(tl.float32)
+        dp = tl.load(dp_row + offs_n[None, :], mask=col_ok, other=0.0).to(tl.float32)
+        s = _logits_tile(z, row_scale, offs_m, offs_n, b, h, KPM, BIAS,
+                         stride_pb, stride_pn, stride_bb, stride_bh, stride_bm, stride_bn,
+                         S_q, S_k, HAS_KPM, HAS_BIAS, CAUSAL)
+        p = tl.exp2(s - lse[:, None])
+        row_sum += tl.sum(p, 1)
+        delta += tl.sum(p * dp, 1)
+    row_sum = tl.where(row_sum == 0.0, 1.0, row_sum)  # a fully masked row: P = 0 stays 0
+    delta = delta / row_sum
 
     dt = tl.zeros([1], dtype=tl.float32)
     for start in range(0, n_cols, BLOCK_N):
@@ -134,7 +154,7 @@ def _wide_softmax_bwd_kernel(
         s = _logits_tile(z, row_scale, offs_m, offs_n, b, h, KPM, BIAS,
                          stride_pb, stride_pn, stride_bb, stride_bh, stride_bm, stride_bn,
                          S_q, S_k, HAS_KPM, HAS_BIAS, CAUSAL)
-        p = tl.exp2(s - lse[:, None])
+        p = tl.exp2(s - lse[:, None]) / row_sum[:, None]
         ds = p * (dp - delta[:, None])
         dt += tl.sum(ds * z, 1)
         if STORE_P:
@@ -163,13 +183,13 @@ def _triton_rows_forward(z, row0, t_bar, key_padding, additive, causal, gsot_thr
     )
 
 
-def _triton_rows_backward(z, dp, row0, t_bar, key_padding, additive, causal, scale, lse, delta, dt,
+def _triton_rows_backward(z, dp, row0, t_bar, key_padding, additive, causal, scale, lse, dt,
                           S_q, S_k, store_p, store_g):
     B, H, M, n_cols = z.shape
     kpm, kpm_strides, bias, bias_strides = mask_args(key_padding, additive, (B, H, S_q, S_k), z.device)
     block, warps = _row_block(n_cols)
     _wide_softmax_bwd_kernel[(B * H * M,)](
-        z, dp, t_bar, kpm, bias, lse, delta, dt, *t_bar.stride(), *kpm_strides, *bias_strides,
+        z, dp, t_bar, kpm, bias, lse, dt, *t_bar.stride(), *kpm_strides, *bias_strides,
         H, M, row0, n_cols, S_q, S_k, scale,
         HAS_KPM=key_padding is not None, HAS_BIAS=additive is not None, CAUSAL=causal,
         STORE_P=store_p, STORE_G=store_g, BLOCK_N=block, num_warps=warps,
@@ -216,14 +236,18 @@ def _torch_rows_forward(z, row0, t_bar, key_padding, additive, causal, gsot_thre
     lse[:, :, row0:row0 + M] = row_lse.squeeze(-1) * (1.0 / math.log(2.0))
 
 
-def _torch_rows_backward(z, dp, row0, t_bar, key_padding, additive, causal, scale, lse, delta, dt,
+def _torch_rows_backward(z, dp, row0, t_bar, key_padding, additive, causal, scale, lse, dt,
                          S_q, S_k, store_p, store_g):
     M = z.shape[2]
     zf, dpf = z.to(lse.dtype), dp.to(lse.dtype)
     p = zf.clone()  # the raw products stay in zf for dt̄
     _torch_logits_(p, row0, t_bar, key_padding, additive, causal, scale, S_q, S_k)
     p.sub_((lse[:, :, row0:row0 + M] * math.log(2.0))[..., None]).exp_()
-    ds = dpf.sub_(delta[:, :, row0:row0 + M, None]).mul_(p)
+    row_sum = p.sum(-1, keepdim=True)
+    p.div_(row_sum.masked_fill_(row_sum == 0, 1.0))  # exactly normalised rows (fully masked: 0)
+    # Δ from the same P and dP that form dS (see _wide_softmax_bwd_kernel for why).
+    delta = torch.einsum("bhmn,bhmn->bhm", p, dpf)
+    ds = dpf.sub_(delta[..., None]).mul_(p)
     dt[:, :, row0:row0 + M] = torch.einsum("bhmn,bhmn->bhm", ds, zf) * scale
     if store_p:
         z.copy_(p)
@@ -284,7 +308,7 @@ def wide_forward(q, k, v, t_bar, key_padding, additive, causal, gsot_threshold, 
 
 
 def wide_backward(q, k, v, t_bar, key_padding, additive, causal, gsot_threshold, scale, row_ops, chunk_bytes,
-                  out, lse, scores, grad_out, need_dq, need_dkv, same_qkv=False):
+                  lse, scores, grad_out, need_dq, need_dkv, same_qkv=False):
     """Returns (dq, dk, dv, dt̄ [B, S_q]); unneeded gradients are None. ``scores``: the forward's
     saved Z (single chunk) or None; ``same_qkv``: q, k and v are one tensor."""
     B, H, S_q, D = q.shape
@@ -293,12 +317,11 @@ def wide_backward(q, k, v, t_bar, key_padding, additive, causal, gsot_threshold,
     stats = _stats_dtype(q)
     if gsot_threshold is not None:
         grad_out = grad_out * (t_bar >= gsot_threshold)[:, None, :, None].to(grad_out.dtype)
-    delta = (grad_out.to(stats) * out.to(stats)).sum(-1)
     dt = new_output((B, H, S_q), stats, q.device)
     chunks = _chunks(S_q, S_k, B, H, q.element_size(), causal, chunk_bytes)
     if len(chunks) == 1:
         dq, dk, dv = _backward_one_chunk(q, k, v, t_bar, key_padding, additive, causal, scale, rows_backward,
-                                         lse, delta, dt, scores, grad_out, need_dq, need_dkv, same_qkv)
+                                         lse, dt, scores, grad_out, need_dq, need_dkv, same_qkv)
         return dq, dk, dv, dt.sum(1)
     dq = new_output(q.shape, q.dtype, q.device) if need_dq else None
     # dK/dV add up over chunks: accumulate in fp32.
@@ -314,7 +337,7 @@ def wide_backward(q, k, v, t_bar, key_padding, additive, causal, gsot_threshold,
         k_c, v_c = k[:, :, :n_cols], v[:, :, :n_cols]
         z = _scores_for_backward(scores, q_c, k_c, store_p=need_dkv)
         dp = torch.matmul(do_c, v_c.transpose(-2, -1))
-        rows_backward(z, dp, row0, t_bar, key_padding, additive, causal, scale, lse, delta, dt,
+        rows_backward(z, dp, row0, t_bar, key_padding, additive, causal, scale, lse, dt,
                       S_q, S_k, store_p=need_dkv, store_g=need_dq or need_dkv)
         if need_dkv:
             dv[:, :, :n_cols] += torch.matmul(z.transpose(-2, -1), do_c)
@@ -335,13 +358,13 @@ def _scores_for_backward(scores, q_c, k_c, store_p):
 
 
 def _backward_one_chunk(q, k, v, t_bar, key_padding, additive, causal, scale, rows_backward,
-                        lse, delta, dt, scores, grad_out, need_dq, need_dkv, same_qkv):
+                        lse, dt, scores, grad_out, need_dq, need_dkv, same_qkv):
     """The whole problem in one chunk: every GEMM writes its gradient directly. When q, k, v are
     one tensor X the three gradients are summed as ``dX = (G + Gᵀ) X + Pᵀ dO``: two GEMMs, not three."""
     S_q, S_k = q.shape[2], k.shape[2]
     z = _scores_for_backward(scores, q, k, store_p=need_dkv)
     dp = torch.matmul(grad_out, v.transpose(-2, -1))
-    rows_backward(z, dp, 0, t_bar, key_padding, additive, causal, scale, lse, delta, dt,
+    rows_backward(z, dp, 0, t_bar, key_padding, additive, causal, scale, lse, dt,
                   S_q, S_k, store_p=need_dkv, store_g=need_dq or need_dkv)
     if same_qkv and need_dq and need_dkv:
         dx = torch.matmul(dp + dp.transpose(-2, -1), q)  # dQ + dK = G X + Gᵀ X
@@ -361,19 +384,19 @@ class WideAttentionFunction(torch.autograd.Function):
         need_grad = any(ctx.needs_input_grad[:4])
         out, lse, scores = wide_forward(q, k, v, t_bar, key_padding, additive, causal, gsot_threshold, scale,
                                         row_ops, chunk_bytes, keep_scores=need_grad)
-        ctx.save_for_backward(q, k, v, t_bar, key_padding, additive, out, lse, scores)
+        ctx.save_for_backward(q, k, v, t_bar, key_padding, additive, lse, scores)
         ctx.options = (causal, gsot_threshold, scale, row_ops, chunk_bytes)
         ctx.same_qkv = q is k and k is v
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, t_bar, key_padding, additive, out, lse, scores = ctx.saved_tensors
+        q, k, v, t_bar, key_padding, additive, lse, scores = ctx.saved_tensors
         need_q, need_k, need_v, need_t = ctx.needs_input_grad[:4]
         nones = (None,) * 7
         if not (need_q or need_k or need_v or need_t):
             return (None,) * 4 + nones
-        dq, dk, dv, dt = wide_backward(q, k, v, t_bar, key_padding, additive, *ctx.options, out, lse, scores,
+        dq, dk, dv, dt = wide_backward(q, k, v, t_bar, key_padding, additive, *ctx.options, lse, scores,
                                        grad_out.contiguous(), need_dq=need_q, need_dkv=need_k or need_v,
                                        same_qkv=ctx.same_qkv)
         return (dq, dk if need_k else None, dv if need_v else None, dt if need_t else None) + nones
