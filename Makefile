@@ -24,7 +24,7 @@ report: $(VENV)/.installed
 	$(PY) -m tgr_kernels
 
 test: $(VENV)/.installed
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q tests benchmarks/test_runner.py
 
 test-fast: $(VENV)/.installed
 	$(PY) -m pytest -q -m "not slow" tests

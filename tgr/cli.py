@@ -346,6 +346,9 @@ def cmd_demo(args) -> dict:
 
 
 def cmd_bench(args) -> int:
+    # The benchmarks live in the repository, beside the packages: run from its root.
+    if os.path.isdir("benchmarks") and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     try:
         from benchmarks.__main__ import main as bench_main
     except ImportError:

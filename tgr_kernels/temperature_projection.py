@@ -30,7 +30,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._backend import new_output, next_power_of_2, resolve_backend, triton_dot_precision
+from ._backend import cpu_computes_natively, new_output, next_power_of_2, resolve_backend, triton_dot_precision
 from ._validation import check_backend, check_projection_inputs
 from .reference import temperature_projection_ref
 
@@ -446,15 +446,15 @@ class TemperatureProjectionFunction(torch.autograd.Function):
 def _torch_projection(hidden, weight, bias, clamp_min, clamp_max):
     """Optimized PyTorch TTM: one GEMM, then sigmoid and clamp in fp32 (autograd does the rest).
 
-    On CUDA, hidden and weight that share a half dtype use the half GEMM (fp32 accumulation in
-    cuBLAS); everything else, and everything on the CPU, runs the GEMM in fp32 (float64 stays
-    float64): with T tiny the op is memory bound, and CPUs without bf16 instructions emulate bf16
-    GEMMs about 100x slower than fp32.
+    Hidden and weight that share a half dtype use the half GEMM (fp32 accumulation) on CUDA and
+    on CPUs with native instructions for it; everything else runs the GEMM in fp32 (float64
+    stays float64): CPUs without bf16 instructions emulate bf16 GEMMs ~100x slower than fp32.
     """
     out_dtype = torch.promote_types(hidden.dtype, weight.dtype)
+    same_half = hidden.dtype == weight.dtype and hidden.dtype in _HALF_DTYPES
     if out_dtype == torch.float64:
         gemm_dtype = torch.float64
-    elif hidden.is_cuda and hidden.dtype == weight.dtype and hidden.dtype in _HALF_DTYPES:
+    elif same_half and (hidden.is_cuda or cpu_computes_natively(hidden.dtype)):
         gemm_dtype = hidden.dtype
     else:
         gemm_dtype = torch.float32

@@ -1,0 +1,11 @@
+"""Benchmarks of tgr: every provider (the seed's eager code, torch.compile, SDPA, FlexAttention,
+tgr's torch and Triton backends) side by side on the same inputs, on CPU and GPU.
+
+- ``python -m benchmarks``: the runner (tables, JSON records, PNG plots); ``--help`` for flags.
+- ``pytest benchmarks/ --benchmark-only``: pytest-benchmark suites on small CPU shapes.
+- ``bash benchmarks/gpu_check.sh OUT``: the GPU tests and benchmarks in one command.
+
+Modules: ``cases`` (shapes, inputs, FLOPs), ``providers`` (the implementations), ``measure``
+(timing, peak memory, ceilings, environment), ``suite_ops`` (the op suites), ``report`` and
+``plots`` (outputs). See README.md beside this file.
+"""

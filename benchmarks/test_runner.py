@@ -1,0 +1,179 @@
+"""The runner works (CI's quick pass), its measurements mean what they say, and wrong answers
+are caught. Speed is not tested here."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from benchmarks import measure
+from benchmarks.cases import Case
+from benchmarks.providers import ATTENTION_PROVIDERS, Provider
+from benchmarks.report import load_records
+from benchmarks.suite_ops import check_providers, run_case
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# DESIGN.md, "Benchmarks: one schema"
+SCHEMA = ["op", "provider", "mode", "seq_len", "batch", "dtype", "device_name", "median_ms", "p20_ms", "p80_ms",
+          "peak_mib", "versions", "date"]
+
+
+def _tgr_importable() -> bool:
+    try:
+        import tgr  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("quick")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--out", str(out)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out, proc.stdout
+
+
+def test_quick_pass_writes_records_table_and_plots(quick_run):
+    out, stdout = quick_run
+    records = load_records(out / "records.jsonl")
+    meas = [r for r in records if r["kind"] == "measurement"]
+    ops = {r["op"] for r in meas}
+    assert {"projection", "attention-wide", "attention-flash"} <= ops
+    assert ops - {"projection", "attention-wide", "attention-flash"} <= {"e2e-train-step", "e2e-generate"}
+    if _tgr_importable():
+        assert {"e2e-train-step", "e2e-generate"} <= ops
+    assert {r["mode"] for r in meas} == {"forward", "backward", "full"}
+    ok = [r for r in meas if r["status"] == "ok"]
+    assert {"eager-seed", "tgr-torch", "sdpa-prescaled"} <= {r["provider"] for r in ok}
+    for rec in ok:
+        missing = [k for k in SCHEMA if rec.get(k) is None]
+        assert not missing, (rec["op"], rec["provider"], missing)
+        assert rec["p20_ms"] <= rec["median_ms"] <= rec["p80_ms"]
+        assert rec["check_ok"] is True, rec  # every provider agrees with the seed's math
+    for rec in meas:
+        if rec["status"] != "ok":
+            assert rec["reason"], rec
+    assert any(r["kind"] == "run" for r in records) and any(r["kind"] == "ceiling" for r in records)
+    table = (out / "table.md").read_text()
+    assert "eager-seed" in table and "tgr-torch" in table and "1.00×" in table
+    assert "| S |" in stdout  # the table is printed too
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert {f"{op}_float32_cpu.png" for op in ops} == set(pngs)
+    for name in pngs:
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_rebuilds_from_records(quick_run):
+    out, _ = quick_run
+    os.remove(out / "table.md")
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.report", str(out)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "attention-wide" in (out / "table.md").read_text()
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="the CPU memory method reads /proc")
+def test_cpu_peak_memory_method_reads_known_allocations():
+    for r in measure.validate_cpu_memory():
+        assert abs(r["tensor_mib"] - r["expected_mib"]) <= 0.01 * r["expected_mib"] + 0.5, r
+        assert abs(r["rss_mib"] - r["expected_mib"]) <= 0.05 * r["expected_mib"] + 2, r
+
+
+def test_cpu_peak_memory_of_a_backward_counts_the_frees_of_its_saved_forward():
+    """prepare() allocates (the forward's saved tensors); run() frees them: the peak is run's own."""
+    n = 64 << 20
+
+    def prepare():
+        return [torch.ones(n // 4)]  # 64 MiB, alive when run starts
+
+    def run(state):
+        state.pop()  # frees the 64 MiB
+        return torch.ones(n // 8)  # 32 MiB: below the level at the start
+
+    got = measure.peak_memory_mib(prepare, run, "cpu")
+    assert got["peak_mib"] < 1, got
+
+
+def test_statistics():
+    s = measure.summarize([5.0, 1.0, 3.0, 2.0, 4.0])
+    assert s["median_ms"] == 3.0 and s["p20_ms"] == pytest.approx(1.8) and s["p80_ms"] == pytest.approx(4.2)
+
+
+def _tiny_case(op="attention-flash", **kw):
+    shape = {"batch": 2, "heads": 2, "seq_len": 40, "head_dim": 32 if op == "attention-flash" else 300}
+    return Case(op, shape, kw.pop("dtype", torch.float32), "cpu", causal=kw.pop("causal", True), **kw)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_check_flags_wrong_answers(dtype):
+    """A fast wrong answer must not look good: no temperature, NaN, or a dropped gate all fail."""
+    case = _tiny_case(dtype=dtype)
+    good = ATTENTION_PROVIDERS["eager-seed"].build(case)
+    no_temp = ATTENTION_PROVIDERS["sdpa-prescaled"].build(case)
+
+    def without_temperature(x):
+        ones = torch.ones_like(x.temperature)
+        return no_temp(type(x)({**x.tensors, "temperature": ones * 0.5 + x.temperature * 0}, x.leaf_names))
+
+    def nan_out(x):
+        return good(x) * float("nan")
+
+    def same_as_good(x):
+        return good(x) + 0 * x.temperature.sum()
+
+    def no_gate(x):
+        from benchmarks.providers import seed_additive_mask, seed_temperature_guided_attention
+        ctx, _ = seed_temperature_guided_attention(x.q, x.k, x.v, x.temperature, seed_additive_mask(case))
+        return ctx
+
+    fns = {"good": good, "no-temperature": without_temperature, "nan": nan_out, "no-gate": no_gate,
+           "same-as-good": same_as_good}
+    x = case.make_inputs(seed=1)
+    results = check_providers(case, fns, x, with_grads=True)
+    assert results["good"]["ok"] and results["same-as-good"]["ok"]
+    for bad in ("no-temperature", "nan", "no-gate"):
+        assert results[bad]["ok"] is False, (bad, results[bad])
+
+
+def test_failing_provider_is_reported_not_fatal(monkeypatch):
+    def broken(case):
+        def run(x):
+            raise RuntimeError("no kernel for this")
+        return run
+
+    monkeypatch.setitem(ATTENTION_PROVIDERS, "tgr-triton", Provider("tgr-triton", broken))
+    records = []
+    run_case(_tiny_case(), ["eager-seed", "tgr-triton"], ["forward", "full"], reps=2, warmup=1, check=True,
+             emit=records.append)
+    by = {(r["provider"], r["mode"]): r for r in records}
+    assert by[("eager-seed", "full")]["status"] == "ok"
+    assert by[("tgr-triton", "full")]["status"] == "n/a"
+    assert "no kernel for this" in by[("tgr-triton", "full")]["reason"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter path is the CPU's")
+@pytest.mark.parametrize("op", ["attention-flash", "attention-wide", "projection"])
+def test_triton_provider_matches_under_interpreter(op):
+    """tgr-triton's wiring, checked where Triton runs only interpreted (its time is not reported)."""
+    if op == "projection":
+        case = Case(op, {"batch": 1, "seq_len": 40, "hidden": 64, "temp_heads": 8}, torch.float32, "cpu",
+                    allow_interpreter=True)
+    else:
+        case = _tiny_case(op, allow_interpreter=True)
+    records = []
+    run_case(case, ["eager-seed", "tgr-triton"], ["forward", "full"], reps=1, warmup=1, check=True,
+             emit=records.append)
+    triton_recs = [r for r in records if r["provider"] == "tgr-triton"]
+    assert triton_recs and all(r["status"] == "ok" and r["check_ok"] for r in triton_recs), triton_recs
+
+
+def test_records_are_json_lines(quick_run):
+    out, _ = quick_run
+    with open(out / "records.jsonl", encoding="utf-8") as f:
+        for line in f:
+            json.loads(line)
