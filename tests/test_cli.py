@@ -1,4 +1,5 @@
 """The ``tgr`` command end to end on the embedded demo model and the project's sample."""
+import importlib.util
 import json
 import os
 import subprocess
@@ -9,6 +10,8 @@ import pytest
 from tgr.cli import build_parser, main
 
 FAST = ["--quiet", "--backend", "torch"]
+if importlib.util.find_spec("bitsandbytes") is None:  # e.g. the GPU test machine: load unquantized
+    FAST.append("--no-4bit")
 
 
 @pytest.fixture(autouse=True)

@@ -40,6 +40,7 @@ def _write(path, rows, fmt):
             w.writeheader()
             w.writerows(rows)
     elif fmt == "parquet":
+        pytest.importorskip("pyarrow", reason="parquet needs pyarrow (installed with datasets)")
         import pyarrow as pa
         import pyarrow.parquet as pq
         pq.write_table(pa.Table.from_pylist(rows), path)
