@@ -76,6 +76,24 @@ def _causal_key_end(start_m, S_q, S_k, BLOCK_M: tl.constexpr, CAUSAL: tl.constex
 
 
 @triton.jit
+def _load_rows(base, offs_rows, stride_row, offs_d, stride_d, n_rows, D):
+    """A [len(offs_rows), BLOCK_D] tile of a [n_rows, D] matrix at ``base``, zeros outside it."""
+    return tl.load(base + offs_rows[:, None].to(tl.int64) * stride_row + offs_d[None, :] * stride_d,
+                   mask=(offs_rows[:, None] < n_rows) & (offs_d[None, :] < D), other=0.0)
+
+
+@triton.jit
+def _load_row_stats(T_BAR, LSE, DELTA, b, stride_tb, stride_tm, row_base, offs_m, S_q):
+    """Per query row: t̄ (fp32), the forward's base-2 lse (+inf past the end: P = 0) and Δ."""
+    m_ok = offs_m < S_q
+    t_bar = tl.load(T_BAR + b.to(tl.int64) * stride_tb + offs_m.to(tl.int64) * stride_tm,
+                    mask=m_ok, other=0.0).to(tl.float32)
+    lse = tl.load(LSE + row_base + offs_m, mask=m_ok, other=float("inf"))
+    delta = tl.load(DELTA + row_base + offs_m, mask=m_ok, other=0.0)
+    return t_bar, lse, delta
+
+
+@triton.jit
 def _flash_fwd_kernel(
     Q, K, V, T_BAR, KPM, BIAS, OUT, LSE,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -107,9 +125,8 @@ def _flash_fwd_kernel(
     row_ok = offs_m < S_q
     d_ok = offs_d < D
 
-    q_ptrs = (Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-              + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :] * stride_qd)
-    q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    q = _load_rows(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh, offs_m, stride_qm,
+                   offs_d, stride_qd, S_q, D)
     t_bar = tl.load(T_BAR + b.to(tl.int64) * stride_tb + offs_m.to(tl.int64) * stride_tm,
                     mask=row_ok, other=0.0).to(tl.float32)
     row_scale = t_bar * (scale * 1.4426950408889634)
@@ -123,10 +140,8 @@ def _flash_fwd_kernel(
     end_n = _causal_key_end(start_m, S_q, S_k, BLOCK_M, CAUSAL)
     for start_n in range(0, end_n, BLOCK_N):
         offs_n = start_n + offs_n0
-        n_ok = offs_n < S_k
-        k_t = tl.load(k_base + offs_n[None, :].to(tl.int64) * stride_kn + offs_d[:, None] * stride_kd,
-                      mask=n_ok[None, :] & d_ok[:, None], other=0.0)
-        qk = tl.dot(q, k_t, input_precision=PRECISION)
+        k = _load_rows(k_base, offs_n, stride_kn, offs_d, stride_kd, S_k, D)
+        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
         s = _logits_tile(qk, row_scale, offs_m, offs_n, b, h, KPM, BIAS,
                          stride_pb, stride_pn, stride_bb, stride_bh, stride_bm, stride_bn,
                          S_q, S_k, HAS_KPM, HAS_BIAS, CAUSAL)
@@ -136,8 +151,7 @@ def _flash_fwd_kernel(
         p = tl.exp2(s - m_base[:, None])
         alpha = tl.exp2(m_i - m_base)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + offs_n[:, None].to(tl.int64) * stride_vn + offs_d[None, :] * stride_vd,
-                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        v = _load_rows(v_base, offs_n, stride_vn, offs_d, stride_vd, S_k, D)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
 
@@ -185,12 +199,10 @@ def _flash_bwd_dkdv_kernel(
     n_ok = offs_n < S_k
     d_ok = offs_d < D
 
-    k = tl.load(K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
-                + offs_n[:, None].to(tl.int64) * stride_kn + offs_d[None, :] * stride_kd,
-                mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-    v = tl.load(V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
-                + offs_n[:, None].to(tl.int64) * stride_vn + offs_d[None, :] * stride_vd,
-                mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+    k = _load_rows(K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh, offs_n, stride_kn,
+                   offs_d, stride_kd, S_k, D)
+    v = _load_rows(V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh, offs_n, stride_vn,
+                   offs_d, stride_vd, S_k, D)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
 
@@ -203,15 +215,9 @@ def _flash_bwd_dkdv_kernel(
         start_m = tl.maximum(start_n - (S_k - S_q), 0) // BLOCK_M * BLOCK_M
     for m0 in range(start_m, S_q, BLOCK_M):
         offs_m = m0 + offs_m0
-        m_ok = offs_m < S_q
-        q = tl.load(q_base + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :] * stride_qd,
-                    mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-        do = tl.load(do_base + offs_m[:, None].to(tl.int64) * stride_dom + offs_d[None, :] * stride_dod,
-                     mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-        t_bar = tl.load(T_BAR + b.to(tl.int64) * stride_tb + offs_m.to(tl.int64) * stride_tm,
-                        mask=m_ok, other=0.0).to(tl.float32)
-        lse = tl.load(LSE + row_base + offs_m, mask=m_ok, other=float("inf"))
-        delta = tl.load(DELTA + row_base + offs_m, mask=m_ok, other=0.0)
+        q = _load_rows(q_base, offs_m, stride_qm, offs_d, stride_qd, S_q, D)
+        do = _load_rows(do_base, offs_m, stride_dom, offs_d, stride_dod, S_q, D)
+        t_bar, lse, delta = _load_row_stats(T_BAR, LSE, DELTA, b, stride_tb, stride_tm, row_base, offs_m, S_q)
 
         qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
         s = _logits_tile(qk, t_bar * (scale * 1.4426950408889634), offs_m, offs_n, b, h, KPM, BIAS,
@@ -261,16 +267,11 @@ def _flash_bwd_dq_kernel(
     d_ok = offs_d < D
     row_base = pid_bh.to(tl.int64) * S_q
 
-    q = tl.load(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-                + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :] * stride_qd,
-                mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-    do = tl.load(DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
-                 + offs_m[:, None].to(tl.int64) * stride_dom + offs_d[None, :] * stride_dod,
-                 mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-    t_bar = tl.load(T_BAR + b.to(tl.int64) * stride_tb + offs_m.to(tl.int64) * stride_tm,
-                    mask=m_ok, other=0.0).to(tl.float32)
-    lse = tl.load(LSE + row_base + offs_m, mask=m_ok, other=float("inf"))
-    delta = tl.load(DELTA + row_base + offs_m, mask=m_ok, other=0.0)
+    q = _load_rows(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh, offs_m, stride_qm,
+                   offs_d, stride_qd, S_q, D)
+    do = _load_rows(DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh, offs_m, stride_dom,
+                    offs_d, stride_dod, S_q, D)
+    t_bar, lse, delta = _load_row_stats(T_BAR, LSE, DELTA, b, stride_tb, stride_tm, row_base, offs_m, S_q)
     row_scale = t_bar * (scale * 1.4426950408889634)
 
     k_base = K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
@@ -279,11 +280,8 @@ def _flash_bwd_dq_kernel(
     end_n = _causal_key_end(start_m, S_q, S_k, BLOCK_M, CAUSAL)
     for start_n in range(0, end_n, BLOCK_N):
         offs_n = start_n + offs_n0
-        n_ok = offs_n < S_k
-        k = tl.load(k_base + offs_n[:, None].to(tl.int64) * stride_kn + offs_d[None, :] * stride_kd,
-                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        v = tl.load(v_base + offs_n[:, None].to(tl.int64) * stride_vn + offs_d[None, :] * stride_vd,
-                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        k = _load_rows(k_base, offs_n, stride_kn, offs_d, stride_kd, S_k, D)
+        v = _load_rows(v_base, offs_n, stride_vn, offs_d, stride_vd, S_k, D)
         qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
         s = _logits_tile(qk, row_scale, offs_m, offs_n, b, h, KPM, BIAS,
                          stride_pb, stride_pn, stride_bb, stride_bh, stride_bm, stride_bn,
