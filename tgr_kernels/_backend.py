@@ -34,10 +34,12 @@ def next_power_of_2(n: int) -> int:
 
 
 def triton_dot_precision(dtype: torch.dtype) -> str:
-    """``input_precision`` for ``tl.dot``: TF32 only for fp32 inputs when PyTorch allows it."""
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
-        return "tf32"
-    return "ieee"
+    """``input_precision`` for ``tl.dot``: fp32 inputs multiply in full precision ("ieee") unless
+    PyTorch allows TF32; half inputs keep Triton's default ("tf32", which means tensor cores and
+    does not round them), so that no half-precision dot is ever sent to the scalar path."""
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
 
 
 # Tests set this to fill every kernel output with NaN before launch, so that an element a kernel

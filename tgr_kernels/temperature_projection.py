@@ -310,6 +310,11 @@ def _dot_in_fp32(hidden_dtype: torch.dtype, weight_dtype: torch.dtype) -> bool:
     return not (hidden_dtype == weight_dtype and hidden_dtype in _HALF_DTYPES)
 
 
+def _precision(hidden_dtype: torch.dtype, weight_dtype: torch.dtype) -> str:
+    """tl.dot's input_precision for the dtype the kernels multiply in."""
+    return triton_dot_precision(torch.float32 if _dot_in_fp32(hidden_dtype, weight_dtype) else hidden_dtype)
+
+
 def _block_t(n_heads: int) -> int:
     return max(MIN_BLOCK_T, next_power_of_2(n_heads))
 
@@ -331,7 +336,7 @@ def _launch_forward(hidden2d, weight, bias, clamp_min, clamp_max, save_sigma: bo
         HAS_BIAS=bias is not None,
         SAVE_SIGMA=save_sigma,
         DOT_IN_FP32=_dot_in_fp32(hidden2d.dtype, weight.dtype),
-        INPUT_PRECISION=triton_dot_precision(torch.float32),
+        INPUT_PRECISION=_precision(hidden2d.dtype, weight.dtype),
         BLOCK_M=BLOCK_M, BLOCK_T=_block_t(n_heads), BLOCK_K=BLOCK_K,
     )
     return out, (sigma if save_sigma else None)
@@ -355,7 +360,7 @@ def _launch_backward_rows(grad_out, sigma, weight, hidden_dtype, clamp_min, clam
         STORE_GRAD_LOGITS=store_grad_logits,
         HIDDEN_GRAD=hidden_grad,
         DOT_IN_FP32=_dot_in_fp32(hidden_dtype, weight.dtype),
-        INPUT_PRECISION=triton_dot_precision(torch.float32),
+        INPUT_PRECISION=_precision(hidden_dtype, weight.dtype),
         BLOCK_M=BLOCK_M, BLOCK_T=_block_t(n_heads), BLOCK_K=BLOCK_K,
     )
     return (grad_logits if store_grad_logits else None), (grad_hidden if hidden_grad else None)
@@ -393,7 +398,7 @@ def _launch_backward_weight(grad_logits, hidden2d, weight_dtype):
         n_rows, hidden_size, n_heads, rows_per_split,
         hidden2d.stride(0), hidden2d.stride(1),
         DOT_IN_FP32=_dot_in_fp32(hidden2d.dtype, weight_dtype),
-        INPUT_PRECISION=triton_dot_precision(torch.float32),
+        INPUT_PRECISION=_precision(hidden2d.dtype, weight_dtype),
         BLOCK_M=BLOCK_M, BLOCK_T=_block_t(n_heads), BLOCK_K=BLOCK_K,
     )
     return partial[0] if n_splits == 1 else partial.sum(dim=0)
