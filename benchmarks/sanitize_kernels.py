@@ -1,0 +1,48 @@
+"""One small forward + backward of every Triton kernel: the program compute-sanitizer watches.
+
+    compute-sanitizer --tool memcheck  python3 -m benchmarks.sanitize_kernels
+    compute-sanitizer --tool racecheck python3 -m benchmarks.sanitize_kernels
+
+Shapes are odd (not multiples of any block) so the masked edges of every tile are exercised:
+the flash kernels (forward, dK/dV, dQ with dt̄) with padding + causal + GSoT and with an
+additive mask, the wide path's row kernels, and the temperature projection's three kernels.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # a dry run of the same calls on a CPU
+
+from tgr_kernels import temperature_guided_attention, temperature_projection  # noqa: E402
+
+
+def main() -> None:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    torch.manual_seed(0)
+    for D, S_q, S_k in ((64, 77, 77), (128, 45, 101), (320, 37, 37)):
+        q, k, v = (torch.randn(2, 2, s, D, device=device, dtype=dtype, requires_grad=True)
+                   for s in (S_q, S_k, S_k))
+        t = torch.rand(2, S_q, 4, device=device, requires_grad=True)
+        keep = torch.ones(2, S_k, dtype=torch.bool, device=device)
+        keep[1, S_k // 2:] = False
+        additive = torch.randn(2, 1, S_q, S_k, device=device)
+        for mask, causal in ((keep, True), (additive, False)):
+            out = temperature_guided_attention(q, k, v, t, mask, causal=causal, gsot_threshold=0.4,
+                                               backend="triton")
+            out.backward(torch.randn_like(out))
+        print(f"attention D={D} S_q={S_q} S_k={S_k}: ok", flush=True)
+    h = torch.randn(3, 53, 200, device=device, dtype=dtype, requires_grad=True)
+    w = (torch.randn(8, 200, device=device) * 0.05).requires_grad_()
+    b = torch.zeros(8, device=device, requires_grad=True)
+    temperature_projection(h, w, b, backend="triton").sum().backward()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    print("projection: ok\nsanitize_kernels: all kernels ran", flush=True)
+
+
+if __name__ == "__main__":
+    main()
