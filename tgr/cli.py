@@ -230,7 +230,7 @@ def cmd_train(args, split_rows=None) -> dict:
     return {"summary": summary, "model": model, "tokenizer": tokenizer, "output": out}
 
 
-def _evaluate(model, tokenizer, rows, batch_size: int) -> dict:
+def _evaluate(model, tokenizer, rows, batch_size: int, progress: bool = False) -> dict:
     from .data import ranking_groups
     from .evaluation import evaluate_ranking
 
@@ -238,7 +238,7 @@ def _evaluate(model, tokenizer, rows, batch_size: int) -> dict:
     if not groups:
         raise CommandError("no question in the data has a correct (label 1) candidate: nothing to rank")
     model.eval()
-    kwargs = dict(batch_size=batch_size, device=model.device)
+    kwargs = dict(batch_size=batch_size, device=model.device, progress=progress)
     tgr = evaluate_ranking(lambda ids, mask: model(ids, mask).logits, tokenizer, groups, **kwargs)
     base = evaluate_ranking(lambda ids, mask: model.base_model(input_ids=ids, attention_mask=mask).logits,
                             tokenizer, groups, **kwargs)
@@ -256,7 +256,7 @@ def _print_ranking(title: str, results: dict) -> None:
 def cmd_eval(args) -> dict:
     rows = _rows(args, args.split)
     model, tokenizer = _load(args, args.checkpoint)
-    results = _evaluate(model, tokenizer, rows, args.batch_size)
+    results = _evaluate(model, tokenizer, rows, args.batch_size, progress=not args.quiet)
     _print_ranking(f"WikiQA answer selection [{args.data or 'sample'}:{args.split}]", results)
     if args.output:
         out = Path(args.output)

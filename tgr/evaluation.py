@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Callable, Dict, List, Sequence
 
 import torch
+from tqdm.auto import tqdm
 
 from .data import RankingGroup, answer_text, prompt_text
 
@@ -60,14 +61,17 @@ def encode_pair(tokenizer, question: str, answer: str, max_length: int):
 
 @torch.no_grad()
 def answer_log_likelihoods(logits_fn: LogitsFn, tokenizer, pairs: Sequence[tuple], *, batch_size: int = 8,
-                           max_length: int = 256, device="cpu", per_token: bool = False) -> List[float]:
-    """``log p(answer | prompt)`` for each (question, answer) pair (or its per-token mean)."""
+                           max_length: int = 256, device="cpu", per_token: bool = False,
+                           progress: bool = False) -> List[float]:
+    """``log p(answer | prompt)`` for each (question, answer) pair (or its per-token mean);
+    ``progress`` shows a progress bar (WikiQA's test split has thousands of candidates)."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     encoded = [encode_pair(tokenizer, q, a, max_length) for q, a in pairs]
     scores: List[float] = [0.0] * len(encoded)
     # Longest first: batches of similar lengths waste little padding.
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i][0]))
-    for start in range(0, len(order), batch_size):
+    for start in tqdm(range(0, len(order), batch_size), desc="scoring candidates", unit="batch",
+                      disable=not progress):
         idx = order[start:start + batch_size]
         longest = max(len(encoded[i][0]) for i in idx)
         ids = torch.full((len(idx), longest), pad, dtype=torch.long)
