@@ -37,6 +37,20 @@ DEFAULT_CHUNK_BYTES = {"cpu": 64 << 20, "cuda": 512 << 20}
 
 # ----------------------------------------------------------------------------- Triton row kernels
 @triton.jit
+def _row_logits(row_ptr, offs_n, n_cols, row_scale, offs_m, b, h, KPM, BIAS,
+                stride_pb, stride_pn, stride_bb, stride_bh, stride_bm, stride_bn,
+                S_q, S_k, HAS_KPM: tl.constexpr, HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr):
+    """One [1, BLOCK_N] block of a row: the raw products z (fp32, 0 past n_cols) and their
+    base-2 logits s (−inf where masked or past n_cols)."""
+    col_ok = offs_n[None, :] < n_cols
+    z = tl.load(row_ptr + offs_n[None, :], mask=col_ok, other=0.0).to(tl.float32)
+    s = _logits_tile(z, row_scale, offs_m, offs_n, b, h, KPM, BIAS,
+                     stride_pb, stride_pn, stride_bb, stride_bh, stride_bm, stride_bn,
+                     S_q, S_k, HAS_KPM, HAS_BIAS, CAUSAL)
+    return z, tl.where(col_ok, s, float("-inf"))
+
+
+@triton.jit
 def _wide_softmax_fwd_kernel(
     Z, T_BAR, KPM, BIAS, LSE,
     stride_tb, stride_tm,
@@ -68,11 +82,9 @@ def _wide_softmax_fwd_kernel(
     l_i = tl.zeros([1], dtype=tl.float32)
     for start in range(0, n_cols, BLOCK_N):
         offs_n = start + offs0
-        z = tl.load(z_row + offs_n, mask=offs_n < n_cols, other=0.0).to(tl.float32)
-        s = _logits_tile(z[None, :], row_scale, offs_m, offs_n, b, h, KPM, BIAS,
-                         stride_pb, stride_pn, stride_bb, stride_bh, stride_bm, stride_bn,
-                         S_q, S_k, HAS_KPM, HAS_BIAS, CAUSAL)
-        s = tl.where(offs_n[None, :] < n_cols, s, float("-inf"))
+        _, s = _row_logits(z_row, offs_n, n_cols, row_scale, offs_m, b, h, KPM, BIAS,
+                           stride_pb, stride_pn, stride_bb, stride_bh, stride_bm, stride_bn,
+                           S_q, S_k, HAS_KPM, HAS_BIAS, CAUSAL)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_base = tl.where(m_new == float("-inf"), 0.0, m_new)
         l_i = l_i * tl.exp2(m_i - m_base) + tl.sum(tl.exp2(s - m_base[:, None]), 1)
@@ -85,10 +97,9 @@ def _wide_softmax_fwd_kernel(
         gate = tl.where(t_bar >= gsot_threshold, 1.0, 0.0)
     for start in range(0, n_cols, BLOCK_N):
         offs_n = start + offs0
-        z = tl.load(z_row + offs_n, mask=offs_n < n_cols, other=0.0).to(tl.float32)
-        s = _logits_tile(z[None, :], row_scale, offs_m, offs_n, b, h, KPM, BIAS,
-                         stride_pb, stride_pn, stride_bb, stride_bh, stride_bm, stride_bn,
-                         S_q, S_k, HAS_KPM, HAS_BIAS, CAUSAL)
+        _, s = _row_logits(z_row, offs_n, n_cols, row_scale, offs_m, b, h, KPM, BIAS,
+                           stride_pb, stride_pn, stride_bb, stride_bh, stride_bm, stride_bn,
+                           S_q, S_k, HAS_KPM, HAS_BIAS, CAUSAL)
         p = tl.exp2(s - lse[:, None]) * gate
         tl.store(z_row + offs_n[None, :], p.to(Z.dtype.element_ty), mask=offs_n[None, :] < n_cols)
     tl.store(LSE + bh.to(tl.int64) * S_q + i + tl.zeros([1], dtype=tl.int32), lse)
@@ -134,11 +145,10 @@ def _wide_softmax_bwd_kernel(
     for start in range(0, n_cols, BLOCK_N):
         offs_n = start + offs0
         col_ok = offs_n[None, :] < n_cols
-        z = tl.load(z_row + offs_n[None, :], mask=col_ok, other=0.0).to(tl.float32)
+        z, s = _row_logits(z_row, offs_n, n_cols, row_scale, offs_m, b, h, KPM, BIAS,
+                           stride_pb, stride_pn, stride_bb, stride_bh, stride_bm, stride_bn,
+                           S_q, S_k, HAS_KPM, HAS_BIAS, CAUSAL)
         dp = tl.load(dp_row + offs_n[None, :], mask=col_ok, other=0.0).to(tl.float32)
-        s = _logits_tile(z, row_scale, offs_m, offs_n, b, h, KPM, BIAS,
-                         stride_pb, stride_pn, stride_bb, stride_bh, stride_bm, stride_bn,
-                         S_q, S_k, HAS_KPM, HAS_BIAS, CAUSAL)
         p = tl.exp2(s - lse[:, None])
         row_sum += tl.sum(p, 1)
         delta += tl.sum(p * dp, 1)
@@ -149,11 +159,10 @@ def _wide_softmax_bwd_kernel(
     for start in range(0, n_cols, BLOCK_N):
         offs_n = start + offs0
         col_ok = offs_n[None, :] < n_cols
-        z = tl.load(z_row + offs_n[None, :], mask=col_ok, other=0.0).to(tl.float32)
+        z, s = _row_logits(z_row, offs_n, n_cols, row_scale, offs_m, b, h, KPM, BIAS,
+                           stride_pb, stride_pn, stride_bb, stride_bh, stride_bm, stride_bn,
+                           S_q, S_k, HAS_KPM, HAS_BIAS, CAUSAL)
         dp = tl.load(dp_row + offs_n[None, :], mask=col_ok, other=0.0).to(tl.float32)
-        s = _logits_tile(z, row_scale, offs_m, offs_n, b, h, KPM, BIAS,
-                         stride_pb, stride_pn, stride_bb, stride_bh, stride_bm, stride_bn,
-                         S_q, S_k, HAS_KPM, HAS_BIAS, CAUSAL)
         p = tl.exp2(s - lse[:, None]) / row_sum[:, None]
         ds = p * (dp - delta[:, None])
         dt += tl.sum(ds * z, 1)

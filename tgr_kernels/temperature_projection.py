@@ -53,6 +53,13 @@ _HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
 @triton.jit
+def _load_tile(ptr, rows, cols, stride_row, stride_col, row_mask, col_mask):
+    """A [len(rows), len(cols)] tile at ``ptr`` with the given strides, zeros where masked."""
+    return tl.load(ptr + rows[:, None] * stride_row + cols[None, :] * stride_col,
+                   mask=row_mask[:, None] & col_mask[None, :], other=0.0)
+
+
+@triton.jit
 def _projection_forward_kernel(
     hidden_ptr,
     weight_ptr,
@@ -110,16 +117,8 @@ def _projection_forward_kernel(
     for k_start in range(0, hidden_size, BLOCK_K):
         cols = k_start + tl.arange(0, BLOCK_K).to(tl.int64)
         col_mask = cols < hidden_size
-        h = tl.load(
-            hidden_ptr + rows[:, None] * stride_hidden_row + cols[None, :] * stride_hidden_col,
-            mask=row_mask[:, None] & col_mask[None, :],
-            other=0.0,
-        )
-        w = tl.load(
-            weight_ptr + heads[:, None] * stride_weight_head + cols[None, :] * stride_weight_col,
-            mask=head_mask[:, None] & col_mask[None, :],
-            other=0.0,
-        )
+        h = _load_tile(hidden_ptr, rows, cols, stride_hidden_row, stride_hidden_col, row_mask, col_mask)
+        w = _load_tile(weight_ptr, heads, cols, stride_weight_head, stride_weight_col, head_mask, col_mask)
         if DOT_IN_FP32:
             h = h.to(tl.float32)
             w = w.to(tl.float32)
@@ -195,11 +194,8 @@ def _projection_backward_rows_kernel(
     mask = row_mask[:, None] & head_mask[None, :]
 
     sigma = tl.load(sigma_ptr + rows[:, None] * n_heads + heads[None, :], mask=mask, other=0.0)
-    grad_out = tl.load(
-        grad_out_ptr + rows[:, None] * stride_grad_out_row + heads[None, :] * stride_grad_out_head,
-        mask=mask,
-        other=0.0,
-    ).to(tl.float32)
+    grad_out = _load_tile(grad_out_ptr, rows, heads, stride_grad_out_row, stride_grad_out_head,
+                          row_mask, head_mask).to(tl.float32)
     in_range = (sigma >= clamp_min) & (sigma <= clamp_max)
     # Padded rows/heads load σ = 0, dt = 0, so their dz is 0 and they add nothing to the dots.
     grad_logits = tl.where(in_range, grad_out * sigma * (1.0 - sigma), 0.0)
@@ -214,11 +210,7 @@ def _projection_backward_rows_kernel(
         for k_start in range(0, hidden_size, BLOCK_K):
             cols = k_start + tl.arange(0, BLOCK_K).to(tl.int64)
             col_mask = cols < hidden_size
-            w = tl.load(
-                weight_ptr + heads[:, None] * stride_weight_head + cols[None, :] * stride_weight_col,
-                mask=head_mask[:, None] & col_mask[None, :],
-                other=0.0,
-            )
+            w = _load_tile(weight_ptr, heads, cols, stride_weight_head, stride_weight_col, head_mask, col_mask)
             if DOT_IN_FP32:
                 w = w.to(tl.float32)
             grad_hidden = tl.dot(dz, w, input_precision=INPUT_PRECISION)
@@ -276,16 +268,8 @@ def _projection_backward_weight_kernel(
     for row_offset in range(0, rows_per_split, BLOCK_M):
         rows = first_row + row_offset + tl.arange(0, BLOCK_M)
         row_mask = rows < n_rows
-        dz = tl.load(
-            grad_logits_ptr + rows[:, None] * n_heads + heads[None, :],
-            mask=row_mask[:, None] & head_mask[None, :],
-            other=0.0,
-        )
-        h = tl.load(
-            hidden_ptr + rows[:, None] * stride_hidden_row + cols[None, :] * stride_hidden_col,
-            mask=row_mask[:, None] & col_mask[None, :],
-            other=0.0,
-        )
+        dz = _load_tile(grad_logits_ptr, rows, heads, n_heads, 1, row_mask, head_mask)
+        h = _load_tile(hidden_ptr, rows, cols, stride_hidden_row, stride_hidden_col, row_mask, col_mask)
         if DOT_IN_FP32:
             h = h.to(tl.float32)
         else:
