@@ -99,6 +99,7 @@ FLASH_CASES = [
     (1, 2, 30, 70, 32, "kpm01", True, None, False, F16),
     (2, 2, 20, 20, 16, "bool4d", True, 0.45, False, F32),
     (2, 1, 19, 19, 40, "kpm_dead", True, 2.0, True, F16),  # every row pruned
+    (1, 2, 21, 26, 20, "additive_inf", True, 0.5, False, F32),  # D padded to 32 around the kernels
 ]
 WIDE_CASES = [
     (1, 1, 7, 7, 300, None, False, None, True, F32),

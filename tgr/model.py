@@ -351,7 +351,12 @@ class TGRLlamaModel(nn.Module):
             mask = attention_mask[:, None, None, :].to(dtype)
             return ((1.0 - mask) * SEED_MASK_VALUE).to(dtype)
         keep = attention_mask.bool()
-        return None if bool(keep.all()) else keep
+        # Dropping an all-true mask saves the backends its work, but testing for it reads the
+        # data: done only where that is free (CPU tensors, eager). On a GPU it would be a host
+        # sync every forward, and under torch.compile a data-dependent branch.
+        if keep.device.type == "cpu" and not torch.compiler.is_compiling() and bool(keep.all()):
+            return None
+        return keep
 
     def tgr_head(self, query_hidden: torch.Tensor, kv_hidden: Optional[torch.Tensor] = None,
                  attention_mask: Optional[torch.Tensor] = None):

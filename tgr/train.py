@@ -51,7 +51,9 @@ class TGRTrainer(Trainer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self._tgr_sums: Dict[str, float] = {}
+        # Running sums stay on the device as detached tensors: a step adds to them without a
+        # host sync, and they are read (one transfer) only when the Trainer logs.
+        self._tgr_sums: Dict[str, torch.Tensor] = {}
         self._tgr_count = 0
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -61,24 +63,39 @@ class TGRTrainer(Trainer):
 
     @torch.no_grad()
     def _track(self, outputs, attention_mask) -> None:
-        t_bar = outputs.temperatures.float().mean(-1)
-        real = torch.ones_like(t_bar, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-        values = t_bar[real]
-        stats = {
-            "temperature_mean": values.mean().item(),
-            "temperature_std": values.std().item() if values.numel() > 1 else 0.0,
-            "gsot_pruned": 1.0 - outputs.gsot_mask[real].float().mean().item(),
-            "lm_loss": outputs.lm_loss.item(),
-        }
+        stats = step_statistics(outputs.temperatures, outputs.gsot_mask, outputs.lm_loss, attention_mask)
         for key, value in stats.items():
-            self._tgr_sums[key] = self._tgr_sums.get(key, 0.0) + value
+            total = self._tgr_sums.get(key)
+            self._tgr_sums[key] = value if total is None else total + value
         self._tgr_count += 1
 
     def log(self, logs: Dict[str, float], *args, **kwargs) -> None:
         if self._tgr_count and "loss" in logs:
-            logs.update({k: round(v / self._tgr_count, 4) for k, v in self._tgr_sums.items()})
+            keys = list(self._tgr_sums)
+            sums = torch.stack([self._tgr_sums[k].float() for k in keys]).tolist()  # the one sync
+            logs.update({k: round(v / self._tgr_count, 4) for k, v in zip(keys, sums)})
             self._tgr_sums, self._tgr_count = {}, 0
         super().log(logs, *args, **kwargs)
+
+
+def step_statistics(temperatures: torch.Tensor, gsot_mask: torch.Tensor, lm_loss: torch.Tensor,
+                    attention_mask: Optional[torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """One step's logged statistics over the real (unpadded) tokens, as 0-d device tensors:
+    the temperatures' mean and (unbiased) spread, the fraction of rows GSoT prunes, the LM loss.
+    Weighted sums rather than boolean indexing, which would sync to size its result."""
+    t_bar = temperatures.detach().float().mean(-1)
+    real = torch.ones_like(t_bar) if attention_mask is None else attention_mask.to(t_bar.dtype)
+    count = real.sum()
+    mean = (t_bar * real).sum() / count.clamp(min=1)
+    var = ((t_bar - mean).square() * real).sum() / (count - 1).clamp(min=1)
+    std = torch.where(count > 1, var.sqrt(), torch.zeros_like(var))
+    kept = (gsot_mask.to(t_bar.dtype) * real).sum() / count.clamp(min=1)
+    return {
+        "temperature_mean": mean,
+        "temperature_std": std,
+        "gsot_pruned": 1.0 - kept,
+        "lm_loss": lm_loss.detach().float(),
+    }
 
 
 def _group_by_length_kwargs() -> Dict[str, object]:

@@ -8,8 +8,15 @@ Public ops (each with a PyTorch reference in ``tgr_kernels.reference``):
   token temperature, with GSoT pruning of cold rows, fused forward and backward.
 
 and their modules :class:`TemperatureMechanism` and :class:`TemperatureGuidedAttention`.
+
+Checks on input values (NaN/±inf) follow :func:`set_value_checks` / :func:`value_checks`: by
+default they run on CPU tensors and are skipped on CUDA tensors, where each would be a host sync.
+The Triton paths are the custom ops ``torch.ops.tgr_kernels.*``, which torch.compile treats as
+opaque ops with their backward.
 """
+from . import _ops  # noqa: F401  (registers torch.ops.tgr_kernels.*)
 from . import reference  # noqa: F401
+from ._validation import get_value_checks, set_value_checks, value_checks
 from .attention import TemperatureGuidedAttention, temperature_guided_attention
 from .temperature_projection import TemperatureMechanism, temperature_projection
 
@@ -21,4 +28,7 @@ __all__ = [
     "TemperatureMechanism",
     "TemperatureGuidedAttention",
     "reference",
+    "set_value_checks",
+    "get_value_checks",
+    "value_checks",
 ]

@@ -78,3 +78,48 @@ def cpu_computes_natively(dtype: torch.dtype) -> bool:
     if dtype == torch.float16:
         return "amx_fp16" in _cpu_flags()
     return True
+
+
+def once_differentiable_strict(op: str):
+    """Decorator for a ``torch.autograd.Function.backward`` whose result is not differentiable.
+
+    The backward runs under no_grad. When a graph is being built (``create_graph=True``), every
+    gradient it returns is routed through a node that raises a RuntimeError if anything
+    differentiates through it, so a second derivative fails loudly instead of coming back wrong.
+    Unlike ``torch.autograd.function.once_differentiable`` this also holds when the incoming
+    gradient itself does not require grad (the gradients still depend on the inputs).
+
+    The backward also runs with autocast off, the state the forward ran in (the dispatcher turns
+    autocast off around the ops after choosing their dtypes): the custom_bwd convention, for
+    whichever device the tensors live on, so a ``loss.backward()`` called inside an autocast
+    region does not recast the backward's GEMMs.
+    """
+    message = (f"{op}: second derivatives (a backward through the backward, e.g. create_graph=True "
+               f"followed by another grad) are not implemented for this path; use backend='reference' "
+               f"for double backward").encode()
+
+    def decorate(backward):
+        @functools.wraps(backward)
+        def wrapper(ctx, *grads):
+            with torch.no_grad(), torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
+                outputs = backward(ctx, *grads)
+            if not torch.is_grad_enabled():
+                return outputs
+            tensors = [i for i, o in enumerate(outputs) if isinstance(o, torch.Tensor)]
+            if not tensors:
+                return outputs
+            # The guard node also takes the forward's saved inputs, so that a second grad with
+            # respect to them reaches it (and raises) rather than finding no path and skipping it.
+            anchors = [t for t in ctx.saved_tensors if t is not None and t.requires_grad]
+            guard = torch._C._functions.DelayedError(message, len(tensors) + len(anchors))
+            guarded = guard(*[outputs[i].detach().requires_grad_() for i in tensors], *anchors)
+            if isinstance(guarded, torch.Tensor):
+                guarded = (guarded,)
+            outputs = list(outputs)
+            for i, g in zip(tensors, guarded):
+                outputs[i] = g
+            return tuple(outputs)
+
+        return wrapper
+
+    return decorate

@@ -2,14 +2,98 @@
 argument and the shapes, so a mistake never surfaces as a crash deep inside a kernel."""
 from __future__ import annotations
 
+import contextlib
 import math
+import numbers
 from dataclasses import dataclass
-from typing import Optional
+from typing import Iterator, List, Optional, Tuple
 
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 BACKENDS = ("auto", "triton", "torch", "reference")
+
+# ---------------------------------------------------------------------------- value checks
+# Checks on shapes, dtypes and devices read only metadata and always run. Checks on values
+# (NaN/±inf in the temperature or the mask, a 2-D float mask that is not 0/1) need the data:
+# on a GPU, raising a Python error from them means copying a flag to the host, which stalls the
+# stream, serialises the launch queue and breaks CUDA-graph capture. So they follow a switch:
+#
+#   "auto"   the default: "sync" for CPU tensors (the flag is already on the host), "off" for
+#            CUDA tensors; inside torch.compile, "async" for CPU tensors and "off" for CUDA.
+#   "sync"   check now and raise ValueError (one host sync per call on a GPU). Inside
+#            torch.compile a graph cannot branch on data, so "sync" acts as "async" there.
+#   "async"  queue a device-side assertion (torch._assert_async): no sync; on a GPU a failure
+#            surfaces as a CUDA error at the next synchronising call, on a CPU as a RuntimeError.
+#   "off"    no value checks.
+VALUE_CHECK_MODES = ("auto", "sync", "async", "off")
+_value_check_mode = "auto"
+
+
+def set_value_checks(mode: str) -> str:
+    """Choose how the ops check input values (NaN/±inf); returns the previous mode.
+
+    ``mode``: "auto" (default), "sync", "async" or "off"; see :func:`value_checks`.
+    """
+    global _value_check_mode
+    if mode not in VALUE_CHECK_MODES:
+        raise ValueError(f"value-check mode must be one of {VALUE_CHECK_MODES}, got {mode!r}")
+    previous, _value_check_mode = _value_check_mode, mode
+    return previous
+
+
+def get_value_checks() -> str:
+    """The current value-check mode (see :func:`set_value_checks`)."""
+    return _value_check_mode
+
+
+@contextlib.contextmanager
+def value_checks(mode: str) -> Iterator[None]:
+    """Context manager form of :func:`set_value_checks`, restoring the previous mode on exit.
+
+    - "auto": sync checks on CPU tensors, none on CUDA tensors (the default).
+    - "sync": check and raise ValueError before any kernel runs (a host sync on a GPU).
+    - "async": device-side assertions, no host sync (under torch.compile, "sync" acts so).
+    - "off": no value checks.
+    """
+    previous = set_value_checks(mode)
+    try:
+        yield
+    finally:
+        set_value_checks(previous)
+
+
+def _is_compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
+def _effective_mode(device: torch.device) -> str:
+    mode = _value_check_mode
+    if mode == "auto":
+        if device.type != "cpu":
+            return "off"
+        mode = "sync"
+    if mode == "sync" and _is_compiling():
+        return "async"
+    return mode
+
+
+def _run_value_checks(device: torch.device, checks: List[Tuple[object, str]]) -> None:
+    """``checks``: (zero-arg function returning a bool tensor that is True when the values are
+    bad, message). Evaluated according to the value-check mode; "sync" copies every flag to the
+    host in one transfer."""
+    mode = _effective_mode(device)
+    if mode == "off" or not checks:
+        return
+    bad = [bad_fn() for bad_fn, _ in checks]
+    if mode == "async":
+        for flag, (_, message) in zip(bad, checks):
+            torch._assert_async(~flag, message)
+        return
+    flags = torch.stack(bad).tolist()  # the one host sync
+    for flag, (_, message) in zip(flags, checks):
+        if flag:
+            raise ValueError(message)
 
 
 def _shape(t: torch.Tensor) -> str:
@@ -24,6 +108,11 @@ def check_tensor(name: str, t, dims: Optional[tuple] = None) -> None:
         raise ValueError(f"{name} must be {want}, got shape {_shape(t)}")
     if t.numel() == 0:
         raise ValueError(f"{name} is empty (shape {_shape(t)}): nothing to compute")
+
+
+def _is_real(x) -> bool:
+    """A Python or NumPy real number (bools excluded: ``scale=True`` is a mistake)."""
+    return isinstance(x, numbers.Real) and not isinstance(x, bool) and type(x).__name__ != "bool_"
 
 
 def check_float(name: str, t: torch.Tensor) -> None:
@@ -82,8 +171,9 @@ class AttentionInputs:
     scale: float
 
 
-def _split_mask(attn_mask, B: int, H: int, S_q: int, S_k: int):
-    """Return (key_padding, additive) from the user's mask."""
+def _split_mask(attn_mask, B: int, H: int, S_q: int, S_k: int, checks: list):
+    """Return (key_padding, additive) from the user's mask; value checks are appended to
+    ``checks`` (see :func:`_run_value_checks`)."""
     if attn_mask is None:
         return None, None
     check_tensor("attn_mask", attn_mask, dims=(2, 3, 4))
@@ -95,11 +185,11 @@ def _split_mask(attn_mask, B: int, H: int, S_q: int, S_k: int):
             )
         if attn_mask.dtype == torch.bool:
             return attn_mask, None
-        if not bool(((attn_mask == 0) | (attn_mask == 1)).all()):
-            raise ValueError(
-                "a 2-D attn_mask is a key-padding mask: its values must be 0/1 or bool (true = keep); "
-                "pass an additive mask as 4-D [B, 1, 1, S_k]"
-            )
+        checks.append((
+            lambda: ((attn_mask != 0) & (attn_mask != 1)).any(),
+            "a 2-D attn_mask is a key-padding mask: its values must be 0/1 or bool (true = keep); "
+            "pass an additive mask as 4-D [B, 1, 1, S_k]",
+        ))
         return attn_mask != 0, None
     try:
         torch.broadcast_shapes(attn_mask.shape, (B, H, S_q, S_k))
@@ -115,8 +205,12 @@ def _split_mask(attn_mask, B: int, H: int, S_q: int, S_k: int):
         return None, additive.masked_fill_(~attn_mask, -math.inf)
     if not attn_mask.is_floating_point():
         raise TypeError(f"a {attn_mask.dim()}-D attn_mask must be bool or floating (additive), got {attn_mask.dtype}")
-    if bool(torch.isnan(attn_mask).any()):
-        raise ValueError("attn_mask contains NaN")
+    # −inf masks a key; NaN or +inf would make the whole row NaN.
+    checks.append((
+        lambda: (torch.isnan(attn_mask) | torch.isposinf(attn_mask)).any(),
+        f"attn_mask {_shape(attn_mask)} contains NaN or +inf (an additive mask uses 0 to keep a key "
+        f"and -inf or a large negative value to mask it)",
+    ))
     return None, attn_mask
 
 
@@ -130,6 +224,8 @@ def check_attention_inputs(
         raise TypeError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     check_tensor("temperature", temperature, dims=(2, 3))
     check_float("temperature", temperature)
+    if attn_mask is not None:
+        check_tensor("attn_mask", attn_mask, dims=(2, 3, 4))
     check_same_device(q=q, k=k, v=v, temperature=temperature, attn_mask=attn_mask)
 
     B, H, S_q, D = q.shape
@@ -147,16 +243,19 @@ def check_attention_inputs(
             f"temperature must be [B, S_q] or [B, S_q, T] = [{B}, {S_q}, ...] for q {_shape(q)}, "
             f"got {_shape(temperature)}"
         )
-    if bool(torch.isnan(temperature).any()):
-        raise ValueError(f"temperature {_shape(temperature)} contains NaN")
+    # ±inf in a temperature scales a row's logits to ±inf: a NaN row.
+    checks = [(lambda: (~torch.isfinite(temperature)).any(),
+               f"temperature {_shape(temperature)} contains NaN or ±inf")]
 
+    # Python and NumPy numbers alike (np.float32 is a numbers.Real, not a float).
     if gsot_threshold is not None:
-        if isinstance(gsot_threshold, bool) or not isinstance(gsot_threshold, (int, float)) or math.isnan(gsot_threshold):
+        if not _is_real(gsot_threshold) or math.isnan(gsot_threshold):
             raise TypeError(f"gsot_threshold must be a number or None, got {gsot_threshold!r}")
         gsot_threshold = float(gsot_threshold)
     if scale is None:
         scale = 1.0 / math.sqrt(D)
-    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (scale > 0 and math.isfinite(scale)):
+    elif not _is_real(scale) or not (scale > 0 and math.isfinite(scale)):
         raise ValueError(f"scale must be a positive finite number or None, got {scale!r}")
-    key_padding, additive = _split_mask(attn_mask, B, H, S_q, S_k)
+    key_padding, additive = _split_mask(attn_mask, B, H, S_q, S_k, checks)
+    _run_value_checks(q.device, checks)
     return AttentionInputs(q, k, v, temperature, key_padding, additive, bool(causal), gsot_threshold, float(scale))

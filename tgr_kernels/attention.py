@@ -19,11 +19,12 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ._backend import cpu_computes_natively, resolve_backend
+from ._backend import TRITON_INTERPRET, cpu_computes_natively, resolve_backend
+from ._ops import flash_attention, wide_triton_attention
 from ._validation import check_attention_inputs, check_backend
-from .attention_flash import FLASH_MAX_HEAD_DIM, flash_attention
+from .attention_flash import FLASH_MAX_HEAD_DIM
 from .attention_sdpa import sdpa_attention
-from .attention_wide import wide_attention
+from .attention_wide import DEFAULT_CHUNK_BYTES, wide_attention
 from .reference import mean_temperature, temperature_guided_attention_ref
 
 __all__ = ["temperature_guided_attention", "TemperatureGuidedAttention"]
@@ -75,15 +76,50 @@ def temperature_guided_attention(
             q, k, v, temperature, attn_mask, causal=causal, gsot_threshold=gsot_threshold,
             scale=args.scale, upcast=False,
         )
-    t_bar = mean_temperature(args.temperature)
-    t_bar = t_bar.double() if t_bar.dtype == torch.float64 else t_bar.float()
+    q, k, v = _autocast_inputs(q, k, v)
     options = (args.key_padding, args.additive, args.causal, args.gsot_threshold, args.scale)
-    if backend == "triton":
-        with torch.cuda.device_of(q):  # launch on q's GPU, not the current one
-            if q.shape[-1] <= FLASH_MAX_HEAD_DIM:
-                return flash_attention(q, k, v, t_bar, *options)
-            return wide_attention(q, k, v, t_bar, *options, row_ops="triton")
-    return _torch_attention(q, k, v, t_bar, *options)
+    # The dtypes are decided above; no op inside may be recast by the caller's autocast.
+    with torch.autocast(q.device.type, enabled=False):
+        t_bar = mean_temperature(args.temperature)
+        t_bar = t_bar.double() if t_bar.dtype == torch.float64 else t_bar.float()
+        if backend == "triton":
+            return _triton_attention(q, k, v, t_bar, *options)
+        return _torch_attention(q, k, v, t_bar, *options)
+
+
+def _same_cast(q, k, v, dtype):
+    """q, k, v cast to ``dtype``, keeping tensors that were one tensor one tensor."""
+    qc = q.to(dtype)
+    kc = qc if k is q else k.to(dtype)
+    vc = qc if v is q else (kc if v is k else v.to(dtype))
+    return qc, kc, vc
+
+
+def _autocast_inputs(q, k, v):
+    """Under autocast, attention runs in the autocast dtype, as PyTorch's own attention and
+    matmuls do: floating q/k/v (float64 excepted) are cast to it. The temperature stays fp32."""
+    device_type = q.device.type
+    if not torch.is_autocast_enabled(device_type) or q.dtype == torch.float64:
+        return q, k, v
+    dtype = torch.get_autocast_dtype(device_type)
+    return (q, k, v) if q.dtype == dtype else _same_cast(q, k, v, dtype)
+
+
+def _triton_attention(q, k, v, t_bar, key_padding, additive, *options):
+    dtype = q.dtype
+    if TRITON_INTERPRET and q.device.type == "cpu" and dtype == torch.bfloat16:
+        # The interpreter multiplies bf16 bit patterns in tl.dot (triton-lang/triton#11584):
+        # under it, bf16 is computed in fp32 and the output cast back (autograd casts the
+        # gradients back to bf16).
+        q, k, v = _same_cast(q, k, v, torch.float32)
+        if additive is not None and additive.dtype == torch.bfloat16:
+            additive = additive.float()
+    if q.shape[-1] <= FLASH_MAX_HEAD_DIM:
+        out = flash_attention(q, k, v, t_bar, key_padding, additive, *options)
+    else:
+        out = wide_triton_attention(q, k, v, t_bar, key_padding, additive, *options,
+                                    chunk_bytes=default_chunk_bytes(q.device))
+    return out.to(dtype)
 
 
 def _torch_attention(q, k, v, t_bar, *options):
@@ -100,6 +136,10 @@ def _torch_attention(q, k, v, t_bar, *options):
     else:
         out = wide_attention(q, k, v, t_bar, *options, row_ops="torch")
     return out.to(dtype)
+
+
+def default_chunk_bytes(device: torch.device) -> int:
+    return DEFAULT_CHUNK_BYTES.get(device.type, DEFAULT_CHUNK_BYTES["cpu"])
 
 
 class TemperatureGuidedAttention(nn.Module):

@@ -12,27 +12,36 @@ Forward, per query row i (online softmax over key blocks, base-2 exponentials)::
 The temperature scales the raw q·k product of each tile in fp32 (rather than a rounded copy of
 Q), and the gate is applied in the epilogue. A row whose logits are all −inf gives zeros.
 
-Backward (``dO = g ∘ dY``, ``Δ_i = rowsum(dO_i ∘ Y_i)``)::
+Backward (``dO = g ∘ dY``; P renormalised to sum to one, ``Δ_i = Σ_j P_ij dP_ij``)::
 
     dV = Pᵀ dO      dP = dO Vᵀ      dS = P ∘ (dP − Δ)
-    A = scale · dS K     dQ = t̄ ∘ A     dt̄_i = q_i · A_i     dK = (t̄ ∘ scale ∘ dS)ᵀ Q
+    dQ = t̄ · scale · dS K     dt̄_i = scale · Σ_j dS_ij (q_i·k_j)     dK = (t̄ ∘ scale ∘ dS)ᵀ Q
 
-Two kernels, no atomics: one program per key block owns dK/dV; one program per query block owns
-dQ and dt̄ (the temperature gradient is the dQ kernel's epilogue). When only the temperature
-needs a gradient (frozen base) the dK/dV kernel is skipped and dQ is not stored.
+Two kernels, no atomics. One program per query block owns dQ and dt̄; its first pass over the
+key blocks sums Δ from the same P and dP that form dS (FlashAttention's ``rowsum(dO ∘ O)``
+cancels badly when the softmax saturates, so the temperature gradient fell outside the parity
+criterion at q×1000) and the row sums of P, and stores both for the second kernel, one program per key block,
+which owns dK/dV. The temperature gradient comes from that first pass, as a P-weighted
+co-moment of dP and q·k. When only the temperature needs a gradient (frozen base) the dK/dV
+kernel and the second pass are skipped: two dots per tile in all.
+
+Masks: an additive entry ``<= MASKED_BIAS`` (−4096; HF's ``finfo(dtype).min``, −1e9) masks its
+key exactly like −inf (see ``_logits_tile``).
 """
 from __future__ import annotations
-
-import math
 
 import torch
 import triton
 import triton.language as tl
 
-from ._backend import TRITON_INTERPRET, new_output, next_power_of_2, triton_dot_precision
+from . import _configs
+from ._backend import new_output, triton_dot_precision
+from .reference import MASKED_BIAS
 
 FLASH_MAX_HEAD_DIM = 256
 _LOG2E = 1.4426950408889634
+# Additive mask entries at or below this mask their key like −inf (see reference.MASKED_BIAS).
+_MASKED_BIAS = tl.constexpr(MASKED_BIAS)
 
 
 @triton.jit
@@ -49,6 +58,9 @@ def _logits_tile(
     qk: fp32 raw products q_i·k_j. row_scale: fp32 ``t̄_i · scale · log2(e)`` per row.
     KPM: key-padding mask [B, S_k] (nonzero = keep). BIAS: additive mask with broadcast strides.
     CAUSAL: key j is visible to query i when ``j <= i + S_k - S_q`` (bottom-right aligned).
+    A bias ``<= _MASKED_BIAS`` (HF's finfo(dtype).min, −1e9) masks its key exactly like −inf: taken
+    literally it would put logits near −1e9 whose fp32 spacing (64) swallows the q·k term, so a
+    row that sees no key would average V instead of giving zeros.
     """
     s = qk * row_scale[:, None]
     valid = (offs_m[:, None] < S_q) & (offs_n[None, :] < S_k)
@@ -56,6 +68,7 @@ def _logits_tile(
         bias_ptrs = (BIAS + b.to(tl.int64) * stride_bb + h.to(tl.int64) * stride_bh
                      + offs_m[:, None].to(tl.int64) * stride_bm + offs_n[None, :].to(tl.int64) * stride_bn)
         bias = tl.load(bias_ptrs, mask=valid, other=0.0).to(tl.float32)
+        valid = valid & (bias > _MASKED_BIAS)
         s = s + bias * 1.4426950408889634
     if HAS_KPM:
         keep = tl.load(KPM + b.to(tl.int64) * stride_pb + offs_n.to(tl.int64) * stride_pn,
@@ -185,7 +198,8 @@ def _flash_bwd_dkdv_kernel(
     """Backward for one key block: ``dV = Pᵀ dO``, ``dK = (t̄·scale·dS)ᵀ Q`` with ``dS = P ∘ (dP − Δ)``.
 
     DO: the gated upstream gradient g ∘ dY, [B, H, S_q, D] contiguous. LSE, DELTA: fp32
-    [B, H, S_q] contiguous (Δ_i = rowsum(dO_i ∘ Y_i)). DK, DV: contiguous [B, H, S_k, D] outputs
+    [B, H, S_q] contiguous, written by ``_flash_bwd_dq_kernel`` (its LSE_BWD, which makes each
+    row of P sum to one, and Δ_i = Σ_j P_ij dP_ij). DK, DV: contiguous [B, H, S_k, D] outputs
     in the input dtype. Grid: (cdiv(S_k, BLOCK_N), B * H).
     """
     pid_n = tl.program_id(0)
@@ -237,7 +251,7 @@ def _flash_bwd_dkdv_kernel(
 
 @triton.jit
 def _flash_bwd_dq_kernel(
-    Q, K, V, T_BAR, KPM, BIAS, DO, LSE, DELTA, DQ, DT,
+    Q, K, V, T_BAR, KPM, BIAS, DO, LSE, DELTA, LSE_BWD, DQ, DT,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -249,11 +263,23 @@ def _flash_bwd_dq_kernel(
     HAS_KPM: tl.constexpr, HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, STORE_DQ: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Backward for one query block: ``A = scale · dS K``, ``dQ = t̄ ∘ A``, ``dt̄_i = q_i · A_i``.
+    """Backward for one query block, two passes over the key blocks.
 
-    DQ: contiguous [B, H, S_q, D] in the input dtype (written when STORE_DQ). DT: fp32
-    [B, H, S_q] contiguous, this head's share of dt̄ (the caller sums over heads).
-    Other arguments as in ``_flash_bwd_dkdv_kernel``. Grid: (cdiv(S_q, BLOCK_M), B * H).
+    Pass 1, with ``P = exp2(S − lse) / r`` (``r_i`` its row sum) and ``z_ij = q_i·k_j``:
+    ``Δ_i = Σ_j P_ij dP_ij``, ``z̄_i = Σ_j P_ij z_ij`` and ``dt̄_i = scale · Σ_j P_ij (dP_ij − Δ_i)
+    (z_ij − z̄_i)`` (= scale · Σ_j dS_ij z_ij, as Σ_j dS_ij = 0), accumulated in one streaming
+    sweep; writes Δ to DELTA, ``lse + log2(r)`` (the lse that makes P sum to one) to LSE_BWD and
+    dt̄ to DT. Pass 2, only when STORE_DQ: ``dS = P ∘ (dP − Δ)``, ``dQ = t̄ · scale · dS K``.
+    A frozen base (no STORE_DQ) thus costs two dots per tile.
+    Why not ``Δ = rowsum(dO ∘ O)``: when the softmax saturates (large logits), dS is a tiny
+    difference of nearly equal terms, and only a Δ from the same P and dP lets them cancel (O is
+    rounded to the output dtype and accumulated in another order). And the forward's
+    ``lse = m + log2(l)`` drops log2(l) when |m| is large, so exp2(S − lse) need not sum to one.
+
+    LSE: fp32 [B, H, S_q], the forward's. DELTA, LSE_BWD: fp32 [B, H, S_q] contiguous outputs
+    for ``_flash_bwd_dkdv_kernel``. DQ: contiguous [B, H, S_q, D] in the input dtype (written
+    when STORE_DQ). DT: fp32 [B, H, S_q] contiguous, this head's share of dt̄ (the caller sums
+    over heads). Other arguments as in ``_flash_bwd_dkdv_kernel``. Grid: (cdiv(S_q, BLOCK_M), B * H).
     """
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -271,13 +297,23 @@ def _flash_bwd_dq_kernel(
                    offs_d, stride_qd, S_q, D)
     do = _load_rows(DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh, offs_m, stride_dom,
                     offs_d, stride_dod, S_q, D)
-    t_bar, lse, delta = _load_row_stats(T_BAR, LSE, DELTA, b, stride_tb, stride_tm, row_base, offs_m, S_q)
+    t_bar = tl.load(T_BAR + b.to(tl.int64) * stride_tb + offs_m.to(tl.int64) * stride_tm,
+                    mask=m_ok, other=0.0).to(tl.float32)
+    # +inf past the end and on fully masked rows: P = 0 there.
+    lse = tl.load(LSE + row_base + offs_m, mask=m_ok, other=float("inf"))
     row_scale = t_bar * (scale * 1.4426950408889634)
 
     k_base = K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
     v_base = V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     end_n = _causal_key_end(start_m, S_q, S_k, BLOCK_M, CAUSAL)
+    # Pass 1, one streaming sweep: the P-weighted mean of dP (Δ) and co-moment of dP and q·k,
+    # merged tile by tile (Chan et al.'s parallel update). dt̄_i = scale · Σ_j P_ij (dP_ij − Δ_i)
+    # (z_ij − z̄_i) is then a sum of products of small terms when the softmax saturates, never a
+    # difference of large ones. P = exp2(S − lse) is normalised by the weight sum w.
+    w = tl.zeros([BLOCK_M], dtype=tl.float32)
+    mean_dp = tl.zeros([BLOCK_M], dtype=tl.float32)
+    mean_z = tl.zeros([BLOCK_M], dtype=tl.float32)
+    co = tl.zeros([BLOCK_M], dtype=tl.float32)
     for start_n in range(0, end_n, BLOCK_N):
         offs_n = start_n + offs_n0
         k = _load_rows(k_base, offs_n, stride_kn, offs_d, stride_kd, S_k, D)
@@ -286,36 +322,52 @@ def _flash_bwd_dq_kernel(
         s = _logits_tile(qk, row_scale, offs_m, offs_n, b, h, KPM, BIAS,
                          stride_pb, stride_pn, stride_bb, stride_bh, stride_bm, stride_bn,
                          S_q, S_k, HAS_KPM, HAS_BIAS, CAUSAL)
-        p = tl.exp2(s - lse[:, None])
+        p = tl.exp2(s - lse[:, None])  # 0 where masked (q·k stays finite there)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        ds = p * (dp - delta[:, None])
-        acc += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+        w_tile = tl.sum(p, 1)
+        inv_tile = 1.0 / tl.where(w_tile == 0.0, 1.0, w_tile)
+        mean_dp_tile = tl.sum(p * dp, 1) * inv_tile
+        mean_z_tile = tl.sum(p * qk, 1) * inv_tile
+        co_tile = tl.sum(p * (dp - mean_dp_tile[:, None]) * (qk - mean_z_tile[:, None]), 1)
+        w_new = w + w_tile
+        frac = w_tile / tl.where(w_new == 0.0, 1.0, w_new)
+        d_dp = mean_dp_tile - mean_dp
+        d_z = mean_z_tile - mean_z
+        co += co_tile + w * frac * d_dp * d_z
+        mean_dp += d_dp * frac
+        mean_z += d_z * frac
+        w = w_new
+    inv_sum = 1.0 / tl.where(w == 0.0, 1.0, w)  # a row with no visible key: P = 0, all zeros
+    delta = mean_dp
+    tl.store(DELTA + row_base + offs_m, delta, mask=m_ok)
+    tl.store(LSE_BWD + row_base + offs_m, lse - tl.log2(inv_sum), mask=m_ok)
+    tl.store(DT + row_base + offs_m, co * inv_sum * scale, mask=m_ok)
 
-    acc = acc * scale
-    dt = tl.sum(q.to(tl.float32) * acc, 1)
-    tl.store(DT + row_base + offs_m, dt, mask=m_ok)
     if STORE_DQ:
-        dq = acc * t_bar[:, None]
+        # Pass 2: dQ = t̄ · scale · dS K with the renormalised P and the Δ of pass 1.
+        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        for start_n in range(0, end_n, BLOCK_N):
+            offs_n = start_n + offs_n0
+            k = _load_rows(k_base, offs_n, stride_kn, offs_d, stride_kd, S_k, D)
+            v = _load_rows(v_base, offs_n, stride_vn, offs_d, stride_vd, S_k, D)
+            qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+            s = _logits_tile(qk, row_scale, offs_m, offs_n, b, h, KPM, BIAS,
+                             stride_pb, stride_pn, stride_bb, stride_bh, stride_bm, stride_bn,
+                             S_q, S_k, HAS_KPM, HAS_BIAS, CAUSAL)
+            p = tl.exp2(s - lse[:, None]) * inv_sum[:, None]
+            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+            ds = p * (dp - delta[:, None])
+            acc += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+        dq = acc * (t_bar * scale)[:, None]
         tl.store(DQ + row_base * D + offs_m[:, None].to(tl.int64) * D + offs_d[None, :],
                  dq.to(DQ.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
 
 
-def _block_config(head_dim: int, backward: bool):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages). Fixed heuristics: autotuning with several
-    configs does not run under the interpreter; issue-level tuning happens on the GPU."""
-    if TRITON_INTERPRET:
-        return 32, 32, 4, 1
-    if backward:
-        if head_dim <= 64:
-            return 64, 64, 4, 2
-        if head_dim <= 128:
-            return 64, 64, 8, 2
-        return 32, 32, 8, 1
-    if head_dim <= 64:
-        return 128, 64, 4, 3
-    if head_dim <= 128:
-        return 128, 64, 8, 2
-    return 64, 32, 8, 1
+def _block_config(kernel: str, q: torch.Tensor, precision: str):
+    """Candidate (BLOCK_M, BLOCK_N, warps, stages) configurations of one flash kernel for q:
+    chosen in ``_configs`` (one under the interpreter; autotuned over on CUDA), each one
+    compiled and checked for sm_90 and sm_80 by ``python -m tgr_kernels.aot``."""
+    return _configs.flash_configs(kernel, q.shape[-1], q.dtype, precision, _configs.device_arch(q.device))
 
 
 def mask_args(key_padding, additive, shape, device):
@@ -336,90 +388,112 @@ def mask_args(key_padding, additive, shape, device):
     return kpm, kpm_strides, bias, bias_strides
 
 
+# Triton specialises integer arguments divisible by 16: rows of a head dim that is a multiple of
+# 16 load as vectors, other head dims element by element, each element with its own 64-bit
+# address, and the static proof shows those spilling in sm_90's 64-row wgmma tiles (the backward
+# at 128 < D < 256). Such head dims (rare: models use 64, 80, 96, 128, 256) are zero-padded to
+# the next multiple of 16 around the kernels: q·k, P V and every gradient are unchanged on the
+# real columns, and the pad costs one copy of q, k, v (and dO).
+FLASH_HEAD_DIM_ALIGN = 16
+
+
+def _pad_head_dim(*tensors):
+    """Each tensor zero-padded in its last dim to a multiple of FLASH_HEAD_DIM_ALIGN, contiguous;
+    a tensor passed several times (q = k = v) is padded once."""
+    D = tensors[0].shape[-1]
+    pad = -D % FLASH_HEAD_DIM_ALIGN
+    padded = {}
+    for t in tensors:
+        if id(t) not in padded:
+            padded[id(t)] = torch.nn.functional.pad(t, (0, pad))
+    return [padded[id(t)] for t in tensors]
+
+
+def _unpad(t, D):
+    return None if t is None else t[..., :D].contiguous()
+
+
 def flash_forward(q, k, v, t_bar, key_padding, additive, causal, gsot_threshold, scale):
     """Launch the forward kernel. Returns (out, lse)."""
+    D = q.shape[-1]
+    if D % FLASH_HEAD_DIM_ALIGN:
+        out, lse = flash_forward(*_pad_head_dim(q, k, v), t_bar, key_padding, additive, causal,
+                                 gsot_threshold, scale)
+        return _unpad(out, D), lse
     B, H, S_q, D = q.shape
     S_k = k.shape[2]
     out = new_output(q.shape, q.dtype, q.device)
     lse = new_output((B, H, S_q), torch.float32, q.device)
     kpm, kpm_strides, bias, bias_strides = mask_args(key_padding, additive, (B, H, S_q, S_k), q.device)
-    block_m, block_n, num_warps, num_stages = _block_config(D, backward=False)
-    grid = (triton.cdiv(S_q, block_m), B * H)
-    _flash_fwd_kernel[grid](
+    precision = triton_dot_precision(q.dtype)
+    _configs.launch(
+        _flash_fwd_kernel, lambda meta: (triton.cdiv(S_q, meta["BLOCK_M"]), B * H),
+        _block_config("fwd", q, precision),
         q, k, v, t_bar, kpm, bias, out, lse,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         *t_bar.stride(), *kpm_strides, *bias_strides,
         H, S_q, S_k, D, scale, 0.0 if gsot_threshold is None else gsot_threshold,
         HAS_KPM=key_padding is not None, HAS_BIAS=additive is not None, CAUSAL=causal,
-        HAS_GATE=gsot_threshold is not None, PRECISION=triton_dot_precision(q.dtype),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, next_power_of_2(D)),
-        num_warps=num_warps, num_stages=num_stages,
+        HAS_GATE=gsot_threshold is not None, PRECISION=precision, BLOCK_D=_configs.flash_block_d(D),
+        tune_key=_configs.FLASH_TUNE_KEY, tune_bucket=_configs.flash_tune_bucket(S_q, S_k),
     )
     return out, lse
 
 
 def flash_backward(q, k, v, t_bar, key_padding, additive, causal, gsot_threshold, scale,
                    out, lse, grad_out, need_dq: bool, need_dkv: bool):
-    """Launch the backward kernels. Returns (dq or None, dk or None, dv or None, dt̄ [B, S_q] fp32)."""
+    """Launch the backward kernels. Returns (dq or None, dk or None, dv or None, dt̄ [B, S_q] fp32).
+    ``out`` (the forward's output) is not read: Δ comes from the dQ kernel's first pass."""
+    D = q.shape[-1]
+    if D % FLASH_HEAD_DIM_ALIGN:
+        qp, kp, vp, gp = _pad_head_dim(q, k, v, grad_out)
+        dq, dk, dv, dt = flash_backward(qp, kp, vp, t_bar, key_padding, additive, causal, gsot_threshold,
+                                        scale, None, lse, gp, need_dq, need_dkv)
+        return _unpad(dq, D), _unpad(dk, D), _unpad(dv, D), dt
     B, H, S_q, D = q.shape
     S_k = k.shape[2]
     # dO = g ∘ dY: the gated output is already zero on pruned rows, so gate the gradient to match.
     grad_out = grad_out.contiguous()
     if gsot_threshold is not None:
         grad_out = grad_out * (t_bar >= gsot_threshold)[:, None, :, None].to(grad_out.dtype)
-    delta = (grad_out.float() * out.float()).sum(-1).contiguous()
+    # Δ and the renormalised lse come from the dQ kernel's first pass (see its docstring), so
+    # it runs before the dK/dV kernel, which reads them.
+    delta = new_output((B, H, S_q), torch.float32, q.device)
+    lse_bwd = new_output((B, H, S_q), torch.float32, q.device)
     kpm, kpm_strides, bias, bias_strides = mask_args(key_padding, additive, (B, H, S_q, S_k), q.device)
-    block_m, block_n, num_warps, num_stages = _block_config(D, backward=True)
+    precision = triton_dot_precision(q.dtype)
     common = dict(
         HAS_KPM=key_padding is not None, HAS_BIAS=additive is not None, CAUSAL=causal,
-        PRECISION=triton_dot_precision(q.dtype), BLOCK_M=block_m, BLOCK_N=block_n,
-        BLOCK_D=max(16, next_power_of_2(D)), num_warps=num_warps, num_stages=num_stages,
+        PRECISION=precision, BLOCK_D=_configs.flash_block_d(D),
+        tune_key=_configs.FLASH_TUNE_KEY, tune_bucket=_configs.flash_tune_bucket(S_q, S_k),
     )
     strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride(),
                *t_bar.stride(), *kpm_strides, *bias_strides)
 
+    dq = new_output((B, H, S_q, D), q.dtype, q.device) if need_dq else q.new_empty(1)
+    dt = new_output((B, H, S_q), torch.float32, q.device)
+    _configs.launch(
+        _flash_bwd_dq_kernel, lambda meta: (triton.cdiv(S_q, meta["BLOCK_M"]), B * H),
+        _block_config("bwd_dq", q, precision),
+        q, k, v, t_bar, kpm, bias, grad_out, lse, delta, lse_bwd, dq, dt,
+        *strides, H, S_q, S_k, D, scale, STORE_DQ=need_dq, **common,
+    )
     dk = dv = None
     if need_dkv:
         dk = new_output((B, H, S_k, D), k.dtype, q.device)
         dv = new_output((B, H, S_k, D), v.dtype, q.device)
-        _flash_bwd_dkdv_kernel[(triton.cdiv(S_k, block_n), B * H)](
-            q, k, v, t_bar, kpm, bias, grad_out, lse, delta, dk, dv,
+        _configs.launch(
+            _flash_bwd_dkdv_kernel, lambda meta: (triton.cdiv(S_k, meta["BLOCK_N"]), B * H),
+            _block_config("bwd_dkdv", q, precision),
+            q, k, v, t_bar, kpm, bias, grad_out, lse_bwd, delta, dk, dv,
             *strides, H, S_q, S_k, D, scale, **common,
         )
-    dq = new_output((B, H, S_q, D), q.dtype, q.device) if need_dq else q.new_empty(1)
-    dt = new_output((B, H, S_q), torch.float32, q.device)
-    _flash_bwd_dq_kernel[(triton.cdiv(S_q, block_m), B * H)](
-        q, k, v, t_bar, kpm, bias, grad_out, lse, delta, dq, dt,
-        *strides, H, S_q, S_k, D, scale, STORE_DQ=need_dq, **common,
-    )
     return (dq if need_dq else None), dk, dv, dt.sum(1)
 
 
-class FlashAttentionFunction(torch.autograd.Function):
-    """Autograd wrapper of the flash kernels. Inputs are validated by the caller; t_bar is fp32
-    [B, S_q] (its gradient flows back to the temperature through ordinary autograd)."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, t_bar, key_padding, additive, causal, gsot_threshold, scale):
-        out, lse = flash_forward(q, k, v, t_bar, key_padding, additive, causal, gsot_threshold, scale)
-        ctx.save_for_backward(q, k, v, t_bar, key_padding, additive, out, lse)
-        ctx.options = (causal, gsot_threshold, scale)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        q, k, v, t_bar, key_padding, additive, out, lse = ctx.saved_tensors
-        causal, gsot_threshold, scale = ctx.options
-        need_q, need_k, need_v, need_t = ctx.needs_input_grad[:4]
-        if not (need_q or need_k or need_v or need_t):
-            return (None,) * 9
-        dq, dk, dv, dt = flash_backward(
-            q, k, v, t_bar, key_padding, additive, causal, gsot_threshold, scale,
-            out, lse, grad_out, need_dq=need_q, need_dkv=need_k or need_v,
-        )
-        return (dq, dk if need_k else None, dv if need_v else None,
-                dt if need_t else None, None, None, None, None, None)
-
-
 def flash_attention(q, k, v, t_bar, key_padding, additive, causal, gsot_threshold, scale):
-    return FlashAttentionFunction.apply(q, k, v, t_bar, key_padding, additive, causal, gsot_threshold, scale)
+    """Differentiable flash attention: the ``torch.ops.tgr_kernels.flash_attention_forward``
+    custom op (registered in ``_ops``, with its backward), so torch.compile sees one opaque op."""
+    from ._ops import flash_attention as op  # _ops imports this module's launchers
+
+    return op(q, k, v, t_bar, key_padding, additive, causal, gsot_threshold, scale)

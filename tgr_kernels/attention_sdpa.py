@@ -6,7 +6,18 @@ SDPA kernels (O(S) memory on CPU and GPU) do the work, forward and backward, wit
 carrying the temperature gradient through the multiplication.
 
 SDPA returns NaN for a row with no visible key; such rows are unmasked before the call and
-zeroed after it, so their outputs are zeros and their gradients are zeros, never NaN.
+zeroed after it, so their outputs are zeros and their gradients are zeros, never NaN. An
+additive mask entry ``<= MASKED_BIAS`` (HF's ``finfo(dtype).min``, −1e9) masks its key like −inf.
+
+Backward: when the temperature needs a gradient, the forward is SDPA and the backward is this
+module's own, chunked over query rows (``_SdpaFunction``): per chunk ``Z = Q_c Kᵀ`` and ``dP = dO_c Vᵀ``
+(GEMMs), ``P = softmax(t̄·scale·Z + m)``, ``Δ_i = Σ_j P_ij dP_ij``, ``dS = P ∘ (dP − Δ)``,
+``dt̄_i = scale · Σ_j dS_ij Z_ij``, then ``dQ_c = G K``, ``dK += Gᵀ Q_c``, ``dV += Pᵀ dO_c``
+with ``G = t̄·scale·dS``. SDPA's own backward takes ``Δ = rowsum(dO ∘ O)``: when the softmax
+saturates (large logits), dS is a tiny difference of nearly equal terms, Δ and dP then come from
+different roundings and do not cancel, so dt̄ and dK come out several times less accurate than
+eager autograd's. Δ from the same P and dP cancels as eager autograd does. Without a temperature
+gradient SDPA's own (fused, faster) backward is kept.
 
 Design limit: a mask SDPA cannot express by itself (causal with S_q ≠ S_k, or causal together
 with another mask) is built densely, ``[B, 1, rows, S_k]``; query rows are then processed in
@@ -20,7 +31,12 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from ._backend import once_differentiable_strict
+from .reference import MASKED_BIAS
+
 DENSE_MASK_ELEMENTS = 1 << 24
+# Elements of one [B, H, rows, S_k] score chunk in the backward (a few such buffers are live).
+BACKWARD_CHUNK_ELEMENTS = 1 << 22
 
 
 def _needs_dense_mask(key_padding, additive, causal: bool, S_q: int, S_k: int) -> bool:
@@ -46,9 +62,90 @@ def _rows_mask(key_padding, additive, causal: bool, row0: int, row1: int, S_q: i
         return keep | dead[..., None], dead
     if additive.dim() >= 2 and additive.shape[-2] == S_q:
         additive = additive[..., row0:row1, :]
-    mask = additive if keep is None else additive.masked_fill(~keep, -math.inf)
+    masked = additive <= MASKED_BIAS
+    masked = masked if keep is None else masked | ~keep
+    mask = additive.masked_fill(masked, -math.inf)
     dead = torch.isneginf(mask).all(-1)
     return mask.masked_fill(dead[..., None], 0.0), dead
+
+
+def _sdpa_forward(q, k, v, t_rows, mask, is_causal: bool, scale: float):
+    """SDPA on the temperature-scaled query: ``softmax(scale · (t̄ ∘ Q) Kᵀ + m) V``."""
+    q_scaled = q * t_rows[:, None, :, None].to(q.dtype)
+    return F.scaled_dot_product_attention(q_scaled, k, v, attn_mask=mask, is_causal=is_causal, scale=scale)
+
+
+def _sdpa_backward(q, k, v, t_rows, mask, is_causal: bool, scale: float, grad_out, need_dq: bool, need_dkv: bool):
+    """The backward of ``_sdpa_forward`` (module docstring), chunked over query rows so each
+    score buffer holds at most ``BACKWARD_CHUNK_ELEMENTS``. ``mask``: SDPA's attn_mask (bool
+    keep or additive, every row sees at least one key) or None; ``is_causal``: square, top-left.
+    Returns (dq, dk, dv, dt̄ [B, rows]); dq/dk/dv are None when not needed."""
+    B, H, M, D = q.shape
+    S_k = k.shape[2]
+    acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    grad_out = grad_out.to(q.dtype)
+    t_scaled = (t_rows.to(acc_dtype) * scale)[:, None, :, None]  # [B, 1, M, 1]
+    mask_rows = mask is not None and mask.dim() >= 2 and mask.shape[-2] == M
+    dq = torch.empty_like(q) if need_dq else None
+    dk = dv = None  # summed over chunks in fp32 (fp64 for fp64)
+    dt = torch.empty(B, H, M, dtype=acc_dtype, device=q.device)
+    rows = max(1, min(M, BACKWARD_CHUNK_ELEMENTS // max(1, B * H * S_k)))
+    for r0 in range(0, M, rows):
+        r1 = min(M, r0 + rows)
+        q_c, do_c = q[:, :, r0:r1], grad_out[:, :, r0:r1]
+        z = torch.matmul(q_c, k.transpose(-2, -1)).to(acc_dtype)
+        s = z * t_scaled[:, :, r0:r1]
+        if mask is not None:
+            m = mask[..., r0:r1, :] if mask_rows else mask
+            if m.dtype == torch.bool:
+                s.masked_fill_(~m, -math.inf)
+            else:
+                s.add_(m)
+        if is_causal:
+            rows_c = torch.arange(r0, r1, device=q.device).view(-1, 1)
+            s.masked_fill_(torch.arange(S_k, device=q.device).view(1, S_k) > rows_c, -math.inf)
+        p = torch.softmax(s, dim=-1)
+        del s
+        dp = torch.matmul(do_c, v.transpose(-2, -1)).to(acc_dtype)
+        # dS = P ∘ (dP − Δ) with Δ = Σ_j P dP from the same P and dP, in one fused pass
+        # (eager softmax's own backward).
+        ds = torch._softmax_backward_data(dp, p, -1, acc_dtype)
+        del dp
+        dt[:, :, r0:r1] = torch.einsum("bhmn,bhmn->bhm", ds, z) * scale
+        if need_dq or need_dkv:
+            g = ds.mul_(t_scaled[:, :, r0:r1]).to(q.dtype)  # G = t̄·scale·dS
+            if need_dq:
+                dq[:, :, r0:r1] = torch.matmul(g, k)
+            if need_dkv:
+                dk_c = torch.matmul(g.transpose(-2, -1), q_c)
+                dv_c = torch.matmul(p.to(v.dtype).transpose(-2, -1), do_c)
+                dk = dk_c.to(acc_dtype) if dk is None else dk.add_(dk_c)
+                dv = dv_c.to(acc_dtype) if dv is None else dv.add_(dv_c)
+    if need_dkv:
+        dk, dv = dk.to(k.dtype), dv.to(v.dtype)
+    return dq, dk, dv, dt.sum(1)
+
+
+class _SdpaFunction(torch.autograd.Function):
+    """SDPA forward with the consistent-Δ backward of ``_sdpa_backward`` (inputs validated and
+    masks built by the caller)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, t_rows, mask, is_causal, scale):
+        ctx.save_for_backward(q, k, v, t_rows, mask)
+        ctx.options = (is_causal, scale)
+        return _sdpa_forward(q, k, v, t_rows, mask, is_causal, scale)
+
+    @staticmethod
+    @once_differentiable_strict("temperature_guided_attention (SDPA path)")
+    def backward(ctx, grad_out):
+        q, k, v, t_rows, mask = ctx.saved_tensors
+        need_q, need_k, need_v, need_t = ctx.needs_input_grad[:4]
+        if not (need_q or need_k or need_v or need_t):
+            return (None,) * 7
+        dq, dk, dv, dt = _sdpa_backward(q, k, v, t_rows, mask, *ctx.options, grad_out,
+                                        need_dq=need_q, need_dkv=need_k or need_v)
+        return (dq, dk if need_k else None, dv if need_v else None, dt if need_t else None, None, None, None)
 
 
 def _sdpa_rows(q, k, v, t_bar, key_padding, additive, causal, gsot_threshold, scale, row0, S_q):
@@ -62,11 +159,14 @@ def _sdpa_rows(q, k, v, t_bar, key_padding, additive, causal, gsot_threshold, sc
         is_causal = causal
     if mask is not None and mask.is_floating_point():
         mask = mask.to(q.dtype)
-    q_scaled = q * t_bar[:, None, row0:row1, None].to(q.dtype)
-    out = F.scaled_dot_product_attention(q_scaled, k, v, attn_mask=mask, is_causal=is_causal, scale=scale)
-    keep = None
-    if dead is not None and bool(dead.any()):
-        keep = ~dead
+    t_rows = t_bar[:, row0:row1]
+    if torch.is_grad_enabled() and t_rows.requires_grad:
+        out = _SdpaFunction.apply(q, k, v, t_rows, mask, is_causal, scale)
+    else:
+        # No temperature gradient: SDPA's own fused backward (faster on the CPU) serves q, k, v.
+        out = _sdpa_forward(q, k, v, t_rows, mask, is_causal, scale)
+    # Zeroing dead rows unconditionally costs one multiply and no host sync (no dead.any()).
+    keep = None if dead is None else ~dead
     if gsot_threshold is not None:
         gate = (t_bar[:, row0:row1] >= gsot_threshold)[:, None, :]
         keep = gate if keep is None else keep & gate

@@ -29,8 +29,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._backend import TRITON_INTERPRET, new_output, next_power_of_2
+from . import _configs
+from ._backend import new_output, once_differentiable_strict
 from .attention_flash import _logits_tile, mask_args
+from .reference import MASKED_BIAS
 
 DEFAULT_CHUNK_BYTES = {"cpu": 64 << 20, "cuda": 512 << 20}
 
@@ -174,21 +176,20 @@ def _wide_softmax_bwd_kernel(
 
 
 def _row_block(n_cols: int):
-    if TRITON_INTERPRET:
-        return min(256, max(16, next_power_of_2(n_cols))), 4
-    block = min(4096, max(128, next_power_of_2(n_cols)))
-    return block, (8 if block >= 2048 else 4)
+    """The row kernels' configuration (BLOCK_N, warps) for rows of n_cols scores: chosen in
+    ``_configs`` and compiled for sm_90 and sm_80 by ``python -m tgr_kernels.aot``."""
+    return (_configs.wide_row_config(n_cols),)
 
 
 def _triton_rows_forward(z, row0, t_bar, key_padding, additive, causal, gsot_threshold, scale, lse, S_q, S_k):
     B, H, M, n_cols = z.shape
     kpm, kpm_strides, bias, bias_strides = mask_args(key_padding, additive, (B, H, S_q, S_k), z.device)
-    block, warps = _row_block(n_cols)
-    _wide_softmax_fwd_kernel[(B * H * M,)](
+    _configs.launch(
+        _wide_softmax_fwd_kernel, (B * H * M,), _row_block(n_cols),
         z, t_bar, kpm, bias, lse, *t_bar.stride(), *kpm_strides, *bias_strides,
         H, M, row0, n_cols, S_q, S_k, scale, 0.0 if gsot_threshold is None else gsot_threshold,
         HAS_KPM=key_padding is not None, HAS_BIAS=additive is not None, CAUSAL=causal,
-        HAS_GATE=gsot_threshold is not None, BLOCK_N=block, num_warps=warps,
+        HAS_GATE=gsot_threshold is not None,
     )
 
 
@@ -196,12 +197,12 @@ def _triton_rows_backward(z, dp, row0, t_bar, key_padding, additive, causal, sca
                           S_q, S_k, store_p, store_g):
     B, H, M, n_cols = z.shape
     kpm, kpm_strides, bias, bias_strides = mask_args(key_padding, additive, (B, H, S_q, S_k), z.device)
-    block, warps = _row_block(n_cols)
-    _wide_softmax_bwd_kernel[(B * H * M,)](
+    _configs.launch(
+        _wide_softmax_bwd_kernel, (B * H * M,), _row_block(n_cols),
         z, dp, t_bar, kpm, bias, lse, dt, *t_bar.stride(), *kpm_strides, *bias_strides,
         H, M, row0, n_cols, S_q, S_k, scale,
         HAS_KPM=key_padding is not None, HAS_BIAS=additive is not None, CAUSAL=causal,
-        STORE_P=store_p, STORE_G=store_g, BLOCK_N=block, num_warps=warps,
+        STORE_P=store_p, STORE_G=store_g,
     )
 
 
@@ -219,13 +220,18 @@ def _chunk_keep(row0, M, n_cols, key_padding, causal, S_q, S_k, device) -> Optio
 
 
 def _torch_logits_(z, row0, t_bar, key_padding, additive, causal, scale, S_q, S_k):
-    """In place on fp32 z: ``t̄·scale·z + m`` (natural log units), −inf where masked."""
+    """In place on fp32 z: ``t̄·scale·z + m`` (natural log units), −inf where masked. A bias
+    ``<= MASKED_BIAS`` masks its key like −inf (as in the Triton kernels' ``_logits_tile``)."""
     M, n_cols = z.shape[2], z.shape[3]
     z.mul_((t_bar[:, row0:row0 + M] * scale)[:, None, :, None])
-    if additive is not None:
-        bias = torch.broadcast_to(additive, (*additive.shape[:-2], S_q, S_k))
-        z.add_(bias[..., row0:row0 + M, :n_cols])
     keep = _chunk_keep(row0, M, n_cols, key_padding, causal, S_q, S_k, z.device)
+    if additive is not None:
+        bias = torch.broadcast_to(additive, (*additive.shape[:-2], S_q, S_k))[..., row0:row0 + M, :n_cols]
+        z.add_(bias)
+        # Taken literally, finfo(fp32).min gives a fully masked row an lse of ~−3.4e38, whose
+        # base-2 copy overflows to −inf, and the backward's exp(S − lse) becomes inf/inf = NaN.
+        unmasked = bias > MASKED_BIAS
+        keep = unmasked if keep is None else keep & unmasked
     if keep is not None:
         z.masked_fill_(~keep, -math.inf)
     return z
@@ -278,9 +284,23 @@ def _stats_dtype(q: torch.Tensor) -> torch.dtype:
     return torch.float64 if q.dtype == torch.float64 else torch.float32
 
 
+# Causal row blocks: rows per block when causal. Block r multiplies its rows against the keys they
+# can see, K[:end_r], so the blocks tile the triangle plus one R×R diagonal tile each, half of
+# it masked: R / S of the triangle's work wasted. Shorter blocks waste less but lose GEMM
+# efficiency (AMD EPYC CPU, D = 4096: GEMMs of M = 128 rows ran at ~70% of the square GEMM's
+# rate, 512 at ~90%). Measured there at S = 2048 (q = k = v, fp32 and bf16), 256 rows beat 512
+# (causal / non-causal time: forward 0.53 vs 0.57–0.63, forward + backward 0.69–0.71 vs
+# 0.70–0.77) and 128 was slower than either.
+CAUSAL_ROW_BLOCK = 256
+
+
 def _chunks(S_q: int, S_k: int, B: int, H: int, elem: int, causal: bool, chunk_bytes: int):
-    """[(row0, row1, n_cols)]: query-row chunks and how many keys each one can see."""
+    """[(row0, row1, n_cols)]: query-row chunks and how many keys each one can see. Causal rows
+    come in blocks of at most ``CAUSAL_ROW_BLOCK``, each seeing keys up to its last row's
+    (bottom-right aligned: row i sees keys j <= i + S_k − S_q)."""
     rows = max(1, min(S_q, chunk_bytes // max(1, B * H * S_k * elem)))
+    if causal:
+        rows = min(rows, CAUSAL_ROW_BLOCK)
     chunks = []
     for row0 in range(0, S_q, rows):
         row1 = min(S_q, row0 + rows)
@@ -289,37 +309,73 @@ def _chunks(S_q: int, S_k: int, B: int, H: int, elem: int, causal: bool, chunk_b
     return chunks
 
 
+def _gemm(a: torch.Tensor, b: torch.Tensor, out: Optional[torch.Tensor] = None,
+          accumulate: bool = False) -> torch.Tensor:
+    """``out = a @ b`` (or ``out += a @ b``) over ``[..., m, k] × [..., k, n]``, as one 2-D GEMM per
+    leading index, written by BLAS into ``out`` (unit column stride, any row pitch: a block of a
+    larger buffer). 2-D GEMMs read transposed slices such as the first n keys' Kᵀ in place; a
+    batched matmul copies them first (bf16 on the CPU: the copy of a 2048×4096 Kᵀ took longer
+    than its GEMM). Accumulating into an fp32 ``out`` from half operands adds each product after
+    it is formed; otherwise BLAS adds (beta = 1, no temporary)."""
+    a3, b3 = a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:])
+    if out is None:
+        out = a.new_empty(*a.shape[:-2], a.shape[-2], b.shape[-1])
+    out3 = out.view(-1, *out.shape[-2:])  # a view: leading dims of a row slice always merge
+    for i in range(a3.shape[0]):
+        if not accumulate:
+            torch.mm(a3[i], b3[i], out=out3[i])
+        elif out.dtype == a.dtype:
+            out3[i].addmm_(a3[i], b3[i])
+        else:
+            out3[i].add_(torch.mm(a3[i], b3[i]))
+    return out
+
+
+def _square_fits(B: int, H: int, S_q: int, S_k: int, elem: int, chunk_bytes: int) -> bool:
+    """Whether a whole ``[B, H, S_q, S_k]`` score buffer fits in one chunk's memory."""
+    return B * H * S_q * S_k * elem <= chunk_bytes
+
+
 def wide_forward(q, k, v, t_bar, key_padding, additive, causal, gsot_threshold, scale, row_ops, chunk_bytes,
                  keep_scores=False):
-    """Returns (out, lse, scores). With ``keep_scores`` and a single chunk, the raw products
-    ``Z = Q Kᵀ`` (one chunk's worth of memory) are returned for the backward, which then needs
-    no GEMM to recompute them; otherwise scores is None."""
+    """Returns (out, lse, scores). With ``keep_scores``, when a whole ``[B, H, S_q, S_k]`` buffer fits
+    in ``chunk_bytes``, the raw products ``Z = Q Kᵀ`` are returned for the backward, which then
+    needs no GEMM to recompute them (causal blocks fill only the keys their rows see; the rest of
+    the buffer is zero and never read); otherwise scores is None."""
     B, H, S_q, D = q.shape
     S_k = k.shape[2]
     rows_forward = _ROW_OPS[row_ops][0]
     lse = new_output((B, H, S_q), _stats_dtype(q), q.device)
     chunks = _chunks(S_q, S_k, B, H, q.element_size(), causal, chunk_bytes)
     if len(chunks) == 1:  # one chunk (then it sees every key): no output slices to copy into
-        z = torch.matmul(q, k.transpose(-2, -1))
+        z = _gemm(q, k.transpose(-2, -1))
         saved, z = (z, z.clone()) if keep_scores else (None, z)
         rows_forward(z, 0, t_bar, key_padding, additive, causal, gsot_threshold, scale, lse, S_q, S_k)
-        return torch.matmul(z, v), lse, saved
+        return _gemm(z, v), lse, saved
     out = new_output(q.shape, q.dtype, q.device)
+    saved = None
+    if keep_scores and causal and _square_fits(B, H, S_q, S_k, q.element_size(), chunk_bytes):
+        saved = q.new_zeros(B, H, S_q, S_k)  # zeros past each row's keys: a defined output
     for row0, row1, n_cols in chunks:
         if n_cols == 0:  # rows that see no key at all
             out[:, :, row0:row1] = 0
             lse[:, :, row0:row1] = math.inf
             continue
-        z = torch.matmul(q[:, :, row0:row1], k[:, :, :n_cols].transpose(-2, -1))
+        q_c, k_c = q[:, :, row0:row1], k[:, :, :n_cols]
+        if saved is not None:
+            z = _gemm(q_c, k_c.transpose(-2, -1), out=saved[:, :, row0:row1, :n_cols]).clone()
+        else:
+            z = _gemm(q_c, k_c.transpose(-2, -1))
         rows_forward(z, row0, t_bar, key_padding, additive, causal, gsot_threshold, scale, lse, S_q, S_k)
-        out[:, :, row0:row1] = torch.matmul(z, v[:, :, :n_cols])
-    return out, lse, None
+        _gemm(z, v[:, :, :n_cols], out=out[:, :, row0:row1])
+    return out, lse, saved
 
 
 def wide_backward(q, k, v, t_bar, key_padding, additive, causal, gsot_threshold, scale, row_ops, chunk_bytes,
                   lse, scores, grad_out, need_dq, need_dkv, same_qkv=False):
     """Returns (dq, dk, dv, dt̄ [B, S_q]); unneeded gradients are None. ``scores``: the forward's
-    saved Z (single chunk) or None; ``same_qkv``: q, k and v are one tensor."""
+    saved Z or None; ``same_qkv``: q, k and v are one tensor (then dq holds dQ + dK + dV, and
+    dk, dv are None)."""
     B, H, S_q, D = q.shape
     S_k = k.shape[2]
     rows_backward = _ROW_OPS[row_ops][1]
@@ -332,37 +388,106 @@ def wide_backward(q, k, v, t_bar, key_padding, additive, causal, gsot_threshold,
         dq, dk, dv = _backward_one_chunk(q, k, v, t_bar, key_padding, additive, causal, scale, rows_backward,
                                          lse, dt, scores, grad_out, need_dq, need_dkv, same_qkv)
         return dq, dk, dv, dt.sum(1)
+    if causal and row_ops == "torch" and _square_fits(B, H, S_q, S_k, q.element_size(), chunk_bytes):
+        dq, dk, dv = _causal_backward_in_square(q, k, v, t_bar, key_padding, additive, scale, rows_backward,
+                                                lse, dt, scores, grad_out, need_dq, need_dkv, same_qkv, chunks)
+        return dq, dk, dv, dt.sum(1)
+    # dK/dV add up over chunks: accumulate in fp32. With one X = q = k = v (every gradient wanted)
+    # they share one accumulator, fed by one GEMM a chunk, ``dK + dV = [G; P]ᵀ [Q_c; dO_c]``:
+    # half the accumulations (each a pass over the fp32 rows for half inputs) and a deeper GEMM.
+    summed = same_qkv and need_dq and need_dkv
     dq = new_output(q.shape, q.dtype, q.device) if need_dq else None
-    # dK/dV add up over chunks: accumulate in fp32.
     dk = torch.zeros(B, H, S_k, D, device=q.device, dtype=stats) if need_dkv else None
-    dv = torch.zeros(B, H, S_k, D, device=q.device, dtype=stats) if need_dkv else None
+    dv = torch.zeros(B, H, S_k, D, device=q.device, dtype=stats) if need_dkv and not summed else None
+    for row0, row1, n_cols in chunks:
+        if n_cols == 0:
+            dt[:, :, row0:row1] = 0
+            if dq is not None:
+                dq[:, :, row0:row1] = 0
+            continue
+        q_c, do_c = q[:, :, row0:row1], grad_out[:, :, row0:row1]
+        k_c, v_c = k[:, :, :n_cols], v[:, :, :n_cols]
+        if scores is not None:  # the forward's causal blocks, in a square buffer
+            z = scores[:, :, row0:row1, :n_cols].clone()
+        else:
+            z = _scores_for_backward(scores, q_c, k_c, store_p=need_dkv)
+        dp = _gemm(do_c, v_c.transpose(-2, -1))
+        rows_backward(z, dp, row0, t_bar, key_padding, additive, causal, scale, lse, dt,
+                      S_q, S_k, store_p=need_dkv, store_g=need_dq or need_dkv)
+        if summed:
+            g_p, q_do = torch.cat([dp, z], dim=-2), torch.cat([q_c, do_c], dim=-2)
+            _gemm(g_p.transpose(-2, -1), q_do, out=dk[:, :, :n_cols], accumulate=True)
+        elif need_dkv:
+            _gemm(z.transpose(-2, -1), do_c, out=dv[:, :, :n_cols], accumulate=True)
+            _gemm(dp.transpose(-2, -1), q_c, out=dk[:, :, :n_cols], accumulate=True)
+        if need_dq:
+            _gemm(dp, k_c, out=dq[:, :, row0:row1])
+    if summed:
+        return dk.add_(dq).to(q.dtype), None, None, dt.sum(1)
+    if need_dkv:
+        dk, dv = dk.to(k.dtype), dv.to(v.dtype)
+    return dq, dk, dv, dt.sum(1)
+
+
+def _causal_backward_in_square(q, k, v, t_bar, key_padding, additive, scale, rows_backward, lse, dt, scores,
+                               grad_out, need_dq, need_dkv, same_qkv, chunks):
+    """Causal row blocks whose P and G fit in two ``[B, H, S_q, S_k]`` buffers (PyTorch row ops,
+    which work on strided blocks): no gradient is accumulated over blocks.
+
+    Row pass, block r (rows ``r0:r1``, keys ``:n_r``): P and G into the buffers' visible part,
+    ``dQ_r = G_r K[:n_r]``. Key pass, key block ``n_{r-1}:n_r`` (seen by rows ``r0:`` only, and
+    every one of those rows has written its P and G there, zeros where masked):
+    ``dK_c = G[r0:, c]ᵀ Q[r0:]``, ``dV_c = P[r0:, c]ᵀ dO[r0:]``, each a GEMM as deep as the rows
+    that see the block, written once (an accumulation over blocks would cost a pass over the fp32
+    rows per block). When q, k, v are one tensor X, dX = dQ + dK + dV is summed in place."""
+    B, H, S_q, D = q.shape
+    S_k = k.shape[2]
+    g = q.new_empty(B, H, S_q, S_k)
+    p = q.new_empty(B, H, S_q, S_k) if need_dkv else None
+    summed = same_qkv and need_dq and need_dkv
+    dq = new_output(q.shape, q.dtype, q.device) if need_dq else None
     for row0, row1, n_cols in chunks:
         if n_cols == 0:
             dt[:, :, row0:row1] = 0
             if need_dq:
                 dq[:, :, row0:row1] = 0
             continue
-        q_c, do_c = q[:, :, row0:row1], grad_out[:, :, row0:row1]
-        k_c, v_c = k[:, :, :n_cols], v[:, :, :n_cols]
-        z = _scores_for_backward(scores, q_c, k_c, store_p=need_dkv)
-        dp = torch.matmul(do_c, v_c.transpose(-2, -1))
-        rows_backward(z, dp, row0, t_bar, key_padding, additive, causal, scale, lse, dt,
-                      S_q, S_k, store_p=need_dkv, store_g=need_dq or need_dkv)
+        q_c, k_c = q[:, :, row0:row1], k[:, :, :n_cols]
+        g_c = _gemm(grad_out[:, :, row0:row1], v[:, :, :n_cols].transpose(-2, -1),
+                    out=g[:, :, row0:row1, :n_cols])
         if need_dkv:
-            dv[:, :, :n_cols] += torch.matmul(z.transpose(-2, -1), do_c)
-            dk[:, :, :n_cols] += torch.matmul(dp.transpose(-2, -1), q_c)
+            z = p[:, :, row0:row1, :n_cols]
+            if scores is not None:
+                z.copy_(scores[:, :, row0:row1, :n_cols])
+            else:
+                _gemm(q_c, k_c.transpose(-2, -1), out=z)
+        else:
+            z = _scores_for_backward(None if scores is None else scores[:, :, row0:row1, :n_cols],
+                                     q_c, k_c, store_p=False)
+        rows_backward(z, g_c, row0, t_bar, key_padding, additive, True, scale, lse, dt,
+                      S_q, S_k, store_p=need_dkv, store_g=True)
         if need_dq:
-            dq[:, :, row0:row1] = torch.matmul(dp, k_c)
-    if need_dkv:
-        dk, dv = dk.to(k.dtype), dv.to(v.dtype)
-    return dq, dk, dv, dt.sum(1)
+            _gemm(g_c, k_c, out=dq[:, :, row0:row1])
+    if not need_dkv:
+        return dq, None, None
+    dk = dq if summed else new_output(k.shape, k.dtype, k.device)
+    dv = dq if summed else new_output(v.shape, v.dtype, v.device)
+    key0 = 0
+    for row0, row1, n_cols in chunks:
+        if n_cols <= key0:
+            continue
+        g_c, p_c = g[:, :, row0:, key0:n_cols].transpose(-2, -1), p[:, :, row0:, key0:n_cols].transpose(-2, -1)
+        _gemm(g_c, q[:, :, row0:], out=dk[:, :, key0:n_cols], accumulate=summed)
+        _gemm(p_c, grad_out[:, :, row0:], out=dv[:, :, key0:n_cols], accumulate=summed)
+        key0 = n_cols
+    return (dq, None, None) if summed else (dq, dk, dv)
 
 
 def _scores_for_backward(scores, q_c, k_c, store_p):
     """Z for one chunk: the forward's saved copy (cloned when P will overwrite it, so a second
     backward with retain_graph still sees Z) or a recomputed GEMM."""
     if scores is None:
-        return torch.matmul(q_c, k_c.transpose(-2, -1))
+        return _gemm(q_c, k_c.transpose(-2, -1))
     return scores.clone() if store_p else scores
 
 
@@ -372,33 +497,38 @@ def _backward_one_chunk(q, k, v, t_bar, key_padding, additive, causal, scale, ro
     one tensor X the three gradients are summed as ``dX = (G + Gᵀ) X + Pᵀ dO``: two GEMMs, not three."""
     S_q, S_k = q.shape[2], k.shape[2]
     z = _scores_for_backward(scores, q, k, store_p=need_dkv)
-    dp = torch.matmul(grad_out, v.transpose(-2, -1))
+    dp = _gemm(grad_out, v.transpose(-2, -1))
     rows_backward(z, dp, 0, t_bar, key_padding, additive, causal, scale, lse, dt,
                   S_q, S_k, store_p=need_dkv, store_g=need_dq or need_dkv)
     if same_qkv and need_dq and need_dkv:
-        dx = torch.matmul(dp + dp.transpose(-2, -1), q)  # dQ + dK = G X + Gᵀ X
-        dx.add_(torch.matmul(z.transpose(-2, -1), grad_out))  # + dV = Pᵀ dO
+        dx = _gemm(dp + dp.transpose(-2, -1), q)  # dQ + dK = G X + Gᵀ X
+        _gemm(z.transpose(-2, -1), grad_out, out=dx, accumulate=True)  # + dV = Pᵀ dO
         return dx, None, None
-    dq = torch.matmul(dp, k) if need_dq else None
-    dk = torch.matmul(dp.transpose(-2, -1), q) if need_dkv else None
-    dv = torch.matmul(z.transpose(-2, -1), grad_out) if need_dkv else None
+    dq = _gemm(dp, k) if need_dq else None
+    dk = _gemm(dp.transpose(-2, -1), q) if need_dkv else None
+    dv = _gemm(z.transpose(-2, -1), grad_out) if need_dkv else None
     return dq, dk, dv
 
 
 class WideAttentionFunction(torch.autograd.Function):
-    """Autograd wrapper of the chunked GEMM + row-kernel path (inputs validated by the caller)."""
+    """Autograd wrapper of the chunked GEMM + PyTorch row-ops path (inputs validated by the
+    caller). Forward and backward run with autocast off, whatever the caller's autocast state
+    (the custom_fwd/custom_bwd convention, for the device of the inputs; the backward's half is
+    in ``once_differentiable_strict``): the dispatcher has already chosen the dtypes, and the
+    GEMMs must not be recast."""
 
     @staticmethod
     def forward(ctx, q, k, v, t_bar, key_padding, additive, causal, gsot_threshold, scale, row_ops, chunk_bytes):
-        need_grad = any(ctx.needs_input_grad[:4])
-        out, lse, scores = wide_forward(q, k, v, t_bar, key_padding, additive, causal, gsot_threshold, scale,
-                                        row_ops, chunk_bytes, keep_scores=need_grad)
+        with torch.autocast(q.device.type, enabled=False):  # wide_attention calls it only for training
+            out, lse, scores = wide_forward(q, k, v, t_bar, key_padding, additive, causal, gsot_threshold,
+                                            scale, row_ops, chunk_bytes, keep_scores=True)
         ctx.save_for_backward(q, k, v, t_bar, key_padding, additive, lse, scores)
         ctx.options = (causal, gsot_threshold, scale, row_ops, chunk_bytes)
         ctx.same_qkv = q is k and k is v
         return out
 
     @staticmethod
+    @once_differentiable_strict("temperature_guided_attention (wide path)")
     def backward(ctx, grad_out):
         q, k, v, t_bar, key_padding, additive, lse, scores = ctx.saved_tensors
         need_q, need_k, need_v, need_t = ctx.needs_input_grad[:4]
@@ -413,7 +543,21 @@ class WideAttentionFunction(torch.autograd.Function):
 
 def wide_attention(q, k, v, t_bar, key_padding, additive, causal, gsot_threshold, scale,
                    row_ops: str = "triton", chunk_bytes: Optional[int] = None):
+    """Differentiable wide attention. With the Triton row kernels it is the
+    ``torch.ops.tgr_kernels.wide_attention_forward`` custom op (opaque to torch.compile); with
+    PyTorch row ops it is plain PyTorch code that the compiler traces."""
     if chunk_bytes is None:
         chunk_bytes = DEFAULT_CHUNK_BYTES.get(q.device.type, DEFAULT_CHUNK_BYTES["cpu"])
+    if row_ops == "triton":
+        from ._ops import wide_triton_attention  # _ops imports this module's launchers
+
+        return wide_triton_attention(q, k, v, t_bar, key_padding, additive, causal, gsot_threshold, scale,
+                                     chunk_bytes)
+    if not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, t_bar))):
+        # Inference: no autograd node, and no score buffer kept for a backward that never comes
+        # (inside Function.forward grad mode is always off, so only the caller can tell).
+        with torch.autocast(q.device.type, enabled=False):
+            return wide_forward(q, k, v, t_bar, key_padding, additive, causal, gsot_threshold, scale,
+                                row_ops, chunk_bytes)[0]
     return WideAttentionFunction.apply(q, k, v, t_bar, key_padding, additive, causal, gsot_threshold, scale,
                                        row_ops, chunk_bytes)

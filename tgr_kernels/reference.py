@@ -22,7 +22,16 @@ __all__ = [
     "temperature_guided_attention_ref",
     "mean_temperature",
     "gsot_gate",
+    "MASKED_BIAS",
 ]
+
+# An additive mask entry at or below this value marks a masked key, exactly like −inf. Models
+# build masks from finite stand-ins for −inf (Hugging Face: ``torch.finfo(dtype).min``; older
+# code: −1e9 or −1e4), and taken literally those give a row that sees no key a uniform average
+# instead of zeros, and rows whose logits (~1e9) no float format can resolve. −4096 is exact in
+# fp16, bf16 and fp32, and e^−4096 is 0 in all of them, so a row that sees some key loses nothing:
+# its masked keys already had zero weight.
+MASKED_BIAS = -4096.0
 
 
 def _compute_dtype(tensor: torch.Tensor, upcast: bool) -> torch.dtype:
@@ -80,6 +89,7 @@ def _logit_bias(args: AttentionInputs, dtype: torch.dtype) -> Optional[torch.Ten
         bias = torch.zeros(keep.shape, dtype=dtype, device=device).masked_fill(~keep, -math.inf)
     if args.additive is not None:
         add = args.additive.to(dtype)
+        add = add.masked_fill(args.additive <= MASKED_BIAS, -math.inf)
         bias = add if bias is None else bias + add
     if args.causal:
         # Bottom-right aligned: query i sits at key position S_k - S_q + i.
@@ -105,7 +115,9 @@ def temperature_guided_attention_ref(
     """Temperature-guided attention with GSoT, materialising the scores.
 
     ``S_ij = t̄_i · (q_i·k_j) · scale + m_ij``, ``P = softmax_j(S)``, ``O = P V``,
-    ``Y_i = 1[t̄_i >= τ] · O_i``. A row whose every logit is −inf gives zeros.
+    ``Y_i = 1[t̄_i >= τ] · O_i``. An additive mask entry ``<= MASKED_BIAS`` (−4096: HF's
+    ``finfo(dtype).min``, −1e9) masks its key exactly as −inf does. A row whose every key is
+    masked gives zeros. The gate reads t̄ in fp32 even when the logits are computed in q's dtype.
     """
     args = check_attention_inputs(q, k, v, temperature, attn_mask, causal, gsot_threshold, scale)
     dtype = _compute_dtype(q, upcast=upcast)
@@ -124,7 +136,11 @@ def temperature_guided_attention_ref(
     probs = torch.softmax(scores, dim=-1).masked_fill(dead, 0.0)
     out = torch.matmul(probs, vc)
 
-    gate = gsot_gate(t_bar, args.gsot_threshold)
+    # GSoT is decided on t̄ in fp32 (fp64 for fp64 temperatures) whatever q's dtype, as every
+    # backend does: rounding t̄ to bf16 first would keep rows just below the threshold.
+    t_gate = mean_temperature(args.temperature)
+    t_gate = t_gate.double() if t_gate.dtype == torch.float64 else t_gate.float()
+    gate = gsot_gate(t_gate, args.gsot_threshold)
     if gate is not None:
         out = out * gate[:, None, :, None].to(out.dtype)
     return out.to(q.dtype)

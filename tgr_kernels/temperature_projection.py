@@ -30,7 +30,10 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._backend import cpu_computes_natively, new_output, next_power_of_2, resolve_backend, triton_dot_precision
+from . import _configs
+from ._backend import (
+    TRITON_INTERPRET, cpu_computes_natively, new_output, resolve_backend, triton_dot_precision,
+)
 from ._validation import check_backend, check_projection_inputs
 from .reference import temperature_projection_ref
 
@@ -38,10 +41,9 @@ __all__ = ["temperature_projection", "TemperatureMechanism"]
 
 # Rows of h per program and columns of H per loop step. Fixed (no autotune: the interpreter
 # cannot run more than one config, and this memory-bound op gains little from tuning).
-BLOCK_M = 64
-BLOCK_K = 64
-# tl.dot needs every tile dim >= 16 on a GPU, so T is padded up to at least 16.
-MIN_BLOCK_T = 16
+# Tile sizes (BLOCK_M rows of h, BLOCK_K columns of H, BLOCK_T heads), warps and stages of each
+# kernel are chosen in _configs.projection_config and compiled for sm_90 and sm_80 by
+# `python -m tgr_kernels.aot`.
 # The whole T lives in one tile; wider projections (not TTM's shape) go to the torch backend.
 MAX_TEMPERATURE_HEADS = 128
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -196,9 +198,12 @@ def _projection_backward_rows_kernel(
     sigma = tl.load(sigma_ptr + rows[:, None] * n_heads + heads[None, :], mask=mask, other=0.0)
     grad_out = _load_tile(grad_out_ptr, rows, heads, stride_grad_out_row, stride_grad_out_head,
                           row_mask, head_mask).to(tl.float32)
-    in_range = (sigma >= clamp_min) & (sigma <= clamp_max)
+    # The gradient is stopped where σ is outside the clamp range. Written as "outside", not as
+    # "not inside": a NaN σ (from a NaN hidden state) is neither, so its NaN dz flows on as in
+    # eager autograd (0 · NaN) instead of becoming a silent 0.
+    clamped = (sigma < clamp_min) | (sigma > clamp_max)
     # Padded rows/heads load σ = 0, dt = 0, so their dz is 0 and they add nothing to the dots.
-    grad_logits = tl.where(in_range, grad_out * sigma * (1.0 - sigma), 0.0)
+    grad_logits = tl.where(clamped, 0.0, grad_out * sigma * (1.0 - sigma))
     if STORE_GRAD_LOGITS:
         tl.store(grad_logits_ptr + rows[:, None] * n_heads + heads[None, :], grad_logits, mask=mask)
 
@@ -295,12 +300,19 @@ def _dot_in_fp32(hidden_dtype: torch.dtype, weight_dtype: torch.dtype) -> bool:
 
 
 def _precision(hidden_dtype: torch.dtype, weight_dtype: torch.dtype) -> str:
-    """tl.dot's input_precision for the dtype the kernels multiply in."""
+    """tl.dot's input_precision for the dtype the kernels multiply in.
+
+    Half hidden states with fp32 weights (the model's mix) use "tf32x3": a half value is exact in
+    tf32, so only W is split (W = big + small, both tf32) and the products keep ~22 bits of W,
+    fp32-grade, on tensor cores; "ieee" would run them as scalar FMAs (and spills registers).
+    """
+    if hidden_dtype in _HALF_DTYPES and weight_dtype == torch.float32 and triton_dot_precision(weight_dtype) == "ieee":
+        return "tf32x3"
     return triton_dot_precision(torch.float32 if _dot_in_fp32(hidden_dtype, weight_dtype) else hidden_dtype)
 
 
 def _block_t(n_heads: int) -> int:
-    return max(MIN_BLOCK_T, next_power_of_2(n_heads))
+    return _configs.projection_block_t(n_heads)
 
 
 def _launch_forward(hidden2d, weight, bias, clamp_min, clamp_max, save_sigma: bool):
@@ -310,8 +322,9 @@ def _launch_forward(hidden2d, weight, bias, clamp_min, clamp_max, save_sigma: bo
     out = new_output((n_rows, n_heads), torch.promote_types(hidden2d.dtype, weight.dtype), hidden2d.device)
     sigma = new_output((n_rows, n_heads), torch.float32, hidden2d.device) if save_sigma else out
     bias_arg = bias.contiguous() if bias is not None else out  # never read without HAS_BIAS
-    grid = (triton.cdiv(n_rows, BLOCK_M),)
-    _projection_forward_kernel[grid](
+    config = _configs.projection_config("fwd", n_heads, hidden2d.dtype, weight.dtype)
+    _configs.launch(
+        _projection_forward_kernel, (triton.cdiv(n_rows, config["BLOCK_M"]),), (config,),
         hidden2d, weight, bias_arg, out, sigma,
         n_rows, hidden_size, n_heads,
         hidden2d.stride(0), hidden2d.stride(1),
@@ -321,7 +334,6 @@ def _launch_forward(hidden2d, weight, bias, clamp_min, clamp_max, save_sigma: bo
         SAVE_SIGMA=save_sigma,
         DOT_IN_FP32=_dot_in_fp32(hidden2d.dtype, weight.dtype),
         INPUT_PRECISION=_precision(hidden2d.dtype, weight.dtype),
-        BLOCK_M=BLOCK_M, BLOCK_T=_block_t(n_heads), BLOCK_K=BLOCK_K,
     )
     return out, (sigma if save_sigma else None)
 
@@ -334,8 +346,9 @@ def _launch_backward_rows(grad_out, sigma, weight, hidden_dtype, clamp_min, clam
     device = sigma.device
     grad_logits = new_output((n_rows, n_heads), torch.float32, device) if store_grad_logits else sigma
     grad_hidden = new_output((n_rows, hidden_size), hidden_dtype, device) if hidden_grad else sigma
-    grid = (triton.cdiv(n_rows, BLOCK_M),)
-    _projection_backward_rows_kernel[grid](
+    config = _configs.projection_config("bwd_rows", n_heads, hidden_dtype, weight.dtype)
+    _configs.launch(
+        _projection_backward_rows_kernel, (triton.cdiv(n_rows, config["BLOCK_M"]),), (config,),
         grad_out, sigma, weight, grad_logits, grad_hidden,
         n_rows, hidden_size, n_heads,
         grad_out.stride(0), grad_out.stride(1),
@@ -345,7 +358,6 @@ def _launch_backward_rows(grad_out, sigma, weight, hidden_dtype, clamp_min, clam
         HIDDEN_GRAD=hidden_grad,
         DOT_IN_FP32=_dot_in_fp32(hidden_dtype, weight.dtype),
         INPUT_PRECISION=_precision(hidden_dtype, weight.dtype),
-        BLOCK_M=BLOCK_M, BLOCK_T=_block_t(n_heads), BLOCK_K=BLOCK_K,
     )
     return (grad_logits if store_grad_logits else None), (grad_hidden if hidden_grad else None)
 
@@ -371,19 +383,20 @@ def _launch_backward_weight(grad_logits, hidden2d, weight_dtype):
     """Run the weight-gradient kernel; returns dW ``[T, H]`` in fp32."""
     n_rows, n_heads = grad_logits.shape
     hidden_size = hidden2d.shape[1]
-    n_row_blocks = triton.cdiv(n_rows, BLOCK_M)
-    n_col_blocks = triton.cdiv(hidden_size, BLOCK_K)
+    config = _configs.projection_config("bwd_weight", n_heads, hidden2d.dtype, weight_dtype)
+    n_row_blocks = triton.cdiv(n_rows, config["BLOCK_M"])
+    n_col_blocks = triton.cdiv(hidden_size, config["BLOCK_K"])
     n_splits = _num_row_splits(n_row_blocks, n_col_blocks, hidden2d.device)
-    rows_per_split = triton.cdiv(n_row_blocks, n_splits) * BLOCK_M
+    rows_per_split = triton.cdiv(n_row_blocks, n_splits) * config["BLOCK_M"]
     n_splits = triton.cdiv(n_rows, rows_per_split)  # drop splits that would own no rows
     partial = new_output((n_splits, n_heads, hidden_size), torch.float32, hidden2d.device)
-    _projection_backward_weight_kernel[(n_col_blocks, n_splits)](
+    _configs.launch(
+        _projection_backward_weight_kernel, (n_col_blocks, n_splits), (config,),
         grad_logits, hidden2d, partial,
         n_rows, hidden_size, n_heads, rows_per_split,
         hidden2d.stride(0), hidden2d.stride(1),
         DOT_IN_FP32=_dot_in_fp32(hidden2d.dtype, weight_dtype),
         INPUT_PRECISION=_precision(hidden2d.dtype, weight_dtype),
-        BLOCK_M=BLOCK_M, BLOCK_T=_block_t(n_heads), BLOCK_K=BLOCK_K,
     )
     return partial[0] if n_splits == 1 else partial.sum(dim=0)
 
@@ -393,38 +406,9 @@ def _launch_backward_weight(grad_logits, hidden2d, weight_dtype):
 # --------------------------------------------------------------------------------------------
 
 
-class TemperatureProjectionFunction(torch.autograd.Function):
-    """Fused TTM on 2-D hidden ``[N, H]``; the backward computes only the gradients asked for."""
-
-    @staticmethod
-    def forward(ctx, hidden2d, weight, bias, clamp_min, clamp_max):
-        weight_grad = ctx.needs_input_grad[1]
-        with torch.cuda.device_of(hidden2d):
-            out, sigma = _launch_forward(hidden2d, weight, bias, clamp_min, clamp_max, save_sigma=True)
-        # h is needed only for dW: with frozen weights the activation is not kept alive.
-        # W is a parameter that lives anyway, so keeping a reference costs nothing.
-        ctx.save_for_backward(hidden2d if weight_grad else None, weight, sigma)
-        ctx.clamp = (clamp_min, clamp_max)
-        ctx.hidden_dtype = hidden2d.dtype
-        ctx.bias_dtype = bias.dtype if bias is not None else None
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        hidden2d, weight, sigma = ctx.saved_tensors
-        hidden_grad, weight_grad, bias_grad = ctx.needs_input_grad[:3]
-        clamp_min, clamp_max = ctx.clamp
-        grad_weight = grad_bias = None
-        with torch.cuda.device_of(sigma):
-            grad_logits, grad_hidden = _launch_backward_rows(
-                grad_out, sigma, weight, ctx.hidden_dtype, clamp_min, clamp_max,
-                store_grad_logits=weight_grad or bias_grad, hidden_grad=hidden_grad,
-            )
-            if weight_grad:
-                grad_weight = _launch_backward_weight(grad_logits, hidden2d, weight.dtype).to(weight.dtype)
-        if bias_grad:
-            grad_bias = grad_logits.sum(dim=0).to(ctx.bias_dtype)
-        return grad_hidden, grad_weight, grad_bias, None, None
+# The fused forward and backward are registered as the custom ops
+# ``torch.ops.tgr_kernels.temperature_projection_forward`` / ``..._backward`` in ``_ops``, with
+# autograd attached there, so that torch.compile sees them as opaque ops.
 
 
 # --------------------------------------------------------------------------------------------
@@ -470,19 +454,20 @@ def _triton_unsupported(hidden, weight, bias) -> Optional[Exception]:
 
 
 def _triton_projection(hidden, weight, bias, clamp_min, clamp_max):
+    from ._ops import temperature_projection_triton  # _ops imports this module's launchers
+
+    out_dtype = torch.promote_types(hidden.dtype, weight.dtype)
+    if TRITON_INTERPRET and hidden.device.type == "cpu":
+        # The interpreter multiplies bf16 bit patterns in tl.dot (triton-lang/triton#11584):
+        # bf16 operands are computed in fp32 there and the result cast back; autograd casts
+        # the gradients back to each input's dtype.
+        hidden, weight, bias = (None if t is None else (t.float() if t.dtype == torch.bfloat16 else t)
+                                for t in (hidden, weight, bias))
     hidden_size = hidden.shape[-1]
     lead_shape = hidden.shape[:-1]
     hidden2d = hidden.reshape(-1, hidden_size)  # a view when it can be, a copy otherwise
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (hidden, weight, bias)
-    )
-    if needs_grad:
-        out = TemperatureProjectionFunction.apply(hidden2d, weight, bias, clamp_min, clamp_max)
-    else:
-        # Inference: no autograd node, and no σ to keep.
-        with torch.cuda.device_of(hidden2d):
-            out, _ = _launch_forward(hidden2d, weight, bias, clamp_min, clamp_max, save_sigma=False)
-    return out.view(*lead_shape, weight.shape[0])
+    out = temperature_projection_triton(hidden2d, weight, bias, clamp_min, clamp_max)
+    return out.view(*lead_shape, weight.shape[0]).to(out_dtype)
 
 
 def temperature_projection(
@@ -526,9 +511,13 @@ def temperature_projection(
             chosen = "torch"
         elif error is not None:
             raise error
-    if chosen == "torch":
-        return _torch_projection(hidden, weight, bias, clamp_min, clamp_max)
-    return _triton_projection(hidden, weight, bias, clamp_min, clamp_max)
+    # Autocast does not change this op: it computes in its inputs' dtypes (fp32 accumulation,
+    # fp32 sigmoid) and returns their promoted dtype, so the temperatures of a bf16-autocast
+    # model stay as precise as without autocast.
+    with torch.autocast(hidden.device.type, enabled=False):
+        if chosen == "torch":
+            return _torch_projection(hidden, weight, bias, clamp_min, clamp_max)
+        return _triton_projection(hidden, weight, bias, clamp_min, clamp_max)
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,0 +1,160 @@
+"""The static GPU proof (``python -m tgr_kernels.aot``) runs in the suite, and its gate can fail.
+
+The proof compiles for sm_90 and sm_80 with real JIT functions, which the interpreter replaces
+(conftest sets TRITON_INTERPRET=1 for this process), so it runs in a subprocess without it.
+"""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from tgr_kernels import aot
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(args, timeout):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+# Every flash candidate the dispatcher can return, over head dims 1..256, the four dtypes and both
+# targets, keyed as (kernel, arch, dtype, bucket, BLOCK_M, BLOCK_N, warps, stages). The launchers pad
+# a head dim to a multiple of FLASH_HEAD_DIM_ALIGN before asking for configurations, so do we.
+_FLASH_CANDIDATES = textwrap.dedent("""
+    import json
+    from tgr_kernels import _configs, aot
+    from tgr_kernels.attention_flash import FLASH_HEAD_DIM_ALIGN
+    from tgr_kernels._backend import triton_dot_precision
+    names = {"fwd": "_flash_fwd_kernel", "bwd_dkdv": "_flash_bwd_dkdv_kernel", "bwd_dq": "_flash_bwd_dq_kernel"}
+    out = set()
+    for precision in aot.ATTENTION_PRECISIONS:
+        with precision.active():
+            dot = triton_dot_precision(precision.dtype)
+        for arch, (cc, _, _) in aot.ARCHES.items():
+            for kernel in _configs.FLASH_KERNELS:
+                for d in range(1, 257):
+                    d += -d % FLASH_HEAD_DIM_ALIGN
+                    bucket = 64 if d <= 64 else (128 if d <= 128 else 256)
+                    for c in _configs.flash_configs(kernel, d, precision.dtype, dot, cc):
+                        out.add((names[kernel], arch, precision.name, bucket,
+                                 c["BLOCK_M"], c["BLOCK_N"], c.num_warps, c.num_stages))
+    print(json.dumps(sorted(out)))
+""")
+
+
+def _compiled_flash_candidates(records):
+    out = set()
+    for r in records:
+        if r["kernel"].startswith("_flash"):
+            d = r["scenario"]["D"]
+            bucket = 64 if d <= 64 else (128 if d <= 128 else 256)
+            assert d % 16 == 0, r  # padded by the launcher
+            out.add((r["kernel"], r["arch"], r["dtype"], bucket, r["constexprs"]["BLOCK_M"],
+                     r["constexprs"]["BLOCK_N"], r["num_warps"], r["num_stages"]))
+    return out
+
+
+def test_every_launch_configuration_passes_the_static_proof(tmp_path):
+    # The one full compile of the suite (the other tests compile a few kernels at most).
+    proc = _run(["-m", "tgr_kernels.aot", "--out", str(tmp_path)], timeout=1500)
+    assert proc.returncode == 0, proc.stdout[-8000:] + proc.stderr[-4000:]
+    data = json.loads((tmp_path / "records.json").read_text())
+    records = data["records"]
+    assert (tmp_path / "table.md").read_text().count("| ok |") > 0
+    # Every kernel family, on both targets, in every dtype it is launched with.
+    assert {(r["family"], r["arch"]) for r in records} == {(f, a) for f in aot.FAMILIES.values() for a in aot.ARCHES}
+    flash = {r["dtype"] for r in records if r["family"].startswith("flash")}
+    assert flash == {"fp16", "bf16", "fp32", "fp32+tf32"}
+    assert any(r["dtype"] == "bf16 h, fp32 W" for r in records if r["family"].startswith("projection"))
+    for rec in records:
+        assert rec["ok"] and rec["error"] is None, rec
+        if rec["half_precision"]:
+            assert rec["stack"] == 0, rec
+        if rec["tensor_core_dots"]:
+            assert rec["sass"][aot.ARCHES[rec["arch"]][2]] > 0, rec
+    # The model's projection mix (bf16 hidden, fp32 weights) runs on tensor cores, without spills.
+    # (The dh kernel launched without HIDDEN_GRAD only scales dz: it has no matmul to check.)
+    mixed = [r for r in records if r["dtype"] == "bf16 h, fp32 W"]
+    no_matmul = [r for r in mixed if r["family"] == "projection bwd dh" and not r["scenario"]["hidden_grad"]]
+    assert mixed and all(r["stack"] == 0 for r in mixed)
+    assert all(r["tensor_core_dots"] for r in mixed if r not in no_matmul)
+    # The enumeration is reduced (variants for the default candidate only), but every flash candidate
+    # the dispatcher can choose is compiled, for each head-dim bucket, alignment, dtype and arch.
+    expected = _run(["-c", _FLASH_CANDIDATES], timeout=120)
+    assert expected.returncode == 0, expected.stderr[-4000:]
+    expected = {tuple(x) for x in json.loads(expected.stdout)}
+    missing = expected - _compiled_flash_candidates(records)
+    assert not missing, sorted(missing)[:20]
+
+
+_BAD_CONFIGS = textwrap.dedent("""
+    import sys
+    import torch
+    from tgr_kernels import _configs, aot
+    from tgr_kernels._configs import _config
+
+    # A forward tile too large for the register file (128 x 256 fp32 accumulator on 4 warps), and
+    # backward tiles too small for wgmma (32 rows: sm_80-style HMMA on sm_90).
+    def bad(kernel, head_dim, dtype, precision, arch=90):
+        if kernel == "fwd":
+            return (_config(4, 1, BLOCK_M=128, BLOCK_N=128),)
+        return (_config(8, 1, BLOCK_M=32, BLOCK_N=32),)
+
+    _configs.flash_configs = bad
+    aot.ATTENTION_PRECISIONS = (aot.Precision(torch.float16),)
+    aot.largest_per_group = lambda domain, config_of: [256]
+    sys.exit(aot.main(["--family", "flash", "--quick", "--arch", "sm_90", "--out", sys.argv[1], "--jobs", "2"]))
+""")
+
+
+def test_the_gate_fails_on_a_spilling_and_a_non_tensor_core_configuration(tmp_path):
+    proc = _run(["-c", _BAD_CONFIGS, str(tmp_path)], timeout=600)
+    assert proc.returncode == 1 and "FAIL:" in proc.stdout, proc.stdout[-4000:] + proc.stderr[-4000:]
+    records = json.loads((tmp_path / "records.json").read_text())["records"]
+    failures = {r["family"]: " ".join(r["failures"]) for r in records}
+    assert "spills" in failures["flash fwd"], failures
+    assert "fp16 dot without HGMMA" in failures["flash bwd dK/dV"], failures
+    assert "fp16 dot without HGMMA" in failures["flash bwd dQ/dt"], failures
+    assert "FAIL" in (tmp_path / "table.md").read_text()
+
+
+def _record(**overrides):
+    rec = dict(arch="sm_90", error=None, shared_dynamic=1024, shared_static=0, stack=0, half_precision=True,
+               tensor_core_dots=["bf16"], sass={"HGMMA": 8, "HMMA": 0, "FFMA": 10})
+    rec.update(overrides)
+    return rec
+
+
+@pytest.mark.parametrize("overrides,reason", [
+    (dict(error="PTXASError: out of resources"), "compile error"),
+    (dict(shared_dynamic=232448, shared_static=1024), "shared memory 233472 B > 232448 B"),
+    (dict(arch="sm_80", shared_dynamic=166913, sass={"HGMMA": 0, "HMMA": 4, "FFMA": 0}), "> 166912 B"),
+    (dict(stack=8), "spills 8 B in a half-precision kernel"),
+    (dict(sass={"HGMMA": 0, "HMMA": 16, "FFMA": 0}), "bf16 dot without HGMMA"),
+    (dict(arch="sm_80", sass={"HGMMA": 0, "HMMA": 0, "FFMA": 64}, tensor_core_dots=["tf32x3"]),
+     "tf32x3 dot without HMMA"),
+])
+def test_gate_rules(overrides, reason):
+    assert any(reason in f for f in aot.check(_record(**overrides)))
+
+
+def test_gate_passes_a_clean_kernel_and_fp32_fma():
+    assert aot.check(_record()) == []
+    # An fp32 kernel with ieee dots: scalar FMAs are what it asks for.
+    assert aot.check(_record(half_precision=False, tensor_core_dots=[], sass={"HGMMA": 0, "HMMA": 0, "FFMA": 99})) == []
+
+
+def test_dots_are_read_from_the_ttir():
+    ttir = """
+      %a = tt.dot %q, %k, %c, inputPrecision = tf32 : tensor<128x64xbf16> * tensor<64x64xbf16> -> tensor<128x64xf32>
+      %b = tt.dot %h, %w, %c : tensor<64x64xf32> * tensor<64x16xf32> -> tensor<64x16xf32>
+      %d = tt.dot %h, %w, %c, inputPrecision = tf32x3 : tensor<64x64xf32> * tensor<64x16xf32> -> tensor<64x16xf32>
+    """
+    dots = aot.dots_of(ttir)
+    assert [(d["types"], d["precision"]) for d in dots] == [(["bf16"], "tf32"), (["fp32"], "ieee"), (["fp32"], "tf32x3")]

@@ -1,0 +1,219 @@
+"""Launch configurations of the Triton kernels: which tiles, warps and pipeline stages each runs with.
+
+This module is the one place where they are chosen. The launchers in ``attention_flash``,
+``attention_wide`` and ``temperature_projection`` ask it for their configurations and launch
+through :func:`launch`; the static proof (``python -m tgr_kernels.aot``) calls the same launchers
+and compiles every configuration these functions can return, for sm_90 and sm_80, so a change
+here is checked (registers, spills, shared memory, tensor cores) before it reaches a GPU.
+
+Under Triton's interpreter (CPU tests) each kernel has one small configuration: the interpreter
+cannot autotune, and its time grows with the tile. On CUDA a kernel with several candidates is
+autotuned over them (``triton.autotune``, once per problem bucket); every candidate is compiled by
+the proof. Setting ``TGR_AUTOTUNE=0`` before import launches the first candidate (the default).
+"""
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+from typing import Callable, Tuple, Union
+
+import torch
+import triton
+
+from ._backend import TRITON_INTERPRET, next_power_of_2
+
+AUTOTUNE = not TRITON_INTERPRET and os.environ.get("TGR_AUTOTUNE", "1").lower() not in ("0", "false", "no", "off")
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """Constexpr tile sizes (``meta``, name/value pairs) plus ``num_warps`` and ``num_stages``."""
+
+    meta: Tuple[Tuple[str, int], ...]
+    num_warps: int
+    num_stages: int
+
+    def __getitem__(self, name: str) -> int:
+        return dict(self.meta)[name]
+
+    def kwargs(self) -> dict:
+        """Keyword arguments of one kernel launch with this configuration."""
+        return dict(self.meta, num_warps=self.num_warps, num_stages=self.num_stages)
+
+    def to_triton(self) -> triton.Config:
+        return triton.Config(dict(self.meta), num_warps=self.num_warps, num_stages=self.num_stages)
+
+    def __str__(self) -> str:
+        tiles = " ".join(f"{k}={v}" for k, v in self.meta)
+        return f"{tiles} warps={self.num_warps} stages={self.num_stages}"
+
+
+def _config(num_warps: int, num_stages: int, **meta: int) -> LaunchConfig:
+    return LaunchConfig(tuple(meta.items()), num_warps, num_stages)
+
+
+# ----------------------------------------------------------------------------- flash attention
+FLASH_KERNELS = ("fwd", "bwd_dkdv", "bwd_dq")
+
+
+def flash_block_d(head_dim: int) -> int:
+    """BLOCK_D of the flash kernels: the head dim padded to a power of two (>= 16 for tl.dot)."""
+    return max(16, next_power_of_2(head_dim))
+
+
+def device_arch(device: torch.device) -> int:
+    """The compute capability of a CUDA device as 10 * major + minor (90 = H100/H200, 80 = A100);
+    0 for any other device."""
+    if device.type != "cuda":
+        return 0
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
+
+
+def flash_configs(kernel: str, head_dim: int, dtype: torch.dtype, precision: str,
+                  arch: int = 90) -> Tuple[LaunchConfig, ...]:
+    """Candidate configurations of one flash kernel (``"fwd"``, ``"bwd_dkdv"`` or ``"bwd_dq"``)
+    for q of ``dtype`` and head dim ``head_dim`` whose dots run at ``precision`` (tl.dot's
+    input_precision), on a GPU of compute capability ``arch``; the first is the default. Each
+    has BLOCK_M (query rows) and BLOCK_N (keys)."""
+    if kernel not in FLASH_KERNELS:
+        raise ValueError(f"kernel must be one of {FLASH_KERNELS}, got {kernel!r}")
+    if TRITON_INTERPRET:
+        return (_config(4, 1, BLOCK_M=32, BLOCK_N=32),)
+    bucket = 64 if head_dim <= 64 else (128 if head_dim <= 128 else 256)
+    arch_name = "sm_90" if 90 <= arch < 100 else "sm_80"
+    # Head dims that are not a multiple of 16 never reach the kernels: the launchers pad them
+    # (attention_flash.FLASH_HEAD_DIM_ALIGN), so every row loads as vectors.
+    table = _FLASH_FP32_IEEE if precision == "ieee" else _FLASH_TENSOR_CORE[arch_name]
+    candidates = table[kernel][bucket]
+    if precision != "ieee" and dtype == torch.float32:
+        # tf32 tiles take twice the shared memory and operand registers of fp16/bf16 ones.
+        candidates = _FLASH_TF32.get((arch_name, kernel, bucket), candidates)
+    return tuple(_config(w, s, BLOCK_M=m, BLOCK_N=n) for m, n, w, s in candidates)
+
+
+# Candidate (BLOCK_M, BLOCK_N, num_warps, num_stages) per arch, kernel and head-dim bucket
+# (D <= 64, <= 128, <= 256), the default first, chosen with `python -m tgr_kernels.aot`: each
+# compiles without spills, within shared memory, and (sm_90) to wgmma. wgmma gives each group of
+# four warps 64 rows, so on sm_90 BLOCK_M (and BLOCK_N of the dK/dV kernel, whose dots run over
+# keys) is 64 per four warps where registers allow. On sm_80 mma.sync keeps both operands in
+# registers, so its tiles are smaller. (Other GPUs take the sm_80 set.)
+_FLASH_TENSOR_CORE = {
+    "sm_90": {
+        # D > 64: also without spills when the mask and bias rows are unaligned (odd S).
+        "fwd": {64: [(128, 64, 8, 3), (64, 64, 4, 3)], 128: [(128, 32, 8, 2), (64, 32, 8, 2)],
+                256: [(64, 32, 8, 2), (128, 16, 8, 2)]},
+        "bwd_dkdv": {64: [(64, 64, 4, 2), (128, 64, 8, 2)], 128: [(64, 32, 8, 1), (64, 64, 8, 1)],
+                     256: [(16, 64, 8, 1)]},
+        "bwd_dq": {64: [(128, 64, 8, 2), (64, 64, 8, 2)], 128: [(64, 32, 8, 2), (64, 16, 8, 2)],
+                   256: [(64, 16, 8, 2)]},
+    },
+    "sm_80": {
+        "fwd": {64: [(128, 32, 8, 2), (64, 64, 4, 2)], 128: [(64, 32, 8, 1), (32, 32, 4, 1)],
+                256: [(64, 32, 8, 1), (32, 32, 4, 1)]},
+        "bwd_dkdv": {64: [(64, 64, 8, 2), (64, 32, 8, 1)], 128: [(64, 32, 8, 1), (32, 64, 8, 2)],
+                     256: [(64, 32, 8, 1), (32, 32, 8, 1)]},
+        "bwd_dq": {64: [(128, 32, 8, 2), (64, 32, 4, 2)], 128: [(64, 32, 8, 2), (32, 32, 8, 1)],
+                   256: [(64, 16, 8, 2)]},
+    },
+}
+# fp32 with TF32 allowed, where the fp16/bf16 candidates do not fit in shared memory (aligned and
+# unaligned head dims alike).
+_FLASH_TF32 = {
+    ("sm_90", "fwd", 256): [(128, 32, 8, 1)],
+    ("sm_90", "bwd_dkdv", 256): [(16, 64, 8, 1)],
+    ("sm_90", "bwd_dq", 256): [(64, 16, 8, 2), (64, 32, 8, 1)],
+    ("sm_80", "bwd_dkdv", 256): [(32, 16, 4, 1)],
+    ("sm_80", "bwd_dq", 256): [(32, 32, 8, 1)],
+}
+# fp32 with ieee dots (TF32 off): scalar FMA dots, whose operands and accumulators all sit in
+# registers, so the tiles shrink as the head dim grows and eight warps share the accumulators.
+_FLASH_FP32_IEEE = {
+    "fwd": {64: [(32, 32, 4, 1)], 128: [(32, 16, 4, 1)], 256: [(32, 16, 8, 1)]},
+    "bwd_dkdv": {64: [(32, 32, 8, 1)], 128: [(16, 32, 8, 1)], 256: [(16, 16, 8, 1)]},
+    "bwd_dq": {64: [(32, 32, 8, 1)], 128: [(16, 16, 8, 1)], 256: [(16, 16, 8, 1)]},
+}
+
+
+def flash_tune_bucket(S_q: int, S_k: int) -> Tuple[int, int]:
+    """Sequence lengths that share one autotuning result (powers of two), so that a new length
+    within a bucket (each decoding step, each batch of another length) does not re-tune."""
+    return next_power_of_2(S_q), next_power_of_2(S_k)
+
+
+# Arguments whose values change the best configuration beyond the bucket and the dtypes.
+FLASH_TUNE_KEY = ("D", "HAS_KPM", "HAS_BIAS", "CAUSAL")
+
+
+# ----------------------------------------------------------------------------- wide-path row kernels
+def wide_row_config(n_cols: int) -> LaunchConfig:
+    """BLOCK_N (columns per step of the row loop) and warps of the wide path's row kernels for
+    rows of ``n_cols`` scores. One configuration: the kernels rewrite their input in place, so
+    they cannot be benchmarked repeatedly on the same buffers."""
+    if TRITON_INTERPRET:
+        return _config(4, 3, BLOCK_N=min(256, max(16, next_power_of_2(n_cols))))
+    block = min(4096, max(128, next_power_of_2(n_cols)))
+    return _config(8 if block >= 2048 else 4, 3, BLOCK_N=block)
+
+
+# ----------------------------------------------------------------------------- temperature projection
+PROJECTION_KERNELS = ("fwd", "bwd_rows", "bwd_weight")
+# tl.dot needs every tile dim >= 16 on a GPU, so the T temperature heads are padded to >= 16.
+PROJECTION_MIN_BLOCK_T = 16
+
+
+def projection_block_t(n_heads: int) -> int:
+    """BLOCK_T: all T heads in one tile, padded to a power of two >= 16."""
+    return max(PROJECTION_MIN_BLOCK_T, next_power_of_2(n_heads))
+
+
+def projection_config(kernel: str, n_heads: int, hidden_dtype: torch.dtype,
+                      weight_dtype: torch.dtype) -> LaunchConfig:
+    """The configuration of one projection kernel (``"fwd"``, ``"bwd_rows"`` or ``"bwd_weight"``):
+    BLOCK_M rows of h per program (per loop step for ``bwd_weight``), BLOCK_K columns of H per
+    loop step (per program for ``bwd_weight``), BLOCK_T. One configuration (no autotuning): the
+    op is memory bound, and the weight-gradient launch derives its row split from BLOCK_M."""
+    if kernel not in PROJECTION_KERNELS:
+        raise ValueError(f"kernel must be one of {PROJECTION_KERNELS}, got {kernel!r}")
+    block_t = projection_block_t(n_heads)
+    if TRITON_INTERPRET:
+        return _config(4, 3, BLOCK_M=64, BLOCK_T=block_t, BLOCK_K=64)
+    if kernel == "bwd_weight":
+        # The dW dot is dzᵀ h: heads are its M side, and wgmma (sm_90) needs M >= 64. The kernel
+        # streams h once and is memory bound, so padding T = 8 to 64 zero rows costs no time.
+        block_t = max(64, block_t)
+    # BLOCK_M = 64: one wgmma row group per four warps. Unaligned h (odd H or row stride) loads
+    # element by element, which costs registers: 32 columns per step, two warp groups from T = 64.
+    block_k, warps = 32, (8 if block_t >= 64 else 4)
+    if not (hidden_dtype == weight_dtype and hidden_dtype in (torch.float16, torch.bfloat16)) and block_t >= 128:
+        # fp32 dots (tf32x3 splits each operand in two; ieee keeps them in registers) on the widest T.
+        block_k = 16
+    return _config(warps, 3, BLOCK_M=64, BLOCK_T=block_t, BLOCK_K=block_k)
+
+
+# ----------------------------------------------------------------------------- launching
+Grid = Union[Tuple[int, ...], Callable[[dict], Tuple[int, ...]]]
+
+
+@functools.lru_cache(maxsize=None)
+def _autotuner(kernel, configs: Tuple[LaunchConfig, ...], tune_key: Tuple[str, ...], tune_bucket: tuple):
+    """One ``triton.autotune`` wrapper per kernel, candidate set and problem bucket: Triton keys
+    its cache on argument values (and dtypes); the bucket groups values that should share it."""
+    del tune_bucket  # part of the cache key only
+    return triton.autotune(configs=[c.to_triton() for c in configs], key=list(tune_key))(kernel)
+
+
+def launch(kernel, grid: Grid, configs: Tuple[LaunchConfig, ...], *args,
+           tune_key: Tuple[str, ...] = (), tune_bucket: tuple = (), **constexprs) -> None:
+    """Launch ``kernel[grid](*args, **constexprs)`` with one of ``configs``.
+
+    ``grid`` is a tuple, or a function of the launch's meta-parameters (so it can read the
+    chosen BLOCK_* sizes). With several candidates on CUDA the fastest is chosen by
+    ``triton.autotune`` (keyed on ``tune_key`` arguments and dtypes, per ``tune_bucket``);
+    otherwise, and under the interpreter, the first one runs.
+    """
+    if len(configs) > 1 and AUTOTUNE:
+        _autotuner(kernel, tuple(configs), tuple(tune_key), tuple(tune_bucket))[grid](*args, **constexprs)
+        return
+    kernel[grid](*args, **constexprs, **configs[0].kwargs())
