@@ -1,13 +1,17 @@
 """Records in, tables out: ``records.jsonl`` -> ``table.md`` (and the same text on the console).
 
-``python -m benchmarks.report DIR`` rebuilds DIR/table.md and DIR/*.png from DIR/records.jsonl,
-e.g. after a run that was stopped part way (records are written as they are measured).
+``python -m benchmarks.report [--no-plots] DIR`` rebuilds DIR/table.md and DIR/*.png from
+DIR/records.jsonl, e.g. after a run that was stopped part way (records are written as they are
+measured).
 
 One table per (op, shape, dtype, mode, causal): a row per sequence length, a column per
 provider. A cell holds the median time, the speed-up over eager-seed (eager-seed's median over
 the provider's: 2.0× = twice as fast), the extra peak memory, and on a GPU the achieved
 TFLOP/s (GB/s for the projection). "n/a" cells name their reason below the table; a provider
 whose output or gradients disagree with the seed's math is marked MISMATCH, whatever its speed.
+Records measured on an H200 get a roofline column (the least time the kernels as designed can
+take there, ``benchmarks.roofline``) and each cell the fraction of it that was reached (roofline
+time / measured time: 100% is the limit).
 """
 from __future__ import annotations
 
@@ -15,8 +19,9 @@ import json
 import os
 import sys
 from collections import OrderedDict
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
+from . import roofline
 from .providers import ALL_PROVIDERS
 
 RECORDS = "records.jsonl"
@@ -57,7 +62,7 @@ def _group_key(rec: dict) -> Tuple:
     return (rec["op"], shape, rec["dtype"], rec["mode"], rec.get("causal"), rec.get("mask"), rec.get("device_name"))
 
 
-def _cell(rec: dict, eager: dict, notes: Dict[str, int], on_gpu: bool) -> str:
+def _cell(rec: dict, eager: dict, notes: Dict[str, int], on_gpu: bool, bound: Optional[dict] = None) -> str:
     if rec.get("status") != "ok":
         reason = rec.get("reason") or rec.get("status", "?")
         mark = notes.setdefault(reason, len(notes) + 1)
@@ -74,6 +79,8 @@ def _cell(rec: dict, eager: dict, notes: Dict[str, int], on_gpu: bool) -> str:
         parts.append(f"{rec['gbps']:.0f} GB/s")
     elif on_gpu and rec.get("tflops") and rec["op"] != "projection":
         parts.append(f"{rec['tflops']:.0f} TF/s" if rec["tflops"] >= 10 else f"{rec['tflops']:.2g} TF/s")
+    if bound is not None:
+        parts.append(f"{bound['roofline_ms'] / rec['median_ms']:.0%} of roofline")
     if rec.get("note"):
         parts.append(f"[{notes.setdefault(rec['note'], len(notes) + 1)}]")
     if rec.get("check_ok") is False:
@@ -128,14 +135,21 @@ def render_markdown(records: List[dict]) -> str:
             extra += ", torch-compile with dynamic=True"
         out.append(f"### {op}, {mode}, {dtype} ({dims}{extra}) on {device_name}")
         out.append("")
-        out.append("| S | " + " | ".join(providers) + " |")
-        out.append("|---:|" + "---|" * len(providers))
+        bounds = {S: roofline.estimate(next(r for r in recs if r["seq_len"] == S))
+                  for S in sorted({r["seq_len"] for r in recs})}
+        with_bounds = any(b is not None for b in bounds.values())
+        first = "| S | roofline (H200) | " if with_bounds else "| S | "
+        out.append(first + " | ".join(providers) + " |")
+        out.append("|---:|" + ("---:|" if with_bounds else "") + "---|" * len(providers))
         notes: Dict[str, int] = {}
         on_gpu = recs[0].get("device") == "cuda"
         for S in sorted({r["seq_len"] for r in recs}):
             row = {r["provider"]: r for r in recs if r["seq_len"] == S}
             eager = row.get("eager-seed")
-            cells = [_cell(row[p], eager, notes, on_gpu) if p in row else "" for p in providers]
+            bound = bounds[S]
+            cells = [_cell(row[p], eager, notes, on_gpu, bound) if p in row else "" for p in providers]
+            if with_bounds:
+                cells.insert(0, f"{bound['roofline_ms']:.3g} ms ({bound['bound']} bound)" if bound else "")
             out.append(f"| {S} | " + " | ".join(cells) + " |")
         for reason, mark in notes.items():
             out.append(f"\n[{mark}] {reason}")
@@ -168,10 +182,13 @@ def write_report(out_dir: str, plots: bool = True) -> str:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    plots = "--no-plots" not in argv
+    argv = [a for a in argv if a != "--no-plots"]
     if len(argv) != 1 or argv[0].startswith("-"):
-        print("usage: python -m benchmarks.report DIR   (rebuilds DIR/table.md and plots from DIR/records.jsonl)")
+        print("usage: python -m benchmarks.report [--no-plots] DIR   "
+              "(rebuilds DIR/table.md and plots from DIR/records.jsonl)")
         return 2
-    print(write_report(argv[0]))
+    print(write_report(argv[0], plots=plots))
     return 0
 
 

@@ -6,6 +6,7 @@
 Shapes are odd (not multiples of any block) so the masked edges of every tile are exercised:
 the flash kernels (forward, dK/dV, dQ with dt̄) with padding + causal + GSoT and with an
 additive mask, the wide path's row kernels, and the temperature projection's three kernels.
+Without CUDA the same calls run tiny under Triton's interpreter (a dry run of the script).
 """
 from __future__ import annotations
 
@@ -23,7 +24,11 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     torch.manual_seed(0)
-    for D, S_q, S_k in ((64, 77, 77), (128, 45, 101), (320, 37, 37)):
+    # odd sizes on both paths; tiny ones under the interpreter, where every launch is slow
+    shapes = ((64, 77, 77), (128, 45, 101), (320, 37, 37)) if device == "cuda" else \
+        ((16, 13, 13), (32, 9, 21), (264, 11, 11))
+    hidden_shape = (3, 53, 200) if device == "cuda" else (3, 7, 40)
+    for D, S_q, S_k in shapes:
         q, k, v = (torch.randn(2, 2, s, D, device=device, dtype=dtype, requires_grad=True)
                    for s in (S_q, S_k, S_k))
         t = torch.rand(2, S_q, 4, device=device, requires_grad=True)
@@ -35,8 +40,8 @@ def main() -> None:
                                                backend="triton")
             out.backward(torch.randn_like(out))
         print(f"attention D={D} S_q={S_q} S_k={S_k}: ok", flush=True)
-    h = torch.randn(3, 53, 200, device=device, dtype=dtype, requires_grad=True)
-    w = (torch.randn(8, 200, device=device) * 0.05).requires_grad_()
+    h = torch.randn(*hidden_shape, device=device, dtype=dtype, requires_grad=True)
+    w = (torch.randn(8, hidden_shape[-1], device=device) * 0.05).requires_grad_()
     b = torch.zeros(8, device=device, requires_grad=True)
     temperature_projection(h, w, b, backend="triton").sum().backward()
     if device == "cuda":
