@@ -24,7 +24,7 @@ report: $(VENV)/.installed
 	$(PY) -m tgr_kernels
 
 test: $(VENV)/.installed
-	$(PY) -m pytest -q tests benchmarks/test_runner.py
+	$(PY) -m pytest -q tests benchmarks/test_runner.py benchmarks/test_gpu_run.py benchmarks/test_roofline.py
 
 test-fast: $(VENV)/.installed
 	$(PY) -m pytest -q -m "not slow" tests
