@@ -387,15 +387,12 @@ def _version(dist: str) -> Optional[str]:
         return None
 
 
+
+
 def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "CPU"
+    from tgr_kernels._backend import cpu_name  # here: importing tgr_kernels imports triton
+
+    return cpu_name()
 
 
 def _git_commit() -> Optional[str]:

@@ -143,7 +143,7 @@ def test_opcheck_flash_attention(mask_kind, gsot, causal):
     for need_dq, need_dkv in ((True, True), (False, True), (False, False)):
         _opcheck(_ops.flash_attention_backward,
                               (*[a.detach() if isinstance(a, torch.Tensor) else a for a in args],
-                               out, lse, grad_out, need_dq, need_dkv),
+                               lse, grad_out, need_dq, need_dkv),
                               test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
 
 

@@ -78,19 +78,19 @@ def flash_attention_backward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, t_bar: torch.Tensor,
     key_padding: Optional[torch.Tensor], additive: Optional[torch.Tensor],
     causal: bool, gsot_threshold: Optional[float], scale: float,
-    out: torch.Tensor, lse: torch.Tensor, grad_out: torch.Tensor, need_dq: bool, need_dkv: bool,
+    lse: torch.Tensor, grad_out: torch.Tensor, need_dq: bool, need_dkv: bool,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Flash backward: ``(dq, dk, dv, dt̄ [B, S_q] fp32)``; unneeded gradients are empty."""
     with _launch_context(q):
         dq, dk, dv, dt = attention_flash.flash_backward(
-            q, k, v, t_bar, key_padding, additive, causal, gsot_threshold, scale, out, lse, grad_out,
+            q, k, v, t_bar, key_padding, additive, causal, gsot_threshold, scale, lse, grad_out,
             need_dq=need_dq, need_dkv=need_dkv)
     # Custom-op outputs may not alias each other: a fresh empty tensor for each missing one.
     return tuple(q.new_empty(0) if g is None else g for g in (dq, dk, dv)) + (dt,)
 
 
 @flash_attention_backward.register_fake
-def _(q, k, v, t_bar, key_padding, additive, causal, gsot_threshold, scale, out, lse, grad_out,
+def _(q, k, v, t_bar, key_padding, additive, causal, gsot_threshold, scale, lse, grad_out,
       need_dq, need_dkv):
     B, H, S_q, _ = q.shape
     return (q.new_empty(q.shape if need_dq else (0,)),
@@ -101,19 +101,19 @@ def _(q, k, v, t_bar, key_padding, additive, causal, gsot_threshold, scale, out,
 
 def _flash_setup_context(ctx, inputs, output):
     q, k, v, t_bar, key_padding, additive, causal, gsot_threshold, scale = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, t_bar, key_padding, additive, out, lse)
+    _, lse = output  # the output itself is not needed: Δ comes from the backward's first pass
+    ctx.save_for_backward(q, k, v, t_bar, key_padding, additive, lse)
     ctx.options = (causal, gsot_threshold, scale)
 
 
 def _flash_backward(ctx, grad_out, grad_lse):
-    q, k, v, t_bar, key_padding, additive, out, lse = ctx.saved_tensors
+    q, k, v, t_bar, key_padding, additive, lse = ctx.saved_tensors
     need_q, need_k, need_v, need_t = ctx.needs_input_grad[:4]
     nones = (None,) * 5
     if grad_out is None or not (need_q or need_k or need_v or need_t):
         return (None,) * 4 + nones
     dq, dk, dv, dt = flash_attention_backward(
-        q, k, v, t_bar, key_padding, additive, *ctx.options, out, lse, grad_out.contiguous(),
+        q, k, v, t_bar, key_padding, additive, *ctx.options, lse, grad_out.contiguous(),
         need_q, need_k or need_v,
     )
     return (_none_if_empty(dq) if need_q else None, dk if need_k else None, dv if need_v else None,

@@ -54,7 +54,7 @@ import triton  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
 from . import _configs, attention_flash, attention_wide  # noqa: E402
-from ._backend import TRITON_INTERPRET, triton_dot_precision  # noqa: E402
+from ._backend import TRITON_INTERPRET, cpu_name, triton_dot_precision  # noqa: E402
 
 # The package exports a function of the same name, so fetch the module itself.
 temperature_projection = importlib.import_module(f"{__package__ or 'tgr_kernels'}.temperature_projection")
@@ -346,10 +346,9 @@ def flash_launches(arch: str, full: bool = True) -> List[Launch]:
                 with precision.active():
                     launches += _keep(record(lambda: attention_flash.flash_forward(
                         q, k, v, t_bar, key_padding, additive, s["causal"], gsot, scale), arch, **label), s)
-                    out = torch.zeros_like(q)
                     lse = torch.zeros(B, H, S)
                     launches += _keep(record(lambda: attention_flash.flash_backward(
-                        q, k, v, t_bar, key_padding, additive, s["causal"], gsot, scale, out, lse,
+                        q, k, v, t_bar, key_padding, additive, s["causal"], gsot, scale, lse,
                         torch.zeros_like(q), need_dq=s["need_dq"], need_dkv=s["need_dkv"]), arch, **label), s)
     return launches
 
@@ -797,7 +796,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     times = [r["compile_s"] for r in records]
     meta = dict(
         date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        machine=f"{_cpu_name()} ({os.cpu_count()} cores), {platform.system()}",
+        machine=f"{cpu_name()} ({os.cpu_count()} cores), {platform.system()}",
         triton=triton.__version__, ptxas=ptxas_version(), torch=torch.__version__,
         launches=len(launches), compiles=len(records), jobs=max(1, args.jobs),
         wall_s=time.perf_counter() - started,
@@ -822,15 +821,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 0
 
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 if __name__ == "__main__":

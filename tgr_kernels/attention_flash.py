@@ -441,14 +441,14 @@ def flash_forward(q, k, v, t_bar, key_padding, additive, causal, gsot_threshold,
 
 
 def flash_backward(q, k, v, t_bar, key_padding, additive, causal, gsot_threshold, scale,
-                   out, lse, grad_out, need_dq: bool, need_dkv: bool):
+                   lse, grad_out, need_dq: bool, need_dkv: bool):
     """Launch the backward kernels. Returns (dq or None, dk or None, dv or None, dt̄ [B, S_q] fp32).
-    ``out`` (the forward's output) is not read: Δ comes from the dQ kernel's first pass."""
+    The forward's output is not needed: Δ comes from the dQ kernel's first pass."""
     D = q.shape[-1]
     if D % FLASH_HEAD_DIM_ALIGN:
         qp, kp, vp, gp = _pad_head_dim(q, k, v, grad_out)
         dq, dk, dv, dt = flash_backward(qp, kp, vp, t_bar, key_padding, additive, causal, gsot_threshold,
-                                        scale, None, lse, gp, need_dq, need_dkv)
+                                        scale, lse, gp, need_dq, need_dkv)
         return _unpad(dq, D), _unpad(dk, D), _unpad(dv, D), dt
     B, H, S_q, D = q.shape
     S_k = k.shape[2]
