@@ -322,7 +322,7 @@ def test_triton_on_cpu_without_interpreter_says_how(monkeypatch):
     (2, 2, 257, 257, 256, "kpm_dead", True, 0.4, True),
     (1, 32, 513, 513, 96, None, True, None, False),
     (2, 1, 1023, 1023, 4096, "additive", False, 0.4, True),
-    (1, 1, 600, 700, 1024, "kpm_dead", True, None, False),
+    (2, 1, 600, 700, 1024, "kpm_dead", True, None, False),  # B = 2: sequence 0 sees no key, 1 is padded
 ], ids=lambda c: "x".join(map(str, c[:5])) + f"-{c[5]}-{c[6]}-{c[7]}-{c[8]}")
 def test_cuda_parity_large(dtype, case):
     check_parity("triton", *case, dtype)
