@@ -250,6 +250,25 @@ def _flash_bwd_dkdv_kernel(
 
 
 @triton.jit
+def _dq_tile(q, do, k_base, v_base, offs_n, offs_m, offs_d, row_scale, lse, b, h, KPM, BIAS,
+             stride_kn, stride_kd, stride_vn, stride_vd, stride_pb, stride_pn,
+             stride_bb, stride_bh, stride_bm, stride_bn, S_q, S_k, D,
+             HAS_KPM: tl.constexpr, HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
+    """One key block of the dQ kernel's passes: the K tile, the raw products ``qk = q·kᵀ``, the
+    unnormalised ``p = exp2(S − lse)`` (0 where masked; q·k stays finite there) and
+    ``dp = dO·vᵀ``."""
+    k = _load_rows(k_base, offs_n, stride_kn, offs_d, stride_kd, S_k, D)
+    v = _load_rows(v_base, offs_n, stride_vn, offs_d, stride_vd, S_k, D)
+    qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+    s = _logits_tile(qk, row_scale, offs_m, offs_n, b, h, KPM, BIAS,
+                     stride_pb, stride_pn, stride_bb, stride_bh, stride_bm, stride_bn,
+                     S_q, S_k, HAS_KPM, HAS_BIAS, CAUSAL)
+    p = tl.exp2(s - lse[:, None])
+    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+    return k, qk, p, dp
+
+
+@triton.jit
 def _flash_bwd_dq_kernel(
     Q, K, V, T_BAR, KPM, BIAS, DO, LSE, DELTA, LSE_BWD, DQ, DT,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -315,15 +334,10 @@ def _flash_bwd_dq_kernel(
     mean_z = tl.zeros([BLOCK_M], dtype=tl.float32)
     co = tl.zeros([BLOCK_M], dtype=tl.float32)
     for start_n in range(0, end_n, BLOCK_N):
-        offs_n = start_n + offs_n0
-        k = _load_rows(k_base, offs_n, stride_kn, offs_d, stride_kd, S_k, D)
-        v = _load_rows(v_base, offs_n, stride_vn, offs_d, stride_vd, S_k, D)
-        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-        s = _logits_tile(qk, row_scale, offs_m, offs_n, b, h, KPM, BIAS,
-                         stride_pb, stride_pn, stride_bb, stride_bh, stride_bm, stride_bn,
-                         S_q, S_k, HAS_KPM, HAS_BIAS, CAUSAL)
-        p = tl.exp2(s - lse[:, None])  # 0 where masked (q·k stays finite there)
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        k, qk, p, dp = _dq_tile(q, do, k_base, v_base, start_n + offs_n0, offs_m, offs_d, row_scale, lse, b, h,
+                                KPM, BIAS, stride_kn, stride_kd, stride_vn, stride_vd, stride_pb, stride_pn,
+                                stride_bb, stride_bh, stride_bm, stride_bn, S_q, S_k, D,
+                                HAS_KPM, HAS_BIAS, CAUSAL, PRECISION)
         w_tile = tl.sum(p, 1)
         inv_tile = 1.0 / tl.where(w_tile == 0.0, 1.0, w_tile)
         mean_dp_tile = tl.sum(p * dp, 1) * inv_tile
@@ -347,16 +361,11 @@ def _flash_bwd_dq_kernel(
         # Pass 2: dQ = t̄ · scale · dS K with the renormalised P and the Δ of pass 1.
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         for start_n in range(0, end_n, BLOCK_N):
-            offs_n = start_n + offs_n0
-            k = _load_rows(k_base, offs_n, stride_kn, offs_d, stride_kd, S_k, D)
-            v = _load_rows(v_base, offs_n, stride_vn, offs_d, stride_vd, S_k, D)
-            qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-            s = _logits_tile(qk, row_scale, offs_m, offs_n, b, h, KPM, BIAS,
-                             stride_pb, stride_pn, stride_bb, stride_bh, stride_bm, stride_bn,
-                             S_q, S_k, HAS_KPM, HAS_BIAS, CAUSAL)
-            p = tl.exp2(s - lse[:, None]) * inv_sum[:, None]
-            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-            ds = p * (dp - delta[:, None])
+            k, qk, p, dp = _dq_tile(q, do, k_base, v_base, start_n + offs_n0, offs_m, offs_d, row_scale, lse, b,
+                                    h, KPM, BIAS, stride_kn, stride_kd, stride_vn, stride_vd, stride_pb,
+                                    stride_pn, stride_bb, stride_bh, stride_bm, stride_bn, S_q, S_k, D,
+                                    HAS_KPM, HAS_BIAS, CAUSAL, PRECISION)
+            ds = p * inv_sum[:, None] * (dp - delta[:, None])
             acc += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
         dq = acc * (t_bar * scale)[:, None]
         tl.store(DQ + row_base * D + offs_m[:, None].to(tl.int64) * D + offs_d[None, :],
