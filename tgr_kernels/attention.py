@@ -25,7 +25,7 @@ from ._validation import check_attention_inputs, check_backend
 from .attention_flash import FLASH_MAX_HEAD_DIM
 from .attention_sdpa import sdpa_attention
 from .attention_wide import DEFAULT_CHUNK_BYTES, wide_attention
-from .reference import mean_temperature, temperature_guided_attention_ref
+from .reference import attention_ref_checked, mean_temperature
 
 __all__ = ["temperature_guided_attention", "TemperatureGuidedAttention"]
 
@@ -72,10 +72,7 @@ def temperature_guided_attention(
         raise TypeError("backend='triton' supports float16, bfloat16 and float32 q/k/v, got float64; "
                         "use backend='torch'")
     if backend == "reference":
-        return temperature_guided_attention_ref(
-            q, k, v, temperature, attn_mask, causal=causal, gsot_threshold=gsot_threshold,
-            scale=args.scale, upcast=False,
-        )
+        return attention_ref_checked(args, upcast=False)
     q, k, v = _autocast_inputs(q, k, v)
     options = (args.key_padding, args.additive, args.causal, args.gsot_threshold, args.scale)
     # The dtypes are decided above; no op inside may be recast by the caller's autocast.

@@ -120,6 +120,13 @@ def temperature_guided_attention_ref(
     masked gives zeros. The gate reads t̄ in fp32 even when the logits are computed in q's dtype.
     """
     args = check_attention_inputs(q, k, v, temperature, attn_mask, causal, gsot_threshold, scale)
+    return attention_ref_checked(args, upcast=upcast)
+
+
+def attention_ref_checked(args: AttentionInputs, *, upcast: bool) -> torch.Tensor:
+    """:func:`temperature_guided_attention_ref` on inputs that ``check_attention_inputs`` has
+    already validated (the dispatcher's "reference" backend: the value checks run once)."""
+    q = args.q
     dtype = _compute_dtype(q, upcast=upcast)
     qc, kc, vc = args.q.to(dtype), args.k.to(dtype), args.v.to(dtype)
     t_bar = mean_temperature(args.temperature.to(dtype))
