@@ -134,3 +134,37 @@ def test_causal_multiplies_only_the_triangle(same_qkv):
     triangle = (S * S / 2) * (1 + attention_wide.CAUSAL_ROW_BLOCK / S) * D  # per GEMM
     assert work[True][0] <= 2 * triangle
     assert work[True][1] <= 4 * triangle
+
+
+@pytest.mark.parametrize("S_q,S_k,block", [(45, 45, 8), (40, 19, 8), (20, 52, 8), (2048, 2048, 256), (7, 7, 8)])
+def test_causal_blocks_tile_each_visible_key_once(S_q, S_k, block, monkeypatch):
+    """The large blocks cover exactly what each row chunk sees, each entry once, and flag a block
+    as ``written`` exactly when an earlier block already wrote its rows."""
+    monkeypatch.setattr(attention_wide, "CAUSAL_ROW_BLOCK", block)
+    chunks = attention_wide._chunks(S_q, S_k, 1, 1, 4, True, 1 << 40)
+    visible = torch.zeros(S_q, S_k, dtype=torch.int64)
+    for row0, row1, n_cols in chunks:
+        visible[row0:row1, :n_cols] = 1
+    covered = torch.zeros_like(visible)
+    rows_written = torch.zeros(S_q, dtype=torch.bool)
+    for row0, row1, col0, col1, written in attention_wide._causal_blocks(chunks):
+        assert row1 > row0 and col1 > col0
+        assert bool(rows_written[row0:row1].all()) == written == bool(rows_written[row0:row1].any())
+        covered[row0:row1, col0:col1] += 1
+        rows_written[row0:row1] = True
+    assert torch.equal(covered, visible)
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case", [TORCH_CASES[0], TORCH_CASES[3]], ids=_id)
+def test_torch_row_blocks_inference(case, dtype, row_block_of_8):
+    """No gradient wanted: no autograd node and no kept Z, the causal square filled in large blocks."""
+    B, H, S_q, S_k, D, mask_kind, thr, same = case
+    with torch.no_grad():
+        _, (q, k, v), temperature = make_inputs(B, H, S_q, S_k, D, dtype, same)
+        mask = make_mask(mask_kind, B, H, S_q, S_k)
+        out = wide(q, k, v, temperature, mask, True, thr, "torch")
+        eager = temperature_guided_attention_ref(q, k, v, temperature, mask, causal=True, gsot_threshold=thr)
+        truth = temperature_guided_attention_ref(q.double(), k.double(), v.double(), temperature.double(), mask,
+                                                 causal=True, gsot_threshold=thr, upcast=True)
+    assert_parity("out", out, eager, truth, dtype)
