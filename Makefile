@@ -1,16 +1,19 @@
 # Two entry points, each doing all of its own set-up on a fresh machine:
 #   make demo   the main job: `tgr demo`, train + evaluate + generate on the embedded default (offline)
-#   make test   the test suite (Triton kernels run under the interpreter when there is no GPU)
+#   make test   the test suite (Triton kernels run under the interpreter when there is no GPU),
+#               after `make lint` when TEST_LINT is set to lint
 VENV   ?= .venv
 PYTHON ?= python3
 PY     := $(VENV)/bin/python
 # The CPU build of torch 2.13 lies on this project's machines; the GPU machine brings its own torch.
 TORCH_SPEC  ?= torch==2.13.0
 TRITON_SPEC ?= triton==3.7.1
+# Run before the tests by `make test`, so that CI fails on lint: `lint`, or empty for none.
+TEST_LINT ?=
 
-.PHONY: demo report test test-fast bench clean
+.PHONY: demo report lint test test-fast bench clean
 
-$(VENV)/.installed: setup.py
+$(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)" "$(TRITON_SPEC)"
@@ -23,11 +26,14 @@ demo: $(VENV)/.installed
 report: $(VENV)/.installed
 	$(PY) -m tgr_kernels
 
-test: $(VENV)/.installed
+lint: $(VENV)/.installed
+	$(PY) -m ruff check .
+
+test: $(TEST_LINT) $(VENV)/.installed
 	$(PY) -m pytest -q tests benchmarks/test_runner.py benchmarks/test_gpu_run.py benchmarks/test_roofline.py
 
 test-fast: $(VENV)/.installed
 	$(PY) -m pytest -q -m "not slow" tests
 
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache
+	rm -rf $(VENV) *.egg-info .pytest_cache build dist

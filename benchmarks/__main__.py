@@ -17,12 +17,12 @@ import sys
 
 import torch
 
-# Triton's interpreter is chosen when triton is first imported: re-execute with it set when asked
-# for on a machine without a GPU (before anything imports tgr_kernels).
-if (__name__ == "__main__" and "--triton-interpret" in sys.argv and not torch.cuda.is_available()
-        and os.environ.get("TRITON_INTERPRET") != "1"):
-    os.environ["TRITON_INTERPRET"] = "1"
-    os.execv(sys.executable, [sys.executable, "-m", "benchmarks", *sys.argv[1:]])
+from tgr_kernels._interpreter import rerun_with_interpreter  # noqa: E402
+
+# Triton's interpreter is chosen when the kernels are defined: re-execute with it set when asked
+# for on a machine without a GPU.
+if __name__ == "__main__" and "--triton-interpret" in sys.argv:
+    rerun_with_interpreter("benchmarks", sys.argv[1:])
 
 import argparse  # noqa: E402
 import datetime  # noqa: E402

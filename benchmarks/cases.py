@@ -24,7 +24,6 @@ Work, for achieved rates (the convention of FlashAttention's benchmarks):
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Dict, List, Optional
 
 import torch
 
@@ -46,10 +45,10 @@ QUICK_SEQ_LENS = [128]
 class Inputs:
     """One set of inputs: named tensors, the leaves to differentiate, and an upstream gradient."""
 
-    def __init__(self, tensors: Dict[str, torch.Tensor], leaves: List[str]):
+    def __init__(self, tensors: dict[str, torch.Tensor], leaves: list[str]):
         self.tensors = tensors
         self.leaf_names = leaves
-        self.grad_out: Optional[torch.Tensor] = None
+        self.grad_out: torch.Tensor | None = None
 
     def __getattr__(self, name):
         try:
@@ -58,23 +57,23 @@ class Inputs:
             raise AttributeError(name) from None
 
     @property
-    def leaves(self) -> List[torch.Tensor]:
+    def leaves(self) -> list[torch.Tensor]:
         return [self.tensors[n] for n in self.leaf_names]
 
     def nbytes(self) -> int:
         unique = {id(t): t for t in self.tensors.values()}
         return sum(t.numel() * t.element_size() for t in unique.values())
 
-    def detached(self) -> "Inputs":
+    def detached(self) -> Inputs:
         """The same storage, without autograd (inference inputs)."""
         done = {id(t): t.detach() for t in self.tensors.values()}
         copy = Inputs({n: done[id(t)] for n, t in self.tensors.items()}, self.leaf_names)
         copy.grad_out = self.grad_out
         return copy
 
-    def cast(self, dtype: torch.dtype) -> "Inputs":
+    def cast(self, dtype: torch.dtype) -> Inputs:
         """A detached copy with floating tensors in ``dtype`` (a tensor passed twice stays one)."""
-        done: Dict[int, torch.Tensor] = {}
+        done: dict[int, torch.Tensor] = {}
         out = {}
         for name, t in self.tensors.items():
             if id(t) not in done:
@@ -88,14 +87,14 @@ class Inputs:
 @dataclass
 class Case:
     op: str
-    shape: Dict[str, int]  # batch, heads, seq_len, head_dim | batch, seq_len, hidden, temp_heads
+    shape: dict[str, int]  # batch, heads, seq_len, head_dim | batch, seq_len, hidden, temp_heads
     dtype: torch.dtype
     device: str
     causal: bool = False
     mask: str = "padding"  # "padding" or "none"
     allow_interpreter: bool = False
     compile_dynamic: bool = False  # torch.compile(dynamic=True): one graph for every S
-    keep: Optional[torch.Tensor] = field(default=None, repr=False)  # bool [B, S], true = keep
+    keep: torch.Tensor | None = field(default=None, repr=False)  # bool [B, S], true = keep
 
     def __post_init__(self):
         if self.op != "projection" and self.mask == "padding" and self.keep is None:
@@ -104,7 +103,7 @@ class Case:
             keep[-1, S - S // 8:] = False
             self.keep = keep.to(self.device)
 
-    def with_dtype(self, dtype: torch.dtype) -> "Case":
+    def with_dtype(self, dtype: torch.dtype) -> Case:
         return replace(self, dtype=dtype)
 
     @property
@@ -151,7 +150,7 @@ class Case:
         return x
 
     # --------------------------------------------------------------- work
-    def flops(self, mode: str) -> Optional[float]:
+    def flops(self, mode: str) -> float | None:
         s = self.shape
         if self.op == "projection":
             n = s["batch"] * s["seq_len"] * s["hidden"] * s["temp_heads"]
@@ -161,7 +160,7 @@ class Case:
             fwd /= 2
         return fwd * {"forward": 1.0, "backward": 2.5, "full": 3.5}[mode]
 
-    def bytes(self, mode: str) -> Optional[float]:
+    def bytes(self, mode: str) -> float | None:
         if self.op != "projection":
             return None
         s = self.shape
@@ -171,14 +170,14 @@ class Case:
         bwd = n_tok * T * e + (n_tok * H + T * H) * e + (n_tok * H + T * H + T) * e
         return {"forward": fwd, "backward": bwd, "full": fwd + bwd}[mode]
 
-    def record_fields(self) -> Dict:
+    def record_fields(self) -> dict:
         return {"op": self.op, **self.shape, "dtype": self.dtype_name, "causal": self.causal,
                 "mask": self.mask if self.op != "projection" else None}
 
 
 def op_cases(op: str, seq_lens, dtypes, device: str, causal_values, mask: str, quick: bool,
-             batch: Optional[int] = None, allow_interpreter: bool = False,
-             compile_dynamic: bool = False) -> List[Case]:
+             batch: int | None = None, allow_interpreter: bool = False,
+             compile_dynamic: bool = False) -> list[Case]:
     base = dict(DEFAULT_SHAPES[op][1 if quick else 0])
     if batch:
         base["batch"] = batch

@@ -4,14 +4,17 @@ TRITON_INTERPRET must be in the environment before triton is first imported (tgr
 imports it), so this runs before any benchmark module is collected. It lets the tgr-triton
 provider be checked for correctness here; its speed under the interpreter is never reported.
 """
-import os
-import sys
+import importlib.util
+import pathlib
 
 import torch
 
-if not torch.cuda.is_available():
-    if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
-        raise RuntimeError("triton was imported before benchmarks/conftest.py could set TRITON_INTERPRET=1")
-    os.environ["TRITON_INTERPRET"] = "1"
+# tgr_kernels/_interpreter.py, loaded from its path: importing it through the package would
+# import triton first.
+_spec = importlib.util.spec_from_file_location(
+    "_tgr_interpreter", pathlib.Path(__file__).resolve().parents[1] / "tgr_kernels" / "_interpreter.py")
+_interpreter = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_interpreter)
+_interpreter.use_interpreter_without_gpu("benchmarks/conftest.py")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

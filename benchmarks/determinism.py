@@ -12,14 +12,15 @@ Prints one line per case and a summary last; exits 1 on any difference.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before tgr_kernels imports triton
+from tgr_kernels._interpreter import rerun_with_interpreter  # noqa: E402
+
+if __name__ == "__main__":
+    rerun_with_interpreter("benchmarks.determinism", sys.argv[1:])  # without a GPU, through Triton's interpreter
 
 from tgr_kernels import temperature_guided_attention, temperature_projection  # noqa: E402
 

@@ -35,8 +35,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any
 
 import torch
 
@@ -44,7 +45,7 @@ MiB = 1 << 20
 
 
 # ----------------------------------------------------------------------------- statistics
-def percentile(sorted_values: List[float], q: float) -> float:
+def percentile(sorted_values: list[float], q: float) -> float:
     """Linear-interpolated percentile ``q`` in [0, 100] of an ascending list."""
     if not sorted_values:
         return float("nan")
@@ -54,7 +55,7 @@ def percentile(sorted_values: List[float], q: float) -> float:
     return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
 
 
-def summarize(times_ms: List[float]) -> Dict[str, float]:
+def summarize(times_ms: list[float]) -> dict[str, float]:
     s = sorted(times_ms)
     return {"median_ms": percentile(s, 50), "p20_ms": percentile(s, 20), "p80_ms": percentile(s, 80),
             "reps": len(s)}
@@ -68,9 +69,9 @@ class Job:
     prepare: Callable[[int], Any]
     run: Callable[[Any], Any]
     n_copies: int = 1
-    times_ms: List[float] = field(default_factory=list)
+    times_ms: list[float] = field(default_factory=list)
     first_ms: float = float("nan")
-    error: Optional[str] = None
+    error: str | None = None
 
 
 def describe_error(exc: BaseException) -> str:
@@ -97,7 +98,7 @@ def _call_once_ms(job: Job, copy: int, device: str) -> float:
     return (time.perf_counter() - start) * 1e3
 
 
-def time_interleaved(jobs: Dict[str, Job], device: str, reps: int, warmup: int) -> None:
+def time_interleaved(jobs: dict[str, Job], device: str, reps: int, warmup: int) -> None:
     """Fill each job's ``times_ms`` (and ``first_ms``, or ``error`` if it raised)."""
     for job in jobs.values():
         try:
@@ -113,7 +114,7 @@ def time_interleaved(jobs: Dict[str, Job], device: str, reps: int, warmup: int) 
     gc.disable()
     try:
         for rep in range(reps):
-            for name, job in live.items():
+            for job in live.values():
                 if job.error is not None:
                     continue
                 try:
@@ -212,7 +213,7 @@ class _RssSampler:
         os.close(self.fd)
 
 
-def peak_memory_mib(prepare: Callable[[], Any], run: Callable[[Any], Any], device: str) -> Dict[str, Any]:
+def peak_memory_mib(prepare: Callable[[], Any], run: Callable[[Any], Any], device: str) -> dict[str, Any]:
     """Extra peak memory (MiB) of ``run(prepare())`` over what was allocated before ``run``.
 
     CUDA: the caching allocator's peak. CPU: ``peak_mib`` from the profiler's timeline of tensor
@@ -316,7 +317,7 @@ def _rss_peak_cpu(prepare, run) -> int:
     return max(0, sampler.peak - base)
 
 
-def validate_cpu_memory() -> List[Dict[str, float]]:
+def validate_cpu_memory() -> list[dict[str, float]]:
     """Known allocations through both CPU methods: what, expected MiB, tensor_mib, rss_mib."""
     n = 256 * MiB
 
@@ -350,7 +351,7 @@ def validate_cpu_memory() -> List[Dict[str, float]]:
 
 
 # ----------------------------------------------------------------------------- ceilings
-def measure_ceilings(device: str, reps: int = 10) -> List[Dict[str, Any]]:
+def measure_ceilings(device: str, reps: int = 10) -> list[dict[str, Any]]:
     """The machine's own rates, measured now: dense matmul TFLOP/s and copy GB/s.
 
     GPU: a bf16 (and fp32) 8192³ matmul, a 1 GiB device-to-device copy (bytes read + written).
@@ -380,7 +381,7 @@ def measure_ceilings(device: str, reps: int = 10) -> List[Dict[str, Any]]:
 
 
 # ----------------------------------------------------------------------------- environment
-def _version(dist: str) -> Optional[str]:
+def _version(dist: str) -> str | None:
     try:
         return importlib.metadata.version(dist)
     except importlib.metadata.PackageNotFoundError:
@@ -395,7 +396,7 @@ def _cpu_name() -> str:
     return cpu_name()
 
 
-def _git_commit() -> Optional[str]:
+def _git_commit() -> str | None:
     try:
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         out = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True,
@@ -427,7 +428,7 @@ def cache_bytes(device: str) -> int:
     return size
 
 
-def environment(device: str) -> Dict[str, Any]:
+def environment(device: str) -> dict[str, Any]:
     """What a reader needs to reproduce or judge a number."""
     from tgr_kernels import __version__ as tgr_version
 

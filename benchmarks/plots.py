@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 import os
 from collections import OrderedDict
-from typing import List
 
 import matplotlib
 
@@ -20,7 +19,8 @@ from matplotlib.ticker import FuncFormatter, NullFormatter  # noqa: E402
 
 from .providers import ALL_PROVIDERS  # noqa: E402
 
-COLORS = dict(zip(ALL_PROVIDERS, ["#444444", "#8c564b", "#1f77b4", "#9467bd", "#2ca02c", "#d62728"]))
+COLORS = dict(zip(ALL_PROVIDERS, ["#444444", "#8c564b", "#1f77b4", "#9467bd", "#2ca02c", "#d62728",
+                                  "#7f7f7f", "#ff7f0e"], strict=True))
 
 
 @FuncFormatter
@@ -43,9 +43,9 @@ def _ceiling(records, device_name, what, dtype):
     return None, None
 
 
-def draw_plots(records: List[dict], out_dir: str) -> List[str]:
+def draw_plots(records: list[dict], out_dir: str) -> list[str]:
     meas = [r for r in records if r.get("kind", "measurement") == "measurement" and r.get("status") == "ok"]
-    figures: "OrderedDict[tuple, list]" = OrderedDict()
+    figures: OrderedDict[tuple, list] = OrderedDict()
     for r in meas:
         figures.setdefault((r["op"], r["dtype"], r["device_name"]), []).append(r)
     paths = []
@@ -57,7 +57,8 @@ def draw_plots(records: List[dict], out_dir: str) -> List[str]:
         ncols = 3 if has_rate else 2
         fig, axes = plt.subplots(len(rows), ncols, figsize=(5 * ncols, 3.4 * len(rows)), squeeze=False)
         r0 = recs[0]
-        shape = ", ".join(f"{k}={r0[k]}" for k in ("batch", "heads", "head_dim", "hidden", "temp_heads", "layers", "vocab") if r0.get(k))
+        shape_keys = ("batch", "heads", "head_dim", "hidden", "temp_heads", "layers", "vocab")
+        shape = ", ".join(f"{k}={r0[k]}" for k in shape_keys if r0.get(k))
         fig.suptitle(f"{op} ({shape}), {dtype} — {device_name}, {r0['date'][:10]}", fontsize=11)
         for i, (mode, causal) in enumerate(rows):
             sel = [r for r in recs if r["mode"] == mode and bool(r.get("causal")) == causal]
@@ -76,11 +77,11 @@ def draw_plots(records: List[dict], out_dir: str) -> List[str]:
                                 color=COLORS.get(provider), alpha=0.15)
                 mem = [(r["seq_len"], r["peak_mib"]) for r in pts if r.get("peak_mib") is not None]
                 if mem:
-                    axes[i][1].plot(*zip(*mem), **style)
+                    axes[i][1].plot(*zip(*mem, strict=True), **style)
                 if has_rate:
                     vals = [(r["seq_len"], r[rate]) for r in pts if r.get(rate)]
                     if vals:
-                        axes[i][2].plot(*zip(*vals), **style)
+                        axes[i][2].plot(*zip(*vals, strict=True), **style)
             axes[i][0].set_ylabel("median ms (p20–p80 band)")
             axes[i][1].set_ylabel("extra peak MiB")
             axes[i][0].set_title(f"time, {title}", fontsize=9)
@@ -111,7 +112,7 @@ def draw_plots(records: List[dict], out_dir: str) -> List[str]:
         handles, labels = axes[0][0].get_legend_handles_labels()
         if has_rate:
             h2, l2 = axes[0][2].get_legend_handles_labels()
-            handles += [h for h, lab in zip(h2, l2) if lab not in labels]
+            handles += [h for h, lab in zip(h2, l2, strict=True) if lab not in labels]
             labels += [lab for lab in l2 if lab not in labels]
         fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 7), fontsize=8)
         fig.tight_layout(rect=(0, 0.05, 1, 0.96))

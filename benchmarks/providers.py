@@ -32,8 +32,8 @@ from __future__ import annotations
 import math
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional
 
 import torch
 import torch.nn.functional as F
@@ -87,7 +87,7 @@ def seed_temperature_mechanism(hidden, weight, bias):
     return temp_vals
 
 
-def seed_additive_mask(case) -> Optional[torch.Tensor]:
+def seed_additive_mask(case) -> torch.Tensor | None:
     """The seed's ``(1 - mask) * -1e4`` in the input dtype, [B, 1, 1, S] (+ causal: [B, 1, S, S])."""
     S = case.shape["seq_len"]
     mask = None
@@ -108,13 +108,13 @@ class Provider:
     available: Callable = lambda case: None  # case -> None, or the reason it cannot run
 
 
-def _compiler_reason(case) -> Optional[str]:
+def _compiler_reason(case) -> str | None:
     if case.device == "cpu" and not (shutil.which("g++") or shutil.which("c++")):
         return "torch.compile on CPU needs a C++ compiler (none on PATH)"
     return None
 
 
-def _triton_reason(case) -> Optional[str]:
+def _triton_reason(case) -> str | None:
     if case.device == "cuda":
         return None
     if os.environ.get("TRITON_INTERPRET") == "1" and case.allow_interpreter:
@@ -173,7 +173,7 @@ def _flex_attention(case):
     return run
 
 
-def _flex_reason(case) -> Optional[str]:
+def _flex_reason(case) -> str | None:
     try:
         import torch.nn.attention.flex_attention  # noqa: F401
     except ImportError as exc:
@@ -191,7 +191,7 @@ def _tgr_attention(backend):
     return build
 
 
-ATTENTION_PROVIDERS: Dict[str, Provider] = {p.name: p for p in [
+ATTENTION_PROVIDERS: dict[str, Provider] = {p.name: p for p in [
     Provider("eager-seed", _eager_attention),
     Provider("torch-compile", _compiled_attention, _compiler_reason),
     Provider("sdpa-prescaled", _sdpa_attention),
@@ -218,11 +218,13 @@ def _tgr_projection(backend):
     return build
 
 
-PROJECTION_PROVIDERS: Dict[str, Provider] = {p.name: p for p in [
+PROJECTION_PROVIDERS: dict[str, Provider] = {p.name: p for p in [
     Provider("eager-seed", _eager_projection),
     Provider("torch-compile", _compiled_projection, _compiler_reason),
     Provider("tgr-torch", _tgr_projection("torch")),
     Provider("tgr-triton", _tgr_projection("triton"), _triton_reason),
 ]}
 
-ALL_PROVIDERS = list(ATTENTION_PROVIDERS)  # every name, in table order
+# The e2e suite's every-layer rows (benchmarks/suite_e2e.py): a whole model, not an op.
+MODEL_PROVIDERS = ["base-sdpa", "tgr-layers"]
+ALL_PROVIDERS = list(ATTENTION_PROVIDERS) + MODEL_PROVIDERS  # every name, in table order

@@ -19,7 +19,6 @@ import json
 import os
 import sys
 from collections import OrderedDict
-from typing import Dict, List, Optional, Tuple
 
 from . import roofline
 from .providers import ALL_PROVIDERS
@@ -29,9 +28,9 @@ TABLE = "table.md"
 SHAPE_KEYS = ("batch", "heads", "seq_len", "head_dim", "hidden", "temp_heads", "layers", "vocab")
 
 
-def load_records(path: str) -> List[dict]:
+def load_records(path: str) -> list[dict]:
     """Records of a records.jsonl, the last one winning where a measurement was repeated."""
-    latest: "OrderedDict[Tuple, dict]" = OrderedDict()
+    latest: OrderedDict[tuple, dict] = OrderedDict()
     with open(path, encoding="utf-8") as f:
         for line in f:
             if line.strip():
@@ -41,7 +40,7 @@ def load_records(path: str) -> List[dict]:
     return list(latest.values())
 
 
-def record_key(rec: dict) -> Tuple:
+def record_key(rec: dict) -> tuple:
     return (rec.get("kind", "measurement"), rec.get("op"), rec.get("provider"), rec.get("mode"),
             rec.get("dtype"), rec.get("device_name"), rec.get("causal"), rec.get("mask"),
             *(rec.get(k) for k in SHAPE_KEYS), rec.get("run_id") if rec.get("kind") == "run" else None)
@@ -57,12 +56,12 @@ def fmt_ms(v: float) -> str:
     return f"{v:.0f}"
 
 
-def _group_key(rec: dict) -> Tuple:
+def _group_key(rec: dict) -> tuple:
     shape = tuple((k, rec[k]) for k in SHAPE_KEYS if k != "seq_len" and rec.get(k) is not None)
     return (rec["op"], shape, rec["dtype"], rec["mode"], rec.get("causal"), rec.get("mask"), rec.get("device_name"))
 
 
-def _cell(rec: dict, eager: dict, notes: Dict[str, int], on_gpu: bool, bound: Optional[dict] = None) -> str:
+def _cell(rec: dict, eager: dict, notes: dict[str, int], on_gpu: bool, bound: dict | None = None) -> str:
     if rec.get("status") != "ok":
         reason = rec.get("reason") or rec.get("status", "?")
         mark = notes.setdefault(reason, len(notes) + 1)
@@ -88,13 +87,14 @@ def _cell(rec: dict, eager: dict, notes: Dict[str, int], on_gpu: bool, bound: Op
     return " · ".join(parts)
 
 
-def header_lines(runs: List[dict], ceilings: List[dict]) -> List[str]:
+def header_lines(runs: list[dict], ceilings: list[dict]) -> list[str]:
     """The conditions: device, versions, threads, timing and memory methods, each run's command."""
     lines, said = [], set()
     for run in runs:
         env = run["env"]
         v = env["versions"]
-        threads = f", {env['torch_threads']} torch threads of {env['cpu_cores']} cores" if env["device"] == "cpu" else ""
+        threads = (f", {env['torch_threads']} torch threads of {env['cpu_cores']} cores"
+                   if env["device"] == "cpu" else "")
         about = (f"- **{env['device_name']}** ({env['device']}{threads}); torch {v['torch']}, triton {v['triton']}, "
                  f"python {v['python']}, tgr {v['tgr']} (git {v['git']})")
         for text in (about, f"- timing: {run['timing']}", f"- memory: {run['memory']}"):
@@ -109,21 +109,26 @@ def header_lines(runs: List[dict], ceilings: List[dict]) -> List[str]:
             lines.append(f"  - not measured (time limit): {len(run['skipped'])} cases, from {run['skipped'][0]}")
     for c in ceilings:
         rate = f"{c['tflops']:.1f} TFLOP/s" if c.get("tflops") else f"{c['gbps']:.0f} GB/s"
-        what = f"{c['op']} {c['dtype']}" if "matmul" in c["op"] else f"{c['op']} ({c['shape']['bytes'] >> 20} MiB, read + write)"
-        lines.append(f"- ceiling measured in this run on {c['device_name']}: {what}: **{rate}** (median {fmt_ms(c['median_ms'])} ms)")
+        if "matmul" in c["op"]:
+            what = f"{c['op']} {c['dtype']}"
+        else:
+            what = f"{c['op']} ({c['shape']['bytes'] >> 20} MiB, read + write)"
+        lines.append(f"- ceiling measured in this run on {c['device_name']}: {what}: **{rate}** "
+                     f"(median {fmt_ms(c['median_ms'])} ms)")
     return lines
 
 
-def render_markdown(records: List[dict]) -> str:
+def render_markdown(records: list[dict]) -> str:
     runs = [r for r in records if r.get("kind") == "run"]
     ceilings = [r for r in records if r.get("kind") == "ceiling"]
     meas = [r for r in records if r.get("kind", "measurement") == "measurement"]
     out = ["# TGR benchmarks", ""]
     out += header_lines(runs, ceilings)
     out += ["", "Cells: median time · speed-up over eager-seed (its time / this one's) · extra peak memory "
-            "of one call (outputs included)" + (" · achieved TFLOP/s or GB/s" if any(r.get("device") == "cuda" for r in meas) else "")
+            "of one call (outputs included)"
+            + (" · achieved TFLOP/s or GB/s" if any(r.get("device") == "cuda" for r in meas) else "")
             + ". Modes: forward = inference (no_grad), backward = gradients alone, full = forward + backward.", ""]
-    groups: "OrderedDict[Tuple, List[dict]]" = OrderedDict()
+    groups: OrderedDict[tuple, list[dict]] = OrderedDict()
     for rec in meas:
         groups.setdefault(_group_key(rec), []).append(rec)
     for key, recs in groups.items():
@@ -141,7 +146,7 @@ def render_markdown(records: List[dict]) -> str:
         first = "| S | roofline (H200) | " if with_bounds else "| S | "
         out.append(first + " | ".join(providers) + " |")
         out.append("|---:|" + ("---:|" if with_bounds else "") + "---|" * len(providers))
-        notes: Dict[str, int] = {}
+        notes: dict[str, int] = {}
         on_gpu = recs[0].get("device") == "cuda"
         for S in sorted({r["seq_len"] for r in recs}):
             row = {r["provider"]: r for r in recs if r["seq_len"] == S}

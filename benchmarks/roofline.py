@@ -65,7 +65,6 @@ import math
 import os
 import sys
 from dataclasses import asdict, dataclass
-from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -135,18 +134,31 @@ def _cuda_branch(module):
         module.TRITON_INTERPRET = saved
 
 
-def flash_tiles(kernel: str, head_dim: int, dtype_name: str, tf32: bool = False) -> Tuple[int, int, int]:
+def flash_precision(kernel: str, head_dim: int, dtype_name: str, tf32: bool = False) -> str:
+    """tl.dot's input_precision of a flash kernel on CUDA (H200: sm_90): fp32 with TF32 allowed
+    multiplies in ieee where no tf32 tile is spill-free (``_configs.flash_dot_precision``)."""
+    from tgr_kernels import _configs
+
+    precision = "tf32" if dtype_name != "float32" or tf32 else "ieee"
+    return _configs.flash_dot_precision(kernel, head_dim, _dtype(dtype_name), precision)
+
+
+def flash_tiles(kernel: str, head_dim: int, dtype_name: str, tf32: bool = False) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_D) of a flash kernel ("fwd", "bwd_dkdv", "bwd_dq") on CUDA: the
     first candidate of ``tgr_kernels._configs.flash_configs``."""
     from tgr_kernels import _configs
 
-    precision = "tf32" if dtype_name != "float32" or tf32 else "ieee"
+    precision = flash_precision(kernel, head_dim, dtype_name, tf32)
     with _cuda_branch(_configs):
         config = _configs.flash_configs(kernel, head_dim, _dtype(dtype_name), precision)[0]
     return config["BLOCK_M"], config["BLOCK_N"], _configs.flash_block_d(head_dim)
 
 
-def projection_tiles(kernel: str, n_heads: int, hidden_dtype: str, weight_dtype: str) -> Tuple[int, int, int]:
+def _flash_peak(kernel: str, head_dim: int, dtype_name: str, tf32: bool) -> str:
+    return _dot_peak(dtype_name, flash_precision(kernel, head_dim, dtype_name, tf32) != "ieee")
+
+
+def projection_tiles(kernel: str, n_heads: int, hidden_dtype: str, weight_dtype: str) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_T, BLOCK_K) of a projection kernel ("fwd", "bwd_rows", "bwd_weight")."""
     from tgr_kernels import _configs
 
@@ -190,10 +202,11 @@ def _query_block_pass(S_q, S_k, D, e, block_m, block_n, block_d, causal, kpm, do
     return flops, bytes_
 
 
-def flash_launches(B, H, S_q, S_k, D, dtype_name, causal, kpm, mode, gsot=True, tf32=False) -> List[Launch]:
-    e, peak, BH = ELEMENT_BYTES[dtype_name], _dot_peak(dtype_name, tf32), B * H
+def flash_launches(B, H, S_q, S_k, D, dtype_name, causal, kpm, mode, gsot=True, tf32=False) -> list[Launch]:
+    e, BH = ELEMENT_BYTES[dtype_name], B * H
     launches = []
     if mode in ("forward", "full"):
+        peak = _flash_peak("fwd", D, dtype_name, tf32)
         bm, bn, bd = flash_tiles("fwd", D, dtype_name, tf32)
         f, b = _query_block_pass(S_q, S_k, D, e, bm, bn, bd, causal, kpm, dots=2, row_stats=1)  # t̄
         b += S_q * D * e + S_q * D * e + S_q * STAT  # Q in, O and log-sum-exp out
@@ -202,6 +215,7 @@ def flash_launches(B, H, S_q, S_k, D, dtype_name, causal, kpm, mode, gsot=True, 
         if gsot:
             launches.append(Launch("dO = g ∘ dY", 0, BH * S_q * D * 2 * e, "none"))
         launches.append(Launch("Δ = rowsum(dO ∘ O)", 0, BH * (2 * S_q * D * e + S_q * STAT), "none"))
+        peak = _flash_peak("bwd_dkdv", D, dtype_name, tf32)
         bm, bn, bd = flash_tiles("bwd_dkdv", D, dtype_name, tf32)
         f = b = 0
         for start_n in range(0, S_k, bn):
@@ -214,6 +228,7 @@ def flash_launches(B, H, S_q, S_k, D, dtype_name, causal, kpm, mode, gsot=True, 
             b += 2 * cols * D * e + rows * (2 * D * e + 3 * STAT) + (q_tiles * cols if kpm else 0)
             b += 2 * cols * D * e
         launches.append(Launch("flash bwd dK dV", BH * f, BH * b, peak))
+        peak = _flash_peak("bwd_dq", D, dtype_name, tf32)
         bm, bn, bd = flash_tiles("bwd_dq", D, dtype_name, tf32)
         f, b = _query_block_pass(S_q, S_k, D, e, bm, bn, bd, causal, kpm, dots=3, row_stats=3)  # t̄, lse, Δ
         b += 2 * S_q * D * e + S_q * D * e + S_q * STAT  # Q, dO in; dQ, dt̄ out
@@ -238,7 +253,7 @@ def _accumulating_gemm(name, M, N, K, e, batch, peak) -> Launch:
 
 
 def wide_launches(B, H, S_q, S_k, D, dtype_name, causal, kpm, mode, same_qkv=True, gsot=True,
-                  tf32=False) -> List[Launch]:
+                  tf32=False) -> list[Launch]:
     e, peak, BH = ELEMENT_BYTES[dtype_name], _dot_peak(dtype_name, tf32), B * H
     chunks, keeps_z = wide_chunks(S_q, S_k, B, H, e, causal)
     training = mode == "full"  # the timed forward of "backward" is untimed; "forward" is inference
@@ -298,7 +313,7 @@ def wide_launches(B, H, S_q, S_k, D, dtype_name, causal, kpm, mode, same_qkv=Tru
 
 # ----------------------------------------------------------------------------- projection
 def projection_launches(B, S, hidden, T, dtype_name, mode, weight_dtype=None, tf32=False,
-                        device: Device = H200) -> List[Launch]:
+                        device: Device = H200) -> list[Launch]:
     weight_dtype = weight_dtype or dtype_name
     eh, ew = ELEMENT_BYTES[dtype_name], ELEMENT_BYTES[weight_dtype]
     same_half = dtype_name == weight_dtype and dtype_name != "float32"
@@ -336,8 +351,8 @@ def projection_launches(B, S, hidden, T, dtype_name, mode, weight_dtype=None, tf
 
 
 # ----------------------------------------------------------------------------- cases
-def launches_for(op: str, shape: Dict[str, int], dtype_name: str, mode: str, causal: bool, mask: Optional[str],
-                 tf32: bool = False) -> List[Launch]:
+def launches_for(op: str, shape: dict[str, int], dtype_name: str, mode: str, causal: bool, mask: str | None,
+                 tf32: bool = False) -> list[Launch]:
     """The launches of one benchmark case (the fields of a benchmark record)."""
     if op == "projection":
         return projection_launches(shape["batch"], shape["seq_len"], shape["hidden"], shape["temp_heads"],
@@ -366,9 +381,9 @@ def entry(op, shape, dtype_name, mode, causal, mask, device: Device = H200, tf32
             "launches": _by_name(launches, device)}
 
 
-def _by_name(launches: List[Launch], device: Device) -> List[dict]:
+def _by_name(launches: list[Launch], device: Device) -> list[dict]:
     """The launches summed by name (the wide path repeats each one per chunk), in order."""
-    groups: Dict[str, dict] = {}
+    groups: dict[str, dict] = {}
     for x in launches:
         g = groups.setdefault(x.name, {"name": x.name, "count": 0, "flops": 0, "bytes": 0, "ms": 0.0})
         g["count"] += 1
@@ -378,7 +393,7 @@ def _by_name(launches: List[Launch], device: Device) -> List[dict]:
     return list(groups.values())
 
 
-def estimate(record: dict, device: Device = H200) -> Optional[dict]:
+def estimate(record: dict, device: Device = H200) -> dict | None:
     """The roofline entry of a benchmark record, or None: no model for its op, or not measured on
     ``device`` (another GPU has other peaks)."""
     if record.get("device") != "cuda" or device.match not in (record.get("device_name") or ""):
@@ -400,7 +415,7 @@ SEQ_LENS = {"attention-flash": sorted(set(bench_cases.DEFAULT_SEQ_LENS) | {8192}
 DTYPES = ("bfloat16", "float32")  # fp16 moves the same bytes at the same peak as bf16
 
 
-def all_entries(dtypes=DTYPES) -> List[dict]:
+def all_entries(dtypes=DTYPES) -> list[dict]:
     """Every benchmark case (cases.op_cases at full size, key-padding mask) in every mode."""
     rows = []
     for op in bench_cases.OPS:
@@ -417,7 +432,7 @@ def _fmt_time(ms: float) -> str:
     return f"{ms * 1e3:.1f} µs" if ms < 1 else f"{ms:.3g} ms"
 
 
-def render_table(rows: List[dict], device: Device = H200) -> str:
+def render_table(rows: list[dict], device: Device = H200) -> str:
     out = [f"# Roofline of the benchmark cases on an {device.name}", "",
            f"Generated by `python -m benchmarks.roofline` (the model: that module's docstring). Peaks: "
            f"{device.tensor_half_flops / 1e12:.0f} TFLOP/s bf16/fp16 (tensor cores), "
@@ -426,7 +441,7 @@ def render_table(rows: List[dict], device: Device = H200) -> str:
            "bandwidth); bytes charge every load to HBM (no L2 reuse). Key-padding mask as in the benchmarks; "
            "bf16 here (fp16 is the same); bf16 and fp32 in roofline.json, with each launch's share.", ""]
     rows = [r for r in rows if r["dtype"] == "bfloat16"]
-    groups: Dict[tuple, List[dict]] = {}
+    groups: dict[tuple, list[dict]] = {}
     for r in rows:
         shape = ", ".join(f"{k}={r[k]}" for k in ("batch", "heads", "head_dim", "hidden", "temp_heads") if k in r)
         groups.setdefault((r["op"], shape, r["mode"]), []).append(r)
@@ -450,7 +465,7 @@ def render_table(rows: List[dict], device: Device = H200) -> str:
     return "\n".join(out)
 
 
-def write(out_dir: str = OUT_DIR) -> Tuple[str, str]:
+def write(out_dir: str = OUT_DIR) -> tuple[str, str]:
     rows = all_entries()
     os.makedirs(out_dir, exist_ok=True)
     json_path, table_path = os.path.join(out_dir, JSON_NAME), os.path.join(out_dir, TABLE_NAME)

@@ -10,12 +10,15 @@ Without CUDA the same calls run tiny under Triton's interpreter (a dry run of th
 """
 from __future__ import annotations
 
-import os
+import sys
 
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # a dry run of the same calls on a CPU
+from tgr_kernels._interpreter import rerun_with_interpreter  # noqa: E402
+
+if __name__ == "__main__":
+    # Without a GPU: a dry run of the same calls on the CPU, through Triton's interpreter.
+    rerun_with_interpreter("benchmarks.sanitize_kernels", sys.argv[1:])
 
 from tgr_kernels import temperature_guided_attention, temperature_projection  # noqa: E402
 

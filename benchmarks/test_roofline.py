@@ -89,7 +89,7 @@ def test_committed_table_is_what_the_model_computes():
         committed = json.load(f)["entries"]
     fresh = json.loads(json.dumps(roofline.all_entries()))
     assert len(committed) == len(fresh)
-    for old, new in zip(committed, fresh):
+    for old, new in zip(committed, fresh, strict=True):
         assert old == new, f"stale roofline entry {old['op']} {old['mode']} S={old['seq_len']}: " \
                            "run python -m benchmarks.roofline"
     with open(os.path.join(roofline.OUT_DIR, roofline.TABLE_NAME), encoding="utf-8") as f:

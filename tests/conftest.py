@@ -1,25 +1,28 @@
 """Test set-up: run the Triton kernels through the interpreter when there is no GPU.
 
 TRITON_INTERPRET must be in the environment before triton is first imported, so this runs
-before any test module imports tgr_kernels.
+before any test module imports tgr_kernels (tgr_kernels/_interpreter.py, loaded from its path:
+importing it through the package would import triton first).
 """
-import os
-import sys
+import importlib.util
+import pathlib
 
 import torch
 
-if not torch.cuda.is_available():
-    if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
-        raise RuntimeError("triton was imported before tests/conftest.py could set TRITON_INTERPRET=1")
-    os.environ["TRITON_INTERPRET"] = "1"
+_spec = importlib.util.spec_from_file_location(
+    "_tgr_interpreter", pathlib.Path(__file__).resolve().parents[1] / "tgr_kernels" / "_interpreter.py")
+_interpreter = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_interpreter)
+_interpreter.use_interpreter_without_gpu("tests/conftest.py")
 
 import pytest  # noqa: E402
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+from helpers import DEVICE, word_level_tokenizer  # noqa: E402, F401  (DEVICE: for modules that import it from here)
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: long interpreter runs (deselect with -m 'not slow')")
+    config.addinivalue_line("markers", "slow: minutes on a CPU, e.g. the static GPU proof (make test-fast "
+                                       "deselects them: -m 'not slow')")
     config.addinivalue_line("markers", "cuda: needs a CUDA device")
 
 
@@ -48,3 +51,9 @@ def _poison_kernel_outputs(monkeypatch):
     from tgr_kernels import _backend
 
     monkeypatch.setattr(_backend, "POISON_OUTPUTS", True)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    """A word-level fast tokenizer for the data and evaluation tests (needs the model extra)."""
+    return word_level_tokenizer()

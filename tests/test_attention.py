@@ -1,11 +1,10 @@
 """Parity of every attention backend against the float64 reference, forward and all gradients,
 plus the behaviours the API promises (masks, GSoT, skipped gradients, errors)."""
-import math
 
 import pytest
 import torch
 
-from conftest import DEVICE
+from helpers import DEVICE, make_inputs, make_mask, rebuild_inputs
 from parity import FLOOR, assert_parity, max_err
 from tgr_kernels import attention_flash, attention_wide
 from tgr_kernels.attention import TemperatureGuidedAttention, temperature_guided_attention
@@ -13,55 +12,6 @@ from tgr_kernels.reference import temperature_guided_attention_ref
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 BACKENDS = ["triton", "torch"]
-
-
-def make_mask(kind, B, H, S_q, S_k, device=DEVICE):
-    """Masks of every accepted form; the "dead" kinds contain rows with no visible key."""
-    if kind is None:
-        return None
-    if kind in ("kpm", "kpm_dead", "kpm01"):
-        keep = torch.ones(B, S_k, dtype=torch.bool, device=device)
-        keep[-1, max(1, S_k - S_k // 3):] = False  # right padding on the last batch row
-        if kind == "kpm_dead":
-            keep[0] = False  # a sequence with no visible key at all
-        return keep.long() if kind == "kpm01" else keep
-    if kind == "additive":  # the seed's form: (1 - attention_mask) * -1e4, [B, 1, 1, S_k]
-        keep = torch.ones(B, S_k, device=device)
-        keep[-1, max(1, S_k - S_k // 3):] = 0
-        return ((1.0 - keep) * -1e4)[:, None, None, :]
-    if kind == "additive_inf":  # arbitrary additive bias with −inf entries and a fully masked row
-        bias = torch.randn(B, 1, S_q, S_k, device=device)
-        bias[torch.rand(B, 1, S_q, S_k, device=device) < 0.3] = -math.inf
-        bias[0, 0, S_q // 2] = -math.inf
-        return bias
-    if kind == "bool4d":
-        keep = torch.rand(B, 1, S_q, S_k, device=device) > 0.3
-        keep[..., 0] = True
-        return keep
-    raise ValueError(kind)
-
-
-def make_inputs(B, H, S_q, S_k, D, dtype, same_qkv, T=3, device=DEVICE):
-    if same_qkv:
-        assert S_q == S_k
-        x = torch.randn(B, H, S_q, D, device=device, dtype=dtype).requires_grad_()
-        leaves, qkv = [x], (x, x, x)
-    else:
-        q = torch.randn(B, H, S_q, D, device=device, dtype=dtype).requires_grad_()
-        k = torch.randn(B, H, S_k, D, device=device, dtype=dtype).requires_grad_()
-        v = torch.randn(B, H, S_k, D, device=device, dtype=dtype).requires_grad_()
-        leaves, qkv = [q, k, v], (q, k, v)
-    # Temperatures in [0.01, 0.99] like the TTM's, some of them near the GSoT thresholds.
-    temperature = (torch.rand(B, S_q, T, device=device) * 0.98 + 0.01).requires_grad_()
-    return leaves, qkv, temperature
-
-
-def _rebuild(leaves, temperature, same_qkv, dtype):
-    """Detached copies of the inputs in another dtype, as fresh leaves."""
-    new = [x.detach().to(dtype).requires_grad_() for x in leaves]
-    t = temperature.detach().to(torch.float64 if dtype == torch.float64 else temperature.dtype).requires_grad_()
-    qkv = (new[0],) * 3 if same_qkv else tuple(new)
-    return new, qkv, t
 
 
 def check_parity(backend, B, H, S_q, S_k, D, mask_kind, causal, thr, same_qkv, dtype):
@@ -74,17 +24,17 @@ def check_parity(backend, B, H, S_q, S_k, D, mask_kind, causal, thr, same_qkv, d
     grad_out = torch.randn_like(out)
     grads = torch.autograd.grad(out, leaves + [temperature], grad_out)
 
-    l64, qkv64, t64 = _rebuild(leaves, temperature, same_qkv, torch.float64)
+    l64, qkv64, t64 = rebuild_inputs(leaves, temperature, same_qkv, torch.float64)
     truth = temperature_guided_attention_ref(*qkv64, t64, mask, upcast=True, **kwargs)
     truth_grads = torch.autograd.grad(truth, l64 + [t64], grad_out.double())
 
-    le, qkve, te = _rebuild(leaves, temperature, same_qkv, dtype)
+    le, qkve, te = rebuild_inputs(leaves, temperature, same_qkv, dtype)
     eager = temperature_guided_attention_ref(*qkve, te, mask, upcast=False, **kwargs)
     eager_grads = torch.autograd.grad(eager, le + [te], grad_out)
 
     names = ["x"] if same_qkv else ["q", "k", "v"]
     assert_parity("out", out, eager, truth, dtype)
-    for name, g, ge, gt in zip(names + ["temperature"], grads, eager_grads, truth_grads):
+    for name, g, ge, gt in zip(names + ["temperature"], grads, eager_grads, truth_grads, strict=True):
         assert_parity(f"d{name}", g, ge, gt, dtype)
 
 
@@ -154,11 +104,11 @@ def test_wide_path_across_chunks(row_ops, mask_kind, causal):
                                         args.scale, row_ops=row_ops, chunk_bytes=chunk_bytes)
     grad_out = torch.randn_like(out)
     grads = torch.autograd.grad(out, leaves + [temperature], grad_out)
-    l64, qkv64, t64 = _rebuild(leaves, temperature, False, torch.float64)
+    l64, qkv64, t64 = rebuild_inputs(leaves, temperature, False, torch.float64)
     truth = temperature_guided_attention_ref(*qkv64, t64, mask, causal=causal, gsot_threshold=0.3)
     truth_grads = torch.autograd.grad(truth, l64 + [t64], grad_out.double())
     assert max_err(out, truth) < FLOOR[F32]
-    for g, gt in zip(grads, truth_grads):
+    for g, gt in zip(grads, truth_grads, strict=True):
         assert max_err(g, gt) < FLOOR[F32]
 
 

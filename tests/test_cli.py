@@ -34,11 +34,29 @@ def test_demo_trains_evaluates_and_generates(tmp_path, capsys):
     assert main(["demo", "--output", str(out), "--epochs", "1"] + FAST) == 0
     results = json.loads((out / "demo_results.json").read_text())
     for split in ("training questions", "held-out questions"):
-        for head in ("tgr_head", "base_head"):
+        # the base, the TGR head and every-layer TGR, on the same questions
+        assert set(results[split]) == {"base_head", "tgr_head", "tgr_layers"}
+        for head in ("base_head", "tgr_head", "tgr_layers"):
             assert 0.0 <= results[split][head]["map"] <= 1.0 and results[split][head]["questions"] > 0
+        assert len({results[split][head]["candidates"] for head in results[split]}) == 1
     assert len(results["generations"]) == 4 and all(r["answer"] is not None for r in results["generations"])
-    assert (out / "final" / "tgr_config.json").exists()
-    assert "MAP" in capsys.readouterr().out
+    assert (out / "final" / "config.json").exists()
+    layers_config = json.loads((out / "every-layer" / "final" / "config.json").read_text())
+    assert layers_config["tgr_mode"] == "layers" and layers_config["tgr_layers"] == "all"
+    text = capsys.readouterr().out
+    assert "MAP" in text
+    for split in ("training questions", "held-out questions"):
+        table = text.split(f"WikiQA answer selection, {split}", 1)[1].split("\n\n", 1)[0]
+        rows = [line.split()[0] for line in table.splitlines()[2:]]
+        assert rows == ["base", "tgr-head", "tgr-layers"], table
+
+
+def test_demo_in_head_mode_skips_the_every_layer_run(tmp_path):
+    out = tmp_path / "demo"
+    assert main(["demo", "--output", str(out), "--max-steps", "1", "--tgr-mode", "head"] + FAST) == 0
+    results = json.loads((out / "demo_results.json").read_text())
+    assert set(results["held-out questions"]) == {"base_head", "tgr_head"}
+    assert not (out / "every-layer").exists()
 
 
 def test_train_resumes_then_eval_and_generate_use_the_checkpoint(tmp_path, capsys):
@@ -88,6 +106,135 @@ def test_bad_labels_in_a_local_file(tmp_path, capsys):
     assert main(["train", "--data", str(bad), "--output", str(tmp_path / "o")] + FAST) == 2
     assert "labels must be 0 or 1" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()  # nothing half-written left behind
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One short run with TrainingArguments flags tgr never mapped by hand, LoRA adapters on."""
+    out = tmp_path_factory.mktemp("flags") / "run"
+    argv = ["train", "--output", str(out), "--optim", "adafactor", "--lr_scheduler_type", "constant",
+            "--max-steps", "2", "--save-steps", "2", "--lr", "0.002", "--report_to", "none",
+            "--gradient-accumulation-steps", "2", "--batch-size", "2", "--logging_steps", "1",
+            "--lora-r", "4", "--lora-alpha", "8", "--lora-target-modules", "q_proj", "k_proj"]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        assert main(argv + FAST) == 0
+    return out
+
+
+def test_train_takes_every_training_arguments_flag(trained):
+    import torch
+
+    args = torch.load(trained / "checkpoint-2" / "training_args.bin", weights_only=False)
+    assert str(getattr(args.optim, "value", args.optim)) == "adafactor"
+    assert str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)) == "constant"
+    assert (args.learning_rate, args.gradient_accumulation_steps, args.per_device_train_batch_size) == (0.002, 2, 2)
+    assert (args.save_total_limit, args.seed, args.remove_unused_columns) == (2, 0, False)  # tgr's defaults
+    state = json.loads((trained / "trainer_state.json").read_text())
+    assert state["global_step"] == 2
+    lrs = [log["learning_rate"] for log in state["log_history"] if "learning_rate" in log]
+    assert lrs and all(lr == pytest.approx(0.002) for lr in lrs)  # constant schedule
+
+
+def test_lora_flags_train_adapters(trained):
+    from safetensors import safe_open
+
+    config = json.loads((trained / "final" / "config.json").read_text())
+    assert (config["lora_r"], config["lora_alpha"], config["lora_target_modules"]) == (4, 8.0, ["q_proj", "k_proj"])
+    keys = []
+    for file in (trained / "final").glob("*.safetensors"):
+        with safe_open(str(file), framework="pt") as f:
+            keys += list(f.keys())
+    assert any("lora_" in k and "k_proj" in k for k in keys)
+
+
+def test_train_help_lists_training_arguments_with_tgr_defaults(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--help"])
+    assert e.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for flag in ("--optim", "--lr_scheduler_type", "--report_to", "--gradient_accumulation_steps", "--lora-r",
+                 "--lora-alpha", "--lora-dropout", "--lora-target-modules", "--output", "--lr", "--epochs"):
+        assert f"{flag} " in text
+    assert "--learning_rate LEARNING_RATE, --learning-rate LEARNING_RATE" in text
+    assert "(default: 0.001)" in text and "(default: 200)" in text  # tgr's, not transformers' 5e-05 and 500
+
+
+def test_bad_training_flags_are_one_line_and_create_nothing(tmp_path, capsys):
+    out = tmp_path / "o"
+    assert main(["train", "--output", str(out), "--fp16", "--bf16", "--use_cpu"] + FAST) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("tgr train: error:") and not out.exists()
+
+
+def test_data_without_a_correct_pair_is_refused_before_anything_is_created(tmp_path, capsys):
+    rows = tmp_path / "wrong.jsonl"
+    rows.write_text(json.dumps({"question_id": "1", "question": "q", "document_title": "t", "answer": "a",
+                                "label": 0}) + "\n")
+    assert main(["train", "--data", str(rows), "--output", str(tmp_path / "o")] + FAST) == 2
+    assert "no correct (label 1) question-answer pairs" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_binary_data_file_is_one_line_naming_it(tmp_path, capsys):
+    blob = tmp_path / "blob.jsonl"
+    blob.write_bytes(bytes(range(256)) * 16)
+    assert main(["train", "--data", str(blob), "--output", str(tmp_path / "o")] + FAST) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(blob) in err and "not UTF-8 text" in err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("command,name,damage", [
+    ("eval", "model.safetensors", "truncate"),
+    ("eval", "model.safetensors", "garbage"),
+    ("generate", "config.json", "truncate"),
+    ("generate", "config.json", "garbage"),
+])
+def test_a_damaged_saved_model_is_one_line_naming_the_file(trained, tmp_path, capsys, command, name, damage):
+    import shutil
+
+    ckpt = tmp_path / "final"
+    shutil.copytree(trained / "final", ckpt)
+    file = ckpt / name
+    data = file.read_bytes()
+    file.write_bytes(data[: len(data) // 2] if damage == "truncate" else bytes(range(256)) * 4)
+    argv = [command, "--checkpoint", str(ckpt)] + (["--max-new-tokens", "2", "q"] if command == "generate" else [])
+    assert main(argv + FAST) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"tgr {command}: error:") and name in err
+
+
+def test_a_folder_saved_with_the_old_config_name_still_loads(trained, tmp_path, capsys):
+    import shutil
+
+    ckpt = tmp_path / "old"
+    shutil.copytree(trained / "final", ckpt)
+    (ckpt / "config.json").rename(ckpt / "tgr_config.json")
+    assert main(["generate", "--checkpoint", str(ckpt), "--greedy", "--max-new-tokens", "2", "q"] + FAST) == 0
+    assert "Q: q" in capsys.readouterr().out
+
+
+def test_a_missing_model_extra_is_one_line(tmp_path):
+    """Without transformers (blocked here), the commands that need it say which extra to install,
+    and the command's help still works."""
+    prelude = "import sys; sys.modules['transformers'] = None; from tgr.cli import main; "
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    helped = subprocess.run([sys.executable, "-c", prelude + "sys.exit(main(['--help']))"],
+                            capture_output=True, text=True, timeout=120, env=env)
+    assert helped.returncode == 0 and "train" in helped.stdout and "generate" in helped.stdout
+    for argv in (["train", "--help"], ["eval"], ["demo", "--max-steps", "1"]):
+        proc = subprocess.run([sys.executable, "-c", prelude + f"sys.exit(main({argv!r}))"],
+                              capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.count("\n") == 1 and "pip install 'tgr[model]'" in proc.stderr
+
+
+def test_bench_passes_its_flags_on(capsys, monkeypatch):
+    monkeypatch.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "--help"])
+    assert e.value.code == 0 and "--suite" in capsys.readouterr().out
 
 
 def test_parser_defaults_follow_the_seed():

@@ -4,11 +4,10 @@ autograd registrations pass ``torch.library.opcheck``; under autocast the ops co
 dtypes they promise, forward and backward."""
 import pytest
 import torch
-
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import tgr_kernels
-from conftest import DEVICE
+from helpers import DEVICE
 from tgr_kernels import _ops, temperature_guided_attention, temperature_projection
 
 HIDDEN, HEADS = 32, 4
@@ -56,7 +55,7 @@ def _assert_compiled_equals_eager(backend, D, mask_kind, compile_backend, exact,
     compiled = torch.compile(head, fullgraph=True, backend=compile_backend)  # a graph break is an error
     out, grads, grad_out = _run(compiled, leaves, mask)
     out_e, grads_e, _ = _run(head, leaves, mask, grad_out)
-    pairs = [(out, out_e)] + list(zip(grads, grads_e))
+    pairs = [(out, out_e)] + list(zip(grads, grads_e, strict=True))
     for got, want in pairs:
         if exact:
             assert torch.equal(got, want)
@@ -113,7 +112,7 @@ def _opcheck(op, args, **kw):
         fake_out = op(*[mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args])
     with torch.no_grad():
         real_out = op(*args)
-    for i, (fake, real) in enumerate(zip(fake_out, real_out)):
+    for i, (fake, real) in enumerate(zip(fake_out, real_out, strict=True)):
         assert (fake.shape, fake.dtype, fake.stride()) == (real.shape, real.dtype, real.stride()), (
             f"output {i}: fake {tuple(fake.shape)} {fake.dtype} {fake.stride()} != "
             f"real {tuple(real.shape)} {real.dtype} {real.stride()}")
@@ -204,7 +203,7 @@ def test_attention_under_autocast_computes_in_the_autocast_dtype(backend, D):
                                             backend=backend)
     expected_grads = torch.autograd.grad(expected, inputs, grad_out)
     assert torch.equal(out, expected)
-    for g, e in zip(grads, expected_grads):
+    for g, e in zip(grads, expected_grads, strict=True):
         assert g.dtype == e.dtype
         assert torch.equal(g, e)
 
@@ -231,7 +230,7 @@ def test_projection_is_unchanged_by_autocast(backend, hidden_dtype):
     expected_grads = torch.autograd.grad(expected, leaves, grad_out)
     assert out.dtype == torch.float32
     assert torch.equal(out, expected)
-    for g, e in zip(grads, expected_grads):
+    for g, e in zip(grads, expected_grads, strict=True):
         assert torch.equal(g, e)
 
 

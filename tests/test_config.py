@@ -1,11 +1,13 @@
-"""TGRConfig: the seed's defaults, JSON round trips, and clear errors for bad values."""
+"""TGRConfig: the seed's defaults, JSON round trips, and clear errors for bad values; a
+PretrainedConfig registered with AutoConfig; old tgr_config.json folders; damaged files."""
 import json
 import math
 
 import pytest
+from transformers import AutoConfig, PretrainedConfig
 
 from tgr import TGRConfig
-from tgr.config import CONFIG_NAME
+from tgr.config import CONFIG_NAME, LEGACY_CONFIG_NAME, CheckpointError
 
 
 def test_seed_defaults_and_new_fields():
@@ -97,9 +99,55 @@ def test_unknown_and_malformed_input(tmp_path):
         TGRConfig.from_json_string("{not json")
     with pytest.raises(TypeError, match="needs a dict"):
         TGRConfig.from_dict([1, 2])
-    with pytest.raises(FileNotFoundError, match=CONFIG_NAME):
+    with pytest.raises(CheckpointError, match=CONFIG_NAME):
         TGRConfig.from_pretrained(tmp_path)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        TGRConfig.from_pretrained(tmp_path / "no" / "such" / "folder")
     # What a seed-era (PretrainedConfig) dump adds is tolerated.
     seed_dump = {"model_type": "temperature_guided_llama", "transformers_version": "4.46.0",
                  "temperature_heads": 4}
     assert TGRConfig.from_dict(seed_dump).temperature_heads == 4
+
+
+def test_a_pretrained_config_registered_with_autoconfig(tmp_path):
+    c = TGRConfig(base_model_name_or_path="some/base", temperature_heads=3, lora_r=2, hidden_size=64)
+    assert isinstance(c, PretrainedConfig) and TGRConfig.model_type == "tgr"
+    path = c.save_pretrained(tmp_path)
+    assert path.endswith("config.json") and CONFIG_NAME == "config.json"
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["model_type"] == "tgr" and saved["temperature_heads"] == 3 and "transformers_version" in saved
+    loaded = AutoConfig.from_pretrained(tmp_path)
+    assert type(loaded) is TGRConfig and loaded == c
+    # Keyword arguments that name fields replace them, through AutoConfig too.
+    assert AutoConfig.from_pretrained(tmp_path, attention_backend="torch").attention_backend == "torch"
+    assert json.loads(c.to_json_string())["lora_r"] == 2  # PretrainedConfig's serialization
+    # An attribute set at run time (Trainer sets use_cache) is not saved, so the folder still loads.
+    c.use_cache = False
+    c.save_pretrained(tmp_path)
+    assert "use_cache" not in json.loads((tmp_path / "config.json").read_text())
+    assert TGRConfig.from_pretrained(tmp_path) == c
+
+
+def test_a_folder_with_the_old_tgr_config_json_still_loads(tmp_path):
+    old = {"model_type": "tgr", "tgr_version": "0.1.0", "base_model_name_or_path": "some/base",
+           "temperature_heads": 5, "causal": False, "lora_target_modules": ["q_proj"], "device": None}
+    (tmp_path / LEGACY_CONFIG_NAME).write_text(json.dumps(old, indent=2))
+    c = TGRConfig.from_pretrained(tmp_path, attention_backend="torch")
+    assert (c.temperature_heads, c.causal, c.attention_backend) == (5, False, "torch")
+    # Beside a config.json (a folder saved again), config.json is the one read.
+    TGRConfig(base_model_name_or_path="some/base", temperature_heads=2).save_pretrained(tmp_path)
+    assert TGRConfig.from_pretrained(tmp_path).temperature_heads == 2
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty", "a list", "unknown field"])
+def test_a_damaged_config_is_one_line_naming_the_file(tmp_path, damage):
+    TGRConfig(base_model_name_or_path="some/base").save_pretrained(tmp_path)
+    file = tmp_path / "config.json"
+    text = file.read_bytes()
+    file.write_bytes({"truncated": text[: len(text) // 2], "garbage": bytes(range(256)) * 4, "empty": b"",
+                      "a list": b"[1, 2]", "unknown field": text.replace(b'"causal"', b'"casual"')}[damage])
+    with pytest.raises(CheckpointError) as err:
+        TGRConfig.from_pretrained(tmp_path)
+    message = str(err.value)
+    assert "\n" not in message and str(file) in message and "damaged" in message
+    assert isinstance(err.value, ValueError)

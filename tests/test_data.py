@@ -1,4 +1,5 @@
-"""WikiQA loading, validation, training examples, collation and ranking groups."""
+"""WikiQA loading, validation, training examples, collation and ranking groups (the word-level
+``tokenizer`` fixture comes from conftest.py)."""
 import csv
 import json
 
@@ -6,8 +7,15 @@ import pytest
 import torch
 
 from tgr.data import (
-    COLUMNS, IGNORE_INDEX, SAMPLE_PATH, DataError, PaddingCollator, build_training_examples, load_wikiqa,
-    ranking_groups, split_by_question,
+    COLUMNS,
+    IGNORE_INDEX,
+    SAMPLE_PATH,
+    DataError,
+    PaddingCollator,
+    build_training_examples,
+    load_wikiqa,
+    ranking_groups,
+    split_by_question,
 )
 
 ROWS = [
@@ -15,18 +23,6 @@ ROWS = [
     {"question_id": "Q1", "question": "Who?", "document_title": "T", "answer": "Other.", "label": 0},
     {"question_id": "Q2", "question": "What?", "document_title": "U", "answer": "Nothing.", "label": 0},
 ]
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    words = ["<pad>", "<s>", "</s>", "<unk>", "Q", ":", "A", "Who", "?", "Someone", ".", "Other", "What", "Nothing"]
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                   unk_token="<unk>")
 
 
 def _write(path, rows, fmt):
@@ -140,3 +136,56 @@ def test_ranking_groups_and_question_split():
     assert {r["question_id"] for r in train}.isdisjoint({r["question_id"] for r in held_out})
     assert len(train) + len(held_out) == len(rows) and held_out
     assert all(c in rows[0] for c in COLUMNS)
+
+
+@pytest.mark.parametrize("name,text", [
+    ("cut.jsonl", json.dumps(ROWS[0]) + "\n" + json.dumps(ROWS[1])[:25]),
+    ("cut.json", json.dumps(ROWS)[:60]),
+])
+def test_truncated_json_is_named(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(DataError, match=r"cut\.jsonl?: not valid JSON \(") as e:
+        load_wikiqa(str(path))
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("name", ["blob.jsonl", "blob.csv", "blob.tsv"])
+def test_a_file_that_is_not_utf8_text_is_named(tmp_path, name):
+    path = tmp_path / name
+    path.write_bytes(b"question_id,question\n" + bytes(range(128, 256)) * 8)
+    with pytest.raises(DataError, match=rf"{name} is not UTF-8 text \(bad byte at offset 21\)") as e:
+        load_wikiqa(str(path))
+    assert "\n" not in str(e.value)
+
+
+def test_a_file_that_is_not_parquet_is_named(tmp_path):
+    path = tmp_path / "blob.parquet"
+    path.write_bytes(bytes(range(256)))
+    with pytest.raises(DataError, match=r"blob\.parquet: not a readable Parquet file \("):
+        load_wikiqa(str(path))
+
+
+def test_csv_cells_stay_text_as_written(tmp_path):
+    rows = [{**ROWS[0], "question_id": "007", "answer": "1.50"}, {**ROWS[1], "question_id": "007", "answer": ""}]
+    path = tmp_path / "wiki.csv"
+    _write(path, rows, "csv")
+    assert load_wikiqa(str(path)) == rows
+
+
+def test_header_only_csv_and_rows_missing_a_key(tmp_path):
+    header = tmp_path / "header.csv"
+    header.write_text(",".join(COLUMNS) + "\n")
+    with pytest.raises(DataError, match="holds no rows"):
+        load_wikiqa(str(header))
+    gap = tmp_path / "gap.jsonl"
+    gap.write_text(json.dumps(ROWS[0]) + "\n" + json.dumps({k: v for k, v in ROWS[1].items() if k != "answer"}) + "\n")
+    with pytest.raises(DataError, match="row 1 has no answer"):
+        load_wikiqa(str(gap))
+
+
+def test_loading_writes_nothing_beside_the_data(tmp_path):
+    path = tmp_path / "wiki.jsonl"
+    _write(path, ROWS, "jsonl")
+    assert load_wikiqa(str(path)) == ROWS
+    assert [p.name for p in tmp_path.iterdir()] == ["wiki.jsonl"]

@@ -103,7 +103,7 @@ def test_incremental_greedy_equals_full_recompute(request, base_name, backend, c
     slow = model.generate(ids, attention_mask=mask, max_new_tokens=n, eos_token_id=[], use_cache=False,
                           output_scores=True)
     assert torch.equal(slow.sequences, expected)
-    for fast_logits, slow_logits in zip(out.logits, slow.logits):
+    for fast_logits, slow_logits in zip(out.logits, slow.logits, strict=True):
         assert torch.allclose(fast_logits, slow_logits, atol=1e-4, rtol=1e-4)
 
 

@@ -17,7 +17,7 @@ from conftest import DEVICE  # noqa: E402
 from parity import assert_parity  # noqa: E402
 from tgr import TGRConfig, TGRLlamaModel, build_tiny_llama  # noqa: E402
 from tgr.config import CONFIG_NAME  # noqa: E402
-from tgr.model import WEIGHTS_NAME  # noqa: E402
+from tgr.model import WEIGHTS_NAME, CheckpointError  # noqa: E402
 from tgr_kernels.reference import temperature_guided_attention_ref  # noqa: E402
 
 try:
@@ -223,7 +223,8 @@ def _seed_forward(model, input_ids, attention_mask, labels):
     logits = model.base_llama_model.lm_head(new_hidden)
     main_loss = F.cross_entropy(logits[..., :-1, :].reshape(-1, logits.shape[-1]), labels[..., 1:].reshape(-1),
                                 ignore_index=-100)
-    reg = ((temperature_vals - model.config.initial_temperature) ** 2).mean() * model.config.temperature_regularization_weight
+    weight = model.config.temperature_regularization_weight
+    reg = ((temperature_vals - model.config.initial_temperature) ** 2).mean() * weight
     return logits, temperature_vals, main_loss + reg
 
 
@@ -402,8 +403,8 @@ def test_hf_trainer_checkpoints_hold_the_head_and_resume(tiny_base, tmp_path):
     assert set(saved) == HEAD_KEYS  # the 4-bit base is not in the checkpoint
     assert torch.equal(saved["temperature_mechanisms.0.proj.weight"], head_params(model)[0].detach().cpu())
 
-    trainer.save_model(str(tmp_path / "final"))
-    model.save_pretrained(tmp_path / "final")  # adds tgr_config.json next to Trainer's files
+    trainer.save_model(str(tmp_path / "final"))  # Trainer saves through TGRLlamaModel.save_pretrained
+    assert {CONFIG_NAME, WEIGHTS_NAME} <= set(os.listdir(tmp_path / "final"))
     reloaded = TGRLlamaModel.from_pretrained(tmp_path / "final")
     ids, mask, _ = batch(model)
     model.eval()
@@ -441,7 +442,7 @@ def test_save_load_round_trip(tiny_base, tmp_path, heads):
     with torch.no_grad():
         before = model(ids, attention_mask=mask).logits
     path = model.save_pretrained(tmp_path / "saved")
-    assert sorted(os.listdir(path)) == sorted([CONFIG_NAME, WEIGHTS_NAME])
+    assert sorted(os.listdir(path)) == sorted([CONFIG_NAME, WEIGHTS_NAME, "README.md"])
     assert os.path.getsize(os.path.join(path, WEIGHTS_NAME)) < 10_000  # the head only, not the base
     loaded = TGRLlamaModel.from_pretrained(path)
     assert loaded.config == model.config
@@ -497,7 +498,7 @@ def test_load_rejects_mismatched_weights(tiny_base, tmp_path):
     model.save_pretrained(tmp_path / "saved")
     with pytest.raises(ValueError, match="do not fit"):
         TGRLlamaModel.from_pretrained(tmp_path / "saved", temperature_heads=3)
-    with pytest.raises(FileNotFoundError, match=CONFIG_NAME):
+    with pytest.raises(CheckpointError, match=CONFIG_NAME):
         TGRLlamaModel.from_pretrained(tmp_path)
 
 

@@ -4,10 +4,10 @@ here failed on the code before the fix it guards."""
 import pytest
 import torch
 
-from conftest import DEVICE
+from helpers import DEVICE
 from parity import assert_parity, max_err
-from tgr_kernels.attention import temperature_guided_attention
 from tgr_kernels import reference
+from tgr_kernels.attention import temperature_guided_attention
 from tgr_kernels.reference import temperature_guided_attention_ref
 from tgr_kernels.temperature_projection import temperature_projection
 
@@ -57,7 +57,7 @@ def test_large_finite_mask_equals_neg_inf(backend, D, fill):
         got, got_grads = _run(backend, (q, k, v), temperature, finite_mask, causal=causal, gsot_threshold=0.2)
         assert torch.equal(want[0, :, 3], torch.zeros_like(want[0, :, 3]))
         assert max_err(got, want) <= 1e-5, f"causal={causal}: output"
-        for name, g, gw in zip("qkvt", got_grads, want_grads):
+        for name, g, gw in zip("qkvt", got_grads, want_grads, strict=True):
             assert torch.isfinite(g).all(), f"causal={causal}: d{name} is not finite"
             assert max_err(g, gw) <= 1e-5 * (1 + gw.abs().max().item()), f"causal={causal}: d{name}"
         assert torch.equal(got_grads[3][0, 3], torch.zeros_like(got_grads[3][0, 3]))

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import DEVICE
+from helpers import DEVICE
 from tgr_kernels import _backend
 from tgr_kernels.reference import temperature_projection_ref
 from tgr_kernels.temperature_projection import TemperatureMechanism, temperature_projection
@@ -46,7 +46,7 @@ def make_inputs(lead, H, T, hidden_dtype, weight_dtype=None, bias=True, device=D
     hidden = torch.randn(*lead, H, device=device).to(hidden_dtype)
     weight = (torch.randn(T, H, device=device) * (logit_scale / math.sqrt(H))).to(weight_dtype)
     b = torch.randn(T, device=device).to(weight_dtype) if bias else None
-    for t, req in zip((hidden, weight, b), requires):
+    for t, req in zip((hidden, weight, b), requires, strict=True):
         if t is not None:
             t.requires_grad_(req)
     return hidden, weight, b
@@ -88,7 +88,7 @@ def assert_matches_float64(backend, hidden, weight, bias, clamp, upstream=None):
     )
     assert got[0].dtype == out_dtype and got[0].shape == exact[0].shape
     for name, g, e, x, src in zip(("out", "d_hidden", "d_weight", "d_bias"), got, eager, exact,
-                                  (None, hidden, weight, bias)):
+                                  (None, hidden, weight, bias), strict=True):
         if x is None:
             assert g is None, f"{name}: expected no gradient"
             continue
@@ -182,7 +182,7 @@ REQUIRES = [(False, True, True), (True, False, False), (False, True, False), (Fa
 
 
 @pytest.mark.parametrize("requires", REQUIRES, ids=lambda r: "+".join(
-    n for n, x in zip(("hidden", "weight", "bias"), r) if x))
+    n for n, x in zip(("hidden", "weight", "bias"), r, strict=True) if x))
 def test_needs_input_grad_combinations(monkeypatch, requires):
     """Only the requested gradients come back, and the kernels skip the work for the others."""
     calls = {"rows": [], "weight": 0}
@@ -237,7 +237,7 @@ def test_gradient_is_zero_where_clamped(backend):
     for clamped in (0, 1, 3):
         assert d_bias[clamped] == 0 and (d_weight[clamped] == 0).all()
     assert d_bias[2] != 0
-    for g, e in zip(got, eager):
+    for g, e in zip(got, eager, strict=True):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
 
 
@@ -398,7 +398,7 @@ def test_module_loads_seed_state_dict(backend):
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     (expected * upstream).sum().backward()
     (got * upstream).sum().backward()
-    for (name, p_seed), p in zip(seed.named_parameters(), module.parameters()):
+    for (name, p_seed), p in zip(seed.named_parameters(), module.parameters(), strict=True):
         torch.testing.assert_close(p.grad, p_seed.grad, rtol=1e-4, atol=1e-5, msg=name)
 
 

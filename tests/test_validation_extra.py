@@ -8,7 +8,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import tgr_kernels
-from conftest import DEVICE
+from helpers import DEVICE
 from parity import assert_parity
 from tgr_kernels import _backend, temperature_guided_attention, temperature_projection
 from tgr_kernels._validation import check_attention_inputs
@@ -131,7 +131,7 @@ def test_auto_reads_no_values_off_the_cpu():
     mask = torch.zeros(2, 1, 6, 6, device="meta")
     args = check_attention_inputs(q, k, v, temperature, mask, True, 0.5, None)
     assert args.additive is mask
-    with tgr_kernels.value_checks("sync"), pytest.raises(Exception):
+    with tgr_kernels.value_checks("sync"), pytest.raises(NotImplementedError, match="meta tensor"):
         check_attention_inputs(q, k, v, temperature, mask, True, 0.5, None)
 
 
@@ -253,7 +253,7 @@ def test_bf16_attention_under_the_interpreter_is_correct(D):
     truth = temperature_guided_attention_ref(*l64, causal=True)
     truth_grads = torch.autograd.grad(truth, l64, grad_out.double())
     assert_parity("out", out, eager, truth, torch.bfloat16)
-    for name, g, ge, gt in zip("qkvt", grads, eager_grads, truth_grads):
+    for name, g, ge, gt in zip("qkvt", grads, eager_grads, truth_grads, strict=True):
         assert g.dtype == leaves["qkvt".index(name)].dtype
         assert_parity(f"d{name}", g, ge, gt, torch.bfloat16 if name != "t" else torch.float32)
 
@@ -275,6 +275,6 @@ def test_bf16_projection_under_the_interpreter_is_correct(weight_dtype):
     truth = temperature_projection_ref(*l64)
     truth_grads = torch.autograd.grad(truth, l64, grad_out.double())
     assert_parity("t", out, eager, truth, torch.bfloat16)
-    for name, g, ge, gt, leaf in zip(("dh", "dW", "db"), grads, eager_grads, truth_grads, leaves):
+    for name, g, ge, gt, leaf in zip(("dh", "dW", "db"), grads, eager_grads, truth_grads, leaves, strict=True):
         assert g.dtype == leaf.dtype
         assert_parity(name, g, ge, gt, torch.bfloat16)

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from helpers import make_inputs, make_mask, rebuild_inputs
 from parity import assert_parity
-from test_attention import _rebuild, make_inputs, make_mask
 from tgr_kernels import attention_wide
 from tgr_kernels._validation import check_attention_inputs
 from tgr_kernels.reference import temperature_guided_attention_ref
@@ -34,7 +34,7 @@ def check_causal_parity(row_ops, B, H, S_q, S_k, D, mask_kind, thr, same_qkv, dt
     grads = torch.autograd.grad(out, wanted, grad_out)
 
     def reference(dtype_, upcast):
-        new, qkv, t = _rebuild(leaves, temperature, same_qkv, dtype_)
+        new, qkv, t = rebuild_inputs(leaves, temperature, same_qkv, dtype_)
         for i in frozen:
             new[i].requires_grad_(False)
         ref = temperature_guided_attention_ref(*qkv, t, mask, causal=True, gsot_threshold=thr, upcast=upcast)
@@ -44,7 +44,7 @@ def check_causal_parity(row_ops, B, H, S_q, S_k, D, mask_kind, thr, same_qkv, dt
     truth, truth_grads = reference(torch.float64, True)
     eager, eager_grads = reference(dtype, False)
     assert_parity("out", out, eager, truth, dtype)
-    for i, (g, ge, gt) in enumerate(zip(grads, eager_grads, truth_grads)):
+    for i, (g, ge, gt) in enumerate(zip(grads, eager_grads, truth_grads, strict=True)):
         assert_parity(f"grad {i}", g, ge, gt, dtype)
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Iterable, Optional, Union
+from collections.abc import Iterable
 
 import torch
 
@@ -44,7 +44,7 @@ The train leaves the station at nine in the morning and arrives at noon.
 """
 
 
-def build_tokenizer(vocab_size: int = 256, corpus: Optional[Iterable[str]] = None):
+def build_tokenizer(vocab_size: int = 256, corpus: Iterable[str] | None = None):
     """A ``PreTrainedTokenizerFast``: BPE over Metaspace words, BOS prepended, trained offline.
 
     Special tokens: ``<pad>`` 0, ``<s>`` 1 (BOS), ``</s>`` 2 (EOS), ``<unk>`` 3 (unknown
@@ -69,19 +69,19 @@ def build_tokenizer(vocab_size: int = 256, corpus: Optional[Iterable[str]] = Non
 
 
 def build_tiny_llama(
-    path: Union[str, os.PathLike],
+    path: str | os.PathLike,
     *,
     hidden_size: int = 64,
     num_hidden_layers: int = 2,
     num_attention_heads: int = 4,
-    num_key_value_heads: Optional[int] = None,
-    intermediate_size: Optional[int] = None,
+    num_key_value_heads: int | None = None,
+    intermediate_size: int | None = None,
     vocab_size: int = 256,
     max_position_embeddings: int = 512,
     initializer_range: float = 0.02,
     tie_word_embeddings: bool = False,
     seed: int = 0,
-    corpus: Optional[Iterable[str]] = None,
+    corpus: Iterable[str] | None = None,
     with_tokenizer: bool = True,
 ) -> str:
     """Write a random ``LlamaForCausalLM`` (safetensors) and its tokenizer into ``path``.

@@ -7,10 +7,17 @@
 
 Without ``--model`` the embedded demo base (a small Llama trained on the project's sample, see
 ``scripts/build_demo_model.py``) is used; without ``--data`` the project's WikiQA-schema sample.
+``tgr train`` and ``tgr demo`` accept every ``transformers.TrainingArguments`` flag
+(``tgr train --help`` lists them with tgr's defaults).
+
+The command only parses, calls the library (``tgr.train``, ``tgr.evaluation``, ``tgr.pipeline``)
+and prints; this module imports the standard library only, so ``tgr --help`` works without the
+model extra.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -18,12 +25,27 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import List, Optional
+
+from . import missing_model_extra
+from .pipeline import SEED_SAMPLING, TGR_LAYERS_HELP, TGR_MODE_HELP  # the standard library only, at import
 
 logger = logging.getLogger("tgr")
 
 DEMO_MODEL = str(Path(__file__).parent / "resources" / "demo-llama")
-SEED_SAMPLING = dict(do_sample=True, temperature=0.7, top_p=0.9, max_new_tokens=50)  # the seed's defaults
+INSTALL_MODEL_EXTRA = "pip install 'tgr[model]'"
+
+#: Commands whose flags are tgr's plus every ``TrainingArguments`` field (parsed in a second stage).
+TRAINING_COMMANDS = ("train", "demo")
+#: tgr's defaults of the training flags that ``tgr demo`` changes (a short run on the small sample).
+DEMO_TRAINING_DEFAULTS = dict(num_train_epochs=8.0, learning_rate=5e-3, logging_steps=20, save_steps=10_000)
+#: Short flags kept from earlier versions: flag -> (TrainingArguments field, type).
+SHORT_TRAINING_FLAGS = {
+    "--output": ("output_dir", str),
+    "--epochs": ("num_train_epochs", float),
+    "--lr": ("learning_rate", float),
+    "--batch-size": ("per_device_train_batch_size", int),
+    "--grad-accum": ("gradient_accumulation_steps", int),
+}
 
 
 class CommandError(Exception):
@@ -56,32 +78,22 @@ def _model_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--seed-attention", action="store_true",
                    help="non-causal TGR attention, exactly the seed's (default: causal)")
     g.add_argument("--num-tgr-heads", type=int, default=1, help="TGR attention heads (1 = the seed's one wide head)")
-
-
-def _train_flags(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("training")
-    g.add_argument("--split", default="train", help="dataset split to train on (default: train)")
-    g.add_argument("--epochs", type=float, default=1.0, help="epochs over the correct pairs (default: 1)")
-    g.add_argument("--max-steps", type=int, default=-1, help="stop after this many optimizer steps")
-    g.add_argument("--batch-size", type=int, default=4, help="examples per device and step (default: 4)")
-    g.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps (default: 1)")
-    g.add_argument("--lr", type=float, default=1e-3, help="learning rate of the head (default: 1e-3)")
-    g.add_argument("--max-length", type=int, default=192, help="tokens per example (default: 192)")
-    g.add_argument("--mask-prompt", action="store_true", help="train on the answer tokens only")
-    g.add_argument("--save-steps", type=int, default=200, help="checkpoint every N steps (default: 200)")
-    g.add_argument("--logging-steps", type=int, default=10, help="log every N steps (default: 10)")
-    g.add_argument("--overwrite", action="store_true", help="replace an existing --output folder")
+    g.add_argument("--tgr-layers", default="none", help=TGR_LAYERS_HELP)
+    g.add_argument("--tgr-mode", default=None, choices=["head", "layers", "both"], help=TGR_MODE_HELP)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The command's parser. ``train`` and ``demo`` are listed here; their flags (tgr's and every
+    ``TrainingArguments`` field) are parsed by :func:`build_training_parser`, which needs
+    transformers, in a second stage."""
     parser = argparse.ArgumentParser(prog="tgr", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=__doc__.split("\n\nThe command only")[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("train", help="train the TGR head on WikiQA's correct pairs")
-    _common(p, "training folder: checkpoints, logs and final/ (a rerun resumes from its checkpoints)")
-    _model_flags(p)
-    _train_flags(p)
+    p = sub.add_parser("train", help="train the TGR head on WikiQA's correct pairs (every TrainingArguments "
+                                     "flag; tgr train --help)", add_help=False)
+    p.add_argument("args", nargs=argparse.REMAINDER, help="see tgr train --help")
 
     p = sub.add_parser("eval", help="answer-sentence selection: MAP and MRR, TGR head beside the base's head")
     _common(p, "write results.json here")
@@ -102,11 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
 
-    p = sub.add_parser("demo", help="train, evaluate and generate end to end (offline by default)")
-    _common(p, "demo folder (default: a new outputs/demo-<time>)")
-    _model_flags(p)
-    _train_flags(p)
-    p.set_defaults(epochs=8.0, lr=5e-3, logging_steps=20, save_steps=10_000)
+    p = sub.add_parser("demo", help="train, evaluate and generate end to end (offline by default; the flags "
+                                    "of tgr train)", add_help=False)
+    p.add_argument("args", nargs=argparse.REMAINDER, help="see tgr demo --help")
 
     p = sub.add_parser("bench", help="run the benchmarks (python -m benchmarks; needs the repository)",
                        add_help=False)
@@ -114,15 +124,72 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def build_training_parser(command: str = "train"):
+    """``HfArgumentParser`` over :class:`tgr.pipeline.TGRArguments` and ``TrainingArguments``, with
+    tgr's defaults (``tgr.train.TRAINING_DEFAULTS``; ``tgr demo``'s own for a short run) and the
+    short flags ``--output``, ``--epochs``, ``--lr``, ``--batch-size``, ``--grad-accum``."""
+    from transformers import HfArgumentParser, TrainingArguments
+
+    from .pipeline import TGRArguments
+    from .train import TRAINING_DEFAULTS
+
+    if command == "demo":
+        description = ("Train the TGR head on the sample's training questions, evaluate both heads on the training "
+                       "and the held-out questions, and generate (offline by default).")
+    else:
+        description = ("Train the TGR head on WikiQA's correct pairs with the HF Trainer. Every TrainingArguments "
+                       "flag applies (dashes or underscores); the defaults shown are tgr's. A rerun with the same "
+                       "--output_dir resumes from its last checkpoint.")
+    parser = HfArgumentParser((TGRArguments, TrainingArguments), prog=f"tgr {command}", description=description,
+                              usage="%(prog)s [--model MODEL] [--data DATA] [--output DIR] [tgr and TrainingArguments "
+                                    "flags, below]", allow_abbrev=False)
+    defaults = dict(TRAINING_DEFAULTS, **(DEMO_TRAINING_DEFAULTS if command == "demo" else {}))
+    defaults["output_dir"] = time.strftime("outputs/demo-%Y%m%d-%H%M%S") if command == "demo" else "outputs/train"
+    # bf16 and use_cpu follow the device unless given (None: decided in cmd_train).
+    parser.set_defaults(**defaults, bf16=None, use_cpu=None)
+    for action in parser._actions:
+        if action.dest == "bf16" and action.option_strings[0] == "--bf16":
+            action.help = "bf16 autocast; tgr's default (None): on when training on a GPU that supports bf16"
+        elif action.dest == "use_cpu" and action.option_strings[0] == "--use_cpu":
+            action.help = "train on the CPU; tgr's default (None): on when --device is cpu or there is no GPU"
+        elif action.dest == "output_dir" and action.option_strings[0] == "--output_dir":
+            action.help = "training folder: checkpoints, logs and final/ (a rerun resumes from its checkpoints)"
+    short = parser.add_argument_group("short names")
+    for flag, (dest, kind) in SHORT_TRAINING_FLAGS.items():
+        short.add_argument(flag, dest=dest, type=kind, default=argparse.SUPPRESS, help=f"same as --{dest}")
+    return parser
+
+
+def parse_training_args(command: str, argv: list[str]) -> tuple[object, dict[str, object]]:
+    """(``TGRArguments``, the ``TrainingArguments`` fields as given or defaulted) of ``tgr train``
+    or ``tgr demo``; the TrainingArguments object is built later, once the device is known."""
+    from .pipeline import TGRArguments
+
+    namespace = build_training_parser(command).parse_args(argv)
+    ours = {f.name for f in dataclasses.fields(TGRArguments)}
+    values = vars(namespace)
+    tgr_args = TGRArguments(**{k: v for k, v in values.items() if k in ours})
+    return tgr_args, {k: v for k, v in values.items() if k not in ours}
+
+
 # ----------------------------------------------------------------------------- shared steps
+def _silence_import_warnings() -> None:
+    # bitsandbytes warns at import (transformers imports it) that it cannot fetch an optional CPU
+    # kernel from the hub; it falls back to its own, and the hub is not ours to reach.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+
 def _setup_logging(quiet: bool) -> None:
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s")
     logger.setLevel(logging.WARNING if quiet else logging.INFO)
-    for noisy in ("transformers", "accelerate", "bitsandbytes"):
+    for noisy in ("transformers", "accelerate", "bitsandbytes", "datasets"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    # bitsandbytes warns at import that it cannot fetch an optional CPU kernel from the hub; it
-    # falls back to its own, and the hub is not ours to reach.
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    _silence_import_warnings()
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _check_model_path(model: str) -> str:
@@ -135,8 +202,9 @@ def _check_model_path(model: str) -> str:
     return model  # a hub name
 
 
-def _config(args, checkpoint: Optional[str] = None):
-    from .config import TGRConfig
+def _config(args, checkpoint: str | None = None):
+    """The TGRConfig of a saved model (``checkpoint``) or of a new head from the flags."""
+    from .config import CONFIG_NAME, LEGACY_CONFIG_NAME, CheckpointError, TGRConfig
 
     overrides = dict(attention_backend=args.backend, device=args.device)
     if args.model:
@@ -144,33 +212,49 @@ def _config(args, checkpoint: Optional[str] = None):
     if args.no_4bit:
         overrides["load_in_4bit"] = False
     if checkpoint:
-        if not os.path.isfile(os.path.join(checkpoint, "tgr_config.json")):
-            raise CommandError(f"--checkpoint {checkpoint!r} holds no tgr_config.json: not a saved TGR model")
-        return TGRConfig.from_pretrained(checkpoint, **overrides)
+        if not any(os.path.isfile(os.path.join(checkpoint, name)) for name in (CONFIG_NAME, LEGACY_CONFIG_NAME)):
+            raise CommandError(f"--checkpoint {checkpoint!r} holds no {CONFIG_NAME}: not a saved TGR model")
+        try:
+            return TGRConfig.from_pretrained(checkpoint, **overrides)
+        except CheckpointError as e:
+            raise CommandError(str(e)) from None
     overrides.setdefault("base_model_name_or_path", DEMO_MODEL)
-    return TGRConfig(
-        temperature_heads=args.temperature_heads, temperature_conf_threshold=args.gsot_threshold,
-        gsoT_enabled=not args.no_gsot, causal=not args.seed_attention, num_tgr_heads=args.num_tgr_heads,
-        **overrides,
-    )
+    lora = {name: getattr(args, name) for name in ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")
+            if hasattr(args, name)}  # tgr train's flags; eval and generate load trained adapters
+    from .pipeline import tgr_mode_fields
+
+    try:
+        mode = tgr_mode_fields(getattr(args, "tgr_layers", "none"), getattr(args, "tgr_mode", None))
+        return TGRConfig(
+            temperature_heads=args.temperature_heads, temperature_conf_threshold=args.gsot_threshold,
+            gsoT_enabled=not args.no_gsot, causal=not args.seed_attention, num_tgr_heads=args.num_tgr_heads,
+            **mode, **lora, **overrides,
+        )
+    except (TypeError, ValueError) as e:  # TGRConfig names the field that is wrong
+        raise CommandError(_first_line(e)) from None
 
 
-def _load(args, checkpoint: Optional[str] = None):
+def _load(args, checkpoint: str | None = None, seed: int = 0):
     """(model, tokenizer) for a new head or a saved one."""
     import torch
     from transformers import AutoTokenizer
 
-    from .model import TGRLlamaModel
+    from .model import CheckpointError, TGRLlamaModel
 
-    torch.manual_seed(args.seed)
+    torch.manual_seed(seed)
+    if args.quiet:  # no loading bars either
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
     config = _config(args, checkpoint)
     try:
         tokenizer = AutoTokenizer.from_pretrained(config.base_model_name_or_path)
         model = (TGRLlamaModel.from_pretrained(checkpoint, config=config) if checkpoint
                  else TGRLlamaModel(config))
+    except CheckpointError as e:  # a damaged saved model: its one line names the file
+        raise CommandError(str(e)) from None
     except OSError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CommandError(f"cannot load the base model {config.base_model_name_or_path!r}: {first}") from None
+        raise CommandError(f"cannot load the base model {config.base_model_name_or_path!r}: {_first_line(e)}") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
@@ -185,17 +269,22 @@ def _rows(args, split: str):
         raise CommandError(str(e)) from None
 
 
-def _fresh_output(path: Optional[str], overwrite: bool, default: str) -> Path:
-    """An output folder that does not hold someone else's files (or that may be replaced)."""
-    out = Path(path or default)
-    if out.exists() and any(out.iterdir()):
-        if overwrite:
-            shutil.rmtree(out)
-        elif not any(out.glob("checkpoint-*")):
-            raise CommandError(f"--output {str(out)!r} exists and is not empty; choose another folder or "
-                               f"pass --overwrite")
-    out.mkdir(parents=True, exist_ok=True)
-    return out
+def _check_output(path: Path, overwrite: bool) -> None:
+    """Refuse a folder that holds someone else's files, before anything is loaded or created."""
+    if path.exists() and not path.is_dir():
+        raise CommandError(f"--output {str(path)!r} is a file, not a folder")
+    if path.is_dir() and any(path.iterdir()) and not overwrite and not any(path.glob("checkpoint-*")):
+        raise CommandError(f"--output {str(path)!r} exists and is not empty; choose another folder or "
+                           f"pass --overwrite")
+
+
+def _fresh_output(path: Path, overwrite: bool) -> Path:
+    """The output folder, emptied with ``overwrite`` (else a folder with checkpoints is resumed)."""
+    _check_output(path, overwrite)
+    if overwrite and path.is_dir() and any(path.iterdir()):
+        shutil.rmtree(path)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def _write_json(path: Path, data) -> None:
@@ -204,26 +293,46 @@ def _write_json(path: Path, data) -> None:
     os.replace(tmp, path)  # never a half-written file
 
 
-# ----------------------------------------------------------------------------- commands
-def cmd_train(args, split_rows=None) -> dict:
-    from .train import TrainSettings, train
+def _training_arguments(args, training: dict[str, object], output: Path):
+    """``TrainingArguments`` from the flags; bf16 and use_cpu follow the device unless given."""
+    from .train import training_arguments
 
-    # Check the data and the model before creating anything, so a bad input leaves nothing behind.
+    fields = {k: v for k, v in training.items() if not (k in ("bf16", "use_cpu") and v is None)}
+    fields["output_dir"] = str(output)
+    if args.quiet and fields.get("disable_tqdm") is None:
+        fields["disable_tqdm"] = True
+    device = args.device or ("cpu" if fields.get("use_cpu") else None)
+    try:
+        return training_arguments(device=device, **fields)
+    except (TypeError, ValueError) as e:  # TrainingArguments' own checks of the flags
+        raise CommandError(_first_line(e)) from None
+
+
+# ----------------------------------------------------------------------------- commands
+def cmd_train(args, training: dict[str, object], split_rows=None) -> dict:
+    """``tgr train``: ``args`` are TGRArguments, ``training`` the TrainingArguments fields."""
+    from .data import DataError
+    from .train import train
+
+    # Check the data, the flags and the model before creating anything, so a bad input leaves
+    # nothing behind.
     rows = split_rows if split_rows is not None else _rows(args, args.split)
-    model, tokenizer = _load(args)
-    out = _fresh_output(args.output, args.overwrite, "outputs/train")
-    settings = TrainSettings(
-        output_dir=str(out), epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
-        grad_accum=args.grad_accum, learning_rate=args.lr, max_length=args.max_length,
-        mask_prompt=args.mask_prompt, logging_steps=args.logging_steps, save_steps=args.save_steps,
-        seed=args.seed, progress_bar=not args.quiet,
-    )
+    if not any(row["label"] == 1 for row in rows):
+        raise CommandError("no correct (label 1) question-answer pairs to train on")
+    out = Path(training["output_dir"])
+    _check_output(out, args.overwrite)
+    training_args = _training_arguments(args, training, out)
+    if training_args.use_cpu and not args.device:
+        args.device = "cpu"  # --use_cpu: the model too
+    model, tokenizer = _load(args, seed=training_args.seed)
+    _fresh_output(out, args.overwrite)
     start = time.time()
-    result, trainer = train(model, tokenizer, rows, settings)
     final = out / "final"
-    if trainer.is_world_process_zero():
-        model.save_pretrained(final)
-        tokenizer.save_pretrained(final)
+    try:
+        result, _ = train(model, tokenizer, rows, training_args, max_length=args.max_length,
+                          mask_prompt=args.mask_prompt, final_dir=final)
+    except DataError as e:  # e.g. no correct pairs to train on
+        raise CommandError(str(e)) from None
     summary = {"train_loss": result.training_loss, "steps": result.global_step,
                "seconds": round(time.time() - start, 1), "final": str(final)}
     logger.info("trained: %s", summary)
@@ -231,18 +340,13 @@ def cmd_train(args, split_rows=None) -> dict:
 
 
 def _evaluate(model, tokenizer, rows, batch_size: int, progress: bool = False) -> dict:
-    from .data import ranking_groups
-    from .evaluation import evaluate_ranking
+    from .data import DataError
+    from .evaluation import evaluate_heads
 
-    groups = ranking_groups(rows)
-    if not groups:
-        raise CommandError("no question in the data has a correct (label 1) candidate: nothing to rank")
-    model.eval()
-    kwargs = dict(batch_size=batch_size, device=model.device, progress=progress)
-    tgr = evaluate_ranking(lambda ids, mask: model(ids, mask).logits, tokenizer, groups, **kwargs)
-    base = evaluate_ranking(lambda ids, mask: model.base_model(input_ids=ids, attention_mask=mask).logits,
-                            tokenizer, groups, **kwargs)
-    return {"tgr_head": tgr.as_dict(), "base_head": base.as_dict()}
+    try:
+        return evaluate_heads(model, tokenizer, rows, batch_size=batch_size, progress=progress)
+    except DataError as e:
+        raise CommandError(str(e)) from None
 
 
 def _print_ranking(title: str, results: dict) -> None:
@@ -255,7 +359,7 @@ def _print_ranking(title: str, results: dict) -> None:
 
 def cmd_eval(args) -> dict:
     rows = _rows(args, args.split)
-    model, tokenizer = _load(args, args.checkpoint)
+    model, tokenizer = _load(args, args.checkpoint, seed=args.seed)
     results = _evaluate(model, tokenizer, rows, args.batch_size, progress=not args.quiet)
     _print_ranking(f"WikiQA answer selection [{args.data or 'sample'}:{args.split}]", results)
     if args.output:
@@ -265,46 +369,28 @@ def cmd_eval(args) -> dict:
     return results
 
 
-def _questions(args) -> List[str]:
+def _questions(args) -> list[str]:
     questions = list(args.questions)
     if args.file:
         try:
             questions += [line.strip() for line in Path(args.file).read_text().splitlines() if line.strip()]
         except OSError as e:
             raise CommandError(f"--file {args.file!r}: {e.strerror}") from None
+        except UnicodeDecodeError:
+            raise CommandError(f"--file {args.file!r} is not UTF-8 text") from None
     if not questions:
         raise CommandError("give at least one question (positional, or --file with one per line)")
     return questions
 
 
-def generate_answers(model, tokenizer, questions: List[str], *, greedy=False, max_new_tokens=50, temperature=0.7,
-                     top_p=0.9, top_k=None, seed=0) -> List[str]:
-    """Batched (left-padded) generation through the TGR head, with the seed's ClampLogits."""
-    import torch
+def cmd_generate(args) -> list[dict]:
+    from .pipeline import generate_answers
 
-    from .data import prompt_text
-    from .processors import ClampLogits
-
-    tokenizer.padding_side = "left"
-    batch = tokenizer([prompt_text(q) for q in questions], return_tensors="pt", padding=True)
-    generator = torch.Generator(device=model.device).manual_seed(seed)
-    model.eval()
-    out = model.generate(
-        batch["input_ids"].to(model.device), batch["attention_mask"].to(model.device),
-        max_new_tokens=max_new_tokens, do_sample=not greedy, temperature=temperature, top_p=top_p, top_k=top_k,
-        logits_processor=[ClampLogits(-50.0, 50.0)], eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, generator=generator,
-    )
-    new = out[:, batch["input_ids"].shape[1]:]
-    return [tokenizer.decode(seq, skip_special_tokens=True).strip() for seq in new]
-
-
-def cmd_generate(args) -> List[dict]:
     questions = _questions(args)
-    model, tokenizer = _load(args, args.checkpoint)
+    model, tokenizer = _load(args, args.checkpoint, seed=args.seed)
     answers = generate_answers(model, tokenizer, questions, greedy=args.greedy, max_new_tokens=args.max_new_tokens,
                                temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
-    records = [{"question": q, "answer": a} for q, a in zip(questions, answers)]
+    records = [{"question": q, "answer": a} for q, a in zip(questions, answers, strict=True)]
     for r in records:
         print(f"Q: {r['question']}\nA: {r['answer']}\n")
     if args.output:
@@ -316,32 +402,83 @@ def cmd_generate(args) -> List[dict]:
     return records
 
 
-def cmd_demo(args) -> dict:
-    """Train the head on the sample's training questions, evaluate on both splits, generate."""
+#: The demo's rows: results key -> printed name.
+DEMO_ROWS = {"base_head": "base", "tgr_head": "tgr-head", "tgr_layers": "tgr-layers"}
+
+
+def _print_demo_ranking(title: str, results: dict) -> None:
+    first = results["base_head"]
+    print(f"\n{title}  ({first['questions']} questions, {first['candidates']} candidates)")
+    print(f"  {'model':12s} {'MAP':>7s} {'MRR':>7s}")
+    for key, name in DEMO_ROWS.items():
+        if key in results:
+            print(f"  {name:12s} {results[key]['map']:7.4f} {results[key]['mrr']:7.4f}")
+
+
+def _evaluate_tgr_model(model, tokenizer, rows, batch_size: int) -> dict:
+    """MAP and MRR of a TGR model's own logits (its base's are scored by :func:`_evaluate`)."""
+    from .data import ranking_groups
+    from .evaluation import evaluate_ranking
+
+    model.eval()
+    result = evaluate_ranking(lambda ids, mask: model(ids, mask).logits, tokenizer, ranking_groups(rows),
+                              batch_size=batch_size, device=model.device)
+    return result.as_dict()
+
+
+def cmd_demo(args, training: dict[str, object]) -> dict:
+    """Train the TGR head, and every-layer TGR (unless ``--tgr-mode head``), on the sample's
+    training questions with the same settings; evaluate the base, the head and the layers on the
+    training and the held-out questions; generate through the head.
+
+    The head run is the seed's (``--tgr-mode head``) and writes into the output folder; the
+    every-layer run (``--tgr-layers``, default all; ``--tgr-mode both`` keeps a head there too)
+    into its ``every-layer/`` subfolder."""
     from .data import split_by_question
+    from .pipeline import generate_answers, tgr_mode_fields
 
     start = time.time()
     rows = _rows(args, args.split)
-    args.output = str(_fresh_output(args.output, args.overwrite, time.strftime("outputs/demo-%Y%m%d-%H%M%S")))
+    out = Path(training["output_dir"])
+    _check_output(out, args.overwrite)
+    layer_mode = None if args.tgr_mode == "head" else (args.tgr_mode or "layers")
+    layer_choice = "all" if str(args.tgr_layers).strip().lower() == "none" else args.tgr_layers
+    if layer_mode is not None:
+        try:  # a bad --tgr-layers is one line before anything is trained
+            tgr_mode_fields(layer_choice, layer_mode)
+        except ValueError as e:
+            raise CommandError(str(e)) from None
     train_rows, held_out = split_by_question(rows)
     print(f"tgr demo: base {args.model or 'embedded demo Llama'}, data {args.data or 'project sample'}: "
-          f"{len(train_rows)} training rows, {len(held_out)} held-out rows -> {args.output}")
-    trained = cmd_train(args, split_rows=train_rows)
+          f"{len(train_rows)} training rows, {len(held_out)} held-out rows -> {out}")
+    head_args = dataclasses.replace(args, tgr_mode="head", tgr_layers="none")
+    trained = cmd_train(head_args, training, split_rows=train_rows)
     model, tokenizer = trained["model"], trained["tokenizer"]
     results = {"train": trained["summary"]}
-    for name, part in (("training questions", train_rows), ("held-out questions", held_out)):
+    splits = {"training questions": train_rows, "held-out questions": held_out}
+    for name, part in splits.items():
         results[name] = _evaluate(model, tokenizer, part, batch_size=8)
-        _print_ranking(f"WikiQA answer selection, {name}", results[name])
+    if layer_mode is not None:
+        layer_args = dataclasses.replace(args, tgr_mode=layer_mode, tgr_layers=layer_choice)
+        layer_training = dict(training, output_dir=str(out / "every-layer"))
+        layer_run = cmd_train(layer_args, layer_training, split_rows=train_rows)
+        results["train_layers"] = dict(layer_run["summary"], tgr_mode=layer_mode, tgr_layers=layer_choice)
+        for name, part in splits.items():
+            results[name]["tgr_layers"] = _evaluate_tgr_model(layer_run["model"], layer_run["tokenizer"], part, 8)
+        del layer_run
+    for name in splits:
+        _print_demo_ranking(f"WikiQA answer selection, {name}", results[name])
     questions = sorted({r["question"] for r in held_out})[:2] + sorted({r["question"] for r in train_rows})[:2]
-    answers = generate_answers(model, tokenizer, questions, seed=args.seed, **{
+    seed = int(training.get("seed", 0))
+    answers = generate_answers(model, tokenizer, questions, seed=seed, **{
         k: v for k, v in SEED_SAMPLING.items() if k not in ("do_sample",)})
-    results["generations"] = [{"question": q, "answer": a} for q, a in zip(questions, answers)]
+    results["generations"] = [{"question": q, "answer": a} for q, a in zip(questions, answers, strict=True)]
     print("\nGenerations through the TGR head (seed sampling: T=0.7, top-p 0.9, ClampLogits):")
     for r in results["generations"]:
         print(f"  Q: {r['question']}\n  A: {r['answer']}")
     results["seconds"] = round(time.time() - start, 1)
-    _write_json(Path(args.output) / "demo_results.json", results)
-    print(f"\ndemo done in {results['seconds']:.0f} s; results in {args.output}/demo_results.json")
+    _write_json(out / "demo_results.json", results)
+    print(f"\ndemo done in {results['seconds']:.0f} s; results in {out}/demo_results.json")
     return results
 
 
@@ -357,24 +494,48 @@ def cmd_bench(args) -> int:
     return bench_main(args.args)
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "demo": cmd_demo, "bench": cmd_bench}
+COMMANDS = {"eval": cmd_eval, "generate": cmd_generate, "bench": cmd_bench}
+TRAINING_COMMAND_FUNCTIONS = {"train": cmd_train, "demo": cmd_demo}
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.command == "bench":
-        try:
-            return int(cmd_bench(args) or 0)
-        except CommandError as e:
-            print(f"tgr bench: error: {e}", file=sys.stderr)
-            return 2
-    _setup_logging(args.quiet)
+def _run(command: str, call) -> int:
+    """Run one command: its exit status (0 unless it returns an int), or 2 with one line on stderr
+    for a user error or a missing model extra."""
     try:
-        COMMANDS[args.command](args)
+        status = call()
     except CommandError as e:
-        print(f"tgr {args.command}: error: {e}", file=sys.stderr)
+        print(f"tgr {command}: error: {e}", file=sys.stderr)
         return 2
-    return 0
+    except ImportError as e:
+        if not missing_model_extra(e):
+            raise
+        print(f"tgr {command}: error: this command needs the model extra ({e.name} is not installed): "
+              f"{INSTALL_MODEL_EXTRA}", file=sys.stderr)
+        return 2
+    return status if isinstance(status, int) and not isinstance(status, bool) else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    _silence_import_warnings()
+    if argv and argv[0] in TRAINING_COMMANDS:
+        # Second stage: tgr's flags and every TrainingArguments flag (needs transformers).
+        command, parsed = argv[0], {}
+
+        def parse():
+            parsed["args"], parsed["training"] = parse_training_args(command, argv[1:])
+
+        status = _run(command, parse)
+        if status:
+            return status
+        _setup_logging(parsed["args"].quiet)
+        return _run(command, lambda: TRAINING_COMMAND_FUNCTIONS[command](parsed["args"], parsed["training"]))
+    if argv and argv[0] == "bench":  # everything after it is the benchmarks' (argparse's REMAINDER
+        # would not take a leading --flag); their own exit status
+        return _run("bench", lambda: int(cmd_bench(argparse.Namespace(args=argv[1:])) or 0))
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.quiet)
+    return _run(args.command, lambda: COMMANDS[args.command](args))
 
 
 if __name__ == "__main__":

@@ -1,32 +1,53 @@
-"""`TGRConfig`: the hyperparameters of a TGR model, validated, and serialized as JSON.
+"""`TGRConfig`: the hyperparameters of a TGR model, a ``PretrainedConfig`` with model type "tgr".
 
 The seed's fields keep their names (``gsoT_enabled`` included) so that a seed config loads
 unchanged. The base model's own sizes (``hidden_size`` and friends) are optional here: the model
 fills them in from the base it loads, and a value given by hand that disagrees with the base is an
 error rather than a silent surprise.
+
+Serialization is ``PretrainedConfig``'s (``to_dict``, ``to_json_string``, ``config.json``), so
+``AutoConfig.from_pretrained(saved_dir)`` returns a ``TGRConfig``. A folder saved by tgr 0.1,
+which holds ``tgr_config.json`` instead, still loads with :meth:`TGRConfig.from_pretrained`.
 """
 from __future__ import annotations
 
-import copy
-import dataclasses
 import json
 import math
 import os
-from dataclasses import dataclass, field
-from typing import Any, ClassVar, Dict, List, Optional, Union
+from dataclasses import field, fields
+from typing import Any, ClassVar
 
-__all__ = ["TGRConfig", "CONFIG_NAME", "BACKENDS", "COMPUTE_DTYPES"]
+from transformers import AutoConfig, PretrainedConfig
 
-#: File name of the TGR config inside a saved model folder.
-CONFIG_NAME = "tgr_config.json"
+__all__ = ["TGRConfig", "CheckpointError", "CONFIG_NAME", "LEGACY_CONFIG_NAME", "BACKENDS", "COMPUTE_DTYPES",
+           "TGR_MODES"]
+
+#: File name of the config inside a saved model folder (Hugging Face's name).
+CONFIG_NAME = "config.json"
+#: The config's file name in folders saved by tgr 0.1; still read when ``config.json`` is absent.
+LEGACY_CONFIG_NAME = "tgr_config.json"
 
 BACKENDS = ("auto", "triton", "torch", "reference")
+#: Where TGR acts: the seed's head on the final hidden state, every (chosen) decoder layer's
+#: attention (``tgr.apply_tgr``), or both.
+TGR_MODES = ("head", "layers", "both")
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
-# Keys that `to_dict` writes besides the fields, accepted (and ignored) by `from_dict`.
-_META_KEYS = ("model_type", "tgr_version")
-# The seed's config had these (a dataclass over PretrainedConfig); they carry no meaning here.
-_IGNORED_SEED_KEYS = ("transformers_version", "architectures", "_name_or_path")
+# Keys a saved config holds besides the fields; accepted when reading and never set as attributes.
+_META_KEYS = frozenset({"model_type", "tgr_version", "_name_or_path"})
+# Keyword arguments that PretrainedConfig.__post_init__ consumes itself.
+_HF_INIT_KWARGS = frozenset({"name_or_path", "output_attentions", "attn_implementation", "experts_implementation",
+                             "torch_dtype", "num_labels", "per_layer_config", "_commit_hash",
+                             "_attn_implementation_internal", "_experts_implementation_internal"})
+# Keyword arguments that Hugging Face's loaders pass to ``from_dict`` for their own bookkeeping.
+_HF_LOADER_KWARGS = ("_from_auto", "_from_pipeline")
+
+
+class CheckpointError(ValueError):
+    """A saved TGR model (or its config) is missing, unreadable or damaged.
+
+    The message is one line that names the file and what is wrong with it.
+    """
 
 
 def _is_int(value) -> bool:
@@ -37,8 +58,12 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-@dataclass
-class TGRConfig:
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+class TGRConfig(PretrainedConfig):
     """Configuration of a Temperature-Guided Reasoning (TGR) model over a causal LM base.
 
     Base model:
@@ -71,24 +96,40 @@ class TGRConfig:
             temperature is below ``temperature_conf_threshold``.
         temperature_conf_threshold: the GSoT threshold.
 
-    LoRA (optional, through peft):
+    Where TGR acts:
+        tgr_mode: "head" (default: the seed's TGR head on the final hidden state), "layers"
+            (temperature-guided attention inside the base's decoder layers, ``tgr.apply_tgr``;
+            the logits are the base's own, no head) or "both".
+        tgr_layers: the decoder layers that get TGR in modes "layers" and "both": "all" or a
+            list of layer indices. Each takes ``temperature_heads``, the clamp range,
+            ``initial_temperature`` (the temperature every token starts at: a freshly patched
+            layer multiplies its logits by t̄ / initial_temperature = 1), GSoT
+            (``gsoT_enabled``, ``temperature_conf_threshold``, at most ``initial_temperature``)
+            and ``attention_backend`` from the fields above; the regularizer pulls its
+            temperatures towards ``initial_temperature`` too.
+
+    LoRA (optional, through peft's ``LoraConfig`` and ``get_peft_model``):
         lora_r: rank of LoRA adapters on the base; 0 (default) trains the TGR head only.
         lora_alpha, lora_dropout, lora_target_modules: peft's LoraConfig settings.
+
+    Unknown keyword arguments are a ``TypeError`` and unknown keys in a saved config a
+    ``ValueError``: a typo must not silently fall back to a default.
     """
 
     model_type: ClassVar[str] = "tgr"
     # Trainer's evaluation loop skips these output fields when it gathers predictions (scalars,
     # and a bool mask that its -100 padding cannot pad).
-    keys_to_ignore_at_inference: ClassVar[List[str]] = ["lm_loss", "temperature_loss", "gsot_mask"]
+    keys_to_ignore_at_inference: ClassVar[list[str]] = ["lm_loss", "temperature_loss", "gsot_mask",
+                                                         "layer_temperatures", "layer_gsot_mask"]
 
     base_model_name_or_path: str = "meta-llama/Llama-2-7b-hf"
 
     # The base's sizes (seed fields); filled from the base when None.
-    num_hidden_layers: Optional[int] = None
-    hidden_size: Optional[int] = None
-    intermediate_size: Optional[int] = None
-    num_attention_heads: Optional[int] = None
-    max_position_embeddings: Optional[int] = None
+    num_hidden_layers: int | None = None
+    hidden_size: int | None = None
+    intermediate_size: int | None = None
+    num_attention_heads: int | None = None
+    max_position_embeddings: int | None = None
 
     # TTM
     temperature_heads: int = 8
@@ -106,28 +147,58 @@ class TGRConfig:
     attention_backend: str = "auto"
     num_tgr_heads: int = 1
 
+    # Where TGR acts
+    tgr_mode: str = "head"
+    tgr_layers: str | list[int] = "all"
+
     # Base loading
     load_in_4bit: bool = True
     compute_dtype: str = "auto"
-    device: Optional[str] = None
+    device: str | None = None
 
     # LoRA
     lora_r: int = 0
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
-    lora_target_modules: List[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    lora_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
 
-    def __post_init__(self):
+    def __post_init__(self, **kwargs):
+        unknown = sorted(set(kwargs) - _HF_INIT_KWARGS - _META_KEYS)
+        if unknown:
+            raise TypeError(f"unknown TGRConfig field(s): {', '.join(unknown)}; "
+                            f"known fields: {', '.join(sorted(self.tgr_field_names()))}")
+        for key in _META_KEYS & set(kwargs):
+            if key == "_name_or_path":
+                kwargs.setdefault("name_or_path", kwargs[key])
+            kwargs.pop(key)
+        super().__post_init__(**kwargs)
         # JSON gives lists; a tuple is accepted for convenience.
         if isinstance(self.lora_target_modules, tuple):
             self.lora_target_modules = list(self.lora_target_modules)
+        if isinstance(self.tgr_layers, tuple):
+            self.tgr_layers = list(self.tgr_layers)
         self.validate()
+
+    @classmethod
+    def tgr_field_names(cls) -> tuple[str, ...]:
+        """The fields TGR defines (not those every ``PretrainedConfig`` has), in order."""
+        inherited = {f.name for f in fields(PretrainedConfig)}
+        return tuple(f.name for f in fields(cls) if f.name not in inherited)
+
+    def __eq__(self, other) -> bool:
+        # Two configs are equal when they describe the same TGR model; the bookkeeping that
+        # PretrainedConfig adds (transformers_version, name_or_path, ...) does not count.
+        if not isinstance(other, TGRConfig):
+            return NotImplemented
+        return all(getattr(self, n) == getattr(other, n) for n in self.tgr_field_names())
+
+    __hash__ = None  # mutable
 
     # ------------------------------------------------------------------------------------
     # Validation
     # ------------------------------------------------------------------------------------
 
-    def validate(self) -> "TGRConfig":
+    def validate(self) -> TGRConfig:
         """Raise ``ValueError`` (or ``TypeError``) naming the first invalid field; return self."""
 
         def bad(name, want):
@@ -170,6 +241,7 @@ class TGRConfig:
             raise ValueError(
                 f"TGRConfig.num_tgr_heads={self.num_tgr_heads} must divide hidden_size={self.hidden_size}"
             )
+        self._validate_tgr_layers()
         if self.compute_dtype not in COMPUTE_DTYPES:
             raise bad("compute_dtype", f"one of {COMPUTE_DTYPES}")
         if self.device is not None and not (isinstance(self.device, str) and self.device):
@@ -191,79 +263,215 @@ class TGRConfig:
         if not (isinstance(self.lora_target_modules, list) and self.lora_target_modules
                 and all(isinstance(m, str) and m for m in self.lora_target_modules)):
             raise bad("lora_target_modules", "a non-empty list of module names")
+        super().validate()  # PretrainedConfig's own checks
         return self
 
+    def _validate_tgr_layers(self) -> None:
+        if self.tgr_mode not in TGR_MODES:
+            raise ValueError(f"TGRConfig.tgr_mode must be one of {TGR_MODES}, got {self.tgr_mode!r}")
+        layers = self.tgr_layers
+        if not (layers == "all" or isinstance(layers, list) and layers
+                and all(_is_int(i) and i >= 0 for i in layers) and len(set(layers)) == len(layers)):
+            raise ValueError(f"TGRConfig.tgr_layers must be 'all' or a non-empty list of distinct layer indices "
+                             f"(>= 0), got {layers!r}")
+        if self.num_hidden_layers is not None and layers != "all" and max(layers) >= self.num_hidden_layers:
+            raise ValueError(f"TGRConfig.tgr_layers={layers} names a layer the base does not have "
+                             f"(num_hidden_layers={self.num_hidden_layers})")
+        if self.tgr_mode == "head":
+            return
+        t_init = self.initial_temperature
+        if not (0.0 < t_init < 1.0 and self.temperature_clamp_min <= t_init <= self.temperature_clamp_max):
+            raise ValueError(
+                f"TGRConfig.initial_temperature={t_init!r} must lie in (0, 1) and in the clamp range "
+                f"[{self.temperature_clamp_min}, {self.temperature_clamp_max}] with tgr_mode={self.tgr_mode!r}: "
+                f"TGR layers start with every temperature at initial_temperature"
+            )
+        if self.gsoT_enabled and self.temperature_conf_threshold > t_init:
+            raise ValueError(
+                f"TGRConfig.temperature_conf_threshold={self.temperature_conf_threshold!r} must be <= "
+                f"initial_temperature={t_init!r} with tgr_mode={self.tgr_mode!r}, or freshly patched layers "
+                f"would prune every token"
+            )
+
     # ------------------------------------------------------------------------------------
-    # Serialization
+    # Serialization (PretrainedConfig's, plus the tgr version and unknown-key errors)
     # ------------------------------------------------------------------------------------
 
-    def to_dict(self) -> Dict[str, Any]:
-        """The fields as a JSON-ready dict, with ``model_type`` and ``tgr_version``."""
+    def to_dict(self) -> dict[str, Any]:
+        """PretrainedConfig's dict (with ``model_type``), plus ``tgr_version``; validates first."""
         self.validate()
         from . import __version__
 
-        out: Dict[str, Any] = {"model_type": self.model_type, "tgr_version": __version__}
-        for f in dataclasses.fields(self):
-            out[f.name] = copy.deepcopy(getattr(self, f.name))
+        out = super().to_dict()
+        # Attributes that code sets on a model's config at run time (Trainer's use_cache, say) are
+        # no TGR field: saved, they would be unknown keys when read back.
+        keep = {f.name for f in fields(self)} | _META_KEYS | {"output_attentions"}
+        out = {k: v for k, v in out.items() if k in keep}
+        out["tgr_version"] = __version__
         return out
 
     @classmethod
-    def from_dict(cls, data: Dict[str, Any], **overrides) -> "TGRConfig":
-        """Build from a dict (as written by :meth:`to_dict`); ``overrides`` replace fields.
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs):
+        """Build from a dict (as written by :meth:`to_dict`); keyword arguments that name fields
+        replace them.
 
-        Unknown keys are an error (a typo must not silently fall back to a default).
+        Unknown keys in ``config_dict`` or ``kwargs`` are a ``ValueError``, except that with
+        ``return_unused_kwargs=True`` (how ``AutoConfig`` calls it) unknown keyword arguments come
+        back as ``(config, unused)``, as for any ``PretrainedConfig``.
         """
-        if not isinstance(data, dict):
-            raise TypeError(f"TGRConfig.from_dict needs a dict, got {type(data).__name__}")
-        names = {f.name for f in dataclasses.fields(cls)}
-        values = {}
-        unknown = []
-        for key, value in {**data, **overrides}.items():
-            if key in names:
-                values[key] = value
-            elif key not in _META_KEYS + _IGNORED_SEED_KEYS:
-                unknown.append(key)
+        if not isinstance(config_dict, dict):
+            raise TypeError(f"TGRConfig.from_dict needs a dict, got {type(config_dict).__name__}")
+        return_unused = kwargs.pop("return_unused_kwargs", False)
+        for key in _HF_LOADER_KWARGS:
+            kwargs.pop(key, None)
+        name_or_path = kwargs.pop("name_or_path", None)
+        names = {f.name for f in fields(cls)}
+        known = names | _META_KEYS | _HF_INIT_KWARGS
+        unknown = sorted(k for k in config_dict if k not in known)
+        overrides = {k: v for k, v in kwargs.items() if k in names}
+        unused = {k: v for k, v in kwargs.items() if k not in names}
+        if not return_unused:
+            unknown += sorted(unused)
         if unknown:
-            raise ValueError(f"unknown TGRConfig field(s): {', '.join(sorted(unknown))}; "
-                             f"known fields: {', '.join(sorted(names))}")
-        return cls(**values)
-
-    def to_json_string(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+            raise ValueError(f"unknown TGRConfig field(s): {', '.join(unknown)}; "
+                             f"known fields: {', '.join(sorted(cls.tgr_field_names()))}")
+        values = {k: v for k, v in {**config_dict, **overrides}.items() if k not in _META_KEYS}
+        if name_or_path is not None:
+            values["name_or_path"] = name_or_path
+        config = cls(**values)
+        return (config, unused) if return_unused else config
 
     @classmethod
-    def from_json_string(cls, text: str, **overrides) -> "TGRConfig":
+    def from_json_string(cls, text: str, **overrides) -> TGRConfig:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as err:
             raise ValueError(f"TGR config is not valid JSON: {err}") from err
         return cls.from_dict(data, **overrides)
 
-    def to_json_file(self, path: Union[str, os.PathLike]) -> None:
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(self.to_json_string())
-
     @classmethod
-    def from_json_file(cls, path: Union[str, os.PathLike], **overrides) -> "TGRConfig":
-        with open(path, encoding="utf-8") as f:
-            return cls.from_json_string(f.read(), **overrides)
-
-    def save_pretrained(self, save_directory: Union[str, os.PathLike]) -> str:
-        """Write ``tgr_config.json`` into ``save_directory`` (created if needed); return its path."""
-        os.makedirs(save_directory, exist_ok=True)
-        path = os.path.join(save_directory, CONFIG_NAME)
-        self.to_json_file(path)
-        return path
-
-    @classmethod
-    def from_pretrained(cls, path: Union[str, os.PathLike], **overrides) -> "TGRConfig":
-        """Read a config from a saved folder (``tgr_config.json``) or a JSON file."""
+    def from_json_file(cls, path: str | os.PathLike, **overrides) -> TGRConfig:
+        """Read a config file; a damaged file is a :class:`CheckpointError` naming it."""
         path = os.fspath(path)
-        file = os.path.join(path, CONFIG_NAME) if os.path.isdir(path) else path
-        if not os.path.isfile(file):
-            raise FileNotFoundError(f"no TGR config at {file!r} (a saved TGR model folder has {CONFIG_NAME})")
-        return cls.from_json_file(file, **overrides)
+        cls._check_overrides(overrides)
+        try:
+            with open(path, "rb") as f:
+                raw = f.read()
+        except OSError as err:
+            raise CheckpointError(f"cannot read the TGR config {path!r}: {_one_line(err)}") from None
+        try:
+            data = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            raise CheckpointError(f"the TGR config {path!r} is damaged: not UTF-8 text") from None
+        except json.JSONDecodeError as err:
+            what = "empty" if not raw.strip() else f"not valid JSON ({err})"
+            raise CheckpointError(f"the TGR config {path!r} is damaged: {what}") from None
+        if not isinstance(data, dict):
+            raise CheckpointError(f"the TGR config {path!r} is damaged: it holds a JSON "
+                                  f"{type(data).__name__}, not an object")
+        try:
+            return cls.from_dict(data, **overrides)
+        except (TypeError, ValueError) as err:
+            raise CheckpointError(f"the TGR config {path!r} is damaged: {_one_line(err)}") from None
 
-    def copy(self, **overrides) -> "TGRConfig":
+    @classmethod
+    def _check_overrides(cls, overrides: dict[str, Any]) -> None:
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(k for k in overrides if k not in names)
+        if unknown:
+            raise ValueError(f"unknown TGRConfig field(s): {', '.join(unknown)}; "
+                             f"known fields: {', '.join(sorted(cls.tgr_field_names()))}")
+
+    def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs) -> str:
+        """Write ``config.json`` into ``save_directory`` (created if needed); return its path."""
+        super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
+        return os.path.join(os.fspath(save_directory), CONFIG_NAME)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *, revision: str | None = None,
+                        token: str | bool | None = None, cache_dir: str | None = None,
+                        local_files_only: bool = False, **overrides) -> TGRConfig:
+        """Read a config from a saved folder (``config.json``, or tgr 0.1's ``tgr_config.json``), a
+        JSON file, or a hub repository; ``overrides`` replace fields.
+
+        Anything missing or damaged is a :class:`CheckpointError` with a one-line message.
+        """
+        cls._check_overrides(overrides)
+        file = resolve_config_file(pretrained_model_name_or_path, revision=revision, token=token,
+                                   cache_dir=cache_dir, local_files_only=local_files_only)
+        config = cls.from_json_file(file, **overrides)
+        config.name_or_path = os.fspath(pretrained_model_name_or_path)
+        return config
+
+    def copy(self, **overrides) -> TGRConfig:
         """A validated copy with some fields replaced."""
-        return self.from_dict(self.to_dict(), **overrides)
+        values = {name: getattr(self, name) for name in self.tgr_field_names()}
+        values["lora_target_modules"] = list(values["lora_target_modules"])
+        if isinstance(values["tgr_layers"], list):
+            values["tgr_layers"] = list(values["tgr_layers"])
+        return self.from_dict(values, **overrides, name_or_path=self.name_or_path)
+
+
+def looks_like_local_path(path: str) -> bool:
+    """A name that can only be meant as a path on this machine (a hub id is ``owner/name``)."""
+    return os.path.exists(path) or path.startswith((".", "/", "~", "\\")) or os.path.isabs(path) \
+        or path.count("/") > 1 or os.sep != "/" and os.sep in path
+
+
+def resolve_file(name_or_path: str | os.PathLike, filename: str, *, required: bool = True,
+                 revision: str | None = None, token=None, cache_dir=None,
+                 local_files_only: bool = False) -> str | None:
+    """The local path of ``filename`` in a saved folder or hub repository ``name_or_path``.
+
+    A missing folder or file (when ``required``) and a hub that cannot be reached are a
+    :class:`CheckpointError` with a one-line message; a file that is not required and absent
+    gives None.
+    """
+    name_or_path = os.fspath(name_or_path)
+    if os.path.isdir(name_or_path):
+        path = os.path.join(name_or_path, filename)
+        if os.path.isfile(path):
+            return path
+        if required:
+            raise CheckpointError(f"{path!r} does not exist: {name_or_path!r} is not a saved TGR model")
+        return None
+    if looks_like_local_path(name_or_path):
+        raise CheckpointError(f"{name_or_path!r} does not exist (no such folder)")
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+    try:
+        return hf_hub_download(name_or_path, filename, revision=revision, token=token, cache_dir=cache_dir,
+                               local_files_only=local_files_only)
+    except LocalEntryNotFoundError as err:  # offline (or local_files_only) and not in the cache
+        if not required:
+            return None
+        raise CheckpointError(f"cannot fetch {filename} of {name_or_path!r} from the Hugging Face hub: "
+                              f"{_one_line(err)}") from None
+    except EntryNotFoundError:
+        if required:
+            raise CheckpointError(f"the hub repository {name_or_path!r} has no {filename}: "
+                                  f"not a saved TGR model") from None
+        return None
+    except Exception as err:  # no network, unknown repository, no access, ...: one line, not a traceback
+        raise CheckpointError(f"cannot fetch {filename} of {name_or_path!r} from the Hugging Face hub: "
+                              f"{_one_line(err)}") from None
+
+
+def resolve_config_file(name_or_path: str | os.PathLike, **hub_kwargs) -> str:
+    """``config.json`` of a saved folder (or tgr 0.1's ``tgr_config.json``), a JSON file given
+    directly, or ``config.json`` of a hub repository."""
+    name_or_path = os.fspath(name_or_path)
+    if os.path.isfile(name_or_path):
+        return name_or_path
+    if os.path.isdir(name_or_path):
+        for name in (CONFIG_NAME, LEGACY_CONFIG_NAME):
+            path = os.path.join(name_or_path, name)
+            if os.path.isfile(path):
+                return path
+        raise CheckpointError(f"{os.path.join(name_or_path, CONFIG_NAME)!r} does not exist: "
+                              f"{name_or_path!r} is not a saved TGR model")
+    return resolve_file(name_or_path, CONFIG_NAME, **hub_kwargs)
+
+
+AutoConfig.register(TGRConfig.model_type, TGRConfig, exist_ok=True)

@@ -10,13 +10,15 @@ project: WikiQA's license does not allow its rows to be redistributed.
 """
 from __future__ import annotations
 
+import codecs
+import contextlib
 import csv
-import json
 import logging
 import os
+import tempfile
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence
 
 logger = logging.getLogger("tgr")
 
@@ -32,7 +34,7 @@ class DataError(ValueError):
 
 
 # ----------------------------------------------------------------------------- loading
-def load_wikiqa(source: Optional[str] = None, split: str = "train") -> List[Dict]:
+def load_wikiqa(source: str | None = None, split: str = "train") -> list[dict]:
     """WikiQA rows as a list of dicts with the five columns, validated.
 
     ``source``: None (the project's sample), a local file (.json, .jsonl, .csv, .tsv, .parquet),
@@ -54,42 +56,117 @@ def _looks_like_path(source: str) -> bool:
     return source.startswith((".", "/", "~")) or source.endswith(LOCAL_SUFFIXES) or os.sep + os.sep in source
 
 
-def _read_local(path: Path, split: str) -> List[Dict]:
+def _read_local(path: Path, split: str) -> list[dict]:
     if path.is_file():
         return _read_file(path)
     files = sorted(p for p in path.iterdir() if p.suffix in LOCAL_SUFFIXES)
     if not files:
         raise DataError(f"folder {path} holds no data file ({', '.join(LOCAL_SUFFIXES)})")
     chosen = [p for p in files if p.name.startswith(split)] or files
-    rows: List[Dict] = []
+    rows: list[dict] = []
     for p in chosen:
         rows.extend(_read_file(p))
     return rows
 
 
-def _read_file(path: Path) -> List[Dict]:
+def _read_file(path: Path) -> list[dict]:
+    """One local file's rows through ``datasets.load_dataset`` (json, csv or parquet builder)."""
     suffix = path.suffix.lower()
     if suffix not in LOCAL_SUFFIXES:
         raise DataError(f"{path}: unsupported file type {suffix!r}; use one of {', '.join(LOCAL_SUFFIXES)}")
     if path.stat().st_size == 0:
         raise DataError(f"{path} is empty")
     if suffix == ".parquet":
-        import pyarrow.parquet as pq  # a dependency of datasets
+        return _load_local("parquet", path, "not a readable Parquet file")
+    _check_utf8(path)
+    if suffix in (".csv", ".tsv"):
+        delimiter = "\t" if suffix == ".tsv" else ","
+        # Every column as text, as written: pandas would otherwise turn "007" into 7 and "1.50" into
+        # 1.5, and empty cells into None; validate_rows converts the labels.
+        return _load_local("csv", path, f"not valid {suffix[1:].upper()}", delimiter=delimiter, na_filter=False,
+                           features=_text_features(path, delimiter))
+    return _load_local("json", path, "not valid JSON")
 
-        return pq.read_table(path).to_pylist()
+
+def _check_utf8(path: Path) -> None:
+    """A text data file must be UTF-8: say so in one line rather than deep inside a reader."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    with open(path, "rb") as f:
+        while True:
+            chunk = f.read(1 << 20)
+            pending = len(decoder.getstate()[0])  # bytes of a character split across chunks
+            try:
+                decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as e:
+                bad = offset - pending + e.start
+                raise DataError(f"{path} is not UTF-8 text (bad byte at offset {bad}); give a UTF-8 JSON Lines, "
+                                f"JSON, CSV or TSV file, or a Parquet file") from None
+            if not chunk:
+                return
+            offset += len(chunk)
+
+
+def _text_features(path: Path, delimiter: str):
+    import datasets
+
     with open(path, encoding="utf-8", newline="") as f:
-        if suffix in (".csv", ".tsv"):
-            return list(csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ","))
-        text = f.read()
+        header = next(csv.reader(f, delimiter=delimiter), [])
+    return datasets.Features({name: datasets.Value("string") for name in header})
+
+
+def _load_local(builder: str, path: Path, what_is_wrong: str, **options) -> list[dict]:
+    import datasets
+    import pyarrow
+
+    # A private cache that is removed afterwards: loading a local file neither writes beside it
+    # nor fills the user's datasets cache with copies.
+    with tempfile.TemporaryDirectory(prefix="tgr-data-") as cache, _quiet_datasets():
+        try:
+            ds = datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=cache, **options)
+        except (datasets.exceptions.DatasetsError, pyarrow.ArrowException, ValueError, OSError) as e:
+            if _holds_no_records(path, builder):
+                return []  # datasets refuses an empty split; validate_rows says "holds no rows"
+            raise DataError(f"{path}: {what_is_wrong} ({_innermost_message(e)})") from None
+        return ds.to_list()
+
+
+def _holds_no_records(path: Path, builder: str) -> bool:
+    """A JSON file that is blank or ``[]``, or a CSV/TSV file with a header line only."""
+    if builder == "parquet" or path.stat().st_size > 1 << 16:
+        return False
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if builder == "csv":
+        return len(lines) <= 1
+    return "".join(lines).replace(" ", "") in ("", "[]")
+
+
+def _innermost_message(error: BaseException) -> str:
+    """The first line of the root cause: datasets wraps the reader's error in a generic one."""
+    while error.__cause__ is not None or (error.__context__ is not None and not error.__suppress_context__):
+        error = error.__cause__ or error.__context__
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+@contextlib.contextmanager
+def _quiet_datasets():
+    """No progress bars and no log lines from datasets while it reads a local file (its failures
+    are reported as one DataError instead); the caller's settings are restored."""
+    from datasets.utils import logging as datasets_logging
+
+    verbosity, bars = datasets_logging.get_verbosity(), datasets_logging.is_progress_bar_enabled()
+    datasets_logging.set_verbosity(logging.CRITICAL + 1)
+    datasets_logging.disable_progress_bar()
     try:
-        if suffix == ".json" and text.lstrip().startswith("["):
-            return json.loads(text)
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: not valid JSON ({e})") from None
+        yield
+    finally:
+        datasets_logging.set_verbosity(verbosity)
+        if bars:
+            datasets_logging.enable_progress_bar()
 
 
-def _read_hub(name: str, split: str) -> List[Dict]:
+def _read_hub(name: str, split: str) -> list[dict]:
     hint = "pass local files in WikiQA's schema instead, e.g. --data path/to/wiki_qa.jsonl"
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
         raise DataError(f"cannot load {name!r} from the Hugging Face hub: HF_HUB_OFFLINE is set; {hint}")
@@ -106,7 +183,7 @@ def _read_hub(name: str, split: str) -> List[Dict]:
     return [dict(r) for r in ds]
 
 
-def validate_rows(rows: Sequence[Dict], where: str) -> List[Dict]:
+def validate_rows(rows: Sequence[dict], where: str) -> list[dict]:
     """Check columns and labels; return rows with ``label`` as int and text fields as str."""
     if not rows:
         raise DataError(f"{where} holds no rows")
@@ -115,6 +192,10 @@ def validate_rows(rows: Sequence[Dict], where: str) -> List[Dict]:
         raise DataError(f"{where} lacks the column(s) {', '.join(missing)}; WikiQA needs {', '.join(COLUMNS)}")
     clean, bad = [], []
     for i, row in enumerate(rows):
+        # A key that only some JSON rows have is read as None in the others.
+        absent = [c for c in COLUMNS if row[c] is None and c != "label"]
+        if absent:
+            raise DataError(f"{where}: row {i} has no {', '.join(absent)}")
         label = row["label"]
         try:
             label_int = int(str(label).strip())
@@ -139,8 +220,8 @@ def answer_text(answer: str) -> str:
     return f" {answer.strip()}"
 
 
-def build_training_examples(rows: Iterable[Dict], tokenizer, max_length: int = 192,
-                            mask_prompt: bool = False) -> List[Dict[str, List[int]]]:
+def build_training_examples(rows: Iterable[dict], tokenizer, max_length: int = 192,
+                            mask_prompt: bool = False) -> list[dict[str, list[int]]]:
     """Tokenized ``Q: ...\\nA: <answer><eos>`` examples from the correct (label 1) pairs.
 
     The prompt and the answer are tokenized separately (so the prompt can be masked with
@@ -173,10 +254,10 @@ class PaddingCollator:
     labels, so padding is never trained on. ``pad_to_multiple_of`` helps tensor cores on GPU."""
 
     pad_token_id: int
-    pad_to_multiple_of: Optional[int] = None
+    pad_to_multiple_of: int | None = None
     padding_side: str = "right"
 
-    def __call__(self, examples: List[Dict[str, List[int]]]):
+    def __call__(self, examples: list[dict[str, list[int]]]):
         import torch
 
         longest = max(len(e["input_ids"]) for e in examples)
@@ -203,13 +284,13 @@ class RankingGroup:
 
     question_id: str
     question: str
-    answers: List[str] = field(default_factory=list)
-    labels: List[int] = field(default_factory=list)
+    answers: list[str] = field(default_factory=list)
+    labels: list[int] = field(default_factory=list)
 
 
-def ranking_groups(rows: Iterable[Dict]) -> List[RankingGroup]:
+def ranking_groups(rows: Iterable[dict]) -> list[RankingGroup]:
     """Questions with at least one correct candidate (the standard WikiQA evaluation set)."""
-    groups: Dict[str, RankingGroup] = {}
+    groups: dict[str, RankingGroup] = {}
     for row in rows:
         g = groups.setdefault(row["question_id"], RankingGroup(row["question_id"], row["question"]))
         g.answers.append(row["answer"])
@@ -217,7 +298,7 @@ def ranking_groups(rows: Iterable[Dict]) -> List[RankingGroup]:
     return [g for g in groups.values() if any(g.labels)]
 
 
-def split_by_question(rows: Sequence[Dict], eval_fraction: float = 0.25) -> tuple:
+def split_by_question(rows: Sequence[dict], eval_fraction: float = 0.25) -> tuple:
     """Deterministic question-level split (no question on both sides): (train_rows, eval_rows)."""
     ids = sorted({r["question_id"] for r in rows})
     n_eval = max(1, round(len(ids) * eval_fraction)) if len(ids) > 1 else 0

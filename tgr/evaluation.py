@@ -9,13 +9,13 @@ own head are evaluated with the same protocol.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
-from .data import RankingGroup, answer_text, prompt_text
+from .data import DataError, RankingGroup, answer_text, prompt_text, ranking_groups
 
 logger = logging.getLogger("tgr")
 
@@ -46,7 +46,7 @@ class RankingResult:
     questions: int
     candidates: int
 
-    def as_dict(self) -> Dict[str, float]:
+    def as_dict(self) -> dict[str, float]:
         return {"map": self.map, "mrr": self.mrr, "questions": self.questions, "candidates": self.candidates}
 
 
@@ -62,12 +62,12 @@ def encode_pair(tokenizer, question: str, answer: str, max_length: int):
 @torch.no_grad()
 def answer_log_likelihoods(logits_fn: LogitsFn, tokenizer, pairs: Sequence[tuple], *, batch_size: int = 8,
                            max_length: int = 256, device="cpu", per_token: bool = False,
-                           progress: bool = False) -> List[float]:
+                           progress: bool = False) -> list[float]:
     """``log p(answer | prompt)`` for each (question, answer) pair (or its per-token mean);
     ``progress`` shows a progress bar (WikiQA's test split has thousands of candidates)."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     encoded = [encode_pair(tokenizer, q, a, max_length) for q, a in pairs]
-    scores: List[float] = [0.0] * len(encoded)
+    scores: list[float] = [0.0] * len(encoded)
     # Longest first: batches of similar lengths waste little padding.
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i][0]))
     for start in tqdm(range(0, len(order), batch_size), desc="scoring candidates", unit="batch",
@@ -100,8 +100,36 @@ def evaluate_ranking(logits_fn: LogitsFn, tokenizer, groups: Sequence[RankingGro
         s = scores[offset:offset + len(g.answers)]
         offset += len(g.answers)
         # Ties are broken against the correct answer, so a constant model scores as badly as possible.
-        ranked = [label for _, label in sorted(zip(s, g.labels), key=lambda x: (-x[0], x[1]))]
+        ranked = [label for _, label in sorted(zip(s, g.labels, strict=True), key=lambda x: (-x[0], x[1]))]
         aps.append(average_precision(ranked))
         rrs.append(reciprocal_rank(ranked))
     n = max(1, len(groups))
     return RankingResult(sum(aps) / n, sum(rrs) / n, len(groups), len(pairs))
+
+
+def _base_logits(model, ids, mask):
+    """The base's own logits: with every-layer TGR applied to the base, run as unpatched."""
+    from .layers import is_tgr_applied, tgr_layers_disabled
+
+    hf_base = getattr(model, "hf_base_model", model.base_model)
+    if not is_tgr_applied(hf_base):
+        return model.base_model(input_ids=ids, attention_mask=mask).logits
+    with tgr_layers_disabled(hf_base):
+        return model.base_model(input_ids=ids, attention_mask=mask).logits
+
+
+def evaluate_heads(model, tokenizer, rows: Sequence[dict], *, batch_size: int = 8,
+                   progress: bool = False) -> dict[str, dict[str, float]]:
+    """MAP and MRR of a TGR model's head and of its base's own head, with the same protocol, over
+    the questions of ``rows`` (WikiQA rows) that have a correct candidate.
+
+    Returns ``{"tgr_head": {...}, "base_head": {...}}`` (see :meth:`RankingResult.as_dict`).
+    """
+    groups = ranking_groups(rows)
+    if not groups:
+        raise DataError("no question in the data has a correct (label 1) candidate: nothing to rank")
+    model.eval()
+    kwargs = dict(batch_size=batch_size, device=model.device, progress=progress)
+    tgr = evaluate_ranking(lambda ids, mask: model(ids, mask).logits, tokenizer, groups, **kwargs)
+    base = evaluate_ranking(lambda ids, mask: _base_logits(model, ids, mask), tokenizer, groups, **kwargs)
+    return {"tgr_head": tgr.as_dict(), "base_head": base.as_dict()}

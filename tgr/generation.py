@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from transformers import LogitsProcessorList
@@ -41,9 +41,9 @@ class TGRGenerateOutput(ModelOutput):
     logits: n tensors ``[B, V]``: the TGR head's raw logits at each step (float32).
     """
 
-    sequences: Optional[torch.LongTensor] = None
-    scores: Optional[Tuple[torch.Tensor, ...]] = None
-    logits: Optional[Tuple[torch.Tensor, ...]] = None
+    sequences: torch.LongTensor | None = None
+    scores: tuple[torch.Tensor, ...] | None = None
+    logits: tuple[torch.Tensor, ...] | None = None
 
 
 @dataclass
@@ -124,7 +124,7 @@ def _sampling_warpers(temperature, top_k, top_p) -> LogitsProcessorList:
     return warpers
 
 
-def _token_ids(value, name: str) -> List[int]:
+def _token_ids(value, name: str) -> list[int]:
     if value is None:
         return []
     if isinstance(value, torch.Tensor):
@@ -140,7 +140,7 @@ def _safe_argmax(scores: torch.Tensor) -> torch.Tensor:
     return torch.nan_to_num(scores, nan=-math.inf).argmax(dim=-1)
 
 
-def _sample(scores: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
+def _sample(scores: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """Multinomial sampling that never fails: NaN counts as probability 0, and a row with no
     finite score falls back to greedy."""
     probs = torch.softmax(scores.float(), dim=-1)
@@ -149,6 +149,26 @@ def _sample(scores: torch.Tensor, generator: Optional[torch.Generator]) -> torch
     if bool(dead.any()):
         probs[dead] = torch.nn.functional.one_hot(_safe_argmax(scores[dead]), probs.shape[-1]).to(probs.dtype)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+# What generate() does when neither its arguments nor a GenerationConfig say otherwise.
+_DEFAULTS = {"max_new_tokens": 20, "do_sample": False, "temperature": 1.0, "top_p": 1.0, "top_k": None}
+
+
+def _settings(generation_config, **given) -> dict:
+    """The sampling settings: each given argument, else the GenerationConfig's value, else the default."""
+    if generation_config is not None:
+        from transformers import GenerationConfig
+
+        if not isinstance(generation_config, GenerationConfig):
+            raise TypeError(f"generation_config must be a transformers GenerationConfig or None, got "
+                            f"{type(generation_config).__name__}")
+    out = {}
+    for name, value in given.items():
+        if value is None and generation_config is not None:
+            value = getattr(generation_config, name, None)
+        out[name] = _DEFAULTS[name] if value is None else value
+    return out
 
 
 def _check_number(name, value, ok: Callable[[float], bool], want: str):
@@ -160,24 +180,30 @@ def _check_number(name, value, ok: Callable[[float], bool], want: str):
 def generate(
     model,
     input_ids: torch.Tensor,
-    attention_mask: Optional[torch.Tensor] = None,
+    attention_mask: torch.Tensor | None = None,
     *,
-    max_new_tokens: int = 20,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    top_k: Optional[int] = None,
-    logits_processor: Optional[Union[LogitsProcessorList, Sequence[Callable], Callable]] = None,
-    eos_token_id: Optional[Union[int, Iterable[int]]] = None,
-    pad_token_id: Optional[int] = None,
+    generation_config=None,
+    max_new_tokens: int | None = None,
+    do_sample: bool | None = None,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    top_k: int | None = None,
+    logits_processor: LogitsProcessorList | Sequence[Callable] | Callable | None = None,
+    eos_token_id: int | Iterable[int] | None = None,
+    pad_token_id: int | None = None,
     use_cache: bool = True,
-    generator: Optional[torch.Generator] = None,
+    generator: torch.Generator | None = None,
     output_scores: bool = False,
 ):
     """Generate up to ``max_new_tokens`` tokens per prompt from the TGR head's logits.
 
     Args:
         model: a :class:`tgr.TGRLlamaModel`.
+        generation_config: an HF ``GenerationConfig`` (or None): its ``max_new_tokens``,
+            ``do_sample``, ``temperature``, ``top_k``, ``top_p``, ``eos_token_id`` and
+            ``pad_token_id`` are the defaults of the arguments below, which override them when
+            given. Without it the defaults are 20 new tokens, greedy, temperature 1, no top-k/top-p,
+            and the model's generation config's EOS and padding.
         input_ids: ``[B, S]`` prompts; ``attention_mask`` ``[B, S]`` 0/1 marks padding (left
             padding is the usual choice for batched prompts; any side works). Every prompt needs
             at least one real token.
@@ -209,6 +235,10 @@ def generate(
                          f"{getattr(input_ids, 'shape', type(input_ids).__name__)}")
     if input_ids.numel() == 0:
         raise ValueError("input_ids is empty: every prompt needs at least one token")
+    settings = _settings(generation_config, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                         temperature=temperature, top_p=top_p, top_k=top_k)
+    max_new_tokens, do_sample = settings["max_new_tokens"], settings["do_sample"]
+    temperature, top_p, top_k = settings["temperature"], settings["top_p"], settings["top_k"]
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
     if do_sample:
@@ -224,12 +254,18 @@ def generate(
         attention_mask = torch.ones_like(input_ids)
     else:
         if tuple(attention_mask.shape) != (B, S):
-            raise ValueError(f"attention_mask must have the shape of input_ids {(B, S)}, got {tuple(attention_mask.shape)}")
+            raise ValueError(f"attention_mask must have the shape of input_ids {(B, S)}, "
+                             f"got {tuple(attention_mask.shape)}")
         attention_mask = attention_mask.to(device=device, dtype=torch.long)
         if not bool(attention_mask.any(dim=-1).all()):
             raise ValueError("every prompt needs at least one real token (a row of attention_mask is all 0)")
 
     gen_config = model.generation_config
+    if generation_config is not None:
+        if eos_token_id is None:
+            eos_token_id = generation_config.eos_token_id
+        if pad_token_id is None:
+            pad_token_id = generation_config.pad_token_id
     if eos_token_id is None and gen_config is not None:
         eos_token_id = gen_config.eos_token_id
     eos_ids = _token_ids(eos_token_id, "eos_token_id")
@@ -246,7 +282,7 @@ def generate(
     unfinished = torch.ones(B, dtype=torch.bool, device=device)
     all_scores, all_logits = [], []
     state = None
-    for step in range(max_new_tokens):
+    for _ in range(max_new_tokens):
         if not use_cache:
             out = model(tokens, attention_mask=mask, position_ids=_positions(mask))
             logits = out.logits[:, -1].float()

@@ -8,13 +8,23 @@ Forward (per batch, hidden size H, TGR heads n, D = H / n, temperature heads T):
     logits = base.lm_head(y)
     loss = CE(logits[:, :-1], labels[:, 1:]) + λ · mean over real tokens of (t − t_init)²
 
+That is mode "head" (``TGRConfig.tgr_mode``, the default). Modes "layers" and "both" also put
+temperature-guided attention into the base's decoder layers (:func:`tgr.layers.apply_tgr`, after
+LoRA): "layers" has no head (``logits = base.lm_head(h)``), "both" keeps it; the regularizer then
+sums over the head's and every layer's temperatures, and the layers' mechanisms are part of the
+state dict.
+
 With ``attention_backend="reference"`` and ``causal=False`` this is the seed's math, the seed's
 additive ``(1 − mask) · −1e4`` padding mask included. The base runs in ``compute_dtype`` (float32
 on the CPU by default); the head's weights stay float32.
 
-The model is an ``nn.Module`` that owns the base: HF ``Trainer`` accepts it, and its state dict
-holds only what TGR trains (the head, plus LoRA adapters when enabled), so Trainer checkpoints and
-:meth:`TGRLlamaModel.save_pretrained` never serialize the 4-bit base.
+The model is a ``PreTrainedModel`` registered with ``AutoConfig`` / ``AutoModelForCausalLM``
+(model type "tgr"). It owns the base but never serializes it: its state dict holds only what TGR
+trains (the head, plus LoRA adapters when enabled), so Trainer checkpoints and
+:meth:`TGRLlamaModel.save_pretrained` hold a few tensors, and loading rebuilds the base from the
+name the config records. LoRA is peft's: ``get_peft_model`` with a ``LoraConfig`` (after
+``prepare_model_for_kbit_training`` on a 4-bit base), and the adapters are also saved in peft's
+format, so ``PeftModel.from_pretrained(base, folder)`` loads them without tgr.
 """
 from __future__ import annotations
 
@@ -25,35 +35,58 @@ import shutil
 import tempfile
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Union
+from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers.utils import ModelOutput
 
 from tgr_kernels import TemperatureMechanism, temperature_guided_attention
 
-from .config import CONFIG_NAME, TGRConfig
+from . import layers as tgr_layers
+from .config import (
+    CONFIG_NAME,
+    CheckpointError,
+    TGRConfig,
+    _one_line,
+    resolve_file,
+)
 
-__all__ = ["TGRLlamaModel", "TGROutput", "WEIGHTS_NAME", "load_base_model", "resolve_device",
-           "resolve_compute_dtype"]
+__all__ = ["TGRLlamaModel", "TGROutput", "CheckpointError", "WEIGHTS_NAME", "ADAPTER_CONFIG_NAME",
+           "ADAPTER_WEIGHTS_NAME", "MODEL_CARD_NAME", "load_base_model", "resolve_device", "resolve_compute_dtype"]
 
 logger = logging.getLogger("tgr")
 
 #: File name of the head's weights inside a saved model folder (the name HF Trainer also uses for
-#: the state dict of a plain module, so a Trainer checkpoint holds the same file).
+#: the state dict of a model, so a Trainer checkpoint holds the same file).
 WEIGHTS_NAME = "model.safetensors"
+#: peft's file names for the LoRA adapters (written beside the head when ``lora_r > 0``).
+ADAPTER_CONFIG_NAME = "adapter_config.json"
+ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
+MODEL_CARD_NAME = "README.md"
+# The first line of the model card this module writes: a card without it is the user's, and kept.
+_MODEL_CARD_MARK = "<!-- tgr model card -->"
 
 # The seed's additive padding mask value.
 SEED_MASK_VALUE = -1e4
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _BASE_PREFIX = "base_llama_model."
+# Where get_peft_model puts the base's own modules inside the PeftModel.
+_PEFT_PREFIX = "base_model.model."
 # The sizes a TGRConfig may record about its base, and their names in the base's config.
 _BASE_SIZE_FIELDS = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
                      "max_position_embeddings")
+# Keyword arguments of Hugging Face's loaders (AutoModelForCausalLM passes them on) that carry no
+# meaning for a TGR folder.
+_HF_LOADER_KWARGS = ("_from_auto", "_from_pipeline", "trust_remote_code", "adapter_kwargs", "code_revision")
+# Keyword arguments of PreTrainedModel.save_pretrained (Trainer and push_to_hub pass some) that a
+# TGR save does not need: its few tensors are always one safetensors file.
+_HF_SAVE_KWARGS = ("safe_serialization", "max_shard_size", "variant", "token", "save_peft_format",
+                   "save_original_format")
 
 
 @dataclass
@@ -70,15 +103,24 @@ class TGROutput(ModelOutput):
         gsot_mask: ``[B, S]`` bool, True where a token's mean temperature is at least the GSoT
             threshold (its TGR output is kept); all True when GSoT is disabled.
         lm_loss: the cross-entropy part of the loss.
-        temperature_loss: the weighted temperature regularizer part of the loss.
+        temperature_loss: the weighted temperature regularizer part of the loss (over the head's
+            temperatures and those of every TGR layer).
+        layer_temperatures: ``[L, B, S, T]`` float32 temperatures of the L TGR layers (modes
+            "layers" and "both"), in layer order; None in mode "head".
+        layer_gsot_mask: ``[L, B, S]`` bool, True where a TGR layer keeps a token's attention
+            output (its mean temperature is at least the GSoT threshold).
+
+    In mode "layers" there is no head: ``temperatures`` and ``gsot_mask`` are None.
     """
 
-    loss: Optional[torch.Tensor] = None
-    logits: Optional[torch.Tensor] = None
-    temperatures: Optional[torch.Tensor] = None
-    gsot_mask: Optional[torch.Tensor] = None
-    lm_loss: Optional[torch.Tensor] = None
-    temperature_loss: Optional[torch.Tensor] = None
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    temperatures: torch.Tensor | None = None
+    gsot_mask: torch.Tensor | None = None
+    lm_loss: torch.Tensor | None = None
+    temperature_loss: torch.Tensor | None = None
+    layer_temperatures: torch.Tensor | None = None
+    layer_gsot_mask: torch.Tensor | None = None
 
     def __getitem__(self, key):
         if isinstance(key, str) and key in self.__dataclass_fields__:
@@ -112,9 +154,7 @@ def resolve_compute_dtype(config: TGRConfig, device: torch.device) -> torch.dtyp
 def load_base_model(config: TGRConfig, device: torch.device, dtype: torch.dtype) -> nn.Module:
     """Load the causal LM named by ``config.base_model_name_or_path`` on ``device``: 4-bit NF4 with
     double quantization (bitsandbytes) when ``config.load_in_4bit``, else in ``dtype``."""
-    from transformers import AutoModelForCausalLM
-
-    kwargs: Dict[str, Any] = {"dtype": dtype, "device_map": {"": str(device)}}
+    kwargs: dict[str, Any] = {"dtype": dtype, "device_map": {"": str(device)}}
     if config.load_in_4bit:
         try:
             import bitsandbytes  # noqa: F401
@@ -136,6 +176,37 @@ def load_base_model(config: TGRConfig, device: torch.device, dtype: torch.dtype)
     return AutoModelForCausalLM.from_pretrained(config.base_model_name_or_path, **kwargs)
 
 
+def _is_4bit(base: nn.Module) -> bool:
+    return bool(getattr(base, "is_loaded_in_4bit", False))
+
+
+def _base_compute_dtype(base: nn.Module) -> torch.dtype:
+    """The dtype a loaded base computes in: bitsandbytes' compute dtype for a 4-bit base, else the
+    dtype of its output embeddings."""
+    quantization = getattr(base.config, "quantization_config", None)
+    if _is_4bit(base) and quantization is not None:
+        dtype = getattr(quantization, "bnb_4bit_compute_dtype", None)
+        if dtype is None and isinstance(quantization, dict):
+            dtype = quantization.get("bnb_4bit_compute_dtype")
+        if isinstance(dtype, str):
+            dtype = getattr(torch, dtype, None)
+        if isinstance(dtype, torch.dtype):
+            return dtype
+    head = base.get_output_embeddings()
+    weight = getattr(head, "weight", None)
+    if weight is not None and weight.is_floating_point():
+        return weight.dtype
+    return base.dtype
+
+
+def _head_device(base: nn.Module) -> torch.device:
+    """Where the TGR head goes: beside the base's lm_head, which turns its output into logits."""
+    head = base.get_output_embeddings()
+    weight = getattr(head, "weight", None)
+    device = weight.device if weight is not None else next(base.parameters()).device
+    return torch.device("cpu") if device.type == "meta" else device  # offloaded to disk: compute on the CPU
+
+
 def _keep_cpu_4bit_weights_unpacked(base: nn.Module) -> None:
     """Stop bitsandbytes (0.50) from repacking 4-bit weights for CPU inference.
 
@@ -154,28 +225,46 @@ def _keep_cpu_4bit_weights_unpacked(base: nn.Module) -> None:
         logger.debug("bitsandbytes CPU inference repacking turned off on %d 4-bit layers", n)
 
 
-def _inject_lora(base: nn.Module, config: TGRConfig) -> None:
+def lora_config(config: TGRConfig):
+    """peft's ``LoraConfig`` from the config's lora fields (a causal LM task)."""
     try:
-        from peft import LoraConfig, inject_adapter_in_model
+        from peft import LoraConfig
     except ImportError as err:
         raise ImportError("TGRConfig.lora_r > 0 needs peft (pip install peft)") from err
-    lora_config = LoraConfig(
+    return LoraConfig(
         r=config.lora_r,
         lora_alpha=config.lora_alpha,
         lora_dropout=config.lora_dropout,
         target_modules=list(config.lora_target_modules),
         bias="none",
+        task_type="CAUSAL_LM",
     )
-    inject_adapter_in_model(lora_config, base)
-    n_adapters = 0
-    for name, param in base.named_parameters():
-        if "lora_" in name:
-            # Adapters train in fp32, like the head (peft casts the input to their dtype).
-            param.data = param.data.float()
-            param.requires_grad_(True)
-            n_adapters += 1
-    if n_adapters == 0:
+
+
+def _add_lora(base: nn.Module, config: TGRConfig) -> nn.Module:
+    """peft's recipe: ``prepare_model_for_kbit_training`` on a 4-bit base (QLoRA), then
+    ``get_peft_model``; returns the ``PeftModel``. The adapters train in fp32, like the head."""
+    lora = lora_config(config)
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    names = [n for n, _ in base.named_modules()]
+    if not any(n.split(".")[-1] in config.lora_target_modules for n in names):
         raise ValueError(f"TGRConfig.lora_target_modules={config.lora_target_modules} matched no module of the base")
+    if _is_4bit(base):
+        # Activation checkpointing stays the caller's choice (TrainingArguments' flag, or
+        # activation_checkpointing_enable): the recipe would otherwise switch it on for good.
+        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
+    peft_model = get_peft_model(base, lora, autocast_adapter_dtype=True)
+    for name, param in peft_model.named_parameters():
+        if "lora_" in name:
+            param.data = param.data.float()
+    return peft_model
+
+
+def _unwrap_peft(base: nn.Module) -> nn.Module:
+    """The transformers model inside a ``PeftModel`` (LoRA layers in place), or ``base`` itself."""
+    get_base_model = getattr(base, "get_base_model", None)
+    return get_base_model() if callable(get_base_model) and hasattr(base, "peft_config") else base
 
 
 # ----------------------------------------------------------------------------------------------
@@ -183,37 +272,55 @@ def _inject_lora(base: nn.Module, config: TGRConfig) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
-class TGRLlamaModel(nn.Module):
+class TGRLlamaModel(PreTrainedModel, GenerationMixin):
     """Temperature-Guided Reasoning over a frozen (4-bit) causal LM base.
 
     ``TGRLlamaModel(config)`` loads the base named by ``config.base_model_name_or_path`` and freezes
-    it; the trainable parameters are the TTM projection (and LoRA adapters when ``lora_r > 0``).
-    Attribute names follow the seed (``base_llama_model``, ``temperature_mechanisms``), so the
-    seed's head tensors (``temperature_mechanisms.0.proj.weight`` / ``.bias``, fp16 there) load
-    with :meth:`load_state_dict`.
+    it; :meth:`from_base` wraps a base already loaded (any ``device_map``, quantization or
+    revision). The trainable parameters are the TTM projection (and LoRA adapters when
+    ``lora_r > 0``). Attribute names follow the seed (``base_llama_model``,
+    ``temperature_mechanisms``), so the seed's head tensors (``temperature_mechanisms.0.proj.weight``
+    / ``.bias``, fp16 there) load with :meth:`load_state_dict`. With LoRA, ``base_llama_model`` is
+    peft's ``PeftModel`` around the base.
     """
 
-    def __init__(self, config: TGRConfig):
-        super().__init__()
+    config_class = TGRConfig
+    # HF's ``base_model`` is ``getattr(self, base_model_prefix)``: the seed's base LM attribute.
+    base_model_prefix = "base_llama_model"
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True  # the base's layers (see activation_checkpointing_enable)
+    # device_map planning: the head is small and must stay whole; the base's own decoder layers
+    # are added by post_init from the base.
+    _no_split_modules = ["TemperatureMechanism"]
+
+    def __init__(self, config: TGRConfig, *, base: nn.Module | None = None):
         if not isinstance(config, TGRConfig):
             raise TypeError(f"TGRLlamaModel needs a TGRConfig, got {type(config).__name__}")
         config = config.copy()  # validated, and not shared with the caller
-        device = resolve_device(config)
-        dtype = resolve_compute_dtype(config, device)
-
-        base = load_base_model(config, device, dtype)
+        if base is None:
+            device = resolve_device(config)
+            dtype = resolve_compute_dtype(config, device)
+            base = load_base_model(config, device, dtype)
+        else:
+            dtype = _base_compute_dtype(base)
         self._fill_base_sizes(config, base.config)
+        super().__init__(config)
+
         for param in base.parameters():
             param.requires_grad_(False)
         _keep_cpu_4bit_weights_unpacked(base)
+        head_device = _head_device(base)
+        hf_base = base
         if config.lora_r > 0:
-            _inject_lora(base, config)
+            base = _add_lora(base, config)
         self.base_llama_model = base
-        self.config = config
         self.compute_dtype = dtype
+        # generate() reads EOS and padding from the base's generation config, as the seed's did.
+        self.generation_config = getattr(hf_base, "generation_config", None)
 
-        hidden_size = base.config.hidden_size
-        # The seed's layout: one temperature mechanism in a ModuleList. Its weights stay fp32.
+        hidden_size = hf_base.config.hidden_size
+        # The seed's layout: one temperature mechanism in a ModuleList (empty in mode "layers",
+        # which has no head). Its weights stay fp32.
         self.temperature_mechanisms = nn.ModuleList([
             TemperatureMechanism(
                 hidden_size,
@@ -222,7 +329,16 @@ class TGRLlamaModel(nn.Module):
                 clamp_max=config.temperature_clamp_max,
                 backend=config.attention_backend,
             )
-        ]).to(device=device, dtype=torch.float32)
+        ] if config.tgr_mode != "layers" else []).to(device=head_device, dtype=torch.float32)
+        if config.tgr_mode != "head":
+            # After LoRA: peft's recipe freezes every parameter it finds, and its target names
+            # must not meet the mechanisms' projections.
+            tgr_layers.apply_tgr(
+                _unwrap_peft(base), config.tgr_layers, temperature_heads=config.temperature_heads,
+                clamp=(config.temperature_clamp_min, config.temperature_clamp_max),
+                gsot_threshold=config.temperature_conf_threshold if config.gsoT_enabled else None,
+                initial_temperature=config.initial_temperature, backend=config.attention_backend,
+            )
 
         decoder = self._decoder()
         params = inspect.signature(decoder.forward).parameters
@@ -231,9 +347,59 @@ class TGRLlamaModel(nn.Module):
 
         # The state dict holds what TGR owns (see state_dict): a load needs no base tensors.
         self.register_load_state_dict_post_hook(_ignore_missing_base_keys)
-        logger.info("TGR model ready: %d trainable parameters (%s), base frozen",
+        self.post_init()
+        # post_init collects its direct children's unsplittable modules; with LoRA the base's
+        # sit one level further down, inside the PeftModel.
+        self._no_split_modules.update(getattr(hf_base, "_no_split_modules", None) or ())
+        logger.info("TGR model ready: %d trainable parameters (%s%s), base frozen",
                     sum(p.numel() for p in self.parameters() if p.requires_grad),
-                    "head + LoRA" if config.lora_r else "head only")
+                    {"head": "head", "layers": "TGR layers", "both": "head + TGR layers"}[config.tgr_mode],
+                    " + LoRA" if config.lora_r else "")
+
+    @classmethod
+    def from_base(cls, base: nn.Module, config: TGRConfig | None = None, **config_fields) -> TGRLlamaModel:
+        """Wrap a causal LM base that is already loaded; nothing is reloaded.
+
+        The base may come with any ``device_map``, quantization, revision or token: it is used
+        as it is (frozen). The head goes on the device of the base's lm_head, where the logits
+        are made. The config records what describes the base (its ``name_or_path``, whether it
+        is 4-bit, its compute dtype), so :meth:`from_pretrained` can rebuild it by name later.
+        Rebuilt by name, a 4-bit base is quantized the TGR way (NF4, double quantization) at the
+        latest revision; to keep a quantization or revision of your own, load the base yourself
+        again and pass it: ``from_pretrained(folder, base=base)``.
+
+        Args:
+            base: a transformers causal LM (``AutoModelForCausalLM.from_pretrained(...)``), not
+                yet wrapped by peft (LoRA comes from the config's lora fields).
+            config: the TGR settings (default: ``TGRConfig()``'s).
+            config_fields: fields to set, e.g. ``temperature_heads=4, lora_r=8``;
+                ``base_model_name_or_path`` here overrides the name read from the base.
+        """
+        if not isinstance(base, nn.Module) or not hasattr(base, "get_output_embeddings"):
+            raise TypeError(f"TGRLlamaModel.from_base needs a transformers causal LM, got {type(base).__name__}")
+        if hasattr(base, "peft_config"):
+            raise TypeError("TGRLlamaModel.from_base needs the base without peft adapters: pass the base "
+                            "model and set lora_r (and lora_*) in the TGR config")
+        if base.get_output_embeddings() is None:
+            raise TypeError(f"TGRLlamaModel.from_base needs a causal LM with an lm_head, got {type(base).__name__}")
+        if config is not None and not isinstance(config, TGRConfig):
+            raise TypeError(f"TGRLlamaModel.from_base: config must be a TGRConfig or None, got {type(config).__name__}")
+        described: dict[str, Any] = {"load_in_4bit": _is_4bit(base)}
+        name = getattr(base, "name_or_path", None) or getattr(base.config, "_name_or_path", None)
+        if name:
+            described["base_model_name_or_path"] = str(name)
+        dtype_name = {v: k for k, v in _DTYPES.items()}.get(_base_compute_dtype(base))
+        if dtype_name is not None:
+            described["compute_dtype"] = dtype_name
+        config = (config or TGRConfig()).copy(**{**described, **config_fields})
+        return cls(config, base=base)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """Nothing to initialise: the head is initialised by its constructor (the seed's
+        ``nn.Linear`` initialisation) and the base is pretrained (post_init must not touch it)."""
+
+    def initialize_weights(self) -> None:
+        """A TGR model's weights are the pretrained base and the constructed head: nothing to draw."""
 
     # ------------------------------------------------------------------------------------------
     # Properties
@@ -241,32 +407,45 @@ class TGRLlamaModel(nn.Module):
 
     @property
     def base_model(self) -> nn.Module:
-        """The base causal LM (the seed's accessor)."""
+        """The base causal LM (the seed's accessor; a ``PeftModel`` around it with LoRA)."""
         return self.base_llama_model
 
     @property
+    def hf_base_model(self) -> nn.Module:
+        """The transformers model of the base (inside the ``PeftModel`` with LoRA)."""
+        return _unwrap_peft(self.base_llama_model)
+
+    @property
     def device(self) -> torch.device:
-        return self.temperature_mechanisms[0].proj.weight.device
+        """The TGR head's device (the base's lm_head's in mode "layers"): inputs and outputs of
+        :meth:`forward` and :meth:`generate` live here."""
+        if len(self.temperature_mechanisms):
+            return self.temperature_mechanisms[0].proj.weight.device
+        return _head_device(self.hf_base_model)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the base computes in (the head's weights are float32 always)."""
+        return self.compute_dtype
 
     @property
     def hidden_size(self) -> int:
-        return self.base_llama_model.config.hidden_size
+        return self.hf_base_model.config.hidden_size
 
     @property
     def vocab_size(self) -> int:
-        return self.base_llama_model.get_output_embeddings().weight.shape[0]
-
-    @property
-    def generation_config(self):
-        return getattr(self.base_llama_model, "generation_config", None)
+        return self.hf_base_model.get_output_embeddings().weight.shape[0]
 
     def set_attention_backend(self, backend: str) -> None:
         """Switch the head's backend ("auto", "triton", "torch", "reference") in place."""
         self.config = self.config.copy(attention_backend=backend)
-        self.temperature_mechanisms[0].backend = backend
+        for mechanism in self.temperature_mechanisms:
+            mechanism.backend = backend
+        if self.config.tgr_mode != "head":
+            tgr_layers.set_layer_backend(self.hf_base_model, backend)
 
     def _decoder(self) -> nn.Module:
-        base = self.base_llama_model
+        base = self.hf_base_model
         decoder = getattr(base, getattr(base, "base_model_prefix", "model"), None)
         return decoder if isinstance(decoder, nn.Module) else base.get_decoder()
 
@@ -288,20 +467,27 @@ class TGRLlamaModel(nn.Module):
     # Training conveniences (HF Trainer looks for these)
     # ------------------------------------------------------------------------------------------
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
-        """Checkpoint the base's layers (worth it only with LoRA: a frozen base keeps no activations)."""
-        self.base_llama_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
-        if self.config.lora_r > 0 and hasattr(self.base_llama_model, "enable_input_require_grads"):
-            self.base_llama_model.enable_input_require_grads()
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, every_n_layers: int = 1,
+                                        offload: bool = False):
+        """Checkpoint the base's layers (worth it only with LoRA: a frozen base keeps no activations).
 
-    def gradient_checkpointing_disable(self):
-        self.base_llama_model.gradient_checkpointing_disable()
+        HF Trainer calls this for ``--gradient_checkpointing``; the deprecated
+        ``gradient_checkpointing_enable`` of transformers 5 comes here too.
+        """
+        hf_base = self.hf_base_model
+        hf_base.activation_checkpointing_enable(activation_checkpointing_kwargs, every_n_layers=every_n_layers,
+                                                offload=offload)
+        if self.config.lora_r > 0 and hasattr(hf_base, "enable_input_require_grads"):
+            hf_base.enable_input_require_grads()  # checkpointed LoRA layers need a graph from the input
+
+    def activation_checkpointing_disable(self):
+        self.hf_base_model.activation_checkpointing_disable()
 
     def get_input_embeddings(self) -> nn.Module:
-        return self.base_llama_model.get_input_embeddings()
+        return self.hf_base_model.get_input_embeddings()
 
     def get_output_embeddings(self) -> nn.Module:
-        return self.base_llama_model.get_output_embeddings()
+        return self.hf_base_model.get_output_embeddings()
 
     # ------------------------------------------------------------------------------------------
     # The pieces of the forward (generation reuses them)
@@ -313,8 +499,8 @@ class TGRLlamaModel(nn.Module):
                   "use_cache": cache is not None}
         if cache is not None:
             kwargs[self._cache_kwarg] = cache
-        # A frozen base needs no autograd graph; with LoRA it does while training.
-        track = torch.is_grad_enabled() and self.config.lora_r > 0
+        # A frozen base needs no autograd graph; with LoRA or TGR layers it does while training.
+        track = torch.is_grad_enabled() and (self.config.lora_r > 0 or self.config.tgr_mode != "head")
         with torch.set_grad_enabled(track):
             out = self._decoder()(**kwargs)
         return out.last_hidden_state
@@ -323,7 +509,7 @@ class TGRLlamaModel(nn.Module):
         from transformers import DynamicCache
 
         try:
-            return DynamicCache(config=self.base_llama_model.config)
+            return DynamicCache(config=self.hf_base_model.config)
         except TypeError:  # older transformers
             return DynamicCache()
 
@@ -342,7 +528,7 @@ class TGRLlamaModel(nn.Module):
         B, n, S, D = x.shape
         return x.transpose(1, 2).reshape(B, S, n * D)
 
-    def _head_mask(self, attention_mask: Optional[torch.Tensor], dtype: torch.dtype):
+    def _head_mask(self, attention_mask: torch.Tensor | None, dtype: torch.dtype):
         """The key-padding mask in the form the backend wants."""
         if attention_mask is None:
             return None
@@ -358,8 +544,8 @@ class TGRLlamaModel(nn.Module):
             return None
         return keep
 
-    def tgr_head(self, query_hidden: torch.Tensor, kv_hidden: Optional[torch.Tensor] = None,
-                 attention_mask: Optional[torch.Tensor] = None):
+    def tgr_head(self, query_hidden: torch.Tensor, kv_hidden: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None):
         """The TGR head on final hidden states: TTM, temperature-guided attention, GSoT.
 
         Args:
@@ -370,9 +556,18 @@ class TGRLlamaModel(nn.Module):
             attention_mask: ``[B, S_k]`` 0/1 key-padding mask, or None.
 
         Returns:
-            ``(y [B, S_q, H], temperatures [B, S_q, T] fp32, gsot_mask [B, S_q] bool)``.
+            ``(y [B, S_q, H], temperatures [B, S_q, T] fp32, gsot_mask [B, S_q] bool)``. In mode
+            "layers" there is no head: ``(query_hidden, None, None)``.
         """
         config = self.config
+        if config.tgr_mode == "layers":
+            return query_hidden, None, None
+        # With a base spread over devices, its final hidden state may live elsewhere than the head.
+        query_hidden = query_hidden.to(self.device)
+        if kv_hidden is not None:
+            kv_hidden = kv_hidden.to(self.device)
+        if attention_mask is not None:
+            attention_mask = attention_mask.to(self.device)
         temperatures = self.temperature_mechanisms[0](query_hidden)
         q = self._split_heads(query_hidden)
         kv = q if kv_hidden is None or kv_hidden is query_hidden else self._split_heads(kv_hidden)
@@ -389,7 +584,7 @@ class TGRLlamaModel(nn.Module):
 
     def lm_head(self, y: torch.Tensor) -> torch.Tensor:
         """The base's own lm_head on the TGR output (as the seed)."""
-        head = self.base_llama_model.get_output_embeddings()
+        head = self.get_output_embeddings()
         weight = getattr(head, "weight", None)
         if weight is not None and weight.is_floating_point():
             y = y.to(weight.dtype)
@@ -401,8 +596,8 @@ class TGRLlamaModel(nn.Module):
     # Forward
     # ------------------------------------------------------------------------------------------
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
-                labels: Optional[torch.Tensor] = None, position_ids: Optional[torch.Tensor] = None) -> TGROutput:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, position_ids: torch.Tensor | None = None) -> TGROutput:
         """Logits, temperatures and GSoT mask of every token; the loss when labels are given.
 
         Args:
@@ -412,18 +607,34 @@ class TGRLlamaModel(nn.Module):
             position_ids: ``[B, S]`` for the base, or None for the base's default (as the seed).
         """
         self._check_inputs(input_ids, attention_mask, labels)
-        hidden = self._base_hidden(input_ids, attention_mask, position_ids)
+        config = self.config
+        layer_temperatures = layer_gsot_mask = None
+        if config.tgr_mode == "head":
+            hidden = self._base_hidden(input_ids, attention_mask, position_ids)
+        else:
+            with tgr_layers.collect_layer_temperatures(self.hf_base_model) as collected:
+                hidden = self._base_hidden(input_ids, attention_mask, position_ids)
+            layer_temperatures = torch.stack([t.to(self.device) for t in collected])
+            threshold = config.temperature_conf_threshold if config.gsoT_enabled else None
+            layer_gsot_mask = (torch.ones(layer_temperatures.shape[:3], dtype=torch.bool, device=self.device)
+                               if threshold is None else layer_temperatures.detach().mean(-1) >= threshold)
         y, temperatures, gsot_mask = self.tgr_head(hidden, None, attention_mask)
         logits = self.lm_head(y)
 
         loss = lm_loss = temperature_loss = None
         if labels is not None:
             lm_loss = _shifted_cross_entropy(logits, labels.to(logits.device))
-            temperature_loss = self.config.temperature_regularization_weight * _temperature_regularizer(
-                temperatures, self.config.initial_temperature, attention_mask)
-            loss = lm_loss + temperature_loss
+            mask = None if attention_mask is None else attention_mask.to(self.device)
+            # The regularizer of every temperature mechanism (head and layers), each a mean over
+            # the real tokens, summed.
+            regularizer = sum(_temperature_regularizer(t, config.initial_temperature, mask)
+                              for t in ([temperatures] if temperatures is not None else [])
+                              + (list(layer_temperatures) if layer_temperatures is not None else []))
+            temperature_loss = config.temperature_regularization_weight * regularizer
+            loss = lm_loss + temperature_loss.to(lm_loss.device)
         return TGROutput(loss=loss, logits=logits, temperatures=temperatures, gsot_mask=gsot_mask,
-                         lm_loss=lm_loss, temperature_loss=temperature_loss)
+                         lm_loss=lm_loss, temperature_loss=temperature_loss,
+                         layer_temperatures=layer_temperatures, layer_gsot_mask=layer_gsot_mask)
 
     @staticmethod
     def _check_inputs(input_ids, attention_mask, labels) -> None:
@@ -441,21 +652,25 @@ class TGRLlamaModel(nn.Module):
     # Generation
     # ------------------------------------------------------------------------------------------
 
-    def generate(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, *,
-                 max_new_tokens: int = 20, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
-                 top_k: Optional[int] = None, logits_processor=None, eos_token_id=None,
-                 pad_token_id: Optional[int] = None, use_cache: bool = True,
-                 generator: Optional[torch.Generator] = None, output_scores: bool = False):
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+                 generation_config=None, max_new_tokens: int | None = None, do_sample: bool | None = None,
+                 temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
+                 logits_processor=None, eos_token_id=None, pad_token_id: int | None = None,
+                 use_cache: bool = True, generator: torch.Generator | None = None, output_scores: bool = False):
         """Generate from the TGR head's logits, incrementally (base KV cache + hidden-state cache).
 
-        Returns ``[B, S + n]`` token ids. See :func:`tgr.generation.generate` for the arguments.
+        Returns ``[B, S + n]`` token ids. See :func:`tgr.generation.generate` for the arguments
+        (``generation_config``: an HF ``GenerationConfig`` whose settings the keyword arguments
+        override). This, not ``GenerationMixin.generate``, is what runs: the TGR head's next-token
+        logits need the hidden-state cache that HF's loop does not keep.
         """
         from .generation import generate
 
-        return generate(self, input_ids, attention_mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
-                        temperature=temperature, top_p=top_p, top_k=top_k, logits_processor=logits_processor,
-                        eos_token_id=eos_token_id, pad_token_id=pad_token_id, use_cache=use_cache,
-                        generator=generator, output_scores=output_scores)
+        return generate(self, input_ids, attention_mask, generation_config=generation_config,
+                        max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p,
+                        top_k=top_k, logits_processor=logits_processor, eos_token_id=eos_token_id,
+                        pad_token_id=pad_token_id, use_cache=use_cache, generator=generator,
+                        output_scores=output_scores)
 
     # ------------------------------------------------------------------------------------------
     # Save and load
@@ -475,87 +690,247 @@ class TGRLlamaModel(nn.Module):
             destination._metadata = OrderedDict()
         self.temperature_mechanisms.state_dict(destination=destination, prefix=prefix + "temperature_mechanisms.",
                                                keep_vars=keep_vars)
-        if self.config.lora_r > 0:
+        if self.config.lora_r > 0 or self.config.tgr_mode != "head":
             for name, param in self.base_llama_model.named_parameters():
-                if "lora_" in name:
+                if "lora_" in name or _is_tgr_layer_key(name):
                     destination[prefix + _BASE_PREFIX + name] = param if keep_vars else param.detach()
         return destination
 
-    def trainable_state_dict(self) -> Dict[str, torch.Tensor]:
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """What :meth:`save_pretrained` writes: the head's (and LoRA adapters') tensors."""
         return {k: v.detach().contiguous() for k, v in self.state_dict().items()}
 
-    def save_pretrained(self, save_directory: Union[str, os.PathLike]) -> str:
-        """Write ``tgr_config.json`` and the head's weights (``model.safetensors``), not the base.
+    def save_pretrained(self, save_directory: str | os.PathLike, *, state_dict: dict | None = None,
+                        is_main_process: bool = True, push_to_hub: bool = False, **kwargs) -> str:
+        """Write what TGR trains, the config naming the base, and a model card; never the base.
+
+        Files: ``config.json`` (the :class:`TGRConfig`), ``model.safetensors`` (the state dict:
+        the head, and the LoRA adapters when ``lora_r > 0``), with LoRA also
+        ``adapter_config.json`` + ``adapter_model.safetensors`` (peft's format, for
+        ``PeftModel.from_pretrained(base, folder)``), and ``README.md`` (a short model card; a
+        card that tgr did not write is kept).
 
         Files are written into a temporary folder next to the target first and only then moved
         into place, each with an atomic rename: an interrupted save never leaves a half-written
         file where a good one was. Other files in the folder (a tokenizer, say) are kept.
-        Returns the folder's path.
+        ``state_dict`` (as HF Trainer passes it) replaces :meth:`state_dict`; a process other than
+        the main one (``is_main_process=False``) writes nothing. Returns the folder's path.
         """
+        unknown = sorted(set(kwargs) - set(_HF_SAVE_KWARGS) - {"repo_id", "commit_message", "private"})
+        if unknown:
+            raise TypeError(f"TGRLlamaModel.save_pretrained got unexpected argument(s): {', '.join(unknown)}")
         target = os.path.abspath(os.fspath(save_directory))
+        if not is_main_process:
+            return target
         if os.path.exists(target) and not os.path.isdir(target):
             raise NotADirectoryError(f"cannot save a TGR model to {target!r}: it is a file")
         parent = os.path.dirname(target)
         os.makedirs(parent, exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.tmp-", dir=parent)
         try:
-            tensors = {k: v.cpu() for k, v in self.trainable_state_dict().items()}
-            weights_tmp = os.path.join(tmp, WEIGHTS_NAME)
-            save_file(tensors, weights_tmp, metadata={"format": "pt", "tgr_config": self.config.to_json_string()})
-            self.config.save_pretrained(tmp)
-            for name in (WEIGHTS_NAME, CONFIG_NAME):
+            state = self.trainable_state_dict() if state_dict is None else state_dict
+            tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+            save_file(tensors, os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt"})
+            names = [WEIGHTS_NAME]
+            if self.config.lora_r > 0:
+                self.base_llama_model.save_pretrained(tmp, safe_serialization=True)
+                names += [ADAPTER_WEIGHTS_NAME, ADAPTER_CONFIG_NAME]
+            card = os.path.join(target, MODEL_CARD_NAME)
+            if not os.path.exists(card) or _is_tgr_model_card(card):
+                with open(os.path.join(tmp, MODEL_CARD_NAME), "w", encoding="utf-8") as f:
+                    f.write(self.model_card())
+                names.append(MODEL_CARD_NAME)
+            config = self.config.copy()
+            config.architectures = [type(self).__name__]
+            config.save_pretrained(tmp)
+            names.append(CONFIG_NAME)  # last: the config that describes the other files lands last
+            for name in names:
                 _fsync(os.path.join(tmp, name))
             if not os.path.exists(target):
+                for extra in set(os.listdir(tmp)) - set(names):  # what peft writes besides its files
+                    os.remove(os.path.join(tmp, extra))
                 os.rename(tmp, target)  # the whole folder appears at once
             else:
-                # Weights first: the config that describes them lands last.
-                for name in (WEIGHTS_NAME, CONFIG_NAME):
+                for name in names:
                     os.replace(os.path.join(tmp, name), os.path.join(target, name))
+                if self.config.lora_r == 0:  # adapters of an earlier save would describe another model
+                    for stale in (ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME):
+                        if os.path.exists(os.path.join(target, stale)):
+                            os.remove(os.path.join(target, stale))
             _fsync_dir(parent)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         logger.info("saved TGR head (%d tensors) to %s", len(tensors), target)
+        if push_to_hub:
+            self.push_to_hub(kwargs.get("repo_id") or os.path.basename(target), token=kwargs.get("token"),
+                             commit_message=kwargs.get("commit_message"), private=kwargs.get("private"))
         return target
 
+    def model_card(self) -> str:
+        """The ``README.md`` that :meth:`save_pretrained` writes: what the folder holds and how to load it."""
+        config = self.config
+        base = config.base_model_name_or_path
+        lora = (f"LoRA adapters on the base (r = {config.lora_r}, alpha = {config.lora_alpha:g}, on "
+                f"{', '.join(config.lora_target_modules)}), also in peft's format "
+                f"(`{ADAPTER_CONFIG_NAME}`, `{ADAPTER_WEIGHTS_NAME}`)" if config.lora_r else "no LoRA adapters")
+        tags = ["tgr", "temperature-guided-reasoning"] + (["peft", "lora"] if config.lora_r else [])
+        base_line = f"base_model: {base}\n" if not os.path.isabs(base) else ""
+        return (
+            "---\n" + base_line + "library_name: transformers\npipeline_tag: text-generation\ntags:\n"
+            + "".join(f"- {t}\n" for t in tags) + "---\n" + _MODEL_CARD_MARK + "\n\n"
+            + f"# Temperature-Guided Reasoning head for `{base}`\n\n"
+            "A TGR model: a token temperature mechanism (TTM), temperature-guided attention and GSoT "
+            "pruning on the final hidden states of the base causal LM, whose own lm_head makes the "
+            "logits. This folder holds only what TGR trains: the head "
+            f"({config.temperature_heads} temperature heads, {config.num_tgr_heads} TGR attention "
+            f"head(s), {'causal' if config.causal else 'non-causal'}, GSoT "
+            f"{'at ' + format(config.temperature_conf_threshold, 'g') if config.gsoT_enabled else 'off'}) in "
+            f"`{WEIGHTS_NAME}`, {lora}, and `{CONFIG_NAME}`, which names the base. "
+            + ("" if config.tgr_mode == "head" else
+               f"TGR mode {config.tgr_mode!r}: temperature-guided attention in decoder layers "
+               f"{config.tgr_layers if config.tgr_layers != 'all' else '(all)'} of the base, whose temperature "
+               f"mechanisms are in `{WEIGHTS_NAME}` too"
+               + (" (no head: the logits are the base's own). " if config.tgr_mode == "layers" else ". "))
+            + "The base "
+            f"(`{base}`, {'4-bit NF4' if config.load_in_4bit else 'unquantized'}) is loaded from its own "
+            "repository.\n\n"
+            "## Load\n\n"
+            "```python\nimport tgr.model  # registers the \"tgr\" model type with transformers' Auto classes\n"
+            "from transformers import AutoModelForCausalLM\n\n"
+            "model = AutoModelForCausalLM.from_pretrained(\"PATH_OR_REPO\")  # or tgr.TGRLlamaModel.from_pretrained\n"
+            "ids = model.generate(input_ids, attention_mask=attention_mask, max_new_tokens=32)\n```\n\n"
+            "With a base you loaded yourself (any device_map, quantization or revision): "
+            "`tgr.TGRLlamaModel.from_pretrained(\"PATH_OR_REPO\", base=base)`.\n"
+        )
+
+    def push_to_hub(self, repo_id: str, *, commit_message: str | None = None, private: bool | None = None,
+                    token: str | bool | None = None, revision: str | None = None,
+                    create_pr: bool = False, **kwargs) -> Any:
+        """Upload what :meth:`save_pretrained` writes (head, adapters, config, model card) to a hub
+        repository, created if needed. A hub that cannot be reached is an ``OSError`` with a
+        one-line message."""
+        from huggingface_hub import HfApi
+
+        if not isinstance(repo_id, str) or not repo_id:
+            raise ValueError(f"push_to_hub needs a repository id such as 'user/tgr-llama', got {repo_id!r}")
+        api = HfApi(token=token)
+        with tempfile.TemporaryDirectory() as folder:
+            self.save_pretrained(folder)
+            try:
+                repo = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+                return api.upload_folder(repo_id=repo, folder_path=folder, revision=revision, create_pr=create_pr,
+                                         commit_message=commit_message or "Upload TGR model")
+            except Exception as err:  # offline, no token, no access, ...: one line, not a traceback
+                raise OSError(f"cannot push to the Hugging Face hub repository {repo_id!r}: {_one_line(err)}") from None
+
     @classmethod
-    def from_pretrained(cls, path: Union[str, os.PathLike], config: Optional[TGRConfig] = None,
-                        **overrides) -> "TGRLlamaModel":
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *model_args,
+                        config: TGRConfig | None = None, base: nn.Module | None = None,
+                        revision: str | None = None, token: str | bool | None = None,
+                        cache_dir: str | None = None, local_files_only: bool = False,
+                        **overrides) -> TGRLlamaModel:
         """Rebuild a saved model: read its config, load the base it names, load the head.
 
+        ``AutoModelForCausalLM.from_pretrained(folder)`` comes here too.
+
         Args:
-            path: a folder written by :meth:`save_pretrained` (or a Trainer checkpoint folder,
-                whose ``model.safetensors`` holds the same tensors: then pass ``config``).
-            config: use this config instead of the folder's ``tgr_config.json``.
+            pretrained_model_name_or_path: a folder written by :meth:`save_pretrained` (or a
+                Trainer checkpoint folder, which holds the same files), or a hub repository id.
+            config: use this config instead of the folder's ``config.json``.
+            base: a base already loaded (see :meth:`from_base`) to wrap instead of loading the
+                one the config names.
+            revision, token, cache_dir, local_files_only: for a hub repository.
             overrides: config fields to replace, e.g. ``attention_backend="torch"`` or
                 ``base_model_name_or_path=`` a new location of the base.
+
+        A missing or damaged file is a :class:`CheckpointError` whose one-line message names the
+        file; it is found before the base is loaded.
         """
-        path = os.fspath(path)
+        if model_args:
+            raise TypeError(f"TGRLlamaModel.from_pretrained takes one positional argument, got {1 + len(model_args)}")
+        for key in _HF_LOADER_KWARGS:
+            overrides.pop(key, None)
+        # transformers' dtype argument is the base's compute dtype here (the head stays fp32).
+        dtype = overrides.pop("dtype", None)
+        dtype = overrides.pop("torch_dtype", None) if dtype is None else dtype
+        if dtype is not None and dtype != "auto":
+            overrides.setdefault("compute_dtype", str(dtype).removeprefix("torch."))
+        unknown = sorted(set(overrides) - set(TGRConfig.tgr_field_names()))
+        if unknown:
+            raise TypeError(
+                f"TGRLlamaModel.from_pretrained got unexpected argument(s) {', '.join(unknown)}: it takes TGRConfig "
+                f"fields ({', '.join(TGRConfig.tgr_field_names())}); to load the base another way, load it "
+                f"yourself and pass base="
+            )
+        path = os.fspath(pretrained_model_name_or_path)
+        hub = dict(revision=revision, token=token, cache_dir=cache_dir, local_files_only=local_files_only)
         if config is None:
-            config = TGRConfig.from_pretrained(path, **overrides)
+            config = TGRConfig.from_pretrained(path, **hub, **overrides)
+        elif not isinstance(config, TGRConfig):
+            raise TypeError(f"TGRLlamaModel.from_pretrained: config must be a TGRConfig, got {type(config).__name__}")
         elif overrides:
             config = config.copy(**overrides)
-        model = cls(config)
-        model.load_weights(os.path.join(path, WEIGHTS_NAME))
+        weights_file = resolve_file(path, WEIGHTS_NAME, **hub)
+        state = _read_weights(weights_file)  # before the base loads: a damaged file fails fast
+        model = cls(config) if base is None else cls.from_base(base, config)
+        model._load_state(state, weights_file)
+        model.name_or_path = path
         return model
 
-    def load_weights(self, file: Union[str, os.PathLike]) -> None:
+    def load_weights(self, file: str | os.PathLike) -> None:
         """Load head (and LoRA) tensors from a safetensors file; every one must be present."""
         file = os.fspath(file)
         if not os.path.isfile(file):
-            raise FileNotFoundError(f"no TGR weights at {file!r}")
-        state = load_file(file, device=str(self.device))
+            raise CheckpointError(f"{file!r} does not exist: no TGR weights there")
+        self._load_state(_read_weights(file), file)
+
+    def _load_state(self, state: dict[str, torch.Tensor], file: str) -> None:
         own = self.state_dict()
+        state = _rename_legacy_lora_keys(state, own)
         missing = sorted(set(own) - set(state))
         unexpected = sorted(set(state) - set(own))
         shapes = sorted(f"{k}: {list(state[k].shape)} in the file, {list(own[k].shape)} here"
                         for k in set(own) & set(state) if state[k].shape != own[k].shape)
         if missing or unexpected or shapes:
-            raise ValueError(
+            raise CheckpointError(
                 f"TGR weights in {file!r} do not fit this model's config: missing {missing}, "
                 f"unexpected {unexpected}, shape mismatches {shapes}"
             )
-        self.load_state_dict(state, strict=True)
+        self.load_state_dict({k: v.to(own[k].device) for k, v in state.items()}, strict=True)
+
+
+AutoModelForCausalLM.register(TGRConfig, TGRLlamaModel, exist_ok=True)
+
+
+def _read_weights(file: str) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file on the CPU; a damaged file is a one-line CheckpointError."""
+    try:
+        return load_file(file, device="cpu")
+    except FileNotFoundError:
+        raise CheckpointError(f"{file!r} does not exist: no TGR weights there") from None
+    except Exception as err:  # safetensors' SafetensorError, and OSError for an unreadable file
+        raise CheckpointError(f"the TGR weights {file!r} are damaged: {_one_line(err)}") from None
+
+
+def _rename_legacy_lora_keys(state: dict[str, torch.Tensor], own: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """tgr 0.1 injected LoRA into the bare base (``base_llama_model.model.layers...``); peft's
+    ``get_peft_model`` puts it under ``base_llama_model.base_model.model.``."""
+    renamed = {}
+    for key, value in state.items():
+        if key not in own and key.startswith(_BASE_PREFIX) and "lora_" in key:
+            new = _BASE_PREFIX + _PEFT_PREFIX + key[len(_BASE_PREFIX):]
+            if new in own:
+                key = new
+        renamed[key] = value
+    return renamed
+
+
+def _is_tgr_model_card(path: str) -> bool:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return _MODEL_CARD_MARK in f.read(4096)
+    except (OSError, UnicodeDecodeError):
+        return False
 
 
 # ----------------------------------------------------------------------------------------------
@@ -566,7 +941,13 @@ class TGRLlamaModel(nn.Module):
 def _ignore_missing_base_keys(module, incompatible_keys):
     # Keys here carry the prefix of the module load_state_dict was called on (e.g. "module.").
     missing = incompatible_keys.missing_keys
-    missing[:] = [k for k in missing if not (f".{_BASE_PREFIX}" in f".{k}" and "lora_" not in k)]
+    missing[:] = [k for k in missing
+                  if not (f".{_BASE_PREFIX}" in f".{k}" and "lora_" not in k and not _is_tgr_layer_key(k))]
+
+
+def _is_tgr_layer_key(name: str) -> bool:
+    """Whether a parameter name of the base belongs to a TGR layer's temperature mechanism."""
+    return f".{tgr_layers.MECHANISM_NAME}." in f".{name}"
 
 
 def _shifted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -580,7 +961,7 @@ def _shifted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.
 
 
 def _temperature_regularizer(temperatures: torch.Tensor, target: float,
-                             attention_mask: Optional[torch.Tensor]) -> torch.Tensor:
+                             attention_mask: torch.Tensor | None) -> torch.Tensor:
     """``mean((t − target)²)`` over real tokens (attention_mask 1) and all temperature heads."""
     sq = (temperatures.float() - target) ** 2
     if attention_mask is None:

@@ -2,8 +2,13 @@
 
 What the seed did, fixed: bf16 autocast on GPU (the head's weights stay fp32), labels −100 on
 padding with an EOS after each answer, batches padded to their own longest example and grouped
-by length, gradient accumulation, checkpoints that a rerun resumes from, and logs of the loss,
-the temperatures' mean and spread and the fraction of rows GSoT prunes.
+by length, gradient accumulation whose loss is the loss of one batch holding all the accumulated
+micro-batches, checkpoints that a rerun resumes from, and logs of the loss, the temperatures'
+mean and spread and the fraction of rows GSoT prunes.
+
+Every :class:`transformers.TrainingArguments` field applies; :func:`training_arguments` gives
+tgr's defaults for those it has an opinion on (``TRAINING_DEFAULTS`` and the device-dependent
+``bf16``/``use_cpu``), and ``tgr train`` exposes all of them as flags.
 
 Multi-GPU: launch the same command with ``torchrun --nproc_per_node N -m tgr train ...`` or
 ``accelerate launch -m tgr train ...``; the Trainer picks up the distributed environment.
@@ -12,79 +17,194 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import asdict, dataclass
-from typing import Dict, List, Optional
+from pathlib import Path
 
 import torch
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
-from .data import PaddingCollator, build_training_examples
+from .data import IGNORE_INDEX, PaddingCollator, build_training_examples
 
 logger = logging.getLogger("tgr")
 
 
-@dataclass
-class TrainSettings:
-    """Knobs of a training run (the CLI's ``tgr train`` flags map onto these)."""
+def _group_by_length_kwargs() -> dict[str, object]:
+    """Batches of similar lengths waste little padding; transformers renamed the switch in 5.2x."""
+    fields = TrainingArguments.__dataclass_fields__
+    if "train_sampling_strategy" in fields:
+        return {"train_sampling_strategy": "group_by_length"}
+    return {"group_by_length": True} if "group_by_length" in fields else {}
 
-    output_dir: str
-    epochs: float = 1.0
-    max_steps: int = -1
-    batch_size: int = 4
-    grad_accum: int = 1
-    learning_rate: float = 1e-3
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    max_length: int = 192
-    mask_prompt: bool = False
-    logging_steps: int = 10
-    save_steps: int = 200
-    save_total_limit: int = 2
-    seed: int = 0
-    resume: bool = True
-    progress_bar: bool = True
+
+#: tgr's defaults for ``TrainingArguments`` fields (the rest keep transformers' defaults).
+TRAINING_DEFAULTS: dict[str, object] = {
+    "num_train_epochs": 1.0,
+    "per_device_train_batch_size": 4,
+    "learning_rate": 1e-3,  # a freshly initialised head, not a pretrained network
+    "logging_steps": 10,
+    "save_steps": 200,
+    "save_total_limit": 2,
+    "save_strategy": "steps",
+    "eval_strategy": "no",
+    "report_to": "none",
+    "seed": 0,
+    "remove_unused_columns": False,  # the collator needs input_ids and labels as they are
+    "dataloader_num_workers": 0,
+    "ddp_find_unused_parameters": False,  # the frozen base has no gradients by design
+    **_group_by_length_kwargs(),
+}
+
+
+def device_defaults(device: str | torch.device | None, fp16: bool = False) -> dict[str, bool]:
+    """``bf16`` autocast where the GPU supports it (the head's weights stay fp32, unless ``fp16``
+    was asked for), and ``use_cpu`` when training on the CPU (even on a machine with a GPU)."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    on_gpu = torch.device(device).type == "cuda"
+    return {"bf16": on_gpu and not fp16 and torch.cuda.is_bf16_supported(), "use_cpu": not on_gpu}
+
+
+def training_arguments(output_dir: str | os.PathLike | None = None, *,
+                       device: str | torch.device | None = None, **overrides) -> TrainingArguments:
+    """``TrainingArguments`` with tgr's defaults, for training on ``device`` (default: CUDA when
+    present); ``overrides`` are any ``TrainingArguments`` fields and win over the defaults."""
+    if output_dir is not None:
+        overrides["output_dir"] = str(output_dir)
+    kwargs = {**TRAINING_DEFAULTS, **device_defaults(device, bool(overrides.get("fp16"))), **overrides}
+    return TrainingArguments(**kwargs)
 
 
 class TGRTrainer(Trainer):
-    """Trainer that also logs the temperature statistics and the GSoT pruning rate."""
+    """Trainer whose loss under gradient accumulation is the loss of one big batch, and that also
+    logs the temperature statistics and the GSoT pruning rate.
+
+    The model's loss is a mean over its micro-batch (cross-entropy over the label tokens, the
+    regulariser over the real tokens); averaging those means over the accumulated micro-batches
+    would weight a token of a short micro-batch more than one of a long micro-batch. Instead
+    :meth:`get_batch_samples` counts the label tokens and the real tokens of all the micro-batches
+    of an optimizer step (``num_items_in_batch`` for the first), and :meth:`compute_loss` weights
+    each micro-batch's parts by its share of them (:func:`accumulated_loss`).
+    """
+
+    # transformers 5.x: the loss of compute_loss is already normalised over the accumulated batch.
+    loss_is_scaled_for_ga = True
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        # Token weighting needs each replica's own counts, which DataParallel (several GPUs in one
+        # process) does not give: there the Trainer's default, the mean of the micro-batch means.
+        self._token_weighted = self.args.n_gpu <= 1
+        if self._token_weighted:
+            # The model's forward takes no loss kwargs; this tells the Trainer (4.56 included) that
+            # compute_loss normalises over the accumulated batch, so it must not divide again.
+            self.model_accepts_loss_kwargs = True
+        else:
+            self.loss_is_scaled_for_ga = False
+        self._accumulated_tokens: torch.Tensor | None = None  # [label tokens, real tokens]
         # Running sums stay on the device as detached tensors: a step adds to them without a
         # host sync, and they are read (one transfer) only when the Trainer logs.
-        self._tgr_sums: Dict[str, torch.Tensor] = {}
+        self._tgr_sums: dict[str, torch.Tensor] = {}
         self._tgr_count = 0
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """The micro-batches of one optimizer step and their label-token count (no host sync)."""
+        if not self._token_weighted:
+            return super().get_batch_samples(epoch_iterator, num_batches, device)
+        batch_samples = []
+        for _ in range(num_batches):
+            try:
+                batch_samples.append(next(epoch_iterator))
+            except StopIteration:
+                break
+        self._accumulated_tokens = None
+        if not batch_samples or "labels" not in batch_samples[0]:
+            self.loss_is_scaled_for_ga = False  # plain means: the Trainer divides by the steps
+            return batch_samples, None
+        self.loss_is_scaled_for_ga = True
+        counts = torch.stack([token_counts(b["labels"], b.get("attention_mask")) for b in batch_samples]).sum(0)
+        counts = counts.to(device)
+        if self.args.average_tokens_across_devices and self.args.world_size > 1:
+            # Every process normalises by the global counts; compute_loss then multiplies by the
+            # number of processes because DDP averages the gradients.
+            counts = self.accelerator.gather(counts[None]).sum(0)
+        self._accumulated_tokens = counts
+        return batch_samples, counts[0]
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         outputs = model(**inputs)
         self._track(outputs, inputs.get("attention_mask"))
-        return (outputs.loss, outputs) if return_outputs else outputs.loss
+        loss = outputs.loss
+        totals = self._accumulated_tokens
+        # Evaluation (model.eval()) and calls outside the training loop keep the plain mean.
+        if loss is not None and num_items_in_batch is not None and totals is not None and model.training:
+            loss = accumulated_loss(outputs, inputs["labels"], inputs.get("attention_mask"),
+                                    label_tokens=num_items_in_batch, real_tokens=totals[1])
+            if self.args.average_tokens_across_devices and self.args.world_size > 1:
+                loss = loss * self.accelerator.num_processes
+        return (loss, outputs) if return_outputs else loss
 
     @torch.no_grad()
     def _track(self, outputs, attention_mask) -> None:
-        stats = step_statistics(outputs.temperatures, outputs.gsot_mask, outputs.lm_loss, attention_mask)
+        stats = {}
+        if outputs.temperatures is not None:  # the head's (modes "head" and "both")
+            stats.update(step_statistics(outputs.temperatures, outputs.gsot_mask, outputs.lm_loss, attention_mask))
+        layer_temperatures = getattr(outputs, "layer_temperatures", None)
+        if layer_temperatures is not None:  # the TGR layers' (modes "layers" and "both"), over all layers
+            layer_stats = step_statistics(layer_temperatures, outputs.layer_gsot_mask, outputs.lm_loss,
+                                          attention_mask)
+            stats.update({(k if k == "lm_loss" else f"layer_{k}"): v for k, v in layer_stats.items()})
         for key, value in stats.items():
             total = self._tgr_sums.get(key)
             self._tgr_sums[key] = value if total is None else total + value
         self._tgr_count += 1
 
-    def log(self, logs: Dict[str, float], *args, **kwargs) -> None:
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         if self._tgr_count and "loss" in logs:
             keys = list(self._tgr_sums)
             sums = torch.stack([self._tgr_sums[k].float() for k in keys]).tolist()  # the one sync
-            logs.update({k: round(v / self._tgr_count, 4) for k, v in zip(keys, sums)})
+            logs.update({k: round(v / self._tgr_count, 4) for k, v in zip(keys, sums, strict=True)})
             self._tgr_sums, self._tgr_count = {}, 0
         super().log(logs, *args, **kwargs)
 
 
+def token_counts(labels: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """``[label tokens, real tokens]`` of a batch as a device tensor: the tokens the cross-entropy
+    is taken over (labels shifted by one, not −100) and those the regulariser is taken over
+    (attention mask 1; every token without a mask)."""
+    n_labels = (labels[..., 1:] != IGNORE_INDEX).sum()
+    n_real = attention_mask.sum() if attention_mask is not None else torch.tensor(labels.numel())
+    return torch.stack([n_labels, n_real.to(n_labels.device)])
+
+
+def accumulated_loss(outputs, labels: torch.Tensor, attention_mask: torch.Tensor | None, *,
+                     label_tokens, real_tokens) -> torch.Tensor:
+    """One micro-batch's share of the loss of the accumulated batch.
+
+    With ``n`` label tokens and ``r`` real tokens in this micro-batch and ``N``, ``R`` in all the
+    micro-batches of the optimizer step, the model's means ``lm_loss = Σ CE / n`` and
+    ``temperature_loss = λ Σ (t − t₀)² / (T r)`` become
+
+        lm_loss · n / N + temperature_loss · r / R,
+
+    so that the sum over the micro-batches is ``Σ CE / N + λ Σ (t − t₀)² / (T R)``: the loss of
+    one batch holding them all, and its gradient.
+    """
+    n_labels, n_real = token_counts(labels, attention_mask).to(outputs.lm_loss.device).unbind()
+    label_tokens = torch.as_tensor(label_tokens, device=n_labels.device).clamp(min=1)
+    real_tokens = torch.as_tensor(real_tokens, device=n_real.device).clamp(min=1)
+    return outputs.lm_loss * (n_labels / label_tokens) + outputs.temperature_loss * (n_real / real_tokens)
+
+
 def step_statistics(temperatures: torch.Tensor, gsot_mask: torch.Tensor, lm_loss: torch.Tensor,
-                    attention_mask: Optional[torch.Tensor]) -> Dict[str, torch.Tensor]:
+                    attention_mask: torch.Tensor | None) -> dict[str, torch.Tensor]:
     """One step's logged statistics over the real (unpadded) tokens, as 0-d device tensors:
     the temperatures' mean and (unbiased) spread, the fraction of rows GSoT prunes, the LM loss.
-    Weighted sums rather than boolean indexing, which would sync to size its result."""
+    Weighted sums rather than boolean indexing, which would sync to size its result.
+
+    ``temperatures`` ``[B, S, T]`` with ``gsot_mask`` ``[B, S]``, or ``[L, B, S, T]`` with
+    ``[L, B, S]`` for L TGR layers (statistics over every layer's rows)."""
     t_bar = temperatures.detach().float().mean(-1)
-    real = torch.ones_like(t_bar) if attention_mask is None else attention_mask.to(t_bar.dtype)
+    real = torch.ones_like(t_bar) if attention_mask is None else attention_mask.to(t_bar).expand_as(t_bar)
     count = real.sum()
     mean = (t_bar * real).sum() / count.clamp(min=1)
     var = ((t_bar - mean).square() * real).sum() / (count - 1).clamp(min=1)
@@ -98,60 +218,36 @@ def step_statistics(temperatures: torch.Tensor, gsot_mask: torch.Tensor, lm_loss
     }
 
 
-def _group_by_length_kwargs() -> Dict[str, object]:
-    """Batches of similar lengths waste little padding; transformers renamed the switch in 5.2x."""
-    fields = TrainingArguments.__dataclass_fields__
-    if "train_sampling_strategy" in fields:
-        return {"train_sampling_strategy": "group_by_length"}
-    return {"group_by_length": True} if "group_by_length" in fields else {}
-
-
-def training_arguments(settings: TrainSettings, device: torch.device) -> TrainingArguments:
-    on_gpu = device.type == "cuda"
-    return TrainingArguments(
-        output_dir=settings.output_dir,
-        num_train_epochs=settings.epochs,
-        max_steps=settings.max_steps,
-        per_device_train_batch_size=settings.batch_size,
-        gradient_accumulation_steps=settings.grad_accum,
-        learning_rate=settings.learning_rate,
-        weight_decay=settings.weight_decay,
-        warmup_steps=settings.warmup_steps,
-        logging_steps=settings.logging_steps,
-        save_steps=settings.save_steps,
-        save_total_limit=settings.save_total_limit,
-        save_strategy="steps",
-        eval_strategy="no",
-        bf16=on_gpu and torch.cuda.is_bf16_supported(),  # autocast; the head's weights stay fp32
-        use_cpu=not on_gpu,
-        **_group_by_length_kwargs(),
-        remove_unused_columns=False,
-        report_to=[],
-        seed=settings.seed,
-        disable_tqdm=not settings.progress_bar,
-        dataloader_num_workers=0,
-        ddp_find_unused_parameters=False,
-    )
-
-
-def train(model, tokenizer, rows: List[Dict], settings: TrainSettings):
+def train(model, tokenizer, rows: list[dict], args: TrainingArguments, *, max_length: int = 192,
+          mask_prompt: bool = False, resume: bool = True, final_dir: str | os.PathLike | None = None):
     """Train ``model``'s trainable parameters on the correct pairs of ``rows``; returns the
-    Trainer's ``TrainOutput``. A rerun with the same output folder resumes from its last
-    checkpoint (``settings.resume``)."""
-    examples = build_training_examples(rows, tokenizer, settings.max_length, settings.mask_prompt)
+    Trainer's ``TrainOutput`` and the trainer.
+
+    ``args``: e.g. :func:`training_arguments`. The run resumes from ``args.resume_from_checkpoint``
+    when set, else (``resume``) from the last checkpoint in ``args.output_dir``. ``final_dir``:
+    where the trained model and the tokenizer are saved at the end (by the main process).
+    """
+    examples = build_training_examples(rows, tokenizer, max_length, mask_prompt)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = next(p for p in model.parameters() if p.requires_grad).device
     trainer = TGRTrainer(
         model=model,
-        args=training_arguments(settings, device),
+        args=args,
         train_dataset=examples,
         data_collator=PaddingCollator(pad_id, pad_to_multiple_of=8 if device.type == "cuda" else None),
     )  # no processing_class: Trainer 5.2x would rewrite the model config's special tokens
-    checkpoint = get_last_checkpoint(settings.output_dir) if settings.resume and os.path.isdir(
-        settings.output_dir) else None
+    checkpoint = args.resume_from_checkpoint
+    if checkpoint is None and resume and os.path.isdir(args.output_dir):
+        checkpoint = get_last_checkpoint(args.output_dir)
     if checkpoint:
         logger.info("resuming from %s", checkpoint)
-    logger.info("training on %d examples: %s", len(examples), asdict(settings))
+    logger.info("training on %d examples (batch %d x %d accumulated, lr %g, optimizer %s, schedule %s)",
+                len(examples), args.per_device_train_batch_size, args.gradient_accumulation_steps,
+                args.learning_rate, getattr(args.optim, "value", args.optim),
+                getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type))
     result = trainer.train(resume_from_checkpoint=checkpoint)
     trainer.save_state()
+    if final_dir is not None and trainer.is_world_process_zero():
+        model.save_pretrained(Path(final_dir))
+        tokenizer.save_pretrained(Path(final_dir))
     return result, trainer

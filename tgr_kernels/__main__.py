@@ -17,9 +17,10 @@ import time
 
 import torch
 
-if __name__ == "__main__" and not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-    os.environ["TRITON_INTERPRET"] = "1"
-    os.execv(sys.executable, [sys.executable, "-m", "tgr_kernels", *sys.argv[1:]])
+from tgr_kernels._interpreter import rerun_with_interpreter
+
+if __name__ == "__main__":
+    rerun_with_interpreter("tgr_kernels", sys.argv[1:])
 
 from tgr_kernels import temperature_guided_attention, temperature_projection  # noqa: E402
 from tgr_kernels.reference import temperature_guided_attention_ref, temperature_projection_ref  # noqa: E402
@@ -35,7 +36,7 @@ def _max_errors(fn, ref, inputs, grad_seed=0):
     out64 = ref(*leaves64)
     grads64 = torch.autograd.grad(out64, leaves64, grad_out.double())
     errs = [(out.double() - out64).abs().max().item()]
-    errs += [(g.double() - g64).abs().max().item() for g, g64 in zip(grads, grads64)]
+    errs += [(g.double() - g64).abs().max().item() for g, g64 in zip(grads, grads64, strict=True)]
     return errs
 
 

@@ -6,15 +6,15 @@ when ``TRITON_INTERPRET=1`` was in the environment before triton was first impor
 from __future__ import annotations
 
 import functools
-import os
 import platform
 
 import torch
 
+from ._interpreter import interpreter_enabled
 from ._validation import check_backend
 
-# Read once: the interpreter is chosen when triton is imported, so a later change has no effect.
-TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+# Read once: the interpreter is chosen when the kernels are defined, so a later change has no effect.
+TRITON_INTERPRET = interpreter_enabled()
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -67,7 +67,7 @@ def cpu_name() -> str:
     return platform.processor() or "CPU"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cpu_flags() -> frozenset:
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
@@ -129,7 +129,7 @@ def once_differentiable_strict(op: str):
             if isinstance(guarded, torch.Tensor):
                 guarded = (guarded,)
             outputs = list(outputs)
-            for i, g in zip(tensors, guarded):
+            for i, g in zip(tensors, guarded, strict=True):
                 outputs[i] = g
             return tuple(outputs)
 

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Tuple, Union
 
 import torch
 import triton
@@ -28,29 +28,34 @@ AUTOTUNE = not TRITON_INTERPRET and os.environ.get("TGR_AUTOTUNE", "1").lower() 
 
 @dataclass(frozen=True)
 class LaunchConfig:
-    """Constexpr tile sizes (``meta``, name/value pairs) plus ``num_warps`` and ``num_stages``."""
+    """Constexpr tile sizes (``meta``, name/value pairs) plus ``num_warps`` and ``num_stages``,
+    and ``maxnreg`` (ptxas's register cap per thread) where a configuration sets one."""
 
-    meta: Tuple[Tuple[str, int], ...]
+    meta: tuple[tuple[str, int], ...]
     num_warps: int
     num_stages: int
+    maxnreg: int | None = None
 
     def __getitem__(self, name: str) -> int:
         return dict(self.meta)[name]
 
     def kwargs(self) -> dict:
         """Keyword arguments of one kernel launch with this configuration."""
-        return dict(self.meta, num_warps=self.num_warps, num_stages=self.num_stages)
+        options = {} if self.maxnreg is None else {"maxnreg": self.maxnreg}
+        return dict(self.meta, num_warps=self.num_warps, num_stages=self.num_stages, **options)
 
     def to_triton(self) -> triton.Config:
-        return triton.Config(dict(self.meta), num_warps=self.num_warps, num_stages=self.num_stages)
+        return triton.Config(dict(self.meta), num_warps=self.num_warps, num_stages=self.num_stages,
+                             maxnreg=self.maxnreg)
 
     def __str__(self) -> str:
         tiles = " ".join(f"{k}={v}" for k, v in self.meta)
-        return f"{tiles} warps={self.num_warps} stages={self.num_stages}"
+        cap = "" if self.maxnreg is None else f" maxnreg={self.maxnreg}"
+        return f"{tiles} warps={self.num_warps} stages={self.num_stages}{cap}"
 
 
-def _config(num_warps: int, num_stages: int, **meta: int) -> LaunchConfig:
-    return LaunchConfig(tuple(meta.items()), num_warps, num_stages)
+def _config(num_warps: int, num_stages: int, maxnreg: int | None = None, **meta: int) -> LaunchConfig:
+    return LaunchConfig(tuple(meta.items()), num_warps, num_stages, maxnreg)
 
 
 # ----------------------------------------------------------------------------- flash attention
@@ -71,30 +76,56 @@ def device_arch(device: torch.device) -> int:
     return 10 * major + minor
 
 
+def _flash_bucket(head_dim: int) -> int:
+    # Head dims that are not a multiple of 16 never reach the kernels: the launchers pad them
+    # (attention_flash.FLASH_HEAD_DIM_ALIGN), so every row loads as vectors.
+    return 64 if head_dim <= 64 else (128 if head_dim <= 128 else 256)
+
+
+def _arch_name(arch: int) -> str:
+    return "sm_90" if 90 <= arch < 100 else "sm_80"
+
+
+def flash_dot_precision(kernel: str, head_dim: int, dtype: torch.dtype, precision: str, arch: int = 90) -> str:
+    """tl.dot's input_precision for one flash kernel: ``precision`` (``_backend.triton_dot_precision``
+    of q's dtype), except fp32 with TF32 allowed where no tf32 tile compiles without spills
+    (``_FLASH_TF32`` has None there): those kernels multiply in full fp32 ("ieee") on their
+    spill-free fp32 tiles. TF32 is a permission to round, not a requirement."""
+    if kernel not in FLASH_KERNELS:
+        raise ValueError(f"kernel must be one of {FLASH_KERNELS}, got {kernel!r}")
+    if dtype == torch.float32 and precision != "ieee":
+        if _FLASH_TF32[_arch_name(arch)][kernel][_flash_bucket(head_dim)] is None:
+            return "ieee"
+    return precision
+
+
 def flash_configs(kernel: str, head_dim: int, dtype: torch.dtype, precision: str,
-                  arch: int = 90) -> Tuple[LaunchConfig, ...]:
+                  arch: int = 90) -> tuple[LaunchConfig, ...]:
     """Candidate configurations of one flash kernel (``"fwd"``, ``"bwd_dkdv"`` or ``"bwd_dq"``)
     for q of ``dtype`` and head dim ``head_dim`` whose dots run at ``precision`` (tl.dot's
-    input_precision), on a GPU of compute capability ``arch``; the first is the default. Each
-    has BLOCK_M (query rows) and BLOCK_N (keys)."""
+    input_precision, from :func:`flash_dot_precision`), on a GPU of compute capability ``arch``;
+    the first is the default. Each has BLOCK_M (query rows) and BLOCK_N (keys), and RELOAD_ROWS
+    where the kernel re-loads its own tiles at each step instead of holding them."""
     if kernel not in FLASH_KERNELS:
         raise ValueError(f"kernel must be one of {FLASH_KERNELS}, got {kernel!r}")
     if TRITON_INTERPRET:
         return (_config(4, 1, BLOCK_M=32, BLOCK_N=32),)
-    bucket = 64 if head_dim <= 64 else (128 if head_dim <= 128 else 256)
-    arch_name = "sm_90" if 90 <= arch < 100 else "sm_80"
-    # Head dims that are not a multiple of 16 never reach the kernels: the launchers pad them
-    # (attention_flash.FLASH_HEAD_DIM_ALIGN), so every row loads as vectors.
-    table = _FLASH_FP32_IEEE if precision == "ieee" else _FLASH_TENSOR_CORE[arch_name]
+    bucket, arch_name = _flash_bucket(head_dim), _arch_name(arch)
+    if dtype == torch.float32:
+        # fp32 has its own tiles: scalar FMA dots (ieee) or tf32 ones, whose operands take twice
+        # the registers and shared memory of fp16/bf16 ones.
+        table = _FLASH_FP32_IEEE if precision == "ieee" else _FLASH_TF32[arch_name]
+    else:
+        table = _FLASH_TENSOR_CORE[arch_name]
     candidates = table[kernel][bucket]
-    if precision != "ieee" and dtype == torch.float32:
-        # tf32 tiles take twice the shared memory and operand registers of fp16/bf16 ones.
-        candidates = _FLASH_TF32.get((arch_name, kernel, bucket), candidates)
-    return tuple(_config(w, s, BLOCK_M=m, BLOCK_N=n) for m, n, w, s in candidates)
+    if candidates is None:
+        raise ValueError(f"no tf32 tiles for the flash {kernel} kernel at head dim {head_dim} on {arch_name}: "
+                         "its dots run in ieee (see flash_dot_precision)")
+    return tuple(_config(w, s, BLOCK_M=m, BLOCK_N=n, **dict(*extra)) for m, n, w, s, *extra in candidates)
 
 
-# Candidate (BLOCK_M, BLOCK_N, num_warps, num_stages) per arch, kernel and head-dim bucket
-# (D <= 64, <= 128, <= 256), the default first, chosen with `python -m tgr_kernels.aot`: each
+# Candidate (BLOCK_M, BLOCK_N, num_warps, num_stages[, other launch settings]) per arch, kernel and
+# head-dim bucket (D <= 64, <= 128, <= 256), the default first, chosen with `python -m tgr_kernels.aot`: each
 # compiles without spills, within shared memory, and (sm_90) to wgmma. wgmma gives each group of
 # four warps 64 rows, so on sm_90 BLOCK_M (and BLOCK_N of the dK/dV kernel, whose dots run over
 # keys) is 64 per four warps where registers allow. On sm_80 mma.sync keeps both operands in
@@ -118,25 +149,43 @@ _FLASH_TENSOR_CORE = {
                    256: [(64, 16, 8, 2)]},
     },
 }
-# fp32 with TF32 allowed, where the fp16/bf16 candidates do not fit in shared memory (aligned and
-# unaligned head dims alike).
+# fp32 with TF32 allowed: tf32 dots on tensor cores, each candidate spill-free in the static proof
+# (aligned and unaligned head dims, every mask/flag). None: no tile tried (BLOCK_M 16-128, BLOCK_N
+# 16-64, 4/8/16 warps, 1-2 stages, with and without RELOAD_ROWS) compiles to the arch's tensor-core
+# instruction without spills; the least found: sm_90 forward D = 256 200 B, dK/dV D = 128 56 B and
+# D = 256 48 B, dQ D = 256 424 B; sm_80 dQ D = 256 8 B (triton 3.7.1, ptxas 12.8). Those kernels
+# multiply in ieee on the spill-free fp32 tiles below (flash_dot_precision).
 _FLASH_TF32 = {
-    ("sm_90", "fwd", 256): [(128, 32, 8, 1)],
-    ("sm_90", "bwd_dkdv", 256): [(16, 64, 8, 1)],
-    ("sm_90", "bwd_dq", 256): [(64, 16, 8, 2), (64, 32, 8, 1)],
-    ("sm_80", "bwd_dkdv", 256): [(32, 16, 4, 1)],
-    ("sm_80", "bwd_dq", 256): [(32, 32, 8, 1)],
+    "sm_90": {
+        "fwd": {64: [(128, 64, 8, 3), (64, 64, 4, 3)], 128: [(128, 32, 8, 2), (64, 32, 8, 2)], 256: None},
+        "bwd_dkdv": {64: [(64, 64, 8, 2), (64, 32, 4, 2)], 128: None, 256: None},
+        "bwd_dq": {64: [(64, 64, 8, 2)], 128: [(64, 32, 8, 2), (64, 16, 8, 2)], 256: None},
+    },
+    "sm_80": {
+        "fwd": {64: [(128, 32, 8, 2), (64, 64, 4, 2)], 128: [(64, 32, 8, 1), (32, 32, 4, 1)],
+                256: [(64, 16, 8, 1), (32, 32, 8, 1)]},
+        "bwd_dkdv": {64: [(64, 64, 8, 2), (64, 32, 8, 1)], 128: [(64, 32, 8, 1), (32, 64, 8, 2)],
+                     256: [(32, 16, 4, 1)]},
+        "bwd_dq": {64: [(64, 32, 8, 1)], 128: [(64, 16, 8, 1)], 256: None},
+    },
 }
-# fp32 with ieee dots (TF32 off): scalar FMA dots, whose operands and accumulators all sit in
-# registers, so the tiles shrink as the head dim grows and eight warps share the accumulators.
+# Re-load the kernel's own tiles (q and dO in the dQ kernel) at each step instead of holding them:
+# held fp32 tiles at D = 256 spill (168-2184 B in the dQ kernel, every tile tried); re-loaded, they
+# drop to 58-160 registers. ptxas then picks a low register target for some mask/flag variants and
+# stores 8-16 B to the stack; a cap of 168 registers makes it allocate without (every variant, both
+# arches, in the proof).
+_RELOAD = (("RELOAD_ROWS", 1), ("maxnreg", 168))
+# fp32 with ieee dots (TF32 off, or no spill-free tf32 tile): scalar FMA dots, whose operands and
+# accumulators all sit in registers, so the tiles shrink as the head dim grows and eight warps share
+# the accumulators. One list for both arches (neither has fp32 tensor cores).
 _FLASH_FP32_IEEE = {
-    "fwd": {64: [(32, 32, 4, 1)], 128: [(32, 16, 4, 1)], 256: [(32, 16, 8, 1)]},
-    "bwd_dkdv": {64: [(32, 32, 8, 1)], 128: [(16, 32, 8, 1)], 256: [(16, 16, 8, 1)]},
-    "bwd_dq": {64: [(32, 32, 8, 1)], 128: [(16, 16, 8, 1)], 256: [(16, 16, 8, 1)]},
+    "fwd": {64: [(64, 16, 8, 1)], 128: [(32, 16, 4, 1)], 256: [(32, 16, 8, 1)]},
+    "bwd_dkdv": {64: [(16, 32, 8, 1)], 128: [(16, 32, 8, 1)], 256: [(16, 16, 8, 1)]},
+    "bwd_dq": {64: [(32, 32, 8, 1)], 128: [(16, 16, 8, 1)], 256: [(16, 16, 8, 1, _RELOAD)]},
 }
 
 
-def flash_tune_bucket(S_q: int, S_k: int) -> Tuple[int, int]:
+def flash_tune_bucket(S_q: int, S_k: int) -> tuple[int, int]:
     """Sequence lengths that share one autotuning result (powers of two), so that a new length
     within a bucket (each decoding step, each batch of another length) does not re-tune."""
     return next_power_of_2(S_q), next_power_of_2(S_k)
@@ -193,19 +242,19 @@ def projection_config(kernel: str, n_heads: int, hidden_dtype: torch.dtype,
 
 
 # ----------------------------------------------------------------------------- launching
-Grid = Union[Tuple[int, ...], Callable[[dict], Tuple[int, ...]]]
+Grid = tuple[int, ...] | Callable[[dict], tuple[int, ...]]
 
 
-@functools.lru_cache(maxsize=None)
-def _autotuner(kernel, configs: Tuple[LaunchConfig, ...], tune_key: Tuple[str, ...], tune_bucket: tuple):
+@functools.cache
+def _autotuner(kernel, configs: tuple[LaunchConfig, ...], tune_key: tuple[str, ...], tune_bucket: tuple):
     """One ``triton.autotune`` wrapper per kernel, candidate set and problem bucket: Triton keys
     its cache on argument values (and dtypes); the bucket groups values that should share it."""
     del tune_bucket  # part of the cache key only
     return triton.autotune(configs=[c.to_triton() for c in configs], key=list(tune_key))(kernel)
 
 
-def launch(kernel, grid: Grid, configs: Tuple[LaunchConfig, ...], *args,
-           tune_key: Tuple[str, ...] = (), tune_bucket: tuple = (), **constexprs) -> None:
+def launch(kernel, grid: Grid, configs: tuple[LaunchConfig, ...], *args,
+           tune_key: tuple[str, ...] = (), tune_bucket: tuple = (), **constexprs) -> None:
     """Launch ``kernel[grid](*args, **constexprs)`` with one of ``configs``.
 
     ``grid`` is a tuple, or a function of the launch's meta-parameters (so it can read the

@@ -151,7 +151,8 @@ class TemperatureGuidedAttention(nn.Module):
         self.scale = scale
         self.backend = backend
 
-    def forward(self, q, k, v, temperature, attn_mask=None):
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, temperature: torch.Tensor,
+                attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         return temperature_guided_attention(
             q, k, v, temperature, attn_mask, causal=self.causal, gsot_threshold=self.gsot_threshold,
             scale=self.scale, backend=self.backend,

@@ -26,7 +26,7 @@ co-moment of dP and q·k. When only the temperature needs a gradient (frozen bas
 kernel and the second pass are skipped: two dots per tile in all.
 
 Masks: an additive entry ``<= MASKED_BIAS`` (−4096; HF's ``finfo(dtype).min``, −1e9) masks its
-key exactly like −inf (see ``_logits_tile``).
+key exactly like −inf (see ``_masks.logits_tile``).
 """
 from __future__ import annotations
 
@@ -36,47 +36,9 @@ import triton.language as tl
 
 from . import _configs
 from ._backend import new_output, triton_dot_precision
-from .reference import MASKED_BIAS
+from ._masks import LOG2E, logits_tile, mask_args
 
 FLASH_MAX_HEAD_DIM = 256
-_LOG2E = 1.4426950408889634
-# Additive mask entries at or below this mask their key like −inf (see reference.MASKED_BIAS).
-_MASKED_BIAS = tl.constexpr(MASKED_BIAS)
-
-
-@triton.jit
-def _logits_tile(
-    qk, row_scale, offs_m, offs_n, b, h,
-    KPM, BIAS,
-    stride_pb, stride_pn,
-    stride_bb, stride_bh, stride_bm, stride_bn,
-    S_q, S_k,
-    HAS_KPM: tl.constexpr, HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr,
-):
-    """Base-2 logits of one [BLOCK_M, BLOCK_N] tile: ``(t̄·scale·qk + m) · log2(e)``, −inf where masked.
-
-    qk: fp32 raw products q_i·k_j. row_scale: fp32 ``t̄_i · scale · log2(e)`` per row.
-    KPM: key-padding mask [B, S_k] (nonzero = keep). BIAS: additive mask with broadcast strides.
-    CAUSAL: key j is visible to query i when ``j <= i + S_k - S_q`` (bottom-right aligned).
-    A bias ``<= _MASKED_BIAS`` (HF's finfo(dtype).min, −1e9) masks its key exactly like −inf: taken
-    literally it would put logits near −1e9 whose fp32 spacing (64) swallows the q·k term, so a
-    row that sees no key would average V instead of giving zeros.
-    """
-    s = qk * row_scale[:, None]
-    valid = (offs_m[:, None] < S_q) & (offs_n[None, :] < S_k)
-    if HAS_BIAS:
-        bias_ptrs = (BIAS + b.to(tl.int64) * stride_bb + h.to(tl.int64) * stride_bh
-                     + offs_m[:, None].to(tl.int64) * stride_bm + offs_n[None, :].to(tl.int64) * stride_bn)
-        bias = tl.load(bias_ptrs, mask=valid, other=0.0).to(tl.float32)
-        valid = valid & (bias > _MASKED_BIAS)
-        s = s + bias * 1.4426950408889634
-    if HAS_KPM:
-        keep = tl.load(KPM + b.to(tl.int64) * stride_pb + offs_n.to(tl.int64) * stride_pn,
-                       mask=offs_n < S_k, other=0)
-        valid = valid & (keep[None, :] != 0)
-    if CAUSAL:
-        valid = valid & (offs_n[None, :] <= offs_m[:, None] + (S_k - S_q))
-    return tl.where(valid, s, float("-inf"))
 
 
 @triton.jit
@@ -119,13 +81,15 @@ def _flash_fwd_kernel(
     H, S_q, S_k, D, scale, gsot_threshold,
     HAS_KPM: tl.constexpr, HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, HAS_GATE: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    RELOAD_ROWS: tl.constexpr = 0,
 ):
     """Forward: ``Y = g ∘ softmax(t̄·scale·QKᵀ + m) V`` for one query block of one (batch, head).
 
     Q [B, H, S_q, D], K and V [B, H, S_k, D], OUT like Q (any strides). T_BAR: fp32 [B, S_q].
     LSE: fp32 [B, H, S_q] contiguous, the base-2 log-sum-exp of each row (+inf for a fully masked
     row) saved for the backward. gsot_threshold τ is used when HAS_GATE.
-    Grid: (cdiv(S_q, BLOCK_M), B * H).
+    Grid: (cdiv(S_q, BLOCK_M), B * H). RELOAD_ROWS: load the Q tile at each key block instead of
+    holding it across the loop (see ``_flash_bwd_dq_kernel``).
     """
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -138,11 +102,12 @@ def _flash_fwd_kernel(
     row_ok = offs_m < S_q
     d_ok = offs_d < D
 
-    q = _load_rows(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh, offs_m, stride_qm,
-                   offs_d, stride_qd, S_q, D)
+    q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+    if not RELOAD_ROWS:
+        q = _load_rows(q_base, offs_m, stride_qm, offs_d, stride_qd, S_q, D)
     t_bar = tl.load(T_BAR + b.to(tl.int64) * stride_tb + offs_m.to(tl.int64) * stride_tm,
                     mask=row_ok, other=0.0).to(tl.float32)
-    row_scale = t_bar * (scale * 1.4426950408889634)
+    row_scale = t_bar * (scale * LOG2E)
 
     k_base = K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
     v_base = V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
@@ -153,11 +118,13 @@ def _flash_fwd_kernel(
     end_n = _causal_key_end(start_m, S_q, S_k, BLOCK_M, CAUSAL)
     for start_n in range(0, end_n, BLOCK_N):
         offs_n = start_n + offs_n0
+        if RELOAD_ROWS:
+            q = _load_rows(q_base, offs_m, stride_qm, offs_d, stride_qd, S_q, D)
         k = _load_rows(k_base, offs_n, stride_kn, offs_d, stride_kd, S_k, D)
         qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-        s = _logits_tile(qk, row_scale, offs_m, offs_n, b, h, KPM, BIAS,
-                         stride_pb, stride_pn, stride_bb, stride_bh, stride_bm, stride_bn,
-                         S_q, S_k, HAS_KPM, HAS_BIAS, CAUSAL)
+        s = logits_tile(qk, row_scale, offs_m, offs_n, b, h, KPM, BIAS,
+                        stride_pb, stride_pn, stride_bb, stride_bh, stride_bm, stride_bn,
+                        S_q, S_k, HAS_KPM, HAS_BIAS, CAUSAL)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # Rows with no visible key yet keep m = -inf; subtract 0 instead so exp2 gives 0, not NaN.
         m_base = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -194,13 +161,15 @@ def _flash_bwd_dkdv_kernel(
     H, S_q, S_k, D, scale,
     HAS_KPM: tl.constexpr, HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    RELOAD_ROWS: tl.constexpr = 0,
 ):
     """Backward for one key block: ``dV = Pᵀ dO``, ``dK = (t̄·scale·dS)ᵀ Q`` with ``dS = P ∘ (dP − Δ)``.
 
     DO: the gated upstream gradient g ∘ dY, [B, H, S_q, D] contiguous. LSE, DELTA: fp32
     [B, H, S_q] contiguous, written by ``_flash_bwd_dq_kernel`` (its LSE_BWD, which makes each
     row of P sum to one, and Δ_i = Σ_j P_ij dP_ij). DK, DV: contiguous [B, H, S_k, D] outputs
-    in the input dtype. Grid: (cdiv(S_k, BLOCK_N), B * H).
+    in the input dtype. Grid: (cdiv(S_k, BLOCK_N), B * H). RELOAD_ROWS: load the K and V tiles at
+    each query block instead of holding them across the loop (see ``_flash_bwd_dq_kernel``).
     """
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -213,10 +182,11 @@ def _flash_bwd_dkdv_kernel(
     n_ok = offs_n < S_k
     d_ok = offs_d < D
 
-    k = _load_rows(K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh, offs_n, stride_kn,
-                   offs_d, stride_kd, S_k, D)
-    v = _load_rows(V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh, offs_n, stride_vn,
-                   offs_d, stride_vd, S_k, D)
+    k_base = K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
+    v_base = V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
+    if not RELOAD_ROWS:
+        k = _load_rows(k_base, offs_n, stride_kn, offs_d, stride_kd, S_k, D)
+        v = _load_rows(v_base, offs_n, stride_vn, offs_d, stride_vd, S_k, D)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
 
@@ -229,14 +199,17 @@ def _flash_bwd_dkdv_kernel(
         start_m = tl.maximum(start_n - (S_k - S_q), 0) // BLOCK_M * BLOCK_M
     for m0 in range(start_m, S_q, BLOCK_M):
         offs_m = m0 + offs_m0
+        if RELOAD_ROWS:
+            k = _load_rows(k_base, offs_n, stride_kn, offs_d, stride_kd, S_k, D)
+            v = _load_rows(v_base, offs_n, stride_vn, offs_d, stride_vd, S_k, D)
         q = _load_rows(q_base, offs_m, stride_qm, offs_d, stride_qd, S_q, D)
         do = _load_rows(do_base, offs_m, stride_dom, offs_d, stride_dod, S_q, D)
         t_bar, lse, delta = _load_row_stats(T_BAR, LSE, DELTA, b, stride_tb, stride_tm, row_base, offs_m, S_q)
 
         qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-        s = _logits_tile(qk, t_bar * (scale * 1.4426950408889634), offs_m, offs_n, b, h, KPM, BIAS,
-                         stride_pb, stride_pn, stride_bb, stride_bh, stride_bm, stride_bn,
-                         S_q, S_k, HAS_KPM, HAS_BIAS, CAUSAL)
+        s = logits_tile(qk, t_bar * (scale * LOG2E), offs_m, offs_n, b, h, KPM, BIAS,
+                        stride_pb, stride_pn, stride_bb, stride_bh, stride_bm, stride_bn,
+                        S_q, S_k, HAS_KPM, HAS_BIAS, CAUSAL)
         p = tl.exp2(s - lse[:, None])
         dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
@@ -260,9 +233,9 @@ def _dq_tile(q, do, k_base, v_base, offs_n, offs_m, offs_d, row_scale, lse, b, h
     k = _load_rows(k_base, offs_n, stride_kn, offs_d, stride_kd, S_k, D)
     v = _load_rows(v_base, offs_n, stride_vn, offs_d, stride_vd, S_k, D)
     qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-    s = _logits_tile(qk, row_scale, offs_m, offs_n, b, h, KPM, BIAS,
-                     stride_pb, stride_pn, stride_bb, stride_bh, stride_bm, stride_bn,
-                     S_q, S_k, HAS_KPM, HAS_BIAS, CAUSAL)
+    s = logits_tile(qk, row_scale, offs_m, offs_n, b, h, KPM, BIAS,
+                    stride_pb, stride_pn, stride_bb, stride_bh, stride_bm, stride_bn,
+                    S_q, S_k, HAS_KPM, HAS_BIAS, CAUSAL)
     p = tl.exp2(s - lse[:, None])
     dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
     return k, qk, p, dp
@@ -281,6 +254,7 @@ def _flash_bwd_dq_kernel(
     H, S_q, S_k, D, scale,
     HAS_KPM: tl.constexpr, HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, STORE_DQ: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    RELOAD_ROWS: tl.constexpr = 0,
 ):
     """Backward for one query block, two passes over the key blocks.
 
@@ -299,6 +273,11 @@ def _flash_bwd_dq_kernel(
     for ``_flash_bwd_dkdv_kernel``. DQ: contiguous [B, H, S_q, D] in the input dtype (written
     when STORE_DQ). DT: fp32 [B, H, S_q] contiguous, this head's share of dt̄ (the caller sums
     over heads). Other arguments as in ``_flash_bwd_dkdv_kernel``. Grid: (cdiv(S_q, BLOCK_M), B * H).
+
+    RELOAD_ROWS (a launch configuration's choice): load the Q and dO tiles at each key block (from
+    L1/L2) instead of holding them across both passes. Held, they occupy registers for the whole
+    loop, and fp32 tiles with a wide head dim (D = 256) then spill; reloaded, the same tile
+    compiles without spills (``python -m tgr_kernels.aot``) at the cost of one more read per step.
     """
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -312,15 +291,16 @@ def _flash_bwd_dq_kernel(
     d_ok = offs_d < D
     row_base = pid_bh.to(tl.int64) * S_q
 
-    q = _load_rows(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh, offs_m, stride_qm,
-                   offs_d, stride_qd, S_q, D)
-    do = _load_rows(DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh, offs_m, stride_dom,
-                    offs_d, stride_dod, S_q, D)
+    q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+    do_base = DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
+    if not RELOAD_ROWS:
+        q = _load_rows(q_base, offs_m, stride_qm, offs_d, stride_qd, S_q, D)
+        do = _load_rows(do_base, offs_m, stride_dom, offs_d, stride_dod, S_q, D)
     t_bar = tl.load(T_BAR + b.to(tl.int64) * stride_tb + offs_m.to(tl.int64) * stride_tm,
                     mask=m_ok, other=0.0).to(tl.float32)
     # +inf past the end and on fully masked rows: P = 0 there.
     lse = tl.load(LSE + row_base + offs_m, mask=m_ok, other=float("inf"))
-    row_scale = t_bar * (scale * 1.4426950408889634)
+    row_scale = t_bar * (scale * LOG2E)
 
     k_base = K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
     v_base = V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
@@ -334,6 +314,9 @@ def _flash_bwd_dq_kernel(
     mean_z = tl.zeros([BLOCK_M], dtype=tl.float32)
     co = tl.zeros([BLOCK_M], dtype=tl.float32)
     for start_n in range(0, end_n, BLOCK_N):
+        if RELOAD_ROWS:
+            q = _load_rows(q_base, offs_m, stride_qm, offs_d, stride_qd, S_q, D)
+            do = _load_rows(do_base, offs_m, stride_dom, offs_d, stride_dod, S_q, D)
         k, qk, p, dp = _dq_tile(q, do, k_base, v_base, start_n + offs_n0, offs_m, offs_d, row_scale, lse, b, h,
                                 KPM, BIAS, stride_kn, stride_kd, stride_vn, stride_vd, stride_pb, stride_pn,
                                 stride_bb, stride_bh, stride_bm, stride_bn, S_q, S_k, D,
@@ -361,6 +344,9 @@ def _flash_bwd_dq_kernel(
         # Pass 2: dQ = t̄ · scale · dS K with the renormalised P and the Δ of pass 1.
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         for start_n in range(0, end_n, BLOCK_N):
+            if RELOAD_ROWS:
+                q = _load_rows(q_base, offs_m, stride_qm, offs_d, stride_qd, S_q, D)
+                do = _load_rows(do_base, offs_m, stride_dom, offs_d, stride_dod, S_q, D)
             k, qk, p, dp = _dq_tile(q, do, k_base, v_base, start_n + offs_n0, offs_m, offs_d, row_scale, lse, b,
                                     h, KPM, BIAS, stride_kn, stride_kd, stride_vn, stride_vd, stride_pb,
                                     stride_pn, stride_bb, stride_bh, stride_bm, stride_bn, S_q, S_k, D,
@@ -372,29 +358,14 @@ def _flash_bwd_dq_kernel(
                  dq.to(DQ.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
 
 
-def _block_config(kernel: str, q: torch.Tensor, precision: str):
-    """Candidate (BLOCK_M, BLOCK_N, warps, stages) configurations of one flash kernel for q:
-    chosen in ``_configs`` (one under the interpreter; autotuned over on CUDA), each one
-    compiled and checked for sm_90 and sm_80 by ``python -m tgr_kernels.aot``."""
-    return _configs.flash_configs(kernel, q.shape[-1], q.dtype, precision, _configs.device_arch(q.device))
-
-
-def mask_args(key_padding, additive, shape, device):
-    """Tensors and strides for the mask inputs of attention of ``shape = (B, H, S_q, S_k)``;
-    a one-element dummy stands in for an absent mask (its pointer is never read)."""
-    dummy = torch.empty(1, device=device)
-    if key_padding is not None:
-        kpm = key_padding.view(torch.uint8) if key_padding.dtype == torch.bool else key_padding
-        kpm_strides = (kpm.stride(0), kpm.stride(1))
-    else:
-        kpm, kpm_strides = dummy, (0, 0)
-    if additive is not None:
-        # A broadcast view: the kernels read the user's mask through zero strides, never a copy.
-        bias = torch.broadcast_to(additive, shape)
-        bias_strides = tuple(bias.stride())
-    else:
-        bias, bias_strides = dummy, (0, 0, 0, 0)
-    return kpm, kpm_strides, bias, bias_strides
+def _kernel_setup(kernel: str, q: torch.Tensor):
+    """The dot precision and candidate (BLOCK_M, BLOCK_N, warps, stages) configurations of one
+    flash kernel for q: chosen in ``_configs`` (one configuration under the interpreter;
+    autotuned over on CUDA), each one compiled and checked for sm_90 and sm_80 by
+    ``python -m tgr_kernels.aot``."""
+    D, arch = q.shape[-1], _configs.device_arch(q.device)
+    precision = _configs.flash_dot_precision(kernel, D, q.dtype, triton_dot_precision(q.dtype), arch)
+    return precision, _configs.flash_configs(kernel, D, q.dtype, precision, arch)
 
 
 # Triton specialises integer arguments divisible by 16: rows of a head dim that is a multiple of
@@ -434,10 +405,9 @@ def flash_forward(q, k, v, t_bar, key_padding, additive, causal, gsot_threshold,
     out = new_output(q.shape, q.dtype, q.device)
     lse = new_output((B, H, S_q), torch.float32, q.device)
     kpm, kpm_strides, bias, bias_strides = mask_args(key_padding, additive, (B, H, S_q, S_k), q.device)
-    precision = triton_dot_precision(q.dtype)
+    precision, configs = _kernel_setup("fwd", q)
     _configs.launch(
-        _flash_fwd_kernel, lambda meta: (triton.cdiv(S_q, meta["BLOCK_M"]), B * H),
-        _block_config("fwd", q, precision),
+        _flash_fwd_kernel, lambda meta: (triton.cdiv(S_q, meta["BLOCK_M"]), B * H), configs,
         q, k, v, t_bar, kpm, bias, out, lse,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         *t_bar.stride(), *kpm_strides, *bias_strides,
@@ -470,10 +440,9 @@ def flash_backward(q, k, v, t_bar, key_padding, additive, causal, gsot_threshold
     delta = new_output((B, H, S_q), torch.float32, q.device)
     lse_bwd = new_output((B, H, S_q), torch.float32, q.device)
     kpm, kpm_strides, bias, bias_strides = mask_args(key_padding, additive, (B, H, S_q, S_k), q.device)
-    precision = triton_dot_precision(q.dtype)
     common = dict(
         HAS_KPM=key_padding is not None, HAS_BIAS=additive is not None, CAUSAL=causal,
-        PRECISION=precision, BLOCK_D=_configs.flash_block_d(D),
+        BLOCK_D=_configs.flash_block_d(D),
         tune_key=_configs.FLASH_TUNE_KEY, tune_bucket=_configs.flash_tune_bucket(S_q, S_k),
     )
     strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride(),
@@ -481,21 +450,21 @@ def flash_backward(q, k, v, t_bar, key_padding, additive, causal, gsot_threshold
 
     dq = new_output((B, H, S_q, D), q.dtype, q.device) if need_dq else q.new_empty(1)
     dt = new_output((B, H, S_q), torch.float32, q.device)
+    precision, configs = _kernel_setup("bwd_dq", q)
     _configs.launch(
-        _flash_bwd_dq_kernel, lambda meta: (triton.cdiv(S_q, meta["BLOCK_M"]), B * H),
-        _block_config("bwd_dq", q, precision),
+        _flash_bwd_dq_kernel, lambda meta: (triton.cdiv(S_q, meta["BLOCK_M"]), B * H), configs,
         q, k, v, t_bar, kpm, bias, grad_out, lse, delta, lse_bwd, dq, dt,
-        *strides, H, S_q, S_k, D, scale, STORE_DQ=need_dq, **common,
+        *strides, H, S_q, S_k, D, scale, STORE_DQ=need_dq, PRECISION=precision, **common,
     )
     dk = dv = None
     if need_dkv:
         dk = new_output((B, H, S_k, D), k.dtype, q.device)
         dv = new_output((B, H, S_k, D), v.dtype, q.device)
+        precision, configs = _kernel_setup("bwd_dkdv", q)
         _configs.launch(
-            _flash_bwd_dkdv_kernel, lambda meta: (triton.cdiv(S_k, meta["BLOCK_N"]), B * H),
-            _block_config("bwd_dkdv", q, precision),
+            _flash_bwd_dkdv_kernel, lambda meta: (triton.cdiv(S_k, meta["BLOCK_N"]), B * H), configs,
             q, k, v, t_bar, kpm, bias, grad_out, lse_bwd, delta, dk, dv,
-            *strides, H, S_q, S_k, D, scale, **common,
+            *strides, H, S_q, S_k, D, scale, PRECISION=precision, **common,
         )
     return (dq if need_dq else None), dk, dv, dt.sum(1)
 

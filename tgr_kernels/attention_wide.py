@@ -23,7 +23,6 @@ for CUDA) and PyTorch in-place ops (``row_ops="torch"``, the CPU path).
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 import triton
@@ -31,7 +30,7 @@ import triton.language as tl
 
 from . import _configs
 from ._backend import new_output, once_differentiable_strict
-from .attention_flash import _logits_tile, mask_args
+from ._masks import LOG2E, logits_tile, mask_args
 from .reference import MASKED_BIAS
 
 DEFAULT_CHUNK_BYTES = {"cpu": 64 << 20, "cuda": 512 << 20}
@@ -46,9 +45,9 @@ def _row_logits(row_ptr, offs_n, n_cols, row_scale, offs_m, b, h, KPM, BIAS,
     base-2 logits s (−inf where masked or past n_cols)."""
     col_ok = offs_n[None, :] < n_cols
     z = tl.load(row_ptr + offs_n[None, :], mask=col_ok, other=0.0).to(tl.float32)
-    s = _logits_tile(z, row_scale, offs_m, offs_n, b, h, KPM, BIAS,
-                     stride_pb, stride_pn, stride_bb, stride_bh, stride_bm, stride_bn,
-                     S_q, S_k, HAS_KPM, HAS_BIAS, CAUSAL)
+    s = logits_tile(z, row_scale, offs_m, offs_n, b, h, KPM, BIAS,
+                    stride_pb, stride_pn, stride_bb, stride_bh, stride_bm, stride_bn,
+                    S_q, S_k, HAS_KPM, HAS_BIAS, CAUSAL)
     return z, tl.where(col_ok, s, float("-inf"))
 
 
@@ -77,7 +76,7 @@ def _wide_softmax_fwd_kernel(
     z_row = Z + r.to(tl.int64) * n_cols
     t_bar = tl.load(T_BAR + b.to(tl.int64) * stride_tb + i.to(tl.int64) * stride_tm).to(tl.float32)
     offs_m = i + tl.zeros([1], dtype=tl.int32)
-    row_scale = (t_bar * (scale * 1.4426950408889634)) + tl.zeros([1], dtype=tl.float32)
+    row_scale = (t_bar * (scale * LOG2E)) + tl.zeros([1], dtype=tl.float32)
     offs0 = tl.arange(0, BLOCK_N)
 
     m_i = tl.full([1], float("-inf"), dtype=tl.float32)
@@ -137,7 +136,7 @@ def _wide_softmax_bwd_kernel(
     dp_row = DP + r.to(tl.int64) * n_cols
     t_bar = tl.load(T_BAR + b.to(tl.int64) * stride_tb + i.to(tl.int64) * stride_tm).to(tl.float32)
     offs_m = i + tl.zeros([1], dtype=tl.int32)
-    row_scale = (t_bar * (scale * 1.4426950408889634)) + tl.zeros([1], dtype=tl.float32)
+    row_scale = (t_bar * (scale * LOG2E)) + tl.zeros([1], dtype=tl.float32)
     row_off = bh.to(tl.int64) * S_q + i + tl.zeros([1], dtype=tl.int32)
     lse = tl.load(LSE + row_off)
     offs0 = tl.arange(0, BLOCK_N)
@@ -207,7 +206,7 @@ def _triton_rows_backward(z, dp, row0, t_bar, key_padding, additive, causal, sca
 
 
 # ----------------------------------------------------------------------------- PyTorch row ops
-def _chunk_keep(row0, M, n_cols, key_padding, causal, S_q, S_k, device) -> Optional[torch.Tensor]:
+def _chunk_keep(row0, M, n_cols, key_padding, causal, S_q, S_k, device) -> torch.Tensor | None:
     """Bool keep-mask of the chunk, broadcastable to [B, H, M, n_cols] (None: keep all)."""
     keep = None
     if key_padding is not None:
@@ -221,7 +220,7 @@ def _chunk_keep(row0, M, n_cols, key_padding, causal, S_q, S_k, device) -> Optio
 
 def _torch_logits_(z, row0, t_bar, key_padding, additive, causal, scale, S_q, S_k):
     """In place on fp32 z: ``t̄·scale·z + m`` (natural log units), −inf where masked. A bias
-    ``<= MASKED_BIAS`` masks its key like −inf (as in the Triton kernels' ``_logits_tile``)."""
+    ``<= MASKED_BIAS`` masks its key like −inf (as in the Triton kernels' ``_masks.logits_tile``)."""
     M, n_cols = z.shape[2], z.shape[3]
     z.mul_((t_bar[:, row0:row0 + M] * scale)[:, None, :, None])
     keep = _chunk_keep(row0, M, n_cols, key_padding, causal, S_q, S_k, z.device)
@@ -309,7 +308,7 @@ def _chunks(S_q: int, S_k: int, B: int, H: int, elem: int, causal: bool, chunk_b
     return chunks
 
 
-def _gemm(a: torch.Tensor, b: torch.Tensor, out: Optional[torch.Tensor] = None,
+def _gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None,
           accumulate: bool = False) -> torch.Tensor:
     """``out = a @ b`` (or ``out += a @ b``) over ``[..., m, k] × [..., k, n]``, as one 2-D GEMM per
     leading index, written by BLAS into ``out`` (unit column stride, any row pitch: a block of a
@@ -564,7 +563,7 @@ def _causal_backward_in_square(q, k, v, t_bar, key_padding, additive, scale, row
     dk = dq if summed else new_output(k.shape, k.dtype, k.device)
     dv = dq if summed else new_output(v.shape, v.dtype, v.device)
     key0 = 0
-    for row0, row1, n_cols in chunks:
+    for row0, _row1, n_cols in chunks:
         if n_cols <= key0:
             continue
         g_c, p_c = g[:, :, row0:, key0:n_cols].transpose(-2, -1), p[:, :, row0:, key0:n_cols].transpose(-2, -1)
@@ -633,7 +632,7 @@ class WideAttentionFunction(torch.autograd.Function):
 
 
 def wide_attention(q, k, v, t_bar, key_padding, additive, causal, gsot_threshold, scale,
-                   row_ops: str = "triton", chunk_bytes: Optional[int] = None):
+                   row_ops: str = "triton", chunk_bytes: int | None = None):
     """Differentiable wide attention. With the Triton row kernels it is the
     ``torch.ops.tgr_kernels.wide_attention_forward`` custom op (opaque to torch.compile); with
     PyTorch row ops it is plain PyTorch code that the compiler traces."""

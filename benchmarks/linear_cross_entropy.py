@@ -1,0 +1,262 @@
+"""``python -m benchmarks.linear_cross_entropy``: the fused linear cross-entropy against eager.
+
+The language-model loss of a [tokens, H] batch of hidden states through an lm_head [V, H], forward
+and backward (a training step of the loss), per provider:
+
+- ``eager``: ``F.cross_entropy(F.linear(hidden, weight), labels)`` (the full [tokens, V] logits);
+- ``torch-compile``: ``torch.compile`` of that function;
+- ``tgr-torch`` / ``tgr-triton``: ``tgr_kernels.linear_cross_entropy`` with that backend
+  (tgr-triton on CUDA only: under the interpreter its time means nothing);
+- ``liger``, ``cut-cross-entropy``: Liger-Kernel's ``LigerFusedLinearCrossEntropyLoss`` and
+  Apple's ``cut_cross_entropy.linear_cross_entropy``, on CUDA, when installed.
+
+Cases (``--tokens``, ``--vocab``, ``--hidden``): by default H = 1024, V in {32000, 128256},
+tokens in {1024, 4096} on a CPU (H = 4096, tokens in {2048, 8192} on a GPU), each with a trainable
+lm_head (dW computed) and a frozen one (the TGR model's: only d hidden). Ten percent of the labels
+are ignored (-100). Every provider's loss and gradients are checked against eager's (relative
+error ‖p − e‖ / ‖e‖ of each, within 1e-3 in fp32, 2e-2 in half precision).
+
+Timing and memory are ``benchmarks/measure.py``'s: providers interleaved per repetition after a
+warm-up, median and p20/p80; memory is the extra peak of one warm call (outputs, i.e. the
+gradients, included), from the profiler's tensor timeline on a CPU. Writes ``records.jsonl`` and
+``table.md`` into ``--out``.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import shlex
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from . import measure
+
+MiB = 1 << 20
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+PROVIDERS = ("eager", "torch-compile", "tgr-torch", "tgr-triton", "liger", "cut-cross-entropy")
+TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 2e-2, torch.float16: 2e-2}
+IGNORED_FRACTION = 0.1
+
+
+def eager_loss(hidden, weight, labels):
+    return F.cross_entropy(F.linear(hidden, weight), labels, ignore_index=-100)
+
+
+def make_providers(device: str) -> dict:
+    """name -> (loss function of (hidden, weight, labels), or None, reason it cannot run)."""
+    from tgr_kernels import linear_cross_entropy
+
+    out = {
+        "eager": (eager_loss, None),
+        "torch-compile": (torch.compile(eager_loss, dynamic=False), None),
+        "tgr-torch": (lambda h, w, y: linear_cross_entropy(h, w, y, backend="torch"), None),
+    }
+    if device == "cuda":
+        out["tgr-triton"] = (lambda h, w, y: linear_cross_entropy(h, w, y, backend="triton"), None)
+    else:
+        out["tgr-triton"] = (None, "CUDA only (under the interpreter its time means nothing)")
+    liger_reason = cce_reason = "CUDA only"
+    if device == "cuda":
+        try:
+            from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+            liger = LigerFusedLinearCrossEntropyLoss(ignore_index=-100)
+            out["liger"] = (lambda h, w, y: liger(w, h, y), None)
+        except ImportError:
+            liger_reason = "liger-kernel is not installed"
+        try:
+            from cut_cross_entropy import linear_cross_entropy as cce
+
+            out["cut-cross-entropy"] = (lambda h, w, y: cce(h, w, y, ignore_index=-100), None)
+        except ImportError:
+            cce_reason = "cut-cross-entropy is not installed"
+    out.setdefault("liger", (None, liger_reason))
+    out.setdefault("cut-cross-entropy", (None, cce_reason))
+    return out
+
+
+def make_case(tokens: int, hidden_size: int, vocab: int, dtype, device: str, seed: int = 0):
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    hidden = torch.randn(tokens, hidden_size, generator=generator).to(device=device, dtype=dtype)
+    weight = (torch.randn(vocab, hidden_size, generator=generator) / hidden_size ** 0.5).to(device=device, dtype=dtype)
+    labels = torch.randint(0, vocab, (tokens,), generator=generator)
+    labels[torch.rand(tokens, generator=generator) < IGNORED_FRACTION] = -100
+    return hidden, weight, labels.to(device)
+
+
+def training_step(fn, hidden, weight, labels, weight_trainable: bool):
+    """Loss, forward and backward; returns (loss, d hidden, dW or None)."""
+    h = hidden.detach().requires_grad_()
+    w = weight.detach().requires_grad_(weight_trainable)
+    loss = fn(h, w, labels)
+    grads = torch.autograd.grad(loss, (h, w) if weight_trainable else (h,))
+    return (loss.detach(),) + tuple(grads) + ((None,) if not weight_trainable else ())
+
+
+def _rel_err(a, ref) -> float:
+    a, ref = a.double(), ref.double()
+    return ((a - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def run_case(args, providers: dict, tokens: int, vocab: int, weight_trainable: bool, emit) -> None:
+    device, dtype = args.device, DTYPES[args.dtype]
+    hidden, weight, labels = make_case(tokens, args.hidden, vocab, dtype, device)
+    shape = dict(op="linear-cross-entropy", tokens=tokens, hidden=args.hidden, vocab=vocab, dtype=args.dtype,
+                 weight="trainable" if weight_trainable else "frozen", mode="full", device=device)
+    reference = training_step(eager_loss, hidden, weight, labels, weight_trainable)
+    jobs, checks = {}, {}
+    for name in args.providers:
+        fn, reason = providers[name]
+        if fn is None:
+            emit(dict(shape, kind="measurement", provider=name, status="n/a", reason=reason))
+            continue
+        try:
+            got = training_step(fn, hidden, weight, labels, weight_trainable)
+            errors = [_rel_err(a, r) for a, r in zip(got, reference, strict=True) if r is not None]
+            checks[name] = dict(check_rel_err=max(errors), check_tol=TOLERANCE[dtype],
+                                check_ok=max(errors) <= TOLERANCE[dtype])
+            del got
+        except Exception as exc:  # a provider that cannot run this case: reported, not fatal
+            emit(dict(shape, kind="measurement", provider=name, status="n/a", reason=measure.describe_error(exc)))
+            continue
+        jobs[name] = measure.Job(prepare=lambda i: None,
+                                 run=lambda _, fn=fn: training_step(fn, hidden, weight, labels, weight_trainable))
+    del reference
+    measure.time_interleaved(jobs, device, reps=args.reps, warmup=args.warmup)
+    for name, job in jobs.items():
+        if job.error is not None:
+            emit(dict(shape, kind="measurement", provider=name, status="n/a", reason=job.error))
+            continue
+        memory = measure.peak_memory_mib(lambda: None, lambda _, job=job: job.run(None), device)
+        emit(dict(shape, kind="measurement", provider=name, status="ok", first_ms=job.first_ms,
+                  **measure.summarize(job.times_ms), **memory, **checks[name]))
+
+
+def _fmt_ms(ms: float) -> str:
+    return f"{ms:.0f} ms" if ms >= 100 else f"{ms:.1f} ms"
+
+
+def render_table(records: list) -> str:
+    runs = [r for r in records if r.get("kind") == "run"]
+    lines = ["# Fused linear cross-entropy: forward + backward", ""]
+    for run in runs:
+        lines.append(f"- **{run['device_name']}** ({run['device']}, {run['torch_threads']} torch threads, "
+                     f"{run['cpu_cores']} cores); torch {run['versions']['torch']}, tgr {run['versions']['tgr']} "
+                     f"(git {run['versions']['git']}); {run['date']}, load average {run['load_avg_1m']} → "
+                     f"{run.get('load_avg_end', '?')}: `{run['command']}`")
+    lines += ["", "Cells: median time (p20–p80) · time / eager's · extra peak memory of one call (gradients "
+              "included) · peak / eager's. Targets: memory ≤ 0.25× eager's, time ≤ 1.1× eager's (CPU). "
+              "`check`: max relative error of loss, d hidden (and dW) against eager's.", ""]
+    measurements = [r for r in records if r.get("kind") == "measurement"]
+    providers = [p for p in PROVIDERS if any(r["provider"] == p for r in measurements)]
+    lines.append("| tokens | V | lm_head | " + " | ".join(providers) + " |")
+    lines.append("|---:|---:|---|" + "---|" * len(providers))
+    notes: dict = {}
+    keys = sorted({(r["dtype"], r["hidden"], r["tokens"], r["vocab"], r["weight"]) for r in measurements},
+                  key=lambda k: (k[0], k[1], k[4] != "trainable", k[3], k[2]))
+    for key in keys:
+        row = {r["provider"]: r for r in measurements
+               if (r["dtype"], r["hidden"], r["tokens"], r["vocab"], r["weight"]) == key}
+        eager = row.get("eager") if row.get("eager", {}).get("status") == "ok" else None
+        cells = []
+        for p in providers:
+            r = row.get(p)
+            if r is None:
+                cells.append("")
+            elif r["status"] != "ok":
+                index = notes.setdefault(r["reason"], len(notes) + 1)
+                cells.append(f"n/a [{index}]")
+            else:
+                text = f"{_fmt_ms(r['median_ms'])} ({_fmt_ms(r['p20_ms'])}–{_fmt_ms(r['p80_ms'])})"
+                if eager:
+                    text += f" · {r['median_ms'] / eager['median_ms']:.2f}×"
+                text += f" · {r['peak_mib']:.0f} MiB"
+                if eager and eager["peak_mib"]:
+                    text += f" · {r['peak_mib'] / eager['peak_mib']:.2f}×"
+                text += f" · check {r['check_rel_err']:.0e}" + ("" if r["check_ok"] else " **MISMATCH**")
+                cells.append(text)
+        dtype, hidden, tokens, vocab, weight = key
+        lines.append(f"| {tokens} | {vocab} | {weight} | " + " | ".join(cells) + " |")
+    lines.append("")
+    hidden_sizes = ", ".join(str(h) for h in sorted({k[1] for k in keys}))
+    lines.append(f"dtype {', '.join(sorted({k[0] for k in keys}))}, H = {hidden_sizes}; "
+                 f"{int(IGNORED_FRACTION * 100)}% of the labels ignored.")
+    for reason, index in notes.items():
+        lines.append(f"[{index}] {reason}")
+    firsts = [f"{r['provider']} {r['tokens']}×{r['vocab']} {r['weight']}: {_fmt_ms(r['first_ms'])}"
+              for r in measurements if r.get("status") == "ok" and r["provider"] == "torch-compile"]
+    if firsts:
+        lines += ["", "First call (compilation included): " + "; ".join(firsts) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m benchmarks.linear_cross_entropy", description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--dtype", default=None, choices=list(DTYPES), help="default: bfloat16 on a GPU, float32 on a CPU")
+    p.add_argument("--hidden", type=int, default=None, help="H (default 1024 on a CPU, 4096 on a GPU)")
+    p.add_argument("--tokens", type=int, nargs="+", default=None, help="default 1024 4096 (CPU), 2048 8192 (GPU)")
+    p.add_argument("--vocab", type=int, nargs="+", default=[32000, 128256])
+    p.add_argument("--weight", nargs="+", default=["trainable", "frozen"], choices=["trainable", "frozen"])
+    p.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS)
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--quick", action="store_true", help="tiny shapes: a smoke pass")
+    p.add_argument("--out", default=None, help="folder for records.jsonl and table.md")
+    p.add_argument("--append", action="store_true", help="add to the records already in --out")
+    args = p.parse_args(argv)
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    on_gpu = args.device == "cuda"
+    args.dtype = args.dtype or ("bfloat16" if on_gpu else "float32")
+    args.hidden = args.hidden or (4096 if on_gpu else 1024)
+    args.tokens = args.tokens or ([2048, 8192] if on_gpu else [1024, 4096])
+    if args.quick:
+        args.hidden, args.tokens, args.vocab, args.reps, args.warmup = 64, [96], [1000], 2, 1
+    return args
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    measure.fix_malloc_for_timing()
+    records = []
+    path = os.path.join(args.out, "records.jsonl") if args.out else None
+    if path and args.append and os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            records = [json.loads(line) for line in f if line.strip()]
+    run = dict(kind="run", command="python -m benchmarks.linear_cross_entropy " + shlex.join(argv),
+               **measure.environment(args.device))
+    records.append(run)
+
+    def emit(rec):
+        rec = dict(rec, date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"))
+        records.append(rec)
+        cell = (f"{rec.get('median_ms', float('nan')):.1f} ms, {rec.get('peak_mib', float('nan')):.0f} MiB, "
+                f"check {rec.get('check_rel_err', float('nan')):.1e}" if rec["status"] == "ok" else rec["reason"])
+        print(f"{rec['tokens']:>6} x {rec['vocab']:<7} {rec['weight']:<9} {rec['provider']:<18} {cell}", flush=True)
+
+    providers = make_providers(args.device)
+    for weight in args.weight:
+        for vocab in args.vocab:
+            for tokens in args.tokens:
+                run_case(args, providers, tokens, vocab, weight == "trainable", emit)
+    run["load_avg_end"] = round(os.getloadavg()[0], 2)
+    table = render_table(records)
+    print(table)
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(path, "w", encoding="utf-8") as f:
+            for rec in records:
+                f.write(json.dumps(rec) + "\n")
+        with open(os.path.join(args.out, "table.md"), "w", encoding="utf-8") as f:
+            f.write(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,448 @@
+"""Every-layer TGR: apply_tgr / remove_tgr on Hugging Face causal LMs, their masks, generation,
+bad input, and the TGR model's "layers" mode (save/load, training)."""
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from tgr import build_tiny_llama  # noqa: E402
+from tgr.layers import (  # noqa: E402
+    ATTENTION_NAME,
+    MECHANISM_NAME,
+    apply_tgr,
+    is_tgr_applied,
+    remove_tgr,
+    tgr_layer_modules,
+)
+
+transformers = pytest.importorskip("transformers")
+
+
+def _rel(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    # Grouped-query attention: 4 query heads share 2 key/value heads.
+    return build_tiny_llama(tmp_path_factory.mktemp("gqa-llama"), hidden_size=64, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, vocab_size=256)
+
+
+def _llama(path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def _qwen2():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(vocab_size=200, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=128)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1)
+        return Qwen2ForCausalLM(config).eval()
+
+
+def _perturb(model, scale=2.0, seed=0):
+    """Random projection weights: temperatures spread around t_init, some under the threshold."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for mechanism in tgr_layer_modules(model).values():
+            w = mechanism.proj.weight
+            w.copy_(torch.randn(w.shape, generator=g) * scale / w.shape[1] ** 0.5)
+
+
+def _patch_fingerprint(model):
+    """What apply_tgr changes: the attention implementation, the modules, the hooks."""
+    return (model.config._attn_implementation, tuple(model.state_dict()),
+            tuple(len(layer.self_attn._forward_pre_hooks) for layer in model.model.layers))
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_patched_model_starts_as_the_unpatched_one_and_the_patch_acts(family, llama_dir):
+    model = _llama(llama_dir) if family == "llama" else _qwen2()
+    assert model.config.num_key_value_heads < model.config.num_attention_heads
+    ids = torch.randint(4, 190, (2, 13), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(ids).logits
+        apply_tgr(model)
+        assert model.config._attn_implementation == ATTENTION_NAME
+        assert sorted(tgr_layer_modules(model)) == [0, 1]
+        patched = model(ids).logits
+        assert _rel(patched, before) <= 1e-5
+        _perturb(model)
+        perturbed = model(ids).logits
+    assert _rel(perturbed, before) > 1e-2  # the mechanisms really scale the logits
+
+
+def test_identity_at_start_with_another_initial_temperature(llama_dir):
+    model = _llama(llama_dir)
+    ids = torch.randint(4, 190, (1, 11), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        before = model(ids).logits
+        apply_tgr(model, initial_temperature=0.8, gsot_threshold=0.7, temperature_heads=3)
+        t = tgr_layer_modules(model)[0](torch.randn(1, 5, 64))
+        assert torch.equal(t, torch.full_like(t, t[0, 0, 0].item()))
+        assert abs(t[0, 0, 0].item() - 0.8) < 1e-6
+        assert _rel(model(ids).logits, before) <= 1e-5
+
+
+def test_only_the_chosen_layers_are_patched(llama_dir):
+    model = _llama(llama_dir)
+    ids = torch.randint(4, 190, (1, 9), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        before = model(ids).logits
+        apply_tgr(model, layers=[1])
+        assert sorted(tgr_layer_modules(model)) == [1]
+        assert not hasattr(model.model.layers[0].self_attn, MECHANISM_NAME)
+        _perturb(model)
+        assert _rel(model(ids).logits, before) > 1e-2
+
+
+def test_disabled_tgr_layers_run_the_unpatched_model(llama_dir):
+    from tgr.layers import tgr_layers_disabled
+
+    model = _llama(llama_dir)
+    ids = torch.randint(4, 190, (2, 10), generator=torch.Generator().manual_seed(11))
+    with torch.no_grad():
+        before = model(ids).logits
+        apply_tgr(model)
+        _perturb(model)
+        patched = model(ids).logits
+        with tgr_layers_disabled(model):
+            assert torch.equal(model(ids).logits, before)
+        assert torch.equal(model(ids).logits, patched)
+
+
+def test_remove_tgr_restores_the_model_exactly(llama_dir):
+    model = _llama(llama_dir)
+    ids = torch.randint(4, 190, (2, 10), generator=torch.Generator().manual_seed(3))
+    fingerprint = _patch_fingerprint(model)
+    with torch.no_grad():
+        before = model(ids).logits
+        apply_tgr(model)
+        _perturb(model)
+        assert not torch.equal(model(ids).logits, before)
+        remove_tgr(model)
+        after = model(ids).logits
+    assert torch.equal(after, before)
+    assert _patch_fingerprint(model) == fingerprint
+    assert not is_tgr_applied(model)
+    assert not any(MECHANISM_NAME in name for name, _ in model.named_modules())
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_left_padded_rows_equal_each_row_alone(backend, llama_dir):
+    model = _llama(llama_dir)
+    apply_tgr(model, backend=backend, gsot_threshold=0.45)
+    _perturb(model, scale=1.0)
+    g = torch.Generator().manual_seed(4)
+    lengths = (7, 4, 1)
+    S = max(lengths)
+    rows = [torch.randint(4, 190, (n,), generator=g) for n in lengths]
+    ids = torch.zeros(len(rows), S, dtype=torch.long)
+    mask = torch.zeros(len(rows), S, dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, S - len(row):] = row
+        mask[i, S - len(row):] = 1
+    pruned = 0
+    with torch.no_grad():
+        batch = model(ids, attention_mask=mask).logits
+        for i, row in enumerate(rows):
+            alone = model(row[None]).logits[0]
+            torch.testing.assert_close(batch[i, S - len(row):], alone, rtol=1e-5, atol=1e-5)
+        for mechanism in tgr_layer_modules(model).values():
+            pruned += int((mechanism(torch.randn(64, 64)).mean(-1) < 0.45).sum())
+    assert pruned > 0  # GSoT is live at these weights
+
+
+@pytest.mark.parametrize("kind", ["bool", "additive"])
+def test_4d_masks_as_hugging_face_makes_them(kind, llama_dir):
+    model = _llama(llama_dir)
+    apply_tgr(model, gsot_threshold=0.45)
+    _perturb(model, scale=1.0, seed=14)
+    ids = torch.randint(4, 190, (2, 6), generator=torch.Generator().manual_seed(15))
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    S = ids.shape[1]
+    keep = torch.ones(S, S, dtype=torch.bool).tril()[None, None] & mask.bool()[:, None, None, :]
+    mask4d = keep if kind == "bool" else torch.zeros(keep.shape).masked_fill(~keep, torch.finfo(torch.float32).min)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        expected = model(ids, attention_mask=mask, position_ids=positions).logits
+        got = model(ids, attention_mask=mask4d, position_ids=positions).logits
+    real = mask.bool()
+    torch.testing.assert_close(got[real], expected[real], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_hf_generate_with_dynamic_cache_equals_full_recompute(padded, llama_dir):
+    from transformers import DynamicCache
+
+    model = _llama(llama_dir)
+    apply_tgr(model, gsot_threshold=0.45)
+    _perturb(model, scale=1.0, seed=5)
+    g = torch.Generator().manual_seed(6)
+    if padded:
+        ids = torch.randint(4, 190, (2, 6), generator=g)
+        mask = torch.ones_like(ids)
+        ids[1, :3], mask[1, :3] = 0, 0
+    else:
+        ids = torch.randint(4, 190, (1, 5), generator=g)
+        mask = torch.ones_like(ids)
+    steps = 6
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=steps, do_sample=False, min_new_tokens=steps,
+                             pad_token_id=0, return_dict_in_generate=True)
+        cache = getattr(out, "past_key_values", None) or getattr(out, "cache", None)
+        assert isinstance(cache, DynamicCache)  # HF's own incremental decoding ran
+        seq, m = ids, mask
+        for _ in range(steps):
+            positions = (m.cumsum(-1) - 1).clamp(min=0)
+            logits = model(seq, attention_mask=m, position_ids=positions).logits[:, -1]
+            nxt = logits.argmax(-1, keepdim=True)
+            seq, m = torch.cat([seq, nxt], 1), torch.cat([m, torch.ones_like(nxt)], 1)
+    assert torch.equal(out.sequences, seq)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: one clear error each, the model left unchanged
+# ---------------------------------------------------------------------------------------------
+
+
+def test_a_model_without_the_attention_interface_is_refused(llama_dir):
+    plain = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    with pytest.raises(TypeError, match="PreTrainedModel"):
+        apply_tgr(plain)
+    assert not is_tgr_applied(plain)
+    model = _llama(llama_dir)
+    model._supports_attention_backend = False  # as a model with its own attention code declares
+    fingerprint = _patch_fingerprint(model)
+    with pytest.raises(TypeError, match="AttentionInterface"):
+        apply_tgr(model)
+    assert _patch_fingerprint(model) == fingerprint and not is_tgr_applied(model)
+
+
+def test_a_failure_while_patching_leaves_the_model_as_it_was(llama_dir, monkeypatch):
+    model = _llama(llama_dir)
+    fingerprint = _patch_fingerprint(model)
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("no attention implementation today")
+
+    monkeypatch.setattr(type(model), "set_attn_implementation", refuse)
+    with pytest.raises(RuntimeError, match="no attention implementation today"):
+        apply_tgr(model)
+    monkeypatch.undo()
+    assert _patch_fingerprint(model) == fingerprint and not is_tgr_applied(model)
+    assert not any(MECHANISM_NAME in name for name, _ in model.named_modules())
+
+
+def test_query_heads_not_a_multiple_of_kv_heads_is_refused(llama_dir):
+    model = _llama(llama_dir)
+    model.config.num_key_value_heads = 3  # 4 query heads
+    fingerprint = _patch_fingerprint(model)
+    with pytest.raises(ValueError, match="multiple of the key/value heads"):
+        apply_tgr(model)
+    assert _patch_fingerprint(model) == fingerprint and not is_tgr_applied(model)
+
+
+def test_applying_twice_is_refused_and_removing_an_unpatched_model_too(llama_dir):
+    model = _llama(llama_dir)
+    fingerprint = _patch_fingerprint(model)
+    with pytest.raises(ValueError, match="no TGR layers"):
+        remove_tgr(model)
+    assert _patch_fingerprint(model) == fingerprint
+    apply_tgr(model)
+    patched = _patch_fingerprint(model)
+    with pytest.raises(ValueError, match="already has TGR layers"):
+        apply_tgr(model, layers=[0])
+    assert _patch_fingerprint(model) == patched
+    remove_tgr(model)
+    with pytest.raises(ValueError, match="no TGR layers"):
+        remove_tgr(model)
+    assert _patch_fingerprint(model) == fingerprint
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(gsot_threshold=0.6), "gsot_threshold"),
+    (dict(initial_temperature=0.995), "clamp range"),
+    (dict(initial_temperature=1.0, clamp=(0.0, 1.0)), "initial_temperature"),
+    (dict(layers=[0, 2]), "layers"),
+    (dict(layers="some"), "layers"),
+    (dict(temperature_heads=0), "temperature_heads"),
+    (dict(backend="cuda"), "backend"),
+])
+def test_bad_options_are_refused_before_anything_changes(kwargs, match, llama_dir):
+    model = _llama(llama_dir)
+    fingerprint = _patch_fingerprint(model)
+    with pytest.raises(ValueError, match=match):
+        apply_tgr(model, **kwargs)
+    assert _patch_fingerprint(model) == fingerprint and not is_tgr_applied(model)
+
+
+# ---------------------------------------------------------------------------------------------
+# The TGR model's "layers" and "both" modes
+# ---------------------------------------------------------------------------------------------
+
+
+def _tgr_model(path, mode, **fields):
+    from tgr import TGRConfig, TGRLlamaModel
+
+    config = TGRConfig(base_model_name_or_path=path, load_in_4bit=False, compute_dtype="float32", device="cpu",
+                       attention_backend="torch", temperature_heads=4, tgr_mode=mode, **fields)
+    return TGRLlamaModel(config)
+
+
+def test_config_records_the_mode_and_checks_it():
+    from tgr import TGRConfig
+
+    config = TGRConfig(tgr_mode="both", tgr_layers=(0, 3))
+    assert TGRConfig.from_json_string(config.to_json_string()) == config
+    assert config.tgr_layers == [0, 3] and TGRConfig().tgr_mode == "head"
+    with pytest.raises(ValueError, match="tgr_mode"):
+        TGRConfig(tgr_mode="every")
+    with pytest.raises(ValueError, match="tgr_layers"):
+        TGRConfig(tgr_layers=[1, 1])
+    with pytest.raises(ValueError, match="temperature_conf_threshold"):
+        TGRConfig(tgr_mode="layers", temperature_conf_threshold=0.6)
+    with pytest.raises(ValueError, match="initial_temperature"):
+        TGRConfig(tgr_mode="layers", initial_temperature=0.995)
+    TGRConfig(tgr_mode="head", temperature_conf_threshold=0.6)  # the head has no such constraint
+
+
+def test_layers_mode_gives_the_base_logits_at_start_and_saves_the_layer_weights(llama_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    import tgr.model  # noqa: F401  (registers the "tgr" model type)
+    from tgr import TGRLlamaModel
+
+    model = _tgr_model(llama_dir, "layers")
+    assert len(model.temperature_mechanisms) == 0  # no head
+    keys = sorted(model.state_dict())
+    assert len(keys) == 4 and all(f".{MECHANISM_NAME}.proj." in k for k in keys)
+    ids = torch.randint(4, 190, (2, 9), generator=torch.Generator().manual_seed(7))
+    base = _llama(llama_dir)
+    with torch.no_grad():
+        out = model(ids, labels=ids)
+        assert _rel(out.logits, base(ids).logits) <= 1e-5
+    assert out.temperatures is None and out.layer_temperatures.shape == (2, 2, 9, 4)
+    assert out.layer_gsot_mask.all()
+    _perturb(model.hf_base_model, seed=8)
+    with torch.no_grad():
+        saved_logits = model(ids).logits
+    folder = model.save_pretrained(tmp_path / "saved")
+    for loaded in (TGRLlamaModel.from_pretrained(folder), AutoModelForCausalLM.from_pretrained(folder)):
+        assert loaded.config.tgr_mode == "layers"
+        state, own = loaded.state_dict(), model.state_dict()
+        assert sorted(state) == sorted(own) and all(torch.equal(state[k], own[k]) for k in own)
+        with torch.no_grad():
+            assert torch.equal(loaded(ids).logits, saved_logits)
+
+
+def test_both_mode_has_the_head_and_the_layers_and_regularizes_them_all(llama_dir):
+    model = _tgr_model(llama_dir, "both", tgr_layers=[1], temperature_regularization_weight=1.0)
+    keys = sorted(model.state_dict())
+    assert any(k.startswith("temperature_mechanisms.0.") for k in keys)
+    assert sum(f".{MECHANISM_NAME}." in k for k in keys) == 2
+    _perturb(model.hf_base_model, seed=9)
+    ids = torch.randint(4, 190, (1, 8), generator=torch.Generator().manual_seed(10))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    out = model(ids, attention_mask=mask, labels=ids)
+    real = mask.bool()
+    expected = ((out.temperatures[real] - 0.5) ** 2).mean() + ((out.layer_temperatures[0][real] - 0.5) ** 2).mean()
+    torch.testing.assert_close(out.temperature_loss, expected)
+    out.loss.backward()
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            assert param.grad is not None and param.grad.abs().sum() > 0, name
+
+
+def test_training_in_layers_mode_trains_the_layer_mechanisms(tmp_path):
+    from transformers import AutoTokenizer
+
+    from tgr.train import train, training_arguments
+
+    # Larger random weights than the default tiny model's, so that attention (and so the layers'
+    # temperatures) matters to the logits. Without GSoT: the hard gate has no gradient.
+    path = build_tiny_llama(tmp_path / "base", num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2)
+    model = _tgr_model(path, "layers", gsoT_enabled=False)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    rows = [{"question": "What is water made of?", "answer": "Water is made of hydrogen and oxygen.", "label": 1},
+            {"question": "How many legs does a spider have?", "answer": "A spider has eight legs.", "label": 1}]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    args = training_arguments(tmp_path / "run", device="cpu", max_steps=8, learning_rate=0.05, logging_steps=1,
+                              lr_scheduler_type="constant", per_device_train_batch_size=2, save_strategy="no",
+                              disable_tqdm=True)
+    _, trainer = train(model, tokenizer, rows, args, resume=False)
+    after = model.state_dict()
+    assert all(not torch.equal(after[k], before[k]) for k in before)
+    logs = [log for log in trainer.state.log_history if "loss" in log]
+    assert len(logs) == 8 and logs[-1]["loss"] < 0.95 * logs[0]["loss"]
+    assert all("layer_temperature_mean" in log and "layer_gsot_pruned" in log for log in logs)
+
+
+def test_layers_mode_on_the_4bit_base_trains_and_generates(llama_dir):
+    pytest.importorskip("bitsandbytes")
+    from tgr import TGRConfig, TGRLlamaModel
+
+    model = TGRLlamaModel(TGRConfig(base_model_name_or_path=llama_dir, device="cpu", tgr_mode="layers",
+                                    temperature_heads=4))
+    assert model.config.load_in_4bit and getattr(model.hf_base_model, "is_loaded_in_4bit", False)
+    _perturb(model.hf_base_model, scale=1.0, seed=12)
+    ids = torch.randint(4, 190, (2, 7), generator=torch.Generator().manual_seed(13))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    model(ids, attention_mask=mask, labels=ids).loss.backward()
+    # Gradients reach every layer's mechanism through the frozen 4-bit layers above it.
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            assert param.grad is not None and param.grad.abs().sum() > 0, name
+    model.eval()
+    with torch.no_grad():
+        generated = model.generate(ids, mask, max_new_tokens=4, do_sample=False, eos_token_id=[])
+        seq, m = ids, mask
+        for _ in range(4):
+            positions = (m.cumsum(-1) - 1).clamp(min=0)
+            nxt = model(seq, m, position_ids=positions).logits[:, -1].argmax(-1, keepdim=True)
+            seq, m = torch.cat([seq, nxt], 1), torch.cat([m, torch.ones_like(nxt)], 1)
+    assert torch.equal(generated, seq)
+
+
+def test_cli_flags_choose_the_mode():
+    from tgr.cli import _config, parse_training_args
+    from tgr.pipeline import tgr_mode_fields
+
+    assert tgr_mode_fields("none", None) == {"tgr_mode": "head"}
+    assert tgr_mode_fields("all", None) == {"tgr_mode": "layers", "tgr_layers": "all"}
+    assert tgr_mode_fields("0,2", "both") == {"tgr_mode": "both", "tgr_layers": [0, 2]}
+    for layers, mode, flag in (("0,x", None, "--tgr-layers"), ("all", "head", "--tgr-layers"),
+                               ("none", "layers", "--tgr-mode")):
+        with pytest.raises(ValueError, match=flag):
+            tgr_mode_fields(layers, mode)
+    args, _ = parse_training_args("train", ["--tgr-layers", "1", "--tgr-mode", "both", "--no-4bit"])
+    config = _config(args)
+    assert config.tgr_mode == "both" and config.tgr_layers == [1]
+    args, _ = parse_training_args("train", [])
+    assert _config(args).tgr_mode == "head"
+
+
+def test_evaluation_scores_the_base_head_with_the_layers_off(llama_dir):
+    """evaluate_heads' "base_head" is the unpatched base, however the layers were trained."""
+    from tgr.evaluation import _base_logits
+
+    model = _tgr_model(llama_dir, "layers")
+    _perturb(model.hf_base_model, scale=8.0)
+    ids = torch.randint(0, 256, (2, 9))
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        patched = model.base_model(input_ids=ids, attention_mask=mask).logits
+        scored = _base_logits(model, ids, mask)
+        plain = _tgr_model(llama_dir, "head").base_model(input_ids=ids, attention_mask=mask).logits
+    assert _rel(patched, plain) > 1e-3  # the trained layers change the base's logits
+    assert torch.equal(scored, plain)

@@ -1,0 +1,425 @@
+"""Parity and behaviour tests for the fused linear cross-entropy and target log-probabilities.
+
+Criterion (DESIGN.md, tests/parity.py): against a float64 reference, the op's max abs error is at
+most 2x the error of PyTorch's eager ``F.linear`` + ``F.cross_entropy`` in the same precision,
+plus a floor per dtype; loss, per-token losses, d hidden, dW and db, random upstream gradients.
+The chunk budget is shrunk so that every test runs several row chunks, the last one partial.
+"""
+import importlib
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from helpers import DEVICE
+from parity import assert_parity
+from tgr_kernels import LinearCrossEntropy, linear_cross_entropy, linear_log_probs, value_checks
+
+lce = importlib.import_module("tgr_kernels.linear_cross_entropy")
+
+ON_CUDA = DEVICE == "cuda"
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+DTYPE_IDS = ["fp32", "fp16", "bf16"]
+REDUCTIONS = ["mean", "sum", "none"]
+CHUNK = 7  # rows per chunk in these tests: not a divisor of any N below
+V = 203    # not a multiple of any vocabulary block
+H = 33
+
+
+@pytest.fixture(autouse=True)
+def _small_chunks(monkeypatch):
+    """Chunks of CHUNK rows (the byte budget is per fp32 logit row, twice that for a half GEMM)."""
+    def rows(n_rows, n_vocab, device, half_gemm):
+        return min(CHUNK, n_rows)
+
+    monkeypatch.setattr(lce, "chunk_rows", rows)
+
+
+def make_inputs(lead, dtype, *, bias=True, requires=(True, True, True), n_vocab=V, hidden_size=H,
+                ignore_fraction=0.2, device=DEVICE):
+    """hidden [*lead, H], weight [V, H] (logits ~ N(0, 3²): peaked softmaxes), bias [V], labels
+    with ignored entries at both ends and scattered."""
+    hidden = torch.randn(*lead, hidden_size, device=device).to(dtype)
+    weight = (torch.randn(n_vocab, hidden_size, device=device) * (3.0 / math.sqrt(hidden_size))).to(dtype)
+    b = torch.randn(n_vocab, device=device).to(dtype) if bias else None
+    labels = torch.randint(0, n_vocab, lead, device=device)
+    flat = labels.view(-1)
+    flat[torch.rand(flat.shape, device=device) < ignore_fraction] = -100
+    flat[0] = -100
+    flat[-1] = -100
+    for t, req in zip((hidden, weight, b), requires, strict=True):
+        if t is not None:
+            t.requires_grad_(req)
+    return hidden, weight, b, labels
+
+
+def copy_as(t, dtype):
+    return None if t is None else t.detach().to(dtype).requires_grad_(t.requires_grad)
+
+
+def loss_and_grads(fn, hidden, weight, bias, upstream):
+    """The loss and the gradients of the inputs that require grad (None for the others)."""
+    out = fn(hidden, weight, bias)
+    leaves = [t for t in (hidden, weight, bias) if t is not None and t.requires_grad]
+    grads = iter(torch.autograd.grad(out, leaves, upstream.to(out.dtype)) if leaves else ())
+    return [out.detach()] + [next(grads) if (t is not None and t.requires_grad) else None
+                             for t in (hidden, weight, bias)]
+
+
+def assert_matches_float64(backend, hidden, weight, bias, labels, reduction):
+    dtype = hidden.dtype
+    upstream_shape = labels.shape if reduction == "none" else ()
+    upstream = torch.randn(upstream_shape, device=hidden.device, dtype=torch.float64)
+
+    def ours(h, w, b):
+        return linear_cross_entropy(h, w, labels, b, reduction=reduction, backend=backend)
+
+    def eager(h, w, b):
+        return lce.linear_cross_entropy_ref(h, w, labels, b, reduction=reduction, upcast=False)
+
+    got = loss_and_grads(ours, hidden, weight, bias, upstream)
+    truth = loss_and_grads(eager, *(copy_as(t, torch.float64) for t in (hidden, weight, bias)), upstream)
+    base = loss_and_grads(eager, *(copy_as(t, dtype) for t in (hidden, weight, bias)), upstream)
+    assert got[0].dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    for name, a, e, t, src in zip(("loss", "d hidden", "dW", "db"), got, base, truth,
+                                  (None, hidden, weight, bias), strict=True):
+        if t is None:
+            assert a is None, name
+            continue
+        if src is not None:
+            assert a.dtype == src.dtype, f"{name}: {a.dtype} != {src.dtype}"
+        assert_parity(f"{backend} {reduction} {name}", a, e, t, dtype)
+
+
+# ------------------------------------------------------------------------------------------ parity
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("lead,bias", [((2, 19), True), ((3, 11), False), ((26,), True)],
+                         ids=["2x19-bias", "3x11", "26-bias"])
+def test_torch_backend_matches_float64(lead, bias, dtype, reduction):
+    hidden, weight, b, labels = make_inputs(lead, dtype, bias=bias)
+    assert_matches_float64("torch", hidden, weight, b, labels, reduction)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_triton_backend_matches_float64(dtype, reduction):
+    # Under the interpreter the row kernel only sees fp32 logits (the GEMMs are torch's), so bf16
+    # runs here too; small sizes: the interpreter is slow.
+    hidden, weight, b, labels = make_inputs((2, 9), dtype)
+    assert_matches_float64("triton", hidden, weight, b, labels, reduction)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_partial_gradients_match_float64(reduction):
+    """Frozen weight (the TGR model's lm_head), or frozen hidden with a trainable head."""
+    for requires in ((True, False, False), (False, True, True), (False, False, True)):
+        hidden, weight, b, labels = make_inputs((2, 13), torch.float32, requires=requires)
+        assert_matches_float64("torch", hidden, weight, b, labels, reduction)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_float64_gradcheck(reduction):
+    hidden = torch.randn(2, 5, 6, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(11, 6, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(11, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 11, (2, 5))
+    labels[0, 1] = labels[1, -1] = -100
+    assert torch.autograd.gradcheck(
+        lambda h, w, b: linear_cross_entropy(h, w, labels, b, reduction=reduction, backend="torch"),
+        (hidden, weight, bias))
+
+
+def test_model_call_on_shifted_slices_matches_eager():
+    """The model's call: ``hidden[:, :-1]`` (a non-contiguous view) with ``labels[:, 1:]``, summed."""
+    hidden = torch.randn(2, 12, H, requires_grad=True)
+    weight = torch.randn(V, H) * 0.3  # frozen, as the base model's lm_head
+    labels = torch.randint(0, V, (2, 12))
+    labels[1, 8:] = -100  # right padding
+    loss = linear_cross_entropy(hidden[:, :-1], weight, labels[:, 1:], reduction="sum")
+    (grad,) = torch.autograd.grad(loss, hidden)
+    hidden64 = hidden.detach().double().requires_grad_()
+    ref = F.cross_entropy((hidden64[:, :-1] @ weight.double().t()).reshape(-1, V), labels[:, 1:].reshape(-1),
+                          reduction="sum")
+    (ref_grad,) = torch.autograd.grad(ref, hidden64)
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-5, atol=1e-5)
+    assert grad[:, -1].abs().max() == 0  # the last position predicts nothing
+
+
+# --------------------------------------------------------------------------------------- log-probs
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton", "reference"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_linear_log_probs_matches_log_softmax_gather(backend, dtype):
+    hidden, weight, b, _ = make_inputs((3, 5), dtype)
+    targets = torch.randint(0, V, (3, 5), device=hidden.device)
+    upstream = torch.randn(3, 5, dtype=torch.float64, device=hidden.device)
+
+    def ours(h, w, bb):
+        return linear_log_probs(h, w, targets, bb, backend=backend)
+
+    def gather(h, w, bb):
+        logits = F.linear(h, w, bb)
+        return torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+    got = loss_and_grads(ours, hidden, weight, b, upstream)
+    truth = loss_and_grads(gather, *(copy_as(t, torch.float64) for t in (hidden, weight, b)), upstream)
+    base = loss_and_grads(gather, *(copy_as(t, dtype) for t in (hidden, weight, b)), upstream)
+    for name, a, e, t in zip(("log p", "d hidden", "dW", "db"), got, base, truth, strict=True):
+        assert_parity(f"{backend} {name}", a, e, t, dtype)
+    assert (got[0] <= 0).all()
+
+
+def test_linear_log_probs_ignore_index_gives_zero():
+    hidden, weight, b, _ = make_inputs((2, 6), torch.float32, requires=(False, False, False))
+    targets = torch.randint(0, V, (2, 6))
+    targets[0, :2] = -1
+    got = linear_log_probs(hidden, weight, targets, b, ignore_index=-1)
+    ref = lce.linear_log_probs_ref(hidden.double(), weight.double(), targets, b.double(), ignore_index=-1)
+    assert (got[0, :2] == 0).all()
+    torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------- ignored labels
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_every_label_ignored(backend):
+    """"mean" is 0/0 = NaN (as F.cross_entropy), with zero gradients; "sum" and "none" are 0."""
+    hidden, weight, b, labels = make_inputs((2, 5), torch.float32)
+    labels.fill_(-100)
+    eager = F.cross_entropy(F.linear(hidden, weight, b).reshape(-1, V), labels.reshape(-1))
+    assert math.isnan(eager.item())
+    for reduction in REDUCTIONS:
+        loss = linear_cross_entropy(hidden, weight, labels, b, reduction=reduction, backend=backend)
+        if reduction == "mean":
+            assert math.isnan(loss.item())
+        else:
+            assert (loss == 0).all()
+        grads = torch.autograd.grad(loss.sum(), (hidden, weight, b))
+        for g in grads:
+            assert torch.equal(g, torch.zeros_like(g)), reduction
+
+
+def test_custom_ignore_index():
+    hidden, weight, b, labels = make_inputs((2, 9), torch.float32)
+    labels[labels == -100] = 7  # a real token id used as the ignore index
+    got = linear_cross_entropy(hidden, weight, labels, b, ignore_index=7)
+    ref = lce.linear_cross_entropy_ref(*(t.detach().double() for t in (hidden, weight)), labels,
+                                       b.detach().double(), ignore_index=7)
+    torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------- work and memory
+
+
+class _CountOps(TorchDispatchMode):
+    """Counts GEMM calls and records the shape of every [rows, V] tensor an op produces."""
+
+    def __init__(self, n_vocab):
+        super().__init__()
+        self.gemms, self.vocab_rows, self.n_vocab = 0, [], n_vocab
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.addmm_):
+            self.gemms += 1
+        out = func(*args, **(kwargs or {}))
+        if func.is_view:  # a view (W's transpose is [H, V]) holds no new memory
+            return out
+        for t in (out if isinstance(out, (tuple, list)) else (out,)):
+            if isinstance(t, torch.Tensor) and t.dim() == 2 and t.shape[1] == self.n_vocab:
+                self.vocab_rows.append(t.shape[0])
+        return out
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_frozen_weight_gets_no_weight_gradient_work(reduction):
+    n_chunks = math.ceil(2 * 19 / CHUNK)
+    counts = {}
+    for weight_trainable in (False, True):
+        hidden, weight, b, labels = make_inputs((2, 19), torch.float32, bias=False,
+                                                requires=(True, weight_trainable, False))
+        with _CountOps(V) as mode:
+            loss = linear_cross_entropy(hidden, weight, labels, reduction=reduction, backend="torch")
+            loss.sum().backward()
+        counts[weight_trainable] = mode.gemms
+        assert (weight.grad is not None) == weight_trainable
+    # Logits and d hidden per chunk; dW adds one per chunk ("none": logits and dW once more).
+    assert counts[False] == 2 * n_chunks
+    assert counts[True] == (3 if reduction == "mean" else 4) * n_chunks
+
+
+def test_logits_never_exist_whole():
+    hidden, weight, b, labels = make_inputs((4, 23), torch.float32)
+    with _CountOps(V) as mode:
+        for reduction in REDUCTIONS:
+            linear_cross_entropy(hidden, weight, labels, b, reduction=reduction, backend="torch").sum().backward()
+        linear_log_probs(hidden, weight, labels.clamp(min=0), b).sum().backward()
+    assert mode.vocab_rows and max(mode.vocab_rows) <= CHUNK
+
+
+def test_default_chunk_budget(monkeypatch):
+    monkeypatch.undo()  # the real chunk_rows
+    cpu = torch.device("cpu")
+    # Small vocabularies: as many rows as the byte budget holds.
+    rows = lce.chunk_rows(100_000, 8000, cpu, half_gemm=False)
+    assert rows * 8000 * 4 <= lce.CHUNK_BYTES_CPU and rows > lce.MIN_CHUNK_ROWS and rows % 64 == 0
+    # Large ones: never fewer rows than the GEMMs need to run at speed.
+    assert lce.chunk_rows(100_000, 128_256, cpu, half_gemm=False) == lce.MIN_CHUNK_ROWS
+    assert lce.chunk_rows(100, 128_256, cpu, half_gemm=False) == 100
+
+
+# ------------------------------------------------------------------------------ errors and options
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton", "reference", "auto"])
+@pytest.mark.parametrize("bad_label", [V, -1, 10**6])
+def test_label_out_of_range_is_a_clear_error(backend, bad_label):
+    hidden, weight, b, labels = make_inputs((2, 6), torch.float32)
+    labels[1, 3] = bad_label
+    with pytest.raises(ValueError, match=rf"labels\[1, 3\] = {bad_label} is outside \[0, {V}\).*ignore_index=-100"):
+        linear_cross_entropy(hidden, weight, labels, b, backend=backend)
+    with pytest.raises(ValueError, match=rf"targets\[1, 3\] = {bad_label} is outside \[0, {V}\)"):
+        linear_log_probs(hidden, weight, labels.clamp(min=0).index_put_((torch.tensor(1), torch.tensor(3)),
+                                                                          torch.tensor(bad_label)), b,
+                         backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_label_out_of_range_without_checks_is_nan_not_a_crash(backend):
+    hidden, weight, b, labels = make_inputs((2, 6), torch.float32)
+    labels[1, 3] = V + 5
+    labels[0, 2] = -7
+    with value_checks("off"):
+        loss = linear_cross_entropy(hidden, weight, labels, b, reduction="none", backend=backend)
+        (grad,) = torch.autograd.grad(loss.sum(), hidden)
+    assert torch.isnan(loss[1, 3]) and torch.isnan(loss[0, 2])
+    keep = torch.ones_like(loss, dtype=torch.bool)
+    keep[1, 3] = keep[0, 2] = False
+    assert torch.isfinite(loss[keep]).all() and torch.isfinite(grad[keep]).all()
+
+
+def _base():
+    hidden, weight, b, labels = make_inputs((2, 4), torch.float32)
+    return dict(hidden=hidden, weight=weight, labels=labels, bias=b)
+
+
+BAD_INPUTS = [
+    ("labels float", dict(labels=torch.zeros(2, 4)), TypeError, "labels must be an integer tensor"),
+    ("labels bool", dict(labels=torch.zeros(2, 4, dtype=torch.bool)), TypeError, "labels must be an integer"),
+    ("labels shape", dict(labels=torch.zeros(2, 5, dtype=torch.long)), ValueError,
+     r"labels must have hidden's leading shape \[2, 4\]"),
+    ("labels list", dict(labels=[[0] * 4] * 2), TypeError, "labels must be a torch.Tensor"),
+    ("hidden width", dict(hidden=torch.randn(2, 4, H + 1)), ValueError,
+     r"hidden's last dim must equal weight.shape\[1\]"),
+    ("weight 3-D", dict(weight=torch.randn(1, V, H)), ValueError, "weight must be 2-D"),
+    ("weight int", dict(weight=torch.zeros(V, H, dtype=torch.long)), TypeError, "weight must be float16"),
+    ("dtype mix", dict(weight=torch.randn(V, H, dtype=torch.float16)), TypeError,
+     "hidden, weight and bias must share a dtype"),
+    ("bias dtype", dict(bias=torch.randn(V, dtype=torch.float64)), TypeError, "must share a dtype"),
+    ("bias shape", dict(bias=torch.randn(V + 1)), ValueError, rf"bias must be \[{V}\]"),
+    ("empty", dict(hidden=torch.randn(0, H), labels=torch.zeros(0, dtype=torch.long)), ValueError, "hidden is empty"),
+    ("device", dict(weight=torch.randn(V, H, device="meta")), ValueError, "weight is on meta but hidden is on"),
+    ("labels device", dict(labels=torch.zeros(2, 4, dtype=torch.long, device="meta")), ValueError, "labels is on meta"),
+]
+
+
+@pytest.mark.parametrize("name,change,error,match", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
+def test_bad_inputs_are_clear_errors(name, change, error, match):
+    args = {**_base(), **change}
+    with pytest.raises(error, match=match):
+        linear_cross_entropy(args["hidden"], args["weight"], args["labels"], args["bias"], backend="torch")
+
+
+def test_bad_options_are_clear_errors():
+    args = _base()
+    call = (args["hidden"], args["weight"], args["labels"], args["bias"])
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        linear_cross_entropy(*call, reduction="avg")
+    with pytest.raises(TypeError, match="ignore_index must be an int"):
+        linear_cross_entropy(*call, ignore_index=-100.0)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        linear_cross_entropy(*call, backend="cuda")
+    with pytest.raises(TypeError, match="no float64 kernel"):
+        linear_cross_entropy(*(t.double() if t.is_floating_point() else t for t in call), backend="triton")
+
+
+def test_float64_auto_and_int32_labels():
+    hidden, weight, b, labels = make_inputs((2, 7), torch.float64)
+    got = linear_cross_entropy(hidden, weight, labels.int(), b, backend="auto")
+    ref = lce.linear_cross_entropy_ref(hidden, weight, labels, b)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+
+
+def test_reference_backend_and_module():
+    hidden, weight, b, labels = make_inputs((2, 7), torch.float32)
+    ref = lce.linear_cross_entropy_ref(hidden, weight, labels, b, reduction="sum", upcast=False)
+    got = linear_cross_entropy(hidden, weight, labels, b, reduction="sum", backend="reference")
+    torch.testing.assert_close(got, ref)
+    module = LinearCrossEntropy(reduction="sum")
+    torch.testing.assert_close(module(hidden, weight, labels, b), ref, rtol=1e-5, atol=1e-4)
+    assert "reduction='sum'" in repr(module)
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        LinearCrossEntropy(reduction="avg")
+
+
+def test_autocast_runs_the_gemms_in_the_autocast_dtype():
+    hidden, weight, b, labels = make_inputs((2, 9), torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = linear_cross_entropy(hidden, weight, labels, b)
+        eager = F.cross_entropy(F.linear(hidden, weight, b).reshape(-1, V), labels.reshape(-1))
+    grads = torch.autograd.grad(loss, (hidden, weight, b))
+    truth = lce.linear_cross_entropy_ref(*(t.detach().double() for t in (hidden, weight)), labels, b.detach().double())
+    assert loss.dtype == torch.float32 and all(g.dtype == torch.float32 for g in grads)
+    assert abs(loss.item() - truth.item()) <= 2 * abs(eager.item() - truth.item()) + 5e-2
+
+
+def test_second_derivative_raises():
+    hidden, weight, b, labels = make_inputs((2, 4), torch.float32)
+    (grad,) = torch.autograd.grad(linear_cross_entropy(hidden, weight, labels, b), hidden, create_graph=True)
+    with pytest.raises(RuntimeError, match="second derivatives"):
+        grad.sum().backward()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_triton_large_on_gpu(dtype, reduction, monkeypatch):
+    """Real chunk sizes and a Llama vocabulary on the GPU (several chunks: 2048 rows of V = 32000
+    are 250 MiB of fp32 logits)."""
+    monkeypatch.undo()
+    hidden, weight, b, labels = make_inputs((2, 1024), dtype, n_vocab=32000, hidden_size=1024)
+    monkeypatch.setattr(lce, "CHUNK_BYTES_CUDA", 64 << 20)
+    assert_matches_float64("triton", hidden, weight, b, labels, reduction)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_backward_twice_with_retain_graph(reduction):
+    """The backward scales the saved gradients in place only when the graph is not kept."""
+    hidden, weight, b, labels = make_inputs((2, 9), torch.float64)
+    upstream = torch.rand(labels.shape if reduction == "none" else (), dtype=torch.float64) + 0.5
+    loss = linear_cross_entropy(hidden, weight, labels, b, reduction=reduction, backend="torch")
+    loss.backward(upstream, retain_graph=True)
+    loss.backward(upstream * 3)
+    leaves = [copy_as(t, torch.float64) for t in (hidden, weight, b)]
+    ref = lce.linear_cross_entropy_ref(leaves[0], leaves[1], labels, leaves[2], reduction=reduction)
+    ref_grads = torch.autograd.grad(ref, leaves, upstream * 4)
+    for got, want in zip((hidden.grad, weight.grad, b.grad), ref_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_torch_compile_matches_eager():
+    hidden, weight, b, labels = make_inputs((2, 9), torch.float32)
+    compiled = torch.compile(lambda h, w, bb: linear_cross_entropy(h, w, labels, bb) * 2)
+    got = loss_and_grads(compiled, hidden, weight, b, torch.tensor(1.0))
+    want = loss_and_grads(lambda h, w, bb: linear_cross_entropy(h, w, labels, bb) * 2, hidden, weight, b,
+                          torch.tensor(1.0))
+    for a, e in zip(got, want, strict=True):
+        torch.testing.assert_close(a, e)

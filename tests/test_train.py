@@ -1,0 +1,84 @@
+"""Training: gradient accumulation gives the loss and gradients of one big batch; tgr's defaults."""
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from tgr import TGRConfig, TGRLlamaModel, build_tiny_llama  # noqa: E402
+from tgr.data import IGNORE_INDEX, PaddingCollator  # noqa: E402
+from tgr.train import TRAINING_DEFAULTS, TGRTrainer, token_counts, training_arguments  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    base = build_tiny_llama(tmp_path_factory.mktemp("tiny64"), hidden_size=64, num_hidden_layers=2, vocab_size=256)
+    # A regulariser far from the initial temperatures (about 0.5) and weighted up, so that its
+    # share of the loss is comparable to the cross-entropy's.
+    config = TGRConfig(base_model_name_or_path=base, temperature_heads=4, compute_dtype="float32",
+                       load_in_4bit=False, attention_backend="torch", device="cpu",
+                       initial_temperature=0.95, temperature_regularization_weight=20.0)
+    return TGRLlamaModel(config)
+
+
+def _examples():
+    """Three examples of different lengths; the last has its first 6 labels masked (a prompt), so
+    the two micro-batches differ in label tokens (12, 11) and in real tokens (14, 17), in
+    different ratios."""
+    g = torch.Generator().manual_seed(3)
+    examples = []
+    for length, masked in ((5, 0), (9, 0), (17, 6)):
+        ids = torch.randint(4, 200, (length,), generator=g).tolist()
+        examples.append({"input_ids": ids, "labels": [IGNORE_INDEX] * masked + ids[masked:]})
+    return examples
+
+
+def _step(trainer, model, batches):
+    """One optimizer step's loss and head gradients through the Trainer's own training_step."""
+    model.zero_grad(set_to_none=True)
+    samples, num_items = trainer.get_batch_samples(iter(batches), len(batches), torch.device("cpu"))
+    trainer.current_gradient_accumulation_steps = len(samples)  # as Trainer's loop sets it
+    loss = sum(trainer.training_step(model, b, num_items) for b in samples)
+    grads = [p.grad.detach().clone() for p in model.parameters() if p.requires_grad]
+    return loss, grads
+
+
+def test_accumulated_micro_batches_give_the_loss_and_gradients_of_one_batch(model, tmp_path):
+    collate = PaddingCollator(pad_token_id=0)
+    examples = _examples()
+    micro = [collate(examples[:2]), collate(examples[2:])]
+    big = [collate(examples)]
+    counts = [token_counts(b["labels"], b["attention_mask"]).tolist() for b in micro]
+    assert counts == [[12, 14], [11, 17]]
+
+    args = training_arguments(tmp_path, device="cpu", gradient_accumulation_steps=2, disable_tqdm=True)
+    trainer = TGRTrainer(model=model, args=args, train_dataset=examples, data_collator=collate)
+    loss_accumulated, grads_accumulated = _step(trainer, model, micro)
+    loss_big, grads_big = _step(trainer, model, big)
+
+    torch.testing.assert_close(loss_accumulated, loss_big, rtol=1e-5, atol=1e-6)
+    for g_acc, g_big in zip(grads_accumulated, grads_big, strict=True):
+        torch.testing.assert_close(g_acc, g_big, rtol=1e-4, atol=1e-6)
+
+    # The test can tell: the mean of the two micro-batch means is another number.
+    model.eval()
+    with torch.no_grad():
+        means = [model(**b).loss for b in micro]
+        full = model(**big[0])
+    model.train()
+    torch.testing.assert_close(full.loss, loss_big, rtol=1e-5, atol=1e-6)
+    assert abs(float(sum(means) / 2 - loss_big)) > 1e-3
+    assert float(full.temperature_loss) > 0.1 * float(full.lm_loss)  # both parts matter
+
+
+def test_training_arguments_carry_tgr_defaults_and_accept_any_field(tmp_path):
+    args = training_arguments(tmp_path, device="cpu", optim="adafactor", lr_scheduler_type="constant")
+    assert (args.learning_rate, args.per_device_train_batch_size, args.num_train_epochs) == (1e-3, 4, 1.0)
+    assert (args.save_steps, args.logging_steps, args.save_total_limit, args.seed) == (200, 10, 2, 0)
+    assert args.report_to == [] or args.report_to == "none" or args.report_to == ["none"]
+    assert args.use_cpu and not args.bf16 and not args.remove_unused_columns
+    assert str(getattr(args.optim, "value", args.optim)) == "adafactor"
+    assert str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)) == "constant"
+    assert training_arguments(tmp_path, device="cpu", learning_rate=0.5).learning_rate == 0.5
+    assert set(TRAINING_DEFAULTS) <= set(type(args).__dataclass_fields__)

@@ -1,0 +1,604 @@
+"""Fused linear cross-entropy: the language-model loss and target log-probabilities without ever
+holding the ``[tokens × vocab]`` logits.
+
+Math (hidden ``h [N, H]`` after flattening the leading dims, weight ``W [V, H]`` (the lm_head's),
+bias ``b [V]``, labels ``y [N]``, ignore index ι)::
+
+    z = h Wᵀ + b                         [N, V]   fp32 accumulation, made and consumed in row chunks
+    lse_i = log Σ_v exp(z_iv)
+    ℓ_i = lse_i − z_{i, y_i}   if y_i ≠ ι,   else 0                (per-token loss)
+    log p(y_i | h_i) = z_{i, y_i} − lse_i = −ℓ_i                     (linear_log_probs)
+    "none": ℓ     "sum": Σ_i ℓ_i     "mean": Σ_i ℓ_i / n,   n = #{i : y_i ≠ ι}
+
+``"mean"`` with every label ignored is 0 / 0 = NaN, as in ``F.cross_entropy``; its gradients are
+then zeros (no row contributes).
+
+Backward, with upstream gradient g (a scalar for "sum" and "mean", ``[N]`` for "none")::
+
+    G_i = softmax(z_i) − onehot(y_i)    (G_i = 0 for an ignored row)
+    dz_i = c_i G_i,   c_i = g ("sum"),  g / n ("mean"),  g_i ("none")
+    dh = dz W        [N, H]
+    dW = dzᵀ h       [V, H]
+    db = Σ_i dz_i    [V]
+
+The cheap design. When some input needs a gradient, the forward computes each row chunk's
+gradient while the chunk's logits are hot: ``z_c`` becomes ``s·G_c`` in place (``s = 1/max(n, 1)``
+for "mean", 1 otherwise), then ``dh_c = (s G_c) W`` and ``dW += (s G_c)ᵀ h_c``, ``db += Σ s G_c``.
+Only those are kept, and the backward multiplies them by g: the whole op costs the GEMMs of
+eager (two with a frozen lm_head, three with a trainable one). For "none" the upstream is per
+token: ``dh_i = g_i (G W)_i`` is still a row scaling of what the forward kept, but dW and db sum
+over rows weighted by g_i, so the backward recomputes the logits of each chunk for them (one GEMM
+more, and only when the weight or the bias needs a gradient).
+
+A chunk holds ``MIN_CHUNK_ROWS`` rows, or more while its logits fit ``CHUNK_BYTES_CPU`` /
+``CHUNK_BYTES_CUDA`` (see there for the measurements). On CUDA the row work
+(online log-sum-exp over vocabulary blocks, the loss, softmax − onehot in place) is one Triton
+kernel between cuBLAS GEMMs; on a CPU it is PyTorch's in-place log-softmax and element-wise ops.
+The kernel sees only fp32 logits (the GEMMs are torch's), so the interpreter's bf16 gap in
+``tl.dot`` does not reach it.
+
+Labels outside ``[0, V)`` other than ι follow the value-check switch (``set_value_checks``): a
+``ValueError`` naming the label, its position and V before anything runs ("sync", the default
+on a CPU); with checks off (the default on CUDA) such a row gets a NaN loss and NaN gradients,
+never an out-of-bounds read or a device-side assert.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from . import _configs
+from ._backend import (
+    TRITON_INTERPRET,
+    cpu_computes_natively,
+    new_output,
+    once_differentiable_strict,
+    resolve_backend,
+)
+from ._validation import _effective_mode, _shape, check_backend, check_float, check_same_device, check_tensor
+
+__all__ = [
+    "linear_cross_entropy",
+    "linear_log_probs",
+    "LinearCrossEntropy",
+    "linear_cross_entropy_ref",
+    "linear_log_probs_ref",
+]
+
+REDUCTIONS = ("none", "mean", "sum")
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
+# Labels never equal this (it is below any int32 and the most negative int64 is not a token):
+# stands for "no ignore index" in the row computations.
+_NO_IGNORE = -(2 ** 63)
+
+# Rows per chunk: at least MIN_CHUNK_ROWS, more while the chunk's logits (fp32, plus the half
+# copies a half GEMM needs) stay within CHUNK_BYTES_*.
+# - Below ~256 rows the CPU's GEMMs lose speed: measured on this project's AMD EPYC (1 thread,
+#   loaded machine, N = 1024, H = 1024, V = 128256, frozen lm_head, medians of 3): 16-row chunks
+#   14.7 s, 64-row 9.9 s, 256-row 8.7 s, eager 9.3 s. With a trainable lm_head each chunk also
+#   adds its Gᵀ h into the fp32 dW, reading and writing all of [V, H] (C / 4 flops a byte): 32-row
+#   chunks 18.1 s, 512-row 12.6 s, eager 16.0 s.
+# - 256 rows of fp32 logits are 1 KiB × V (125 MiB at V = 128256); eager holds about three
+#   [N, V] buffers, so from N = 1024 tokens the chunk stays under a quarter of eager's memory.
+# CUDA: a chunk's GEMM fills the GPU at 256 rows, and 256 MiB is small next to the 2 GiB of bf16
+# logits at 8192 × 128256.
+MIN_CHUNK_ROWS = 256
+CHUNK_BYTES_CPU = 32 << 20
+CHUNK_BYTES_CUDA = 256 << 20
+# The dW update of half-precision inputs goes through a [vocab block, H] half product that is
+# added to the fp32 accumulator, so the product never needs [V, H] of extra memory.
+_DW_VOCAB_BLOCK = 8192
+
+
+# --------------------------------------------------------------------------------------------
+# Triton kernel
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _lce_rows_kernel(
+    logits_ptr,
+    labels_ptr,
+    row_scale_ptr,
+    loss_ptr,
+    n_vocab,
+    stride_logits_row,
+    stride_row_scale,
+    ignore_index,
+    WRITE_GRAD: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    """Per row i of a chunk: the loss ``ℓ_i = lse_i − z_{i,y_i}`` and, in place,
+    ``z_i ← s_i · (softmax(z_i) − onehot(y_i))``.
+
+    Pass 1 streams the row in BLOCK_V blocks with an online log-sum-exp (per-lane running max m
+    and sum Σ exp(z − m), merged at the end); pass 2 (WRITE_GRAD) rewrites each block as
+    ``s_i · (exp(z − lse) − 1[v = y_i])``. An ignored row (y_i = ignore_index) has ℓ_i = 0 and a
+    zero gradient row; a label outside [0, V) that is not ignored gives ℓ_i = NaN and a NaN
+    gradient row (its logit is never read: no out-of-bounds access).
+
+    Args:
+        logits_ptr: z ``[rows, n_vocab]`` fp32, row stride ``stride_logits_row``, unit column
+            stride; overwritten with the gradient when WRITE_GRAD.
+        labels_ptr: y ``[rows]`` contiguous, any integer dtype.
+        row_scale_ptr: s ``[rows]`` fp32 with stride ``stride_row_scale`` (0 for one scale for
+            every row); read only when WRITE_GRAD.
+        loss_ptr: ℓ ``[rows]`` contiguous fp32.
+        n_vocab: V.
+        ignore_index: ι (an int64).
+        WRITE_GRAD: rewrite the logits as the scaled gradient.
+        BLOCK_V: vocabulary columns per step.
+    """
+    row = tl.program_id(0).to(tl.int64)
+    row_ptr = logits_ptr + row * stride_logits_row
+    label = tl.load(labels_ptr + row).to(tl.int64)
+    ignored = label == ignore_index
+    in_range = (label >= 0) & (label < n_vocab)
+    columns = tl.arange(0, BLOCK_V).to(tl.int64)
+
+    lane_max = tl.full((BLOCK_V,), float("-inf"), tl.float32)
+    lane_sum = tl.zeros((BLOCK_V,), tl.float32)
+    for start in range(0, n_vocab, BLOCK_V):
+        cols = start + columns
+        z = tl.load(row_ptr + cols, mask=cols < n_vocab, other=float("-inf"))
+        new_max = tl.maximum(lane_max, z)
+        # A lane that has seen only padding keeps max −inf: shift it by 0, not by −inf (NaN).
+        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+        lane_sum = lane_sum * tl.exp(lane_max - shift) + tl.exp(z - shift)
+        lane_max = new_max
+    row_max = tl.max(lane_max, axis=0)
+    lse = row_max + tl.log(tl.sum(lane_sum * tl.exp(lane_max - row_max), axis=0))
+
+    target = tl.load(row_ptr + tl.where(in_range, label, 0), mask=in_range & ~ignored, other=0.0)
+    loss = tl.where(ignored, 0.0, tl.where(in_range, lse - target, float("nan")))
+    tl.store(loss_ptr + row, loss)
+
+    if WRITE_GRAD:
+        scale = tl.load(row_scale_ptr + row * stride_row_scale)
+        scale = tl.where(ignored, 0.0, tl.where(in_range, scale, float("nan")))
+        for start in range(0, n_vocab, BLOCK_V):
+            cols = start + columns
+            col_mask = cols < n_vocab
+            z = tl.load(row_ptr + cols, mask=col_mask, other=0.0)
+            grad = tl.exp(z - lse) - tl.where(cols == label, 1.0, 0.0)
+            tl.store(row_ptr + cols, grad * scale, mask=col_mask)
+
+
+def rows_config() -> _configs.LaunchConfig:
+    """The row kernel's launch configuration: BLOCK_V vocabulary columns per step (one program
+    per row; the kernel is memory bound, two streams over the row)."""
+    if TRITON_INTERPRET:
+        return _configs._config(4, 1, BLOCK_V=128)
+    return _configs._config(8, 1, BLOCK_V=2048)
+
+
+def _triton_rows(logits, labels, row_scale, ignore_index: int, write_grad: bool) -> torch.Tensor:
+    """Launch the row kernel on one chunk; returns the per-row loss (fp32)."""
+    n_rows, n_vocab = logits.shape
+    loss = new_output((n_rows,), torch.float32, logits.device)
+    config = rows_config()
+    _configs.launch(
+        _lce_rows_kernel, (n_rows,), (config,),
+        logits, labels, row_scale, loss,
+        n_vocab, logits.stride(0), row_scale.stride(0), int(ignore_index),
+        WRITE_GRAD=write_grad,
+    )
+    return loss
+
+
+# --------------------------------------------------------------------------------------------
+# PyTorch row ops
+# --------------------------------------------------------------------------------------------
+
+
+def _torch_rows(logits, labels, row_scale, ignore_index: int, write_grad: bool) -> torch.Tensor:
+    """The row kernel's work with PyTorch ops, in place on ``logits`` (fp32 or fp64)."""
+    n_vocab = logits.shape[1]
+    ignored = labels == ignore_index
+    in_range = (labels >= 0) & (labels < n_vocab)
+    safe_labels = torch.where(in_range, labels, 0).long().unsqueeze(1)
+    # log_softmax in place (one fused pass of PyTorch's vectorised kernel): z − lse.
+    torch.ops.aten._log_softmax.out(logits, 1, False, out=logits)
+    loss = -logits.gather(1, safe_labels).squeeze(1)
+    nan = torch.full_like(loss, float("nan"))
+    loss = torch.where(ignored, torch.zeros_like(loss), torch.where(in_range, loss, nan))
+    if write_grad:
+        scale = torch.where(ignored, 0.0, torch.where(in_range, row_scale.to(logits.dtype), float("nan")))
+        logits.exp_().mul_(scale.unsqueeze(1))
+        logits.scatter_add_(1, safe_labels, (-scale * in_range).unsqueeze(1))
+    return loss
+
+
+# --------------------------------------------------------------------------------------------
+# The chunked computation
+# --------------------------------------------------------------------------------------------
+
+
+@functools.cache
+def _cuda_mm_has_out_dtype() -> bool:
+    """Whether ``torch.mm(..., out_dtype=torch.float32)`` runs here (half inputs, fp32 output)."""
+    try:
+        a = torch.zeros(16, 16, dtype=torch.bfloat16, device="cuda")
+        return torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32
+    except (RuntimeError, TypeError, NotImplementedError):
+        return False
+
+
+def _gemm_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """Half inputs multiply in their dtype on CUDA and on CPUs with native instructions for it;
+    elsewhere in fp32 (CPUs without bf16 instructions emulate bf16 GEMMs ~100x slower)."""
+    if dtype in _HALF_DTYPES and not (device.type == "cuda" or cpu_computes_natively(dtype)):
+        return torch.float32
+    return dtype
+
+
+def _chunk_logits(x_c, w, bias, act_dtype):
+    """``x_c wᵀ + b`` as a fresh contiguous ``act_dtype`` (fp32 or fp64) tensor."""
+    if x_c.dtype == act_dtype:
+        if bias is None:
+            return torch.mm(x_c, w.t())
+        return torch.addmm(bias.to(act_dtype), x_c, w.t())
+    if x_c.is_cuda and _cuda_mm_has_out_dtype():
+        logits = torch.mm(x_c, w.t(), out_dtype=act_dtype)
+    else:
+        logits = torch.mm(x_c, w.t()).to(act_dtype)
+    if bias is not None:
+        logits += bias.to(act_dtype)
+    return logits
+
+
+def chunk_rows(n_rows: int, n_vocab: int, device: torch.device, half_gemm: bool) -> int:
+    """Rows per chunk: as many as the logit budget allows but at least MIN_CHUNK_ROWS, a multiple
+    of 64, at most ``n_rows``."""
+    budget = CHUNK_BYTES_CUDA if device.type == "cuda" else CHUNK_BYTES_CPU
+    bytes_per_row = n_vocab * (8 if half_gemm else 4)  # fp32 logits (+ the half copy of G)
+    rows = max(MIN_CHUNK_ROWS, budget // bytes_per_row)
+    return min(rows - rows % 64, n_rows)
+
+
+def _chunked(x, w, bias, labels, ignore_index: int, row_scale, rows_op, *, write_grad: bool,
+             hidden_grad: bool, weight_grad: bool, bias_grad: bool):
+    """Loop over row chunks: per-row losses, and (write_grad) ``dh = (s∘G) W``,
+    ``dW = (s∘G)ᵀ x``, ``db = Σ s∘G`` for the flags that are set.
+
+    Args:
+        x: ``[N, H]`` in the GEMM dtype; w: ``[V, H]`` in the GEMM dtype; bias: ``[V]`` or None.
+        labels: ``[N]`` integers. row_scale: s ``[N]`` (any stride, 0 for one value) fp32/fp64.
+        rows_op: :func:`_torch_rows` or :func:`_triton_rows`.
+    Returns ``(loss [N] act dtype, dh [N, H] x's dtype or None, dW [V, H] act dtype or None,
+    db [V] act dtype or None)``.
+    """
+    n_rows = x.shape[0]
+    n_vocab = w.shape[0]
+    act_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    half_gemm = x.dtype in _HALF_DTYPES
+    step = chunk_rows(n_rows, n_vocab, x.device, half_gemm)
+    loss = torch.empty(n_rows, dtype=act_dtype, device=x.device)
+    dh = torch.empty_like(x) if (write_grad and hidden_grad) else None
+    dw = torch.zeros(w.shape, dtype=act_dtype, device=x.device) if (write_grad and weight_grad) else None
+    db = torch.zeros(n_vocab, dtype=act_dtype, device=x.device) if (write_grad and bias_grad) else None
+    for start in range(0, n_rows, step):
+        stop = min(start + step, n_rows)
+        x_c = x[start:stop]
+        logits = _chunk_logits(x_c, w, bias, act_dtype)
+        loss[start:stop] = rows_op(logits, labels[start:stop], row_scale[start:stop], ignore_index, write_grad)
+        if not write_grad:
+            continue
+        grad = logits.to(x.dtype) if half_gemm else logits  # s∘G in the GEMM dtype
+        if dh is not None:
+            torch.mm(grad, w, out=dh[start:stop])
+        if dw is not None:
+            if half_gemm:
+                for v0 in range(0, n_vocab, _DW_VOCAB_BLOCK):
+                    v1 = min(v0 + _DW_VOCAB_BLOCK, n_vocab)
+                    dw[v0:v1] += torch.mm(grad[:, v0:v1].t(), x_c)
+            else:
+                dw.addmm_(grad.t(), x_c)
+        if db is not None:
+            db += logits.sum(0)
+        del logits, grad
+    return loss, dh, dw, db
+
+
+def _graph_kept() -> bool:
+    """Whether the running backward keeps the graph (retain_graph=True); True where this torch
+    cannot tell, or while torch.compile traces the backward (the answer would be the tracer's)."""
+    keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    if keep_graph is None or torch.compiler.is_compiling():
+        return True
+    return bool(keep_graph())
+
+
+class _LinearCrossEntropyFunction(torch.autograd.Function):
+    """Autograd for the fused op on 2-D inputs (see the module docstring for the math)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, ignore_index: int, reduction: str, use_triton: bool):
+        hidden_grad, weight_grad, bias_grad = ctx.needs_input_grad[:3]
+        write_grad = hidden_grad or weight_grad or bias_grad
+        gemm_dtype = _gemm_dtype(hidden.dtype, hidden.device)
+        act_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        x, w = hidden.to(gemm_dtype), weight.to(gemm_dtype)
+        n_rows = x.shape[0]
+        n_valid = (labels != ignore_index).sum()
+        if reduction == "mean":
+            scale = 1.0 / n_valid.clamp(min=1).to(act_dtype)
+        else:
+            scale = torch.ones((), dtype=act_dtype, device=x.device)
+        # "none": the dW and db of a per-token upstream are recomputed in the backward.
+        precompute_weight = weight_grad and reduction != "none"
+        precompute_bias = bias_grad and reduction != "none"
+        rows_op = _triton_rows if use_triton else _torch_rows
+        loss, dh, dw, db = _chunked(
+            x, w, bias, labels, ignore_index, scale.expand(n_rows), rows_op, write_grad=write_grad,
+            hidden_grad=hidden_grad, weight_grad=precompute_weight, bias_grad=precompute_bias)
+
+        ctx.reduction, ctx.ignore_index, ctx.use_triton = reduction, ignore_index, use_triton
+        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+        recompute = reduction == "none" and (weight_grad or bias_grad)
+        ctx.save_for_backward(dh, dw, db, *((hidden, weight, bias, labels) if recompute else (None,) * 4))
+        if reduction == "none":
+            return loss
+        total = loss.sum()
+        return total / n_valid.to(act_dtype) if reduction == "mean" else total
+
+    @staticmethod
+    @once_differentiable_strict("linear_cross_entropy")
+    def backward(ctx, grad_loss):
+        dh, dw, db, hidden, weight, bias, labels = ctx.saved_tensors
+        hidden_dtype, weight_dtype, bias_dtype = ctx.dtypes
+        hidden_grad, weight_grad, bias_grad = ctx.needs_input_grad[:3]
+        grad_hidden = grad_weight = grad_bias = None
+        # Without retain_graph the saved gradients are never read again: scale them in place,
+        # so that the backward needs no second [V, H] (or [N, H]) buffer.
+        in_place = not _graph_kept()
+
+        def scaled(saved, g, dtype):
+            g = g.to(torch.promote_types(saved.dtype, torch.float32))
+            if in_place and saved.dtype == torch.promote_types(saved.dtype, g.dtype):
+                return saved.mul_(g).to(dtype)
+            return (saved * g).to(dtype)
+
+        if ctx.reduction != "none":
+            if hidden_grad:
+                grad_hidden = scaled(dh, grad_loss, hidden_dtype)
+            if weight_grad:
+                grad_weight = scaled(dw, grad_loss, weight_dtype)
+            if bias_grad:
+                grad_bias = scaled(db, grad_loss, bias_dtype)
+            return grad_hidden, grad_weight, grad_bias, None, None, None, None
+        g = grad_loss.reshape(-1)
+        if hidden_grad:
+            grad_hidden = scaled(dh, g.unsqueeze(1), hidden_dtype)
+        if weight_grad or bias_grad:
+            gemm_dtype = _gemm_dtype(hidden.dtype, hidden.device)
+            act_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+            rows_op = _triton_rows if ctx.use_triton else _torch_rows
+            _, _, dw, db = _chunked(
+                hidden.to(gemm_dtype), weight.to(gemm_dtype), bias, labels, ctx.ignore_index,
+                g.to(act_dtype), rows_op, write_grad=True, hidden_grad=False,
+                weight_grad=weight_grad, bias_grad=bias_grad)
+            grad_weight = None if dw is None else dw.to(weight_dtype)
+            grad_bias = None if db is None else db.to(bias_dtype)
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None
+
+
+# --------------------------------------------------------------------------------------------
+# Checks, reference and dispatch
+# --------------------------------------------------------------------------------------------
+
+
+def check_linear_cross_entropy_inputs(hidden, weight, labels, bias, ignore_index, reduction,
+                                      labels_name: str = "labels") -> None:
+    """Shapes, dtypes, devices and options; raises ValueError/TypeError naming the argument."""
+    check_tensor("hidden", hidden)
+    check_tensor("weight", weight, dims=(2,))
+    check_float("hidden", hidden)
+    check_float("weight", weight)
+    if hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(f"hidden's last dim must equal weight.shape[1] (weight is [V, H]): hidden "
+                         f"{_shape(hidden)}, weight {_shape(weight)}")
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"{labels_name} must be a torch.Tensor, got {type(labels).__name__}")
+    if labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex():
+        raise TypeError(f"{labels_name} must be an integer tensor (token ids), got {labels.dtype}")
+    if tuple(labels.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(f"{labels_name} must have hidden's leading shape {list(hidden.shape[:-1])}, "
+                         f"got {_shape(labels)} (hidden {_shape(hidden)})")
+    if bias is not None:
+        check_tensor("bias", bias, dims=(1,))
+        check_float("bias", bias)
+        if bias.shape[0] != weight.shape[0]:
+            raise ValueError(f"bias must be [{weight.shape[0]}] to match weight {_shape(weight)}, got {_shape(bias)}")
+    check_same_device(hidden=hidden, weight=weight, **{labels_name: labels}, bias=bias)
+    if ignore_index is not None and (not isinstance(ignore_index, int) or isinstance(ignore_index, bool)):
+        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+
+
+def _check_dtypes_match(hidden, weight, bias) -> None:
+    if hidden.dtype != weight.dtype or (bias is not None and bias.dtype != weight.dtype):
+        bias_text = "" if bias is None else f", bias {bias.dtype}"
+        raise TypeError(f"hidden, weight and bias must share a dtype (as F.linear requires): hidden "
+                        f"{hidden.dtype}, weight {weight.dtype}{bias_text}; cast hidden to weight.dtype")
+
+
+def check_label_values(labels, n_vocab: int, ignore_index, labels_name: str = "labels") -> None:
+    """Every label in ``[0, V)`` or equal to ``ignore_index``, per the value-check mode."""
+    mode = _effective_mode(labels.device)
+    if mode == "off":
+        return
+    bad = (labels < 0) | (labels >= n_vocab)
+    if ignore_index is not None:
+        bad &= labels != ignore_index
+    allowed = f"[0, {n_vocab}) (V = weight.shape[0])" + (
+        "" if ignore_index is None else f" and not ignore_index={ignore_index}")
+    if mode == "async":
+        torch._assert_async(~bad.any(), f"{labels_name} has a value outside {allowed}")
+        return
+    if bool(bad.any()):
+        position = tuple(bad.nonzero()[0].tolist())
+        raise ValueError(f"{labels_name}[{', '.join(map(str, position))}] = {int(labels[position])} is outside "
+                         f"{allowed}")
+
+
+def linear_cross_entropy_ref(hidden, weight, labels, bias=None, *, ignore_index=-100, reduction="mean",
+                             upcast: bool = True) -> torch.Tensor:
+    """Eager reference: ``F.cross_entropy(F.linear(hidden, weight, bias), labels)``, the full logits.
+
+    ``upcast=True`` computes in fp32 (fp64 stays fp64), ``upcast=False`` in the inputs' dtype
+    (PyTorch's own low-precision answer, which the tests measure). ``"none"`` returns
+    ``labels.shape``.
+    """
+    check_linear_cross_entropy_inputs(hidden, weight, labels, bias, ignore_index, reduction)
+    dtype = weight.dtype
+    if upcast:
+        dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    b = None if bias is None else bias.to(dtype)
+    logits = F.linear(hidden.to(dtype), weight.to(dtype), b)
+    loss = F.cross_entropy(logits.reshape(-1, weight.shape[0]), labels.reshape(-1).long(),
+                           ignore_index=ignore_index, reduction=reduction)
+    return loss.view(labels.shape) if reduction == "none" else loss
+
+
+def linear_log_probs_ref(hidden, weight, targets, bias=None, *, ignore_index: int | None = None,
+                         upcast: bool = True) -> torch.Tensor:
+    """Eager reference: ``log_softmax(F.linear(hidden, weight, bias)).gather(targets)``, 0 where
+    ``targets == ignore_index``."""
+    check_linear_cross_entropy_inputs(hidden, weight, targets, bias, ignore_index, "none", labels_name="targets")
+    dtype = weight.dtype
+    if upcast:
+        dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    b = None if bias is None else bias.to(dtype)
+    logits = F.linear(hidden.to(dtype), weight.to(dtype), b)
+    keep = torch.ones_like(targets, dtype=torch.bool) if ignore_index is None else targets != ignore_index
+    picked = torch.log_softmax(logits, dim=-1).gather(-1, torch.where(keep, targets, 0).long().unsqueeze(-1))
+    return torch.where(keep, picked.squeeze(-1), torch.zeros((), dtype=logits.dtype, device=logits.device))
+
+
+def _prepare(hidden, weight, labels, bias, ignore_index, reduction, backend, labels_name):
+    """Validation, backend choice and autocast, shared by the two ops; returns
+    ``(backend, hidden, weight, bias)`` ready for the Function (or the reference)."""
+    check_linear_cross_entropy_inputs(hidden, weight, labels, bias, ignore_index, reduction, labels_name)
+    chosen = resolve_backend(backend, hidden.device)
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        # As F.linear under autocast: the GEMMs run in the autocast dtype (the row work and the
+        # accumulators stay fp32); autograd casts the gradients back to each input's dtype.
+        dtype = torch.get_autocast_dtype(device_type)
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
+    _check_dtypes_match(hidden, weight, bias)
+    if chosen == "triton" and hidden.dtype == torch.float64:
+        if backend == "triton":
+            raise TypeError("backend='triton' has no float64 kernel (hidden is torch.float64); use backend='torch'")
+        chosen = "torch"
+    check_label_values(labels, weight.shape[0], ignore_index, labels_name)
+    return chosen, hidden, weight, bias
+
+
+def _fused_loss(hidden, weight, labels, bias, ignore_index, reduction, use_triton):
+    ignore = _NO_IGNORE if ignore_index is None else ignore_index
+    with torch.autocast(hidden.device.type, enabled=False):
+        hidden2d = hidden.reshape(-1, hidden.shape[-1])
+        labels1d = labels.reshape(-1).long().contiguous()
+        loss = _LinearCrossEntropyFunction.apply(hidden2d, weight, bias, labels1d, ignore, reduction, use_triton)
+    return loss.view(labels.shape) if reduction == "none" else loss
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    backend: str = "auto",
+) -> torch.Tensor:
+    """``F.cross_entropy(hidden @ weight.T + bias, labels)`` without the ``[tokens × V]`` logits.
+
+    Args:
+        hidden: ``[..., H]``, any leading dims and strides; fp16, bf16, fp32 (fp64: torch and
+            reference backends).
+        weight: ``[V, H]``, the lm_head's weight (frozen or trainable), hidden's dtype.
+        labels: ``[...]`` (hidden's leading shape), integer token ids in ``[0, V)`` or
+            ``ignore_index``. The caller shifts them (``hidden[:, :-1]`` with ``labels[:, 1:]``).
+        bias: ``[V]`` or None.
+        ignore_index: label value that contributes no loss and no gradient.
+        reduction: ``"mean"`` (over non-ignored labels; NaN, as in ``F.cross_entropy``, when
+            every label is ignored, with zero gradients), ``"sum"`` or ``"none"`` (per-token
+            losses, 0 at ignored labels, shape ``labels.shape``).
+        backend: ``"triton"`` (the row kernel between torch GEMMs: CUDA, or CPU tensors under
+            TRITON_INTERPRET=1), ``"torch"`` (PyTorch row ops), ``"reference"`` (the full logits,
+            eager) or ``"auto"`` (Triton on CUDA, torch elsewhere and for float64).
+
+    Returns:
+        The loss in fp32 (fp64 for fp64 inputs): log-sum-exp, losses and their sum are
+        accumulated in fp32 whatever the input dtype. Under ``torch.autocast`` the GEMMs run in
+        the autocast dtype, as ``F.linear`` would.
+
+    Differentiable in hidden, weight and bias; only the gradients that are needed are computed
+    (a frozen lm_head gets no dW work). Labels outside ``[0, V)``: see the module docstring.
+    """
+    chosen, hidden, weight, bias = _prepare(hidden, weight, labels, bias, ignore_index, reduction, backend, "labels")
+    if chosen == "reference":
+        with torch.autocast(hidden.device.type, enabled=False):
+            return linear_cross_entropy_ref(hidden, weight, labels, bias, ignore_index=ignore_index,
+                                            reduction=reduction, upcast=False)
+    return _fused_loss(hidden, weight, labels, bias, ignore_index, reduction, chosen == "triton")
+
+
+def linear_log_probs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    ignore_index: int | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Per-token ``log p(target | hidden) = log_softmax(hidden @ weight.T + bias)[target]``,
+    without the full logits (for scoring candidates).
+
+    ``targets`` has hidden's leading shape, every value in ``[0, V)``; with ``ignore_index`` set,
+    targets equal to it get log-probability 0. Returns ``targets.shape`` in fp32 (fp64 for fp64
+    inputs); differentiable like :func:`linear_cross_entropy` (``reduction="none"``), of which it
+    is the negative.
+    """
+    chosen, hidden, weight, bias = _prepare(hidden, weight, targets, bias, ignore_index, "none", backend, "targets")
+    if chosen == "reference":
+        with torch.autocast(hidden.device.type, enabled=False):
+            return linear_log_probs_ref(hidden, weight, targets, bias, ignore_index=ignore_index, upcast=False)
+    return -_fused_loss(hidden, weight, targets, bias, ignore_index, "none", chosen == "triton")
+
+
+# --------------------------------------------------------------------------------------------
+# Module
+# --------------------------------------------------------------------------------------------
+
+
+class LinearCrossEntropy(nn.Module):
+    """``loss = module(hidden, weight, labels, bias=None)``: :func:`linear_cross_entropy` with
+    fixed options, for a model that owns its lm_head and passes its weight."""
+
+    def __init__(self, *, ignore_index: int = -100, reduction: str = "mean", backend: str = "auto"):
+        super().__init__()
+        check_backend(backend)
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        self.ignore_index, self.reduction, self.backend = ignore_index, reduction, backend
+
+    def forward(self, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+        return linear_cross_entropy(hidden, weight, labels, bias, ignore_index=self.ignore_index,
+                                    reduction=self.reduction, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, backend={self.backend!r}"
