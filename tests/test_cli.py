@@ -253,3 +253,18 @@ def test_two_process_training_with_torchrun_and_gloo(tmp_path):
     state = json.loads((out / "trainer_state.json").read_text())
     assert state["global_step"] == 3
     assert (out / "final" / "model.safetensors").exists()
+
+
+def test_adapters_of_tgr_train_load_with_peft(trained):
+    """The adapters `tgr train --lora-r ...` saved load with peft alone, onto a freshly loaded base."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from tgr.cli import DEMO_MODEL
+
+    base = AutoModelForCausalLM.from_pretrained(DEMO_MODEL, dtype=torch.float32)
+    peft_model = PeftModel.from_pretrained(base, str(trained / "final"))
+    trained_b = {name: p for name, p in peft_model.named_parameters() if "lora_B" in name}
+    assert trained_b and any("k_proj" in name for name in trained_b)
+    assert any(p.abs().max() > 0 for p in trained_b.values())  # B starts at zero: these were trained
