@@ -1,15 +1,15 @@
 # Two entry points, each doing all of its own set-up on a fresh machine:
 #   make demo   the main job: `tgr demo`, train + evaluate + generate on the embedded default (offline)
-#   make test   the test suite (Triton kernels run under the interpreter when there is no GPU),
-#               after `make lint` when TEST_LINT is set to lint
+#   make test   `make lint`, then the test suite (Triton kernels run under the interpreter when
+#               there is no GPU)
 VENV   ?= .venv
 PYTHON ?= python3
 PY     := $(VENV)/bin/python
 # The CPU build of torch 2.13 lies on this project's machines; the GPU machine brings its own torch.
 TORCH_SPEC  ?= torch==2.13.0
 TRITON_SPEC ?= triton==3.7.1
-# Run before the tests by `make test`, so that CI fails on lint: `lint`, or empty for none.
-TEST_LINT ?=
+# Run before the tests by `make test`, so that CI fails on lint (TEST_LINT= skips it).
+TEST_LINT ?= lint
 
 .PHONY: demo report lint test test-fast bench clean
 

@@ -53,7 +53,8 @@ MEMORY = {
 
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
-    p.add_argument("--suite", nargs="+", default=["all"], choices=SUITES + ["all"], help="what to measure (default all)")
+    p.add_argument("--suite", nargs="+", default=["all"], choices=SUITES + ["all"],
+                   help="what to measure (default all)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="default: cuda if there is one")
     p.add_argument("--dtype", nargs="+", choices=list(DTYPES),
                    help="default: bfloat16 on a GPU, float32 on a CPU")

@@ -93,7 +93,7 @@ def main(argv=None) -> int:
                 break
             again = _run(fn, leaves, grad_out, args.backend)
             done = rep
-            if not all(torch.equal(a, b) for a, b in zip(first, again)):
+            if not all(torch.equal(a, b) for a, b in zip(first, again, strict=True)):
                 differed = rep
                 break
         if device == "cuda":

@@ -27,7 +27,6 @@ import os
 import sys
 import time
 from dataclasses import dataclass, replace
-from typing import List, Optional
 
 import torch
 
@@ -60,11 +59,11 @@ class ParityCase:
     S_q: int
     S_k: int = 0  # attention only; projection: unused
     D: int = 0  # head dim (attention) or temperature heads (projection)
-    mask: Optional[str] = None  # None, "kpm", "kpm_dead", "additive" (the seed's -1e4), "additive_inf"
+    mask: str | None = None  # None, "kpm", "kpm_dead", "additive" (the seed's -1e4), "additive_inf"
     causal: bool = False
-    gsot: Optional[float] = None
+    gsot: float | None = None
     same_qkv: bool = False
-    weight_dtype: Optional[torch.dtype] = None  # projection: W's dtype (the model keeps it fp32)
+    weight_dtype: torch.dtype | None = None  # projection: W's dtype (the model keeps it fp32)
 
     def label(self) -> str:
         d = str(self.dtype)[6:]
@@ -81,7 +80,7 @@ class ParityCase:
 
 
 # Most valuable first: the model's multi-head shape, the seed's wide head, the model's TTM mix.
-GPU_CASES: List[ParityCase] = [
+GPU_CASES: list[ParityCase] = [
     ParityCase("flash", BF16, 2, 8, 1023, 1023, 128, "kpm", causal=True, gsot=0.5),
     ParityCase("wide", BF16, 1, 1, 1023, 1023, 4096, "additive", gsot=0.4, same_qkv=True),
     ParityCase("projection", BF16, 2, 4096, 1000, D=8, weight_dtype=F32),
@@ -205,7 +204,7 @@ def check_case(case: ParityCase, device: str, parity) -> str:
         names = (["dx"] if case.same_qkv else ["dq", "dk", "dv"]) + ["dtemperature"]
     failures, parts = [], []
     for name, got, ref_eager, ref_true in zip(["out"] + names, [out, *grads], [eager, *eager_grads],
-                                              [truth, *truth_grads]):
+                                              [truth, *truth_grads], strict=True):
         # The verdict is tests/parity.py's, with the case's dtype's floor as the kernel tests use
         # it (for the projection's fp32 W too: its tests take the looser floor of h and W).
         floor = parity.FLOOR[case.dtype]

@@ -4,7 +4,8 @@
 #   bash benchmarks/gpu_run.sh OUT_DIR      (from anywhere; an outer timeout should allow 480 s)
 #
 # 1. parity       every kernel family in bf16/fp16 against float64 (benchmarks/gpu_parity.py)
-# 2. bench-*      the benchmark table against SDPA, FlexAttention and torch.compile, few shapes;
+# 2. bench-*      the benchmark table against SDPA, FlexAttention and torch.compile, few shapes,
+#                 and end to end every-layer TGR against the same model with sdpa (bench-e2e);
 #    report       then the table rebuilt with the fraction of the H200 roofline
 # 3. determinism  forward + backward repeated, bitwise compared (benchmarks/determinism.py)
 #    memcheck, racecheck   compute-sanitizer on benchmarks/sanitize_kernels.py
@@ -152,6 +153,8 @@ if [ $GPU = 1 ]; then
     FLASH_S=(1024 4096)
     WIDE_S=(1024 4096)
     PROJ_S=(4096 65536)
+    E2E=(--reps 5 --warmup 1)  # each generate call is ~1 s of Python per 64 tokens
+    E2E_LIMIT=80
     DET_REPS=1000
 else  # dry run: the same steps, tiny: one mode, and no torch.compile/FlexAttention (minutes of
       # CPU compiles) nor tgr-triton (the interpreter; the parity step runs it)
@@ -160,6 +163,8 @@ else  # dry run: the same steps, tiny: one mode, and no torch.compile/FlexAttent
     FLASH_S=(64)
     WIDE_S=(64)
     PROJ_S=(64)
+    E2E=()
+    E2E_LIMIT=150  # two small models' Python on a shared CPU
     DET_REPS=2
 fi
 BENCH=("$PY" -m benchmarks "${BENCH_COMMON[@]}" --out "$OUT_DIR" --append --no-plots)
@@ -177,6 +182,11 @@ step parity 110 30 20 "${NO_TUNE[@]}" "$PY" -m benchmarks.gpu_parity --out "$PAR
 step bench-flash 70 25 25 "${BENCH[@]}" --suite attention-flash --seq-lens "${FLASH_S[@]}"
 step bench-wide 45 20 20 "${BENCH[@]}" --suite attention-wide --seq-lens "${WIDE_S[@]}" --no-ceilings
 step bench-proj 25 15 10 "${BENCH[@]}" --suite projection --seq-lens "${PROJ_S[@]}" --no-ceilings
+# end to end: a random GQA Llama (hidden 1024, 8 layers, 16/4 heads) with sdpa against the same
+# model with every-layer TGR: training step, peak memory, greedy decoding tokens/s. The kernels'
+# default configurations (each compiles once, cold, within the step's time).
+step bench-e2e "$E2E_LIMIT" 30 0 "${NO_TUNE[@]}" "${BENCH[@]}" --suite e2e --providers base-sdpa tgr-layers \
+    --no-ceilings ${E2E[@]+"${E2E[@]}"}
 if [ -f "$OUT_DIR/records.jsonl" ]; then  # the table again, whole, even if a suite was stopped
     step report 15 5 0 "$PY" -m benchmarks.report --no-plots "$OUT_DIR"
 fi

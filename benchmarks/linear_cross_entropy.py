@@ -222,6 +222,9 @@ def parse_args(argv):
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--table"]:
+        print(rebuild_table(argv[1]))
+        return 0
     args = parse_args(argv)
     measure.fix_malloc_for_timing()
     records = []
@@ -232,10 +235,19 @@ def main(argv=None) -> int:
     run = dict(kind="run", command="python -m benchmarks.linear_cross_entropy " + shlex.join(argv),
                **measure.environment(args.device))
     records.append(run)
+    if path:
+        # Each record is written as soon as it is taken: a long run that is stopped keeps its rows.
+        os.makedirs(args.out, exist_ok=True)
+        with open(path, "w", encoding="utf-8") as f:
+            for rec in records:
+                f.write(json.dumps(rec) + "\n")
 
     def emit(rec):
         rec = dict(rec, date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"))
         records.append(rec)
+        if path:
+            with open(path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(rec) + "\n")
         cell = (f"{rec.get('median_ms', float('nan')):.1f} ms, {rec.get('peak_mib', float('nan')):.0f} MiB, "
                 f"check {rec.get('check_rel_err', float('nan')):.1e}" if rec["status"] == "ok" else rec["reason"])
         print(f"{rec['tokens']:>6} x {rec['vocab']:<7} {rec['weight']:<9} {rec['provider']:<18} {cell}", flush=True)
@@ -249,13 +261,21 @@ def main(argv=None) -> int:
     table = render_table(records)
     print(table)
     if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(path, "w", encoding="utf-8") as f:
+        with open(path, "w", encoding="utf-8") as f:  # again, with the run's closing load average
             for rec in records:
                 f.write(json.dumps(rec) + "\n")
         with open(os.path.join(args.out, "table.md"), "w", encoding="utf-8") as f:
             f.write(table)
     return 0
+
+
+def rebuild_table(out: str) -> str:
+    """``python -m benchmarks.linear_cross_entropy --table DIR``: table.md from DIR's records."""
+    with open(os.path.join(out, "records.jsonl"), encoding="utf-8") as f:
+        table = render_table([json.loads(line) for line in f if line.strip()])
+    with open(os.path.join(out, "table.md"), "w", encoding="utf-8") as f:
+        f.write(table)
+    return table
 
 
 if __name__ == "__main__":

@@ -235,7 +235,6 @@ def _measure_layers(model, providers, shape, S, new_tokens, dtype, args, emit):
         for rec in recs.values():
             emit(rec)
     model.train(False)
-    del opt
 
 
 def run(args, emit, deadline: float | None) -> list[str]:

@@ -44,9 +44,13 @@ def test_quick_pass_writes_records_table_and_plots(quick_run):
     meas = [r for r in records if r["kind"] == "measurement"]
     ops = {r["op"] for r in meas}
     assert {"projection", "attention-wide", "attention-flash"} <= ops
-    assert ops - {"projection", "attention-wide", "attention-flash"} <= {"e2e-train-step", "e2e-generate"}
+    e2e_ops = {"e2e-train-step", "e2e-generate", "e2e-layers-train-step", "e2e-layers-generate"}
+    assert ops - {"projection", "attention-wide", "attention-flash"} <= e2e_ops
     if _tgr_importable():
-        assert {"e2e-train-step", "e2e-generate"} <= ops
+        assert e2e_ops <= ops
+        layers = [r for r in meas if r["op"].startswith("e2e-layers")]
+        assert {r["provider"] for r in layers} == {"base-sdpa", "tgr-layers"}
+        assert all(r["status"] == "ok" and r["kv_heads"] < r["heads"] for r in layers)  # grouped-query attention
     assert {r["mode"] for r in meas} == {"forward", "backward", "full"}
     ok = [r for r in meas if r["status"] == "ok"]
     assert {"eager-seed", "tgr-torch", "sdpa-prescaled"} <= {r["provider"] for r in ok}

@@ -114,8 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
 
-    p = sub.add_parser("demo", help="train, evaluate and generate end to end (offline by default; the flags "
-                                    "of tgr train)", add_help=False)
+    p = sub.add_parser("demo", help="train the TGR head and every-layer TGR, compare them with the base (MAP/MRR) "
+                                    "and generate (offline by default; the flags of tgr train)", add_help=False)
     p.add_argument("args", nargs=argparse.REMAINDER, help="see tgr demo --help")
 
     p = sub.add_parser("bench", help="run the benchmarks (python -m benchmarks; needs the repository)",
@@ -134,8 +134,10 @@ def build_training_parser(command: str = "train"):
     from .train import TRAINING_DEFAULTS
 
     if command == "demo":
-        description = ("Train the TGR head on the sample's training questions, evaluate both heads on the training "
-                       "and the held-out questions, and generate (offline by default).")
+        description = ("Train the TGR head and every-layer TGR (--tgr-layers, default all; --tgr-mode head: the head "
+                       "only) on the sample's training questions, rank the training and the held-out questions' "
+                       "candidates with the base, the head and the layers (MAP, MRR), and generate through the head "
+                       "(offline by default).")
     else:
         description = ("Train the TGR head on WikiQA's correct pairs with the HF Trainer. Every TrainingArguments "
                        "flag applies (dashes or underscores); the defaults shown are tgr's. A rerun with the same "

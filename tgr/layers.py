@@ -103,15 +103,6 @@ def _register() -> None:
     AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
 
 
-def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
-    """``[B, H_kv, S, D]`` → ``[B, H_kv·groups, S, D]``: kv head h serves query heads h·groups ...
-    (h+1)·groups − 1, as transformers' ``repeat_kv``."""
-    if groups == 1:
-        return x
-    B, H_kv, S, D = x.shape
-    return x[:, :, None].expand(B, H_kv, groups, S, D).reshape(B, H_kv * groups, S, D)
-
-
 def tgr_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                           attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                           is_causal: bool | None = None, **kwargs) -> tuple[torch.Tensor, None]:
@@ -145,17 +136,20 @@ def tgr_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Ten
     if H_q % H_kv:
         raise ValueError(f"TGR attention needs the query heads to be a multiple of the key/value heads, "
                          f"got {H_q} and {H_kv}")
-    # The op reads k/v with q's head count; once it reads grouped k/v in place (each kv head
-    # serving H_q / H_kv query heads), pass key and value as they come.
-    key = _repeat_kv(key, H_q // H_kv)
-    value = _repeat_kv(value, H_q // H_kv)
+    # Grouped k/v go to the op as they come: query head h reads kv head h // (H_q / H_kv) in
+    # place (transformers' repeat_kv order), and dK/dV come back summed over each group.
 
     q_length, kv_length = query.shape[2], key.shape[2]
     causal = False
     mask = attention_mask
     if mask is None:
         causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
-        if causal and 1 < q_length < kv_length:
+        if causal and q_length == 1:
+            # A decoding step: its one query row, aligned bottom-right, sees every key. Saying so
+            # (no mask at all) spares the op a causal mask of S_q != S_k, which it would build
+            # densely.
+            causal = False
+        elif causal and 1 < q_length < kv_length:
             # sdpa's builder leaves the mask out here only for a prefill into an empty
             # pre-allocated cache: the queries are the first q_length positions (top-left), and
             # the keys after them are unfilled slots.

@@ -19,8 +19,10 @@ opaque ops with their backward.
 """
 from tgr._version import __version__  # one version for the distribution
 
-from . import _ops  # noqa: F401  (registers torch.ops.tgr_kernels.*)
-from . import reference  # noqa: F401
+from . import (
+    _ops,  # noqa: F401  (registers torch.ops.tgr_kernels.*)
+    reference,  # noqa: F401
+)
 from ._validation import get_value_checks, set_value_checks, value_checks
 from .attention import TemperatureGuidedAttention, temperature_guided_attention
 from .linear_cross_entropy import LinearCrossEntropy, linear_cross_entropy, linear_log_probs

@@ -143,7 +143,8 @@ _FLASH_TENSOR_CORE = {
     "sm_80": {
         "fwd": {64: [(128, 32, 8, 2), (64, 64, 4, 2)], 128: [(64, 32, 8, 1), (32, 32, 4, 1)],
                 256: [(64, 32, 8, 1), (32, 32, 4, 1)]},
-        "bwd_dkdv": {64: [(64, 64, 8, 2), (64, 32, 8, 1)], 128: [(64, 32, 8, 1), (32, 64, 8, 2)],
+        # One stage at D <= 64: with two, the loop over a grouped-query group spills 8 B.
+        "bwd_dkdv": {64: [(64, 64, 8, 1), (64, 32, 8, 1)], 128: [(64, 32, 8, 1), (32, 64, 8, 2)],
                      256: [(64, 32, 8, 1), (32, 32, 8, 1)]},
         "bwd_dq": {64: [(128, 32, 8, 2), (64, 32, 4, 2)], 128: [(64, 32, 8, 2), (32, 32, 8, 1)],
                    256: [(64, 16, 8, 2)]},
@@ -180,7 +181,9 @@ _RELOAD = (("RELOAD_ROWS", 1), ("maxnreg", 168))
 # the accumulators. One list for both arches (neither has fp32 tensor cores).
 _FLASH_FP32_IEEE = {
     "fwd": {64: [(64, 16, 8, 1)], 128: [(32, 16, 4, 1)], 256: [(32, 16, 8, 1)]},
-    "bwd_dkdv": {64: [(16, 32, 8, 1)], 128: [(16, 32, 8, 1)], 256: [(16, 16, 8, 1)]},
+    # D <= 128: 16 keys, as at D = 256; with 32 the loop over a grouped-query group spills
+    # 8-40 B on sm_90 when S is odd (also with maxnreg 128 or 168).
+    "bwd_dkdv": {64: [(16, 32, 8, 1)], 128: [(16, 16, 8, 1)], 256: [(16, 16, 8, 1)]},
     "bwd_dq": {64: [(32, 32, 8, 1)], 128: [(16, 16, 8, 1)], 256: [(16, 16, 8, 1, _RELOAD)]},
 }
 
@@ -193,6 +196,54 @@ def flash_tune_bucket(S_q: int, S_k: int) -> tuple[int, int]:
 
 # Arguments whose values change the best configuration beyond the bucket and the dtypes.
 FLASH_TUNE_KEY = ("D", "HAS_KPM", "HAS_BIAS", "CAUSAL")
+
+
+# ----------------------------------------------------------------------------- decode (split-KV)
+# Streaming multiprocessors assumed where the device cannot be asked (the static proof, CPU): an
+# H200's (and H100 SXM's) 132.
+DEFAULT_SM_COUNT = 132
+# Programs per SM the split count aims for: a decode program is small (4 warps, no shared-memory
+# tiles), so several are resident per SM and their loads overlap.
+DECODE_PROGRAMS_PER_SM = 4
+# Each chunk spans at least this many BLOCK_N key blocks, so the partials written and merged stay
+# small beside the keys and values a chunk reads.
+DECODE_MIN_CHUNK_BLOCKS = 4
+DECODE_MAX_SPLITS = 128
+
+
+def device_sm_count(device: torch.device) -> int:
+    """The number of SMs of a CUDA device; DEFAULT_SM_COUNT for any other device."""
+    if device.type != "cuda":
+        return DEFAULT_SM_COUNT
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def decode_config(head_dim: int) -> LaunchConfig:
+    """BLOCK_N (keys per loop step) and warps of the decode split kernel: one query row against a
+    [BLOCK_N, BLOCK_D] K tile and V tile held in fp32, about 8K elements each at 4 warps (64
+    registers per thread per tile); the static proof measures at most 147 registers and no spill
+    (sm_90 and sm_80, every dtype and mask). A head dim that is not a multiple of 16 loads element
+    by element, each with its own 64-bit address: with the aligned tiles such kernels reached 255
+    registers (the cap) on sm_90, with half the keys per step at most 240."""
+    if TRITON_INTERPRET:
+        return _config(4, 1, BLOCK_N=32)
+    block_n = max(16, min(128, 8192 // flash_block_d(head_dim)))
+    return _config(4, 2, BLOCK_N=block_n if head_dim % 16 == 0 else block_n // 2)
+
+
+def decode_combine_config() -> LaunchConfig:
+    """Warps of the decode combine kernel: one configuration, as each program reads only one query
+    row's partials (at most DECODE_MAX_SPLITS rows of BLOCK_D fp32)."""
+    return _config(4, 1)
+
+
+def decode_num_splits(S_k: int, rows: int, block_n: int, sm_count: int = DEFAULT_SM_COUNT) -> int:
+    """Key chunks per query row: enough (query row, chunk) programs to give every SM
+    DECODE_PROGRAMS_PER_SM, but no chunk shorter than DECODE_MIN_CHUNK_BLOCKS key blocks and no
+    more than DECODE_MAX_SPLITS chunks. ``rows`` = B·H_q·S_q."""
+    wanted = -(-sm_count * DECODE_PROGRAMS_PER_SM // max(1, rows))
+    longest = -(-S_k // (block_n * DECODE_MIN_CHUNK_BLOCKS))
+    return max(1, min(wanted, longest, DECODE_MAX_SPLITS))
 
 
 # ----------------------------------------------------------------------------- wide-path row kernels

@@ -24,7 +24,8 @@ from typing import Optional, Tuple
 import torch
 
 # Launchers are looked up on their modules at call time (tests replace them with spies).
-from . import attention_flash, attention_wide, temperature_projection as projection
+from . import attention_flash, attention_wide
+from . import temperature_projection as projection
 
 _NS = "tgr_kernels"
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import contextlib
 import math
 import numbers
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator, List, Optional, Tuple
 
 import torch
 
@@ -78,7 +78,7 @@ def _effective_mode(device: torch.device) -> str:
     return mode
 
 
-def _run_value_checks(device: torch.device, checks: List[Tuple[object, str]]) -> None:
+def _run_value_checks(device: torch.device, checks: list[tuple[object, str]]) -> None:
     """``checks``: (zero-arg function returning a bool tensor that is True when the values are
     bad, message). Evaluated according to the value-check mode; "sync" copies every flag to the
     host in one transfer."""
@@ -87,11 +87,11 @@ def _run_value_checks(device: torch.device, checks: List[Tuple[object, str]]) ->
         return
     bad = [bad_fn() for bad_fn, _ in checks]
     if mode == "async":
-        for flag, (_, message) in zip(bad, checks):
+        for flag, (_, message) in zip(bad, checks, strict=True):
             torch._assert_async(~flag, message)
         return
     flags = torch.stack(bad).tolist()  # the one host sync
-    for flag, (_, message) in zip(flags, checks):
+    for flag, (_, message) in zip(flags, checks, strict=True):
         if flag:
             raise ValueError(message)
 
@@ -100,7 +100,7 @@ def _shape(t: torch.Tensor) -> str:
     return "[" + ", ".join(str(s) for s in t.shape) + "]"
 
 
-def check_tensor(name: str, t, dims: Optional[tuple] = None) -> None:
+def check_tensor(name: str, t, dims: tuple | None = None) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if dims is not None and t.dim() not in dims:
@@ -120,7 +120,7 @@ def check_float(name: str, t: torch.Tensor) -> None:
         raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
 
 
-def check_same_device(**tensors: Optional[torch.Tensor]) -> None:
+def check_same_device(**tensors: torch.Tensor | None) -> None:
     named = [(n, t) for n, t in tensors.items() if t is not None]
     first_name, first = named[0]
     for name, t in named[1:]:
@@ -164,10 +164,10 @@ class AttentionInputs:
     k: torch.Tensor
     v: torch.Tensor
     temperature: torch.Tensor
-    key_padding: Optional[torch.Tensor]
-    additive: Optional[torch.Tensor]
+    key_padding: torch.Tensor | None
+    additive: torch.Tensor | None
     causal: bool
-    gsot_threshold: Optional[float]
+    gsot_threshold: float | None
     scale: float
 
 
@@ -229,9 +229,18 @@ def check_attention_inputs(
     check_same_device(q=q, k=k, v=v, temperature=temperature, attn_mask=attn_mask)
 
     B, H, S_q, D = q.shape
-    if k.shape[:2] != (B, H) or v.shape[:2] != (B, H):
+    if k.shape[0] != B or v.shape[0] != B:
         raise ValueError(
             f"q, k, v must share batch and heads: q {_shape(q)}, k {_shape(k)}, v {_shape(v)}"
+        )
+    if k.shape[1] != v.shape[1]:
+        raise ValueError(f"k and v must have the same number of heads: k {_shape(k)}, v {_shape(v)}")
+    # Grouped-query attention: query head h reads k/v head h // (H_q / H_kv).
+    H_kv = k.shape[1]
+    if H % H_kv:
+        raise ValueError(
+            f"q's heads must be a multiple of k/v's heads (grouped-query attention), got H_q = {H} and "
+            f"H_kv = {H_kv}: q {_shape(q)}, k {_shape(k)}"
         )
     if k.shape[3] != D or v.shape[3] != D:
         raise ValueError(f"q, k, v must share the head dim D: q {_shape(q)}, k {_shape(k)}, v {_shape(v)}")

@@ -54,7 +54,7 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
-from . import _configs, attention_flash, attention_wide  # noqa: E402
+from . import _configs, attention_decode, attention_flash, attention_wide  # noqa: E402
 from ._backend import TRITON_INTERPRET, cpu_name, triton_dot_precision  # noqa: E402
 
 # The package exports a function of the same name, so fetch the module itself.
@@ -68,7 +68,7 @@ ARCHES = {
     "sm_80": (80, 166912, "HMMA"),
 }
 DEFAULT_OUT = os.path.join("benchmarks", "results", "static-proof")
-KERNEL_MODULES = (attention_flash, attention_wide, temperature_projection, linear_cross_entropy)
+KERNEL_MODULES = (attention_flash, attention_decode, attention_wide, temperature_projection, linear_cross_entropy)
 # Kernel families, for the table: kernel name -> family.
 FAMILIES = {
     "_flash_fwd_kernel": "flash fwd",
@@ -80,6 +80,8 @@ FAMILIES = {
     "_projection_backward_rows_kernel": "projection bwd dh",
     "_projection_backward_weight_kernel": "projection bwd dW",
     "_lce_rows_kernel": "linear CE rows",
+    "_decode_split_kernel": "decode split",
+    "_decode_combine_kernel": "decode combine",
 }
 _HALF_TYPES = ("fp16", "bf16")
 _TENSOR_CORE_PRECISIONS = ("tf32", "tf32x3")
@@ -259,10 +261,13 @@ def _flash_group(head_dim: int):
 
 
 # Mask and flag settings: every one on (the base), then each varied alone.
-FLASH_BASE = dict(mask="kpm+bias", bias_dtype="q", causal=True, gsot=True, need_dq=True, need_dkv=True, odd=False)
+# "gqa": grouped-query attention (2 query heads on 1 k/v head), whose dK/dV kernel loops over the
+# group at run time; without it the group size is 1, a constant to the compiler.
+FLASH_BASE = dict(mask="kpm+bias", bias_dtype="q", causal=True, gsot=True, need_dq=True, need_dkv=True, gqa=True,
+                  odd=False)
 FLASH_VARIANT_DTYPES = ("bf16", "fp32+tf32")
 FLASH_VARIANTS = (dict(mask="none"), dict(mask="kpm"), dict(mask="bias"), dict(bias_dtype="fp32"),
-                  dict(causal=False), dict(gsot=False), dict(need_dq=False))
+                  dict(causal=False), dict(gsot=False), dict(need_dq=False), dict(gqa=False))
 WIDE_BASE = dict(mask="kpm+bias", bias_dtype="q", causal=True, gsot=True, store_p=True, store_g=True, odd=False)
 WIDE_VARIANT_DTYPES = ("bf16", "fp32")
 WIDE_VARIANTS = (dict(mask="none"), dict(mask="kpm"), dict(mask="bias"), dict(bias_dtype="fp32"),
@@ -342,7 +347,9 @@ def flash_launches(arch: str, full: bool = True) -> list[Launch]:
             for s in settings:
                 D, S = head_dim, (97 if s["odd"] else 128)
                 B, H = 1, 2
-                q, k, v = (torch.zeros(B, H, S, D, dtype=precision.dtype) for _ in range(3))
+                H_kv = 1 if s["gqa"] else H
+                q = torch.zeros(B, H, S, D, dtype=precision.dtype)
+                k, v = (torch.zeros(B, H_kv, S, D, dtype=precision.dtype) for _ in range(2))
                 t_bar = torch.full((B, S), 0.5)
                 key_padding, additive = _masks(s["mask"], s["bias_dtype"], precision.dtype, B, H, S, S)
                 gsot = 0.1 if s["gsot"] else None
@@ -436,8 +443,47 @@ def lce_launches(arch: str, full: bool = True) -> list[Launch]:
     return launches
 
 
+def _decode_group(head_dim: int):
+    return _configs.flash_block_d(head_dim), _configs.decode_config(head_dim)
+
+
+# The decode kernels' products are tl.sum reductions (one query row), so the gate has no dot to hold
+# to tensor cores there; registers, spills and shared memory are checked as everywhere. Base: one
+# query row (Triton specialises an integer equal to 1), a kv head per query head, a cache split
+# over several chunks; the odd variant: odd D and S_k, 3 query rows, two query heads per kv head;
+# "short": a cache of one chunk (num_splits = 1, also specialised).
+DECODE_BASE = dict(mask="kpm+bias", bias_dtype="q", causal=True, gsot=True, short=False, odd=False)
+DECODE_VARIANT_DTYPES = ("bf16", "fp32")
+DECODE_VARIANTS = (dict(mask="none"), dict(mask="kpm"), dict(mask="bias"), dict(bias_dtype="fp32"),
+                   dict(causal=False), dict(gsot=False), dict(short=True))
+
+
+def decode_launches(arch: str, full: bool = True) -> list[Launch]:
+    """The decode path's split and combine kernels over head dims 1..FLASH_MAX_HEAD_DIM: an aligned
+    and an odd head dim per distinct configuration; fp16, bf16, fp32 (no dots, so TF32 changes
+    nothing)."""
+    launches = []
+    reps = representatives(range(1, attention_flash.FLASH_MAX_HEAD_DIM + 1), _decode_group)
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        for aligned_d, odd_d in reps:
+            for s in _settings(DECODE_BASE, DECODE_VARIANTS, arch, full, odd_sizes=True,
+                               flags=(aligned_d, odd_d) == reps[-1] and DTYPE_NAMES[dtype] in DECODE_VARIANT_DTYPES):
+                D, S_q, H, H_kv = (odd_d, 3, 4, 2) if s["odd"] else (aligned_d, 1, 2, 2)
+                S_k = 48 if s["short"] else (4095 if s["odd"] else 4096)
+                B = 1
+                q = torch.zeros(B, H, S_q, D, dtype=dtype)
+                k, v = (torch.zeros(B, H_kv, S_k, D, dtype=dtype) for _ in range(2))
+                t_bar = torch.full((B, S_q), 0.5)
+                key_padding, additive = _masks(s["mask"], s["bias_dtype"], dtype, B, H, S_q, S_k)
+                gsot = 0.1 if s["gsot"] else None
+                label = dict(dtype=DTYPE_NAMES[dtype], D=D, S_q=S_q, S_k=S_k, **{k: s[k] for k in DECODE_BASE})
+                launches += _keep(record(lambda: attention_decode.decode_forward(
+                    q, k, v, t_bar, key_padding, additive, s["causal"], gsot, D ** -0.5), arch, **label), s)
+    return launches
+
+
 FAMILY_LAUNCHES = {"flash": flash_launches, "wide": wide_launches, "projection": projection_launches,
-                   "lce": lce_launches}
+                   "lce": lce_launches, "decode": decode_launches}
 
 
 # ----------------------------------------------------------------------------- compiling
@@ -711,7 +757,7 @@ def enumeration_text(full: bool) -> str:
         f"32: same candidates, smaller tiles): the default candidate, every flag on, {PRIMARY_ARCH}. "
         "dtypes fp16, bf16, fp32 (ieee dots), fp32 with TF32 allowed (tf32 dots). Flags: key-padding mask, "
         "additive bias (in q's dtype, and fp32), causal, GSoT gate, STORE_DQ (dQ stored or only dt̄), dK/dV "
-        "launched or not.\n"
+        "launched or not, grouped-query attention (2 query heads per k/v head) or not.\n"
         "- **wide rows** (softmax forward, backward): row lengths 1..16384 → one per BLOCK_N/warps (aligned; "
         "odd as a variant); scores in fp16, bf16, fp32. Flags: masks as above, causal, GSoT, STORE_P/STORE_G "
         "(True/True, False/True, False/False).\n"
@@ -719,6 +765,10 @@ def enumeration_text(full: bool) -> str:
         "power of two with H = 4096, N = 256; odd T with H = 4095, N = 97 as a variant); (hidden, weight) = "
         "bf16+fp32, fp16+fp32 (the model's mixes), fp32+fp32, bf16+bf16, fp16+fp16. Flags: bias, SAVE_SIGMA, "
         "STORE_GRAD_LOGITS, HIDDEN_GRAD.\n"
+        "- **decode** (split-KV partials; their combine and the GSoT gate): head dims 1..256, an aligned and an "
+        "odd one per BLOCK_D; one query row against 4096 keys (several chunks), and as variants 3 rows with two "
+        "query heads per kv head (odd D, 4095 keys) and a one-chunk cache; fp16, bf16, fp32; products are "
+        "tl.sum reductions (no tl.dot). Flags: masks as above, causal, GSoT.\n"
         "- **linear CE rows** (loss, and softmax − onehot in place): fp32 logits (the GEMMs are cuBLAS's), "
         "64 rows of V = 32000 (aligned) and 32001 (odd); loss only or with the gradient, one scale for all rows "
         "or one per row, ignore index -100 (int32) and none (int64).\n"

@@ -7,6 +7,8 @@ Math (per query row i; see DESIGN.md for the backward)::
 Implementations, chosen by ``backend`` and the head dim D:
 
     "triton", D <= 256   attention_flash: fused flash kernels, forward and backward
+    "triton", D <= 256,  attention_decode: split-KV kernels (flash-decoding), forward only, when
+      S_q <= 16          no gradient is needed (decoding against a cache)
     "triton", D >  256   attention_wide: GEMMs + fused Triton row kernels, chunked
     "torch",  D <= 256   attention_sdpa: SDPA on the temperature-scaled query
     "torch",  D >  256   attention_wide with PyTorch row ops (the CPU path for the seed's shape)
@@ -14,17 +16,16 @@ Implementations, chosen by ``backend`` and the head dim D:
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import nn
 
 from ._backend import TRITON_INTERPRET, cpu_computes_natively, resolve_backend
 from ._ops import flash_attention, wide_triton_attention
 from ._validation import check_attention_inputs, check_backend
+from .attention_decode import DECODE_MAX_QUERY_ROWS, decode_forward
 from .attention_flash import FLASH_MAX_HEAD_DIM
 from .attention_sdpa import sdpa_attention
-from .attention_wide import DEFAULT_CHUNK_BYTES, wide_attention
+from .attention_wide import DEFAULT_CHUNK_BYTES, repeat_kv_heads, wide_attention
 from .reference import attention_ref_checked, mean_temperature
 
 __all__ = ["temperature_guided_attention", "TemperatureGuidedAttention"]
@@ -38,18 +39,21 @@ def temperature_guided_attention(
     k: torch.Tensor,
     v: torch.Tensor,
     temperature: torch.Tensor,
-    attn_mask: Optional[torch.Tensor] = None,
+    attn_mask: torch.Tensor | None = None,
     *,
     causal: bool = False,
-    gsot_threshold: Optional[float] = None,
-    scale: Optional[float] = None,
+    gsot_threshold: float | None = None,
+    scale: float | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
     """Attention whose logits are scaled per query row by its temperature, with GSoT pruning.
 
     Args:
-        q: ``[B, H, S_q, D]``; k, v: ``[B, H, S_k, D]``. float16, bfloat16, float32 (float64 on
-            the "torch" and "reference" backends). The same tensor may be passed for all three.
+        q: ``[B, H, S_q, D]``; k, v: ``[B, H, S_k, D]``, or ``[B, H_kv, S_k, D]`` with
+            ``H % H_kv == 0`` (grouped-query attention: query head h reads k/v head
+            ``h // (H / H_kv)``, in place on the flash and SDPA paths; dK/dV have k's shape).
+            float16, bfloat16, float32 (float64 on the "torch" and "reference" backends). The
+            same tensor may be passed for all three.
         temperature: ``[B, S_q]``, or ``[B, S_q, T]`` whose mean over T is used (the seed's form).
         attn_mask: None; a key-padding mask ``[B, S_k]`` (bool or 0/1, true = keep); or an
             additive float mask broadcastable to ``[B, H, S_q, S_k]`` (the seed's
@@ -111,12 +115,24 @@ def _triton_attention(q, k, v, t_bar, key_padding, additive, *options):
         q, k, v = _same_cast(q, k, v, torch.float32)
         if additive is not None and additive.dtype == torch.bfloat16:
             additive = additive.float()
-    if q.shape[-1] <= FLASH_MAX_HEAD_DIM:
+    if q.shape[-1] <= FLASH_MAX_HEAD_DIM and _decodes(q, k, v, t_bar):
+        out = decode_forward(q, k, v, t_bar, key_padding, additive, *options)
+    elif q.shape[-1] <= FLASH_MAX_HEAD_DIM:
         out = flash_attention(q, k, v, t_bar, key_padding, additive, *options)
     else:
+        k, v = repeat_kv_heads(q, k, v)  # grouped-query attention on the wide path: a copy
         out = wide_triton_attention(q, k, v, t_bar, key_padding, additive, *options,
                                     chunk_bytes=default_chunk_bytes(q.device))
     return out.to(dtype)
+
+
+def _decodes(q, k, v, t_bar) -> bool:
+    """Whether the split-KV decode kernels take this call: a few query rows, nothing that needs a
+    gradient (they have no backward), and not inside torch.compile (the flash path is the
+    registered custom op the compiler treats as one opaque op)."""
+    if q.shape[2] > DECODE_MAX_QUERY_ROWS or torch.compiler.is_compiling():
+        return False
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, t_bar)))
 
 
 def _torch_attention(q, k, v, t_bar, *options):
@@ -142,8 +158,8 @@ def default_chunk_bytes(device: torch.device) -> int:
 class TemperatureGuidedAttention(nn.Module):
     """Module form of :func:`temperature_guided_attention` (no parameters of its own)."""
 
-    def __init__(self, causal: bool = False, gsot_threshold: Optional[float] = None,
-                 scale: Optional[float] = None, *, backend: str = "auto"):
+    def __init__(self, causal: bool = False, gsot_threshold: float | None = None,
+                 scale: float | None = None, *, backend: str = "auto"):
         super().__init__()
         check_backend(backend)
         self.causal = causal
@@ -152,7 +168,7 @@ class TemperatureGuidedAttention(nn.Module):
         self.backend = backend
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, temperature: torch.Tensor,
-                attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         return temperature_guided_attention(
             q, k, v, temperature, attn_mask, causal=self.causal, gsot_threshold=self.gsot_threshold,
             scale=self.scale, backend=self.backend,

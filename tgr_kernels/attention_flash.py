@@ -25,6 +25,12 @@ which owns dK/dV. The temperature gradient comes from that first pass, as a P-we
 co-moment of dP and q·k. When only the temperature needs a gradient (frozen base) the dK/dV
 kernel and the second pass are skipped: two dots per tile in all.
 
+Grouped-query attention (k/v with H_kv = H / GROUP heads): query head h reads k/v head
+h // GROUP in place, with no copy. The forward and dQ kernels run per query head as above; the
+dK/dV kernel runs one program per (k/v head, key block), which loops over the GROUP query heads
+that read it and sums their contributions in registers, in a fixed order: deterministic, no
+atomics.
+
 Masks: an additive entry ``<= MASKED_BIAS`` (−4096; HF's ``finfo(dtype).min``, −1e9) masks its
 key exactly like −inf (see ``_masks.logits_tile``).
 """
@@ -78,14 +84,15 @@ def _flash_fwd_kernel(
     stride_tb, stride_tm,
     stride_pb, stride_pn,
     stride_bb, stride_bh, stride_bm, stride_bn,
-    H, S_q, S_k, D, scale, gsot_threshold,
+    H, GROUP, S_q, S_k, D, scale, gsot_threshold,
     HAS_KPM: tl.constexpr, HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, HAS_GATE: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     RELOAD_ROWS: tl.constexpr = 0,
 ):
     """Forward: ``Y = g ∘ softmax(t̄·scale·QKᵀ + m) V`` for one query block of one (batch, head).
 
-    Q [B, H, S_q, D], K and V [B, H, S_k, D], OUT like Q (any strides). T_BAR: fp32 [B, S_q].
+    Q [B, H, S_q, D], K and V [B, H / GROUP, S_k, D], OUT like Q (any strides): query head h
+    reads k/v head h // GROUP in place (grouped-query attention; GROUP = 1 without). T_BAR: fp32 [B, S_q].
     LSE: fp32 [B, H, S_q] contiguous, the base-2 log-sum-exp of each row (+inf for a fully masked
     row) saved for the backward. gsot_threshold τ is used when HAS_GATE.
     Grid: (cdiv(S_q, BLOCK_M), B * H). RELOAD_ROWS: load the Q tile at each key block instead of
@@ -109,8 +116,9 @@ def _flash_fwd_kernel(
                     mask=row_ok, other=0.0).to(tl.float32)
     row_scale = t_bar * (scale * LOG2E)
 
-    k_base = K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
-    v_base = V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
+    kv_h = h // GROUP
+    k_base = K + b.to(tl.int64) * stride_kb + kv_h.to(tl.int64) * stride_kh
+    v_base = V + b.to(tl.int64) * stride_vb + kv_h.to(tl.int64) * stride_vh
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -158,23 +166,30 @@ def _flash_bwd_dkdv_kernel(
     stride_tb, stride_tm,
     stride_pb, stride_pn,
     stride_bb, stride_bh, stride_bm, stride_bn,
-    H, S_q, S_k, D, scale,
+    H, GROUP, S_q, S_k, D, scale,
     HAS_KPM: tl.constexpr, HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    RELOAD_ROWS: tl.constexpr = 0,
+    GROUPED: tl.constexpr = 0, RELOAD_ROWS: tl.constexpr = 0,
 ):
-    """Backward for one key block: ``dV = Pᵀ dO``, ``dK = (t̄·scale·dS)ᵀ Q`` with ``dS = P ∘ (dP − Δ)``.
+    """Backward for one key block of one k/v head: ``dV = Σ_g P_gᵀ dO_g``,
+    ``dK = Σ_g (t̄·scale·dS_g)ᵀ Q_g`` with ``dS = P ∘ (dP − Δ)``, summed over the GROUP query
+    heads g that read this k/v head (GROUP = 1 without grouped-query attention). One program
+    owns the sums and accumulates them in registers in a fixed order: no atomics, and two runs
+    give the same bits.
 
-    DO: the gated upstream gradient g ∘ dY, [B, H, S_q, D] contiguous. LSE, DELTA: fp32
-    [B, H, S_q] contiguous, written by ``_flash_bwd_dq_kernel`` (its LSE_BWD, which makes each
-    row of P sum to one, and Δ_i = Σ_j P_ij dP_ij). DK, DV: contiguous [B, H, S_k, D] outputs
-    in the input dtype. Grid: (cdiv(S_k, BLOCK_N), B * H). RELOAD_ROWS: load the K and V tiles at
-    each query block instead of holding them across the loop (see ``_flash_bwd_dq_kernel``).
+    DO: the gated upstream gradient g ∘ dY, [B, H, S_q, D] contiguous (H query heads). LSE,
+    DELTA: fp32 [B, H, S_q] contiguous, written by ``_flash_bwd_dq_kernel`` (its LSE_BWD, which
+    makes each row of P sum to one, and Δ_i = Σ_j P_ij dP_ij). DK, DV: contiguous
+    [B, H / GROUP, S_k, D] outputs in the input dtype. Grid: (cdiv(S_k, BLOCK_N), B * H / GROUP).
+    GROUPED: GROUP > 1 (the launcher's flag; without it the loop keeps one head's pointers).
+    RELOAD_ROWS: load the K and V tiles at each query block instead of holding them across the
+    loop (see ``_flash_bwd_dq_kernel``).
     """
     pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
+    pid_bkv = tl.program_id(1)
+    H_kv = H // GROUP
+    b = pid_bkv // H_kv
+    kv_h = pid_bkv % H_kv
     start_n = pid_n * BLOCK_N
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_m0 = tl.arange(0, BLOCK_M)
@@ -182,32 +197,48 @@ def _flash_bwd_dkdv_kernel(
     n_ok = offs_n < S_k
     d_ok = offs_d < D
 
-    k_base = K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
-    v_base = V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
+    k_base = K + b.to(tl.int64) * stride_kb + kv_h.to(tl.int64) * stride_kh
+    v_base = V + b.to(tl.int64) * stride_vb + kv_h.to(tl.int64) * stride_vh
     if not RELOAD_ROWS:
         k = _load_rows(k_base, offs_n, stride_kn, offs_d, stride_kd, S_k, D)
         v = _load_rows(v_base, offs_n, stride_vn, offs_d, stride_vd, S_k, D)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
 
-    q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-    do_base = DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
-    row_base = pid_bh.to(tl.int64) * S_q
     start_m = 0
     if CAUSAL:
         # The first query row that sees key start_n, rounded down to a block.
         start_m = tl.maximum(start_n - (S_k - S_q), 0) // BLOCK_M * BLOCK_M
-    for m0 in range(start_m, S_q, BLOCK_M):
+    # The group's query heads in order, each over its query blocks, as one flat loop over
+    # (head, block) steps: a nested loop, or pointers advanced at each head's last block, keep
+    # more values live across the loop, and the static proof showed those spilling. Without
+    # grouping (GROUPED false) the head is fixed and its pointers are set once, before the loop.
+    h = kv_h * GROUP
+    q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+    do_base = DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
+    row_base = (b.to(tl.int64) * H + h) * S_q
+    n_blocks_m = tl.cdiv(S_q - start_m, BLOCK_M)
+    for step in range(0, GROUP * n_blocks_m):
+        if GROUPED:
+            g = step // n_blocks_m
+            m0 = start_m + (step - g * n_blocks_m) * BLOCK_M
+            h_step = kv_h * GROUP + g
+            q_step = Q + b.to(tl.int64) * stride_qb + h_step.to(tl.int64) * stride_qh
+            do_step = DO + b.to(tl.int64) * stride_dob + h_step.to(tl.int64) * stride_doh
+            row_step = (b.to(tl.int64) * H + h_step) * S_q
+        else:
+            m0 = start_m + step * BLOCK_M
+            h_step, q_step, do_step, row_step = h, q_base, do_base, row_base
         offs_m = m0 + offs_m0
         if RELOAD_ROWS:
             k = _load_rows(k_base, offs_n, stride_kn, offs_d, stride_kd, S_k, D)
             v = _load_rows(v_base, offs_n, stride_vn, offs_d, stride_vd, S_k, D)
-        q = _load_rows(q_base, offs_m, stride_qm, offs_d, stride_qd, S_q, D)
-        do = _load_rows(do_base, offs_m, stride_dom, offs_d, stride_dod, S_q, D)
-        t_bar, lse, delta = _load_row_stats(T_BAR, LSE, DELTA, b, stride_tb, stride_tm, row_base, offs_m, S_q)
+        q = _load_rows(q_step, offs_m, stride_qm, offs_d, stride_qd, S_q, D)
+        do = _load_rows(do_step, offs_m, stride_dom, offs_d, stride_dod, S_q, D)
+        t_bar, lse, delta = _load_row_stats(T_BAR, LSE, DELTA, b, stride_tb, stride_tm, row_step, offs_m, S_q)
 
         qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-        s = logits_tile(qk, t_bar * (scale * LOG2E), offs_m, offs_n, b, h, KPM, BIAS,
+        s = logits_tile(qk, t_bar * (scale * LOG2E), offs_m, offs_n, b, h_step, KPM, BIAS,
                         stride_pb, stride_pn, stride_bb, stride_bh, stride_bm, stride_bn,
                         S_q, S_k, HAS_KPM, HAS_BIAS, CAUSAL)
         p = tl.exp2(s - lse[:, None])
@@ -216,7 +247,7 @@ def _flash_bwd_dkdv_kernel(
         ds_scaled = p * (dp - delta[:, None]) * (t_bar * scale)[:, None]
         dk += tl.dot(tl.trans(ds_scaled.to(q.dtype)), q, input_precision=PRECISION)
 
-    out_off = (pid_bh.to(tl.int64) * S_k * D + offs_n[:, None].to(tl.int64) * D + offs_d[None, :])
+    out_off = (pid_bkv.to(tl.int64) * S_k * D + offs_n[:, None].to(tl.int64) * D + offs_d[None, :])
     out_mask = n_ok[:, None] & d_ok[None, :]
     tl.store(DK + out_off, dk.to(DK.dtype.element_ty), mask=out_mask)
     tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=out_mask)
@@ -251,7 +282,7 @@ def _flash_bwd_dq_kernel(
     stride_tb, stride_tm,
     stride_pb, stride_pn,
     stride_bb, stride_bh, stride_bm, stride_bn,
-    H, S_q, S_k, D, scale,
+    H, GROUP, S_q, S_k, D, scale,
     HAS_KPM: tl.constexpr, HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, STORE_DQ: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     RELOAD_ROWS: tl.constexpr = 0,
@@ -272,7 +303,8 @@ def _flash_bwd_dq_kernel(
     LSE: fp32 [B, H, S_q], the forward's. DELTA, LSE_BWD: fp32 [B, H, S_q] contiguous outputs
     for ``_flash_bwd_dkdv_kernel``. DQ: contiguous [B, H, S_q, D] in the input dtype (written
     when STORE_DQ). DT: fp32 [B, H, S_q] contiguous, this head's share of dt̄ (the caller sums
-    over heads). Other arguments as in ``_flash_bwd_dkdv_kernel``. Grid: (cdiv(S_q, BLOCK_M), B * H).
+    over heads). Query head h reads k/v head h // GROUP. Other arguments as in
+    ``_flash_bwd_dkdv_kernel``. Grid: (cdiv(S_q, BLOCK_M), B * H).
 
     RELOAD_ROWS (a launch configuration's choice): load the Q and dO tiles at each key block (from
     L1/L2) instead of holding them across both passes. Held, they occupy registers for the whole
@@ -302,8 +334,9 @@ def _flash_bwd_dq_kernel(
     lse = tl.load(LSE + row_base + offs_m, mask=m_ok, other=float("inf"))
     row_scale = t_bar * (scale * LOG2E)
 
-    k_base = K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
-    v_base = V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
+    kv_h = h // GROUP
+    k_base = K + b.to(tl.int64) * stride_kb + kv_h.to(tl.int64) * stride_kh
+    v_base = V + b.to(tl.int64) * stride_vb + kv_h.to(tl.int64) * stride_vh
     end_n = _causal_key_end(start_m, S_q, S_k, BLOCK_M, CAUSAL)
     # Pass 1, one streaming sweep: the P-weighted mean of dP (Δ) and co-moment of dP and q·k,
     # merged tile by tile (Chan et al.'s parallel update). dt̄_i = scale · Σ_j P_ij (dP_ij − Δ_i)
@@ -401,7 +434,7 @@ def flash_forward(q, k, v, t_bar, key_padding, additive, causal, gsot_threshold,
                                  gsot_threshold, scale)
         return _unpad(out, D), lse
     B, H, S_q, D = q.shape
-    S_k = k.shape[2]
+    S_k, group = k.shape[2], H // k.shape[1]
     out = new_output(q.shape, q.dtype, q.device)
     lse = new_output((B, H, S_q), torch.float32, q.device)
     kpm, kpm_strides, bias, bias_strides = mask_args(key_padding, additive, (B, H, S_q, S_k), q.device)
@@ -411,7 +444,7 @@ def flash_forward(q, k, v, t_bar, key_padding, additive, causal, gsot_threshold,
         q, k, v, t_bar, kpm, bias, out, lse,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         *t_bar.stride(), *kpm_strides, *bias_strides,
-        H, S_q, S_k, D, scale, 0.0 if gsot_threshold is None else gsot_threshold,
+        H, group, S_q, S_k, D, scale, 0.0 if gsot_threshold is None else gsot_threshold,
         HAS_KPM=key_padding is not None, HAS_BIAS=additive is not None, CAUSAL=causal,
         HAS_GATE=gsot_threshold is not None, PRECISION=precision, BLOCK_D=_configs.flash_block_d(D),
         tune_key=_configs.FLASH_TUNE_KEY, tune_bucket=_configs.flash_tune_bucket(S_q, S_k),
@@ -430,7 +463,8 @@ def flash_backward(q, k, v, t_bar, key_padding, additive, causal, gsot_threshold
                                         scale, lse, gp, need_dq, need_dkv)
         return _unpad(dq, D), _unpad(dk, D), _unpad(dv, D), dt
     B, H, S_q, D = q.shape
-    S_k = k.shape[2]
+    S_k, H_kv = k.shape[2], k.shape[1]
+    group = H // H_kv
     # dO = g ∘ dY: the gated output is already zero on pruned rows, so gate the gradient to match.
     grad_out = grad_out.contiguous()
     if gsot_threshold is not None:
@@ -454,17 +488,18 @@ def flash_backward(q, k, v, t_bar, key_padding, additive, causal, gsot_threshold
     _configs.launch(
         _flash_bwd_dq_kernel, lambda meta: (triton.cdiv(S_q, meta["BLOCK_M"]), B * H), configs,
         q, k, v, t_bar, kpm, bias, grad_out, lse, delta, lse_bwd, dq, dt,
-        *strides, H, S_q, S_k, D, scale, STORE_DQ=need_dq, PRECISION=precision, **common,
+        *strides, H, group, S_q, S_k, D, scale, STORE_DQ=need_dq, PRECISION=precision, **common,
     )
     dk = dv = None
     if need_dkv:
-        dk = new_output((B, H, S_k, D), k.dtype, q.device)
-        dv = new_output((B, H, S_k, D), v.dtype, q.device)
+        # One program per (k/v head, key block) sums over the head's group: deterministic dK/dV.
+        dk = new_output((B, H_kv, S_k, D), k.dtype, q.device)
+        dv = new_output((B, H_kv, S_k, D), v.dtype, q.device)
         precision, configs = _kernel_setup("bwd_dkdv", q)
         _configs.launch(
-            _flash_bwd_dkdv_kernel, lambda meta: (triton.cdiv(S_k, meta["BLOCK_N"]), B * H), configs,
+            _flash_bwd_dkdv_kernel, lambda meta: (triton.cdiv(S_k, meta["BLOCK_N"]), B * H_kv), configs,
             q, k, v, t_bar, kpm, bias, grad_out, lse_bwd, delta, dk, dv,
-            *strides, H, S_q, S_k, D, scale, PRECISION=precision, **common,
+            *strides, H, group, S_q, S_k, D, scale, PRECISION=precision, GROUPED=group > 1, **common,
         )
     return (dq if need_dq else None), dk, dv, dt.sum(1)
 

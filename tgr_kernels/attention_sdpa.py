@@ -19,6 +19,11 @@ different roundings and do not cancel, so dt̄ and dK come out several times les
 eager autograd's. Δ from the same P and dP cancels as eager autograd does. Without a temperature
 gradient SDPA's own (fused, faster) backward is kept.
 
+Grouped-query attention (k/v with H_kv heads, H_q = group · H_kv): the forward is SDPA with
+``enable_gqa``, which reads each k/v head for its group in place. The backward folds a group's
+query heads into the rows of one GEMM per k/v head (``[B, H_kv, group · rows, D]``), so dK and
+dV come out summed over the group by the GEMM itself, in a fixed order, without copying k or v.
+
 Design limit: a mask SDPA cannot express by itself (causal with S_q ≠ S_k, or causal together
 with another mask) is built densely, ``[B, 1, rows, S_k]``; query rows are then processed in
 chunks so that buffer stays under ``DENSE_MASK_ELEMENTS``.
@@ -26,7 +31,6 @@ chunks so that buffer stays under ``DENSE_MASK_ELEMENTS``.
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -72,7 +76,21 @@ def _rows_mask(key_padding, additive, causal: bool, row0: int, row1: int, S_q: i
 def _sdpa_forward(q, k, v, t_rows, mask, is_causal: bool, scale: float):
     """SDPA on the temperature-scaled query: ``softmax(scale · (t̄ ∘ Q) Kᵀ + m) V``."""
     q_scaled = q * t_rows[:, None, :, None].to(q.dtype)
-    return F.scaled_dot_product_attention(q_scaled, k, v, attn_mask=mask, is_causal=is_causal, scale=scale)
+    grouped = {"enable_gqa": True} if k.shape[1] != q.shape[1] else {}
+    return F.scaled_dot_product_attention(q_scaled, k, v, attn_mask=mask, is_causal=is_causal, scale=scale,
+                                          **grouped)
+
+
+def _fold_group(x, H_kv: int):
+    """``[B, H_q, rows, X]`` → ``[B, H_kv, group · rows, X]``: the query heads that share a k/v
+    head (h // group) stacked as rows, so one GEMM against that k/v head serves the group."""
+    B, H, rows, X = x.shape
+    return x.reshape(B, H_kv, (H // H_kv) * rows, X)
+
+
+def _unfold_group(x, H: int):
+    """The inverse of :func:`_fold_group` (a view)."""
+    return x.view(x.shape[0], H, -1, x.shape[-1])
 
 
 def _sdpa_backward(q, k, v, t_rows, mask, is_causal: bool, scale: float, grad_out, need_dq: bool, need_dkv: bool):
@@ -81,7 +99,7 @@ def _sdpa_backward(q, k, v, t_rows, mask, is_causal: bool, scale: float, grad_ou
     keep or additive, every row sees at least one key) or None; ``is_causal``: square, top-left.
     Returns (dq, dk, dv, dt̄ [B, rows]); dq/dk/dv are None when not needed."""
     B, H, M, D = q.shape
-    S_k = k.shape[2]
+    S_k, H_kv = k.shape[2], k.shape[1]
     acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     grad_out = grad_out.to(q.dtype)
     t_scaled = (t_rows.to(acc_dtype) * scale)[:, None, :, None]  # [B, 1, M, 1]
@@ -92,8 +110,8 @@ def _sdpa_backward(q, k, v, t_rows, mask, is_causal: bool, scale: float, grad_ou
     rows = max(1, min(M, BACKWARD_CHUNK_ELEMENTS // max(1, B * H * S_k)))
     for r0 in range(0, M, rows):
         r1 = min(M, r0 + rows)
-        q_c, do_c = q[:, :, r0:r1], grad_out[:, :, r0:r1]
-        z = torch.matmul(q_c, k.transpose(-2, -1)).to(acc_dtype)
+        q_c, do_c = _fold_group(q[:, :, r0:r1], H_kv), _fold_group(grad_out[:, :, r0:r1], H_kv)
+        z = _unfold_group(torch.matmul(q_c, k.transpose(-2, -1)), H).to(acc_dtype)
         s = z * t_scaled[:, :, r0:r1]
         if mask is not None:
             m = mask[..., r0:r1, :] if mask_rows else mask
@@ -106,19 +124,20 @@ def _sdpa_backward(q, k, v, t_rows, mask, is_causal: bool, scale: float, grad_ou
             s.masked_fill_(torch.arange(S_k, device=q.device).view(1, S_k) > rows_c, -math.inf)
         p = torch.softmax(s, dim=-1)
         del s
-        dp = torch.matmul(do_c, v.transpose(-2, -1)).to(acc_dtype)
+        dp = _unfold_group(torch.matmul(do_c, v.transpose(-2, -1)), H).to(acc_dtype)
         # dS = P ∘ (dP − Δ) with Δ = Σ_j P dP from the same P and dP, in one fused pass
         # (eager softmax's own backward).
         ds = torch._softmax_backward_data(dp, p, -1, acc_dtype)
         del dp
         dt[:, :, r0:r1] = torch.einsum("bhmn,bhmn->bhm", ds, z) * scale
         if need_dq or need_dkv:
-            g = ds.mul_(t_scaled[:, :, r0:r1]).to(q.dtype)  # G = t̄·scale·dS
+            g = _fold_group(ds.mul_(t_scaled[:, :, r0:r1]).to(q.dtype), H_kv)  # G = t̄·scale·dS
             if need_dq:
-                dq[:, :, r0:r1] = torch.matmul(g, k)
+                dq[:, :, r0:r1] = _unfold_group(torch.matmul(g, k), H)
             if need_dkv:
+                # Summed over the group's query heads by the GEMM (they are its rows).
                 dk_c = torch.matmul(g.transpose(-2, -1), q_c)
-                dv_c = torch.matmul(p.to(v.dtype).transpose(-2, -1), do_c)
+                dv_c = torch.matmul(_fold_group(p.to(v.dtype), H_kv).transpose(-2, -1), do_c)
                 dk = dk_c.to(acc_dtype) if dk is None else dk.add_(dk_c)
                 dv = dv_c.to(acc_dtype) if dv is None else dv.add_(dv_c)
     if need_dkv:
@@ -176,7 +195,7 @@ def _sdpa_rows(q, k, v, t_bar, key_padding, additive, causal, gsot_threshold, sc
 
 
 def sdpa_attention(q, k, v, t_bar, key_padding, additive, causal: bool,
-                   gsot_threshold: Optional[float], scale: float) -> torch.Tensor:
+                   gsot_threshold: float | None, scale: float) -> torch.Tensor:
     """Inputs validated by the caller; t_bar is [B, S_q] (float32), q, k, v share a dtype."""
     B, _, S_q, _ = q.shape
     S_k = k.shape[2]

@@ -631,11 +631,27 @@ class WideAttentionFunction(torch.autograd.Function):
         return (dq, dk if need_k else None, dv if need_v else None, dt if need_t else None) + nones
 
 
+def repeat_kv_heads(q, k, v):
+    """k and v repeated to q's heads for grouped-query attention (query head h reads k/v head
+    h // group; autograd sums their gradients over each group), unchanged without grouping.
+
+    Design limit: the wide path (D > 256) takes grouped k/v by this copy, not in place. Heads
+    that wide are the seed's single head as wide as the hidden state, never grouped; models with
+    grouped-query attention use D <= 256, where the flash and SDPA paths read k/v in place."""
+    group = q.shape[1] // k.shape[1]
+    if group == 1:
+        return k, v
+    k_rep = k.repeat_interleave(group, dim=1)
+    return k_rep, (k_rep if v is k else v.repeat_interleave(group, dim=1))
+
+
 def wide_attention(q, k, v, t_bar, key_padding, additive, causal, gsot_threshold, scale,
                    row_ops: str = "triton", chunk_bytes: int | None = None):
     """Differentiable wide attention. With the Triton row kernels it is the
     ``torch.ops.tgr_kernels.wide_attention_forward`` custom op (opaque to torch.compile); with
-    PyTorch row ops it is plain PyTorch code that the compiler traces."""
+    PyTorch row ops it is plain PyTorch code that the compiler traces. Grouped k/v are repeated
+    to q's heads (:func:`repeat_kv_heads`)."""
+    k, v = repeat_kv_heads(q, k, v)
     if chunk_bytes is None:
         chunk_bytes = DEFAULT_CHUNK_BYTES.get(q.device.type, DEFAULT_CHUNK_BYTES["cpu"])
     if row_ops == "triton":

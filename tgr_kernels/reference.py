@@ -11,7 +11,6 @@ the input dtype, as the seed does; the tests use it to measure PyTorch's own low
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 
@@ -44,7 +43,7 @@ def _compute_dtype(tensor: torch.Tensor, upcast: bool) -> torch.dtype:
 def temperature_projection_ref(
     hidden: torch.Tensor,
     weight: torch.Tensor,
-    bias: Optional[torch.Tensor],
+    bias: torch.Tensor | None,
     clamp_min: float = 0.01,
     clamp_max: float = 0.99,
     *,
@@ -71,14 +70,14 @@ def mean_temperature(temperature: torch.Tensor) -> torch.Tensor:
     return temperature.mean(dim=-1) if temperature.dim() == 3 else temperature
 
 
-def gsot_gate(t_bar: torch.Tensor, threshold: Optional[float]) -> Optional[torch.Tensor]:
+def gsot_gate(t_bar: torch.Tensor, threshold: float | None) -> torch.Tensor | None:
     """GSoT keep-gate ``g_i = 1[t̄_i >= threshold]`` (no gradient), or None when disabled."""
     if threshold is None:
         return None
     return (t_bar.detach() >= threshold)
 
 
-def _logit_bias(args: AttentionInputs, dtype: torch.dtype) -> Optional[torch.Tensor]:
+def _logit_bias(args: AttentionInputs, dtype: torch.dtype) -> torch.Tensor | None:
     """The additive mask ``m`` of the math, broadcastable to [B, H, S_q, S_k] (−inf = masked)."""
     B, _, S_q, _ = args.q.shape
     S_k = args.k.shape[2]
@@ -105,11 +104,11 @@ def temperature_guided_attention_ref(
     k: torch.Tensor,
     v: torch.Tensor,
     temperature: torch.Tensor,
-    attn_mask: Optional[torch.Tensor] = None,
+    attn_mask: torch.Tensor | None = None,
     *,
     causal: bool = False,
-    gsot_threshold: Optional[float] = None,
-    scale: Optional[float] = None,
+    gsot_threshold: float | None = None,
+    scale: float | None = None,
     upcast: bool = True,
 ) -> torch.Tensor:
     """Temperature-guided attention with GSoT, materialising the scores.
@@ -118,6 +117,8 @@ def temperature_guided_attention_ref(
     ``Y_i = 1[t̄_i >= τ] · O_i``. An additive mask entry ``<= MASKED_BIAS`` (−4096: HF's
     ``finfo(dtype).min``, −1e9) masks its key exactly as −inf does. A row whose every key is
     masked gives zeros. The gate reads t̄ in fp32 even when the logits are computed in q's dtype.
+    k and v may have fewer heads than q (grouped-query attention, ``H_q % H_kv == 0``): query
+    head h reads k/v head ``h // (H_q / H_kv)``.
     """
     args = check_attention_inputs(q, k, v, temperature, attn_mask, causal, gsot_threshold, scale)
     return attention_ref_checked(args, upcast=upcast)
@@ -129,6 +130,11 @@ def attention_ref_checked(args: AttentionInputs, *, upcast: bool) -> torch.Tenso
     q = args.q
     dtype = _compute_dtype(q, upcast=upcast)
     qc, kc, vc = args.q.to(dtype), args.k.to(dtype), args.v.to(dtype)
+    # Grouped-query attention is, by definition, attention on k/v repeated to the query heads
+    # (query head h reads k/v head h // group); autograd then sums dK/dV over each group.
+    group = qc.shape[1] // kc.shape[1]
+    if group > 1:
+        kc, vc = kc.repeat_interleave(group, dim=1), vc.repeat_interleave(group, dim=1)
     t_bar = mean_temperature(args.temperature.to(dtype))
 
     scores = torch.matmul(qc, kc.transpose(-2, -1)) * args.scale

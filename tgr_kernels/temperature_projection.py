@@ -22,7 +22,6 @@ tiny next to H, so every kernel streams ``h`` once and keeps W's ``[T, BLOCK_K]`
 from __future__ import annotations
 
 import functools
-from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -32,7 +31,11 @@ import triton.language as tl
 
 from . import _configs
 from ._backend import (
-    TRITON_INTERPRET, cpu_computes_natively, new_output, resolve_backend, triton_dot_precision,
+    TRITON_INTERPRET,
+    cpu_computes_natively,
+    new_output,
+    resolve_backend,
+    triton_dot_precision,
 )
 from ._validation import check_backend, check_projection_inputs
 from .reference import temperature_projection_ref
@@ -362,7 +365,7 @@ def _launch_backward_rows(grad_out, sigma, weight, hidden_dtype, clamp_min, clam
     return (grad_logits if store_grad_logits else None), (grad_hidden if hidden_grad else None)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _multiprocessor_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
@@ -438,7 +441,7 @@ def _torch_projection(hidden, weight, bias, clamp_min, clamp_max):
     return torch.clamp(torch.sigmoid(logits), clamp_min, clamp_max).to(out_dtype)
 
 
-def _triton_unsupported(hidden, weight, bias) -> Optional[Exception]:
+def _triton_unsupported(hidden, weight, bias) -> Exception | None:
     """The error to raise when the Triton kernels cannot take these inputs, or None."""
     for name, tensor in (("hidden", hidden), ("weight", weight), ("bias", bias)):
         if tensor is not None and tensor.dtype == torch.float64:
@@ -473,7 +476,7 @@ def _triton_projection(hidden, weight, bias, clamp_min, clamp_max):
 def temperature_projection(
     hidden: torch.Tensor,
     weight: torch.Tensor,
-    bias: Optional[torch.Tensor] = None,
+    bias: torch.Tensor | None = None,
     clamp_min: float = 0.01,
     clamp_max: float = 0.99,
     *,
