@@ -44,7 +44,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers.utils import ModelOutput
 
-from tgr_kernels import TemperatureMechanism, temperature_guided_attention
+from tgr_kernels import TemperatureMechanism, linear_cross_entropy, temperature_guided_attention
 
 from . import layers as tgr_layers
 from .config import (
@@ -592,12 +592,29 @@ class TGRLlamaModel(PreTrainedModel, GenerationMixin):
             y = y.to(self.compute_dtype)
         return head(y)
 
+    def _fused_loss_applies(self) -> bool:
+        """The fused loss needs the lm_head to be a plain linear layer with a floating weight (not
+        a 4-bit or adapter-wrapped one); otherwise the loss goes through the logits."""
+        head = self.get_output_embeddings()
+        return type(head) is nn.Linear and head.weight.is_floating_point()
+
+    def _fused_shifted_cross_entropy(self, y: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """:func:`_shifted_cross_entropy` of ``lm_head(y)`` without the logits: the fused op."""
+        head = self.get_output_embeddings()
+        weight = head.weight
+        shift_labels = labels[:, 1:].to(weight.device)
+        total = linear_cross_entropy(y[:, :-1].to(weight.dtype), weight, shift_labels, head.bias,
+                                     ignore_index=-100, reduction="sum")
+        count = (shift_labels != -100).sum()
+        return total / count.clamp(min=1)
+
     # ------------------------------------------------------------------------------------------
     # Forward
     # ------------------------------------------------------------------------------------------
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None, position_ids: torch.Tensor | None = None) -> TGROutput:
+                labels: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                return_logits: bool = True) -> TGROutput:
         """Logits, temperatures and GSoT mask of every token; the loss when labels are given.
 
         Args:
@@ -605,6 +622,10 @@ class TGRLlamaModel(PreTrainedModel, GenerationMixin):
             attention_mask: ``[B, S]`` 1 = real token, 0 = padding (any side), or None.
             labels: ``[B, S]`` next-token targets (shifted inside, −100 ignored), or None.
             position_ids: ``[B, S]`` for the base, or None for the base's default (as the seed).
+            return_logits: False (with labels) computes the cross-entropy with
+                :func:`tgr_kernels.linear_cross_entropy`, in chunks of rows, so the
+                ``[B, S, V]`` logits and their gradient never exist whole; ``logits`` is then None.
+                Training (``tgr train``) passes False.
         """
         self._check_inputs(input_ids, attention_mask, labels)
         config = self.config
@@ -619,11 +640,15 @@ class TGRLlamaModel(PreTrainedModel, GenerationMixin):
             layer_gsot_mask = (torch.ones(layer_temperatures.shape[:3], dtype=torch.bool, device=self.device)
                                if threshold is None else layer_temperatures.detach().mean(-1) >= threshold)
         y, temperatures, gsot_mask = self.tgr_head(hidden, None, attention_mask)
-        logits = self.lm_head(y)
+        fused = labels is not None and not return_logits and self._fused_loss_applies()
+        logits = None if fused else self.lm_head(y)
 
         loss = lm_loss = temperature_loss = None
         if labels is not None:
-            lm_loss = _shifted_cross_entropy(logits, labels.to(logits.device))
+            if fused:
+                lm_loss = self._fused_shifted_cross_entropy(y, labels)
+            else:
+                lm_loss = _shifted_cross_entropy(logits, labels.to(logits.device))
             mask = None if attention_mask is None else attention_mask.to(self.device)
             # The regularizer of every temperature mechanism (head and layers), each a mean over
             # the real tokens, summed.

@@ -131,7 +131,9 @@ class TGRTrainer(Trainer):
         return batch_samples, counts[0]
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        outputs = model(**inputs)
+        # Training needs no logits: the loss comes from the fused linear cross-entropy, and the
+        # [B, S, V] logits never exist whole. Evaluation (return_outputs) keeps them.
+        outputs = model(**inputs, return_logits=return_outputs or "labels" not in inputs)
         self._track(outputs, inputs.get("attention_mask"))
         loss = outputs.loss
         totals = self._accumulated_tokens

@@ -1,0 +1,75 @@
+"""The model's training loss through the fused linear cross-entropy (no [B, S, V] logits) equals
+the loss through the logits, value and gradients, in the head and every-layer modes; the Trainer
+takes that path."""
+import pytest
+import torch
+
+from tgr import TGRConfig, TGRLlamaModel, build_tiny_llama
+
+pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny"), hidden_size=64, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, vocab_size=256)
+
+
+def _model(path, mode):
+    config = TGRConfig(base_model_name_or_path=path, load_in_4bit=False, compute_dtype="float32", device="cpu",
+                       attention_backend="torch", temperature_heads=4, tgr_mode=mode)
+    return TGRLlamaModel(config)
+
+
+def _loss_and_grads(model, batch, return_logits):
+    model.zero_grad(set_to_none=True)
+    out = model(**batch, return_logits=return_logits)
+    out.loss.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    return out, grads
+
+
+@pytest.mark.parametrize("mode", ["head", "layers", "both"])
+def test_fused_loss_equals_the_loss_through_logits(base_dir, mode):
+    torch.manual_seed(0)
+    model = _model(base_dir, mode)
+    with torch.no_grad():  # temperatures away from their start, so every part matters
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.5)
+    ids = torch.randint(3, 256, (2, 11))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # left padding
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[0, 4] = -100
+    batch = dict(input_ids=ids, attention_mask=mask, labels=labels)
+    eager, eager_grads = _loss_and_grads(model, batch, return_logits=True)
+    fused, fused_grads = _loss_and_grads(model, batch, return_logits=False)
+    assert fused.logits is None and eager.logits is not None
+    torch.testing.assert_close(fused.lm_loss, eager.lm_loss, rtol=1e-5, atol=1e-6)
+    assert eager_grads and fused_grads.keys() == eager_grads.keys()
+    for name, g in eager_grads.items():
+        torch.testing.assert_close(fused_grads[name], g, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_the_trainer_asks_for_no_logits(base_dir, monkeypatch):
+    from tgr.train import TGRTrainer
+
+    model = _model(base_dir, "head")
+    seen = []
+    original = TGRLlamaModel.forward
+
+    def spy(self, *args, **kwargs):
+        seen.append(kwargs.get("return_logits", True))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(TGRLlamaModel, "forward", spy)
+    ids = torch.randint(3, 256, (2, 7))
+    inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids)
+    # A minimal trainer: compute_loss only reads _track's state and the accumulated counts.
+    trainer = object.__new__(TGRTrainer)
+    trainer._tgr_sums, trainer._tgr_count, trainer._accumulated_tokens = {}, 0, None
+    loss = trainer.compute_loss(model, inputs)
+    assert seen == [False] and torch.isfinite(loss)
+    _, outputs = trainer.compute_loss(model, inputs, return_outputs=True)
+    assert seen[-1] is True and outputs.logits is not None
