@@ -144,12 +144,7 @@ def tgr_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Ten
     mask = attention_mask
     if mask is None:
         causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
-        if causal and q_length == 1:
-            # A decoding step: its one query row, aligned bottom-right, sees every key. Saying so
-            # (no mask at all) spares the op a causal mask of S_q != S_k, which it would build
-            # densely.
-            causal = False
-        elif causal and 1 < q_length < kv_length:
+        if causal and 1 < q_length < kv_length:
             # sdpa's builder leaves the mask out here only for a prefill into an empty
             # pre-allocated cache: the queries are the first q_length positions (top-left), and
             # the keys after them are unfilled slots.

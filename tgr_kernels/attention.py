@@ -78,7 +78,10 @@ def temperature_guided_attention(
     if backend == "reference":
         return attention_ref_checked(args, upcast=False)
     q, k, v = _autocast_inputs(q, k, v)
-    options = (args.key_padding, args.additive, args.causal, args.gsot_threshold, args.scale)
+    # One query row, aligned bottom-right, sees every key: causality hides nothing there, and
+    # dropping it spares the backends a causal mask of S_q != S_k (the torch path builds it densely).
+    causal = args.causal and q.shape[2] > 1
+    options = (args.key_padding, args.additive, causal, args.gsot_threshold, args.scale)
     # The dtypes are decided above; no op inside may be recast by the caller's autocast.
     with torch.autocast(q.device.type, enabled=False):
         t_bar = mean_temperature(args.temperature)
