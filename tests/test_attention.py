@@ -100,7 +100,7 @@ def test_wide_path_across_chunks(row_ops, mask_kind, causal):
     args = check_attention_inputs(q, k, v, temperature, mask, causal, 0.3, None)
     t_bar = temperature.mean(-1)
     chunk_bytes = B * H * S_k * 4 * 6  # six rows a chunk
-    out = attention_wide.wide_attention(q, k, v, t_bar, args.key_padding, args.additive, causal, 0.3,
+    out = attention_wide.wide_attention(q, k, v, t_bar, args.key_padding, args.additive, causal, args.gate,
                                         args.scale, row_ops=row_ops, chunk_bytes=chunk_bytes)
     grad_out = torch.randn_like(out)
     grads = torch.autograd.grad(out, leaves + [temperature], grad_out)

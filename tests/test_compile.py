@@ -128,7 +128,8 @@ def _attention_op_args(D, mask_kind, gsot, causal):
     elif mask_kind == "additive":
         additive = torch.randn(B, 1, S, S, device=DEVICE)
         additive[..., 0, :] = float("-inf")
-    return q, k, v, t_bar, key_padding, additive, causal, gsot, D ** -0.5
+    # A learning gate (straight-through, mode 1) where GSoT is on: the ops' gate fields in full.
+    return q, k, v, t_bar, key_padding, additive, causal, gsot, 0 if gsot is None else 1, 0.05, D ** -0.5
 
 
 @pytest.mark.parametrize("mask_kind,gsot,causal", [(None, None, False), ("kpm", 0.4, True), ("additive", 0.2, False)])
@@ -151,16 +152,16 @@ def test_opcheck_flash_attention(mask_kind, gsot, causal):
     (True, False, None), (False, False, 2), (True, True, None), (False, True, 2),
 ])
 def test_opcheck_wide_attention(mask_kind, gsot, causal, keep_scores, same_qkv, chunk_rows):
-    q, k, v, t_bar, key_padding, additive, causal, gsot, scale = _attention_op_args(272, mask_kind, gsot, causal)
+    q, k, v, t_bar, key_padding, additive, causal, *gate, scale = _attention_op_args(272, mask_kind, gsot, causal)
     if same_qkv:
         k = v = q
     B, H, S, _ = q.shape
     chunk_bytes = 64 << 20 if chunk_rows is None else B * H * S * q.element_size() * chunk_rows
-    args = (q, k, v, t_bar, key_padding, additive, causal, gsot, scale, chunk_bytes, keep_scores, same_qkv)
+    args = (q, k, v, t_bar, key_padding, additive, causal, *gate, scale, chunk_bytes, keep_scores, same_qkv)
     _opcheck(_ops.wide_attention_forward, args)
     with torch.no_grad():
         out, lse, scores = _ops.wide_attention_forward(*args)
-    detached = [a.detach() if isinstance(a, torch.Tensor) else a for a in args[:10]]
+    detached = [a.detach() if isinstance(a, torch.Tensor) else a for a in args[:12]]
     for need_dq, need_dkv in ((True, True), (False, True), (True, False)):
         _opcheck(_ops.wide_attention_backward,
                               (*detached, lse, scores, torch.randn_like(out), need_dq, need_dkv, same_qkv),

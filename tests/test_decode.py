@@ -9,6 +9,7 @@ import torch
 from helpers import DEVICE, make_mask
 from parity import FLOOR, assert_parity, max_err
 from tgr_kernels import _configs, attention_decode, attention_flash
+from tgr_kernels._gate import Gate
 from tgr_kernels.attention import temperature_guided_attention
 from tgr_kernels.reference import temperature_guided_attention_ref
 
@@ -118,7 +119,7 @@ def test_every_split_count_gives_the_same_result(dtype, launched):
     outs = {}
     for splits in (1, 2, 5, 10):
         launched.clear()
-        outs[splits] = attention_decode.decode_forward(q, k, v, t_bar, mask, None, True, 0.3, D ** -0.5,
+        outs[splits] = attention_decode.decode_forward(q, k, v, t_bar, mask, None, True, Gate(0.3), D ** -0.5,
                                                        num_splits=splits)
         assert launched[0][1] == (B * H_q * S_q, splits)
         assert_parity(f"out with {splits} chunks", outs[splits], eager, truth, dtype)

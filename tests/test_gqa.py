@@ -154,11 +154,11 @@ def test_flash_ops_fake_shapes_match_real_for_gqa():
     q, k, v, t = (x.detach() for x in gqa_inputs(1, 4, 2, 6, 5, 16, F32))
     t_bar = t.mean(-1)
     ops = torch.ops.tgr_kernels
-    torch.library.opcheck(ops.flash_attention_forward, (q, k, v, t_bar, None, None, True, None, 0.25),
+    torch.library.opcheck(ops.flash_attention_forward, (q, k, v, t_bar, None, None, True, None, 0, 0.05, 0.25),
                           test_utils=("test_faketensor",))
-    _, lse = ops.flash_attention_forward(q, k, v, t_bar, None, None, True, None, 0.25)
+    _, lse = ops.flash_attention_forward(q, k, v, t_bar, None, None, True, None, 0, 0.05, 0.25)
     torch.library.opcheck(ops.flash_attention_backward,
-                          (q, k, v, t_bar, None, None, True, None, 0.25, lse, torch.randn_like(q), True, True),
+                          (q, k, v, t_bar, None, None, True, None, 0, 0.05, 0.25, lse, torch.randn_like(q), True, True),
                           test_utils=("test_faketensor",))
 
 

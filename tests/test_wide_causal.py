@@ -18,7 +18,7 @@ F32, BF16 = torch.float32, torch.bfloat16
 def wide(q, k, v, temperature, mask, causal, thr, row_ops, chunk_bytes=None):
     args = check_attention_inputs(q, k, v, temperature, mask, causal, thr, None)
     return attention_wide.wide_attention(q, k, v, temperature.float().mean(-1), args.key_padding, args.additive,
-                                         causal, thr, args.scale, row_ops=row_ops, chunk_bytes=chunk_bytes)
+                                         causal, args.gate, args.scale, row_ops=row_ops, chunk_bytes=chunk_bytes)
 
 
 def check_causal_parity(row_ops, B, H, S_q, S_k, D, mask_kind, thr, same_qkv, dtype, chunk_bytes=None,

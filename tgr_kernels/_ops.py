@@ -24,7 +24,7 @@ from typing import Optional, Tuple
 import torch
 
 # Launchers are looked up on their modules at call time (tests replace them with spies).
-from . import attention_flash, attention_wide
+from . import _gate, attention_flash, attention_wide
 from . import temperature_projection as projection
 
 _NS = "tgr_kernels"
@@ -60,16 +60,16 @@ def _register_double_backward_error(backward_op, op: str) -> None:
 def flash_attention_forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, t_bar: torch.Tensor,
     key_padding: Optional[torch.Tensor], additive: Optional[torch.Tensor],
-    causal: bool, gsot_threshold: Optional[float], scale: float,
+    causal: bool, gsot_threshold: Optional[float], gsot_mode: int, gsot_width: float, scale: float,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Flash forward: ``(out [B, H, S_q, D] in q's dtype, lse [B, H, S_q] fp32)``."""
+    gate = _gate.from_op_args(gsot_threshold, gsot_mode, gsot_width)
     with _launch_context(q):
-        return attention_flash.flash_forward(q, k, v, t_bar, key_padding, additive, causal, gsot_threshold,
-                                             scale)
+        return attention_flash.flash_forward(q, k, v, t_bar, key_padding, additive, causal, gate, scale)
 
 
 @flash_attention_forward.register_fake
-def _(q, k, v, t_bar, key_padding, additive, causal, gsot_threshold, scale):
+def _(q, k, v, t_bar, key_padding, additive, causal, gsot_threshold, gsot_mode, gsot_width, scale):
     B, H, S_q, _ = q.shape
     return q.new_empty(q.shape), q.new_empty((B, H, S_q), dtype=torch.float32)
 
@@ -78,21 +78,22 @@ def _(q, k, v, t_bar, key_padding, additive, causal, gsot_threshold, scale):
 def flash_attention_backward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, t_bar: torch.Tensor,
     key_padding: Optional[torch.Tensor], additive: Optional[torch.Tensor],
-    causal: bool, gsot_threshold: Optional[float], scale: float,
+    causal: bool, gsot_threshold: Optional[float], gsot_mode: int, gsot_width: float, scale: float,
     lse: torch.Tensor, grad_out: torch.Tensor, need_dq: bool, need_dkv: bool,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Flash backward: ``(dq, dk, dv, dt̄ [B, S_q] fp32)``; unneeded gradients are empty."""
+    gate = _gate.from_op_args(gsot_threshold, gsot_mode, gsot_width)
     with _launch_context(q):
         dq, dk, dv, dt = attention_flash.flash_backward(
-            q, k, v, t_bar, key_padding, additive, causal, gsot_threshold, scale, lse, grad_out,
+            q, k, v, t_bar, key_padding, additive, causal, gate, scale, lse, grad_out,
             need_dq=need_dq, need_dkv=need_dkv)
     # Custom-op outputs may not alias each other: a fresh empty tensor for each missing one.
     return tuple(q.new_empty(0) if g is None else g for g in (dq, dk, dv)) + (dt,)
 
 
 @flash_attention_backward.register_fake
-def _(q, k, v, t_bar, key_padding, additive, causal, gsot_threshold, scale, lse, grad_out,
-      need_dq, need_dkv):
+def _(q, k, v, t_bar, key_padding, additive, causal, gsot_threshold, gsot_mode, gsot_width, scale, lse,
+      grad_out, need_dq, need_dkv):
     B, H, S_q, _ = q.shape
     return (q.new_empty(q.shape if need_dq else (0,)),
             k.new_empty(k.shape if need_dkv else (0,)),
@@ -101,16 +102,16 @@ def _(q, k, v, t_bar, key_padding, additive, causal, gsot_threshold, scale, lse,
 
 
 def _flash_setup_context(ctx, inputs, output):
-    q, k, v, t_bar, key_padding, additive, causal, gsot_threshold, scale = inputs
+    q, k, v, t_bar, key_padding, additive, *options = inputs
     _, lse = output  # the output itself is not needed: Δ comes from the backward's first pass
     ctx.save_for_backward(q, k, v, t_bar, key_padding, additive, lse)
-    ctx.options = (causal, gsot_threshold, scale)
+    ctx.options = tuple(options)  # causal, the gate's three fields, scale
 
 
 def _flash_backward(ctx, grad_out, grad_lse):
     q, k, v, t_bar, key_padding, additive, lse = ctx.saved_tensors
     need_q, need_k, need_v, need_t = ctx.needs_input_grad[:4]
-    nones = (None,) * 5
+    nones = (None,) * 7
     if grad_out is None or not (need_q or need_k or need_v or need_t):
         return (None,) * 4 + nones
     dq, dk, dv, dt = flash_attention_backward(
@@ -125,9 +126,11 @@ flash_attention_forward.register_autograd(_flash_backward, setup_context=_flash_
 _register_double_backward_error(flash_attention_backward, "temperature_guided_attention (Triton flash path)")
 
 
-def flash_attention(q, k, v, t_bar, key_padding, additive, causal, gsot_threshold, scale):
-    """Differentiable flash attention (inputs validated by the caller; t̄ fp32 ``[B, S_q]``)."""
-    return flash_attention_forward(q, k, v, t_bar, key_padding, additive, causal, gsot_threshold, scale)[0]
+def flash_attention(q, k, v, t_bar, key_padding, additive, causal, gate, scale):
+    """Differentiable flash attention (inputs validated by the caller; t̄ fp32 ``[B, S_q]``;
+    ``gate``: a ``_gate.Gate`` or None)."""
+    return flash_attention_forward(q, k, v, t_bar, key_padding, additive, causal, *_gate.op_args(gate),
+                                   scale)[0]
 
 
 # ----------------------------------------------------------------------------- wide attention (Triton rows)
@@ -135,15 +138,16 @@ def flash_attention(q, k, v, t_bar, key_padding, additive, causal, gsot_threshol
 def wide_attention_forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, t_bar: torch.Tensor,
     key_padding: Optional[torch.Tensor], additive: Optional[torch.Tensor],
-    causal: bool, gsot_threshold: Optional[float], scale: float, chunk_bytes: int, keep_scores: bool,
-    same_qkv: bool,
+    causal: bool, gsot_threshold: Optional[float], gsot_mode: int, gsot_width: float, scale: float,
+    chunk_bytes: int, keep_scores: bool, same_qkv: bool,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Wide forward with the Triton row kernels: ``(out, lse, Z)``; Z = QKᵀ ``[B, H, S_q, S_k]``
     when ``keep_scores`` (gradients wanted and Z fits in ``chunk_bytes``), else empty.
     ``same_qkv`` is only read by the backward (q, k and v are one tensor)."""
+    gate = _gate.from_op_args(gsot_threshold, gsot_mode, gsot_width)
     with _launch_context(q):
         out, lse, scores = attention_wide.wide_forward(
-            q, k, v, t_bar, key_padding, additive, causal, gsot_threshold, scale, "triton", chunk_bytes,
+            q, k, v, t_bar, key_padding, additive, causal, gate, scale, "triton", chunk_bytes,
             keep_scores=keep_scores)
     if keep_scores and scores is None:
         # The fake implementation promises Z whenever keep_scores is set.
@@ -153,8 +157,8 @@ def wide_attention_forward(
 
 
 @wide_attention_forward.register_fake
-def _(q, k, v, t_bar, key_padding, additive, causal, gsot_threshold, scale, chunk_bytes, keep_scores,
-      same_qkv):
+def _(q, k, v, t_bar, key_padding, additive, causal, gsot_threshold, gsot_mode, gsot_width, scale, chunk_bytes,
+      keep_scores, same_qkv):
     B, H, S_q, _ = q.shape
     stats = torch.float64 if q.dtype == torch.float64 else torch.float32
     scores = q.new_empty((B, H, S_q, k.shape[2])) if keep_scores else q.new_empty(0)
@@ -165,23 +169,24 @@ def _(q, k, v, t_bar, key_padding, additive, causal, gsot_threshold, scale, chun
 def wide_attention_backward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, t_bar: torch.Tensor,
     key_padding: Optional[torch.Tensor], additive: Optional[torch.Tensor],
-    causal: bool, gsot_threshold: Optional[float], scale: float, chunk_bytes: int,
-    lse: torch.Tensor, scores: torch.Tensor, grad_out: torch.Tensor,
+    causal: bool, gsot_threshold: Optional[float], gsot_mode: int, gsot_width: float, scale: float,
+    chunk_bytes: int, lse: torch.Tensor, scores: torch.Tensor, grad_out: torch.Tensor,
     need_dq: bool, need_dkv: bool, same_qkv: bool,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Wide backward: ``(dq, dk, dv, dt̄ [B, S_q])``; unneeded gradients are empty. When q, k, v
     are one tensor and all are needed, dq holds dQ + dK + dV and dk, dv are empty."""
+    gate = _gate.from_op_args(gsot_threshold, gsot_mode, gsot_width)
     with _launch_context(q):
         dq, dk, dv, dt = attention_wide.wide_backward(
-            q, k, v, t_bar, key_padding, additive, causal, gsot_threshold, scale, "triton", chunk_bytes, lse,
+            q, k, v, t_bar, key_padding, additive, causal, gate, scale, "triton", chunk_bytes, lse,
             _none_if_empty(scores), grad_out, need_dq=need_dq, need_dkv=need_dkv, same_qkv=same_qkv)
     # Custom-op outputs may not alias each other: a fresh empty tensor for each missing one.
     return tuple(q.new_empty(0) if g is None else g for g in (dq, dk, dv)) + (dt,)
 
 
 @wide_attention_backward.register_fake
-def _(q, k, v, t_bar, key_padding, additive, causal, gsot_threshold, scale, chunk_bytes, lse, scores,
-      grad_out, need_dq, need_dkv, same_qkv):
+def _(q, k, v, t_bar, key_padding, additive, causal, gsot_threshold, gsot_mode, gsot_width, scale, chunk_bytes,
+      lse, scores, grad_out, need_dq, need_dkv, same_qkv):
     B, _, S_q, _ = q.shape
     separate_dkv = need_dkv and not (same_qkv and need_dq)
     return (q.new_empty(q.shape if need_dq else (0,)),
@@ -191,17 +196,17 @@ def _(q, k, v, t_bar, key_padding, additive, causal, gsot_threshold, scale, chun
 
 
 def _wide_setup_context(ctx, inputs, output):
-    q, k, v, t_bar, key_padding, additive, causal, gsot_threshold, scale, chunk_bytes, _, same_qkv = inputs
+    q, k, v, t_bar, key_padding, additive, *options, _, same_qkv = inputs
     _, lse, scores = output
     ctx.save_for_backward(q, k, v, t_bar, key_padding, additive, lse, scores)
-    ctx.options = (causal, gsot_threshold, scale, chunk_bytes)
+    ctx.options = tuple(options)  # causal, the gate's three fields, scale, chunk_bytes
     ctx.same_qkv = same_qkv
 
 
 def _wide_backward(ctx, grad_out, grad_lse, grad_scores):
     q, k, v, t_bar, key_padding, additive, lse, scores = ctx.saved_tensors
     need_q, need_k, need_v, need_t = ctx.needs_input_grad[:4]
-    nones = (None,) * 8
+    nones = (None,) * 10
     if grad_out is None or not (need_q or need_k or need_v or need_t):
         return (None,) * 4 + nones
     dq, dk, dv, dt = wide_attention_backward(
@@ -216,14 +221,14 @@ wide_attention_forward.register_autograd(_wide_backward, setup_context=_wide_set
 _register_double_backward_error(wide_attention_backward, "temperature_guided_attention (Triton wide path)")
 
 
-def wide_triton_attention(q, k, v, t_bar, key_padding, additive, causal, gsot_threshold, scale, chunk_bytes):
+def wide_triton_attention(q, k, v, t_bar, key_padding, additive, causal, gate, scale, chunk_bytes):
     """Differentiable wide attention with the Triton row kernels (inputs validated by the caller)."""
     B, H, S_q, _ = q.shape
     need_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, t_bar))
     # wide_forward keeps Z for the backward when a whole [B, H, S_q, S_k] buffer fits in a chunk.
     scores_fit = B * H * S_q * k.shape[2] * q.element_size() <= chunk_bytes
     same_qkv = q is k and k is v
-    return wide_attention_forward(q, k, v, t_bar, key_padding, additive, causal, gsot_threshold, scale,
+    return wide_attention_forward(q, k, v, t_bar, key_padding, additive, causal, *_gate.op_args(gate), scale,
                                   chunk_bytes, need_grad and scores_fit, same_qkv)[0]
 
 

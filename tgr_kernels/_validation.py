@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ._gate import DEFAULT_GSOT_WIDTH, Gate, make_gate
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 BACKENDS = ("auto", "triton", "torch", "reference")
 
@@ -167,7 +169,7 @@ class AttentionInputs:
     key_padding: torch.Tensor | None
     additive: torch.Tensor | None
     causal: bool
-    gsot_threshold: float | None
+    gate: Gate | None
     scale: float
 
 
@@ -215,7 +217,8 @@ def _split_mask(attn_mask, B: int, H: int, S_q: int, S_k: int, checks: list):
 
 
 def check_attention_inputs(
-    q, k, v, temperature, attn_mask, causal: bool, gsot_threshold, scale
+    q, k, v, temperature, attn_mask, causal: bool, gsot_threshold, scale,
+    gsot_mode: str = "hard", gsot_width=DEFAULT_GSOT_WIDTH,
 ) -> AttentionInputs:
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_tensor(name, t, dims=(4,))
@@ -261,10 +264,11 @@ def check_attention_inputs(
         if not _is_real(gsot_threshold) or math.isnan(gsot_threshold):
             raise TypeError(f"gsot_threshold must be a number or None, got {gsot_threshold!r}")
         gsot_threshold = float(gsot_threshold)
+    gate = make_gate(gsot_threshold, gsot_mode, gsot_width)
     if scale is None:
         scale = 1.0 / math.sqrt(D)
     elif not _is_real(scale) or not (scale > 0 and math.isfinite(scale)):
         raise ValueError(f"scale must be a positive finite number or None, got {scale!r}")
     key_padding, additive = _split_mask(attn_mask, B, H, S_q, S_k, checks)
     _run_value_checks(q.device, checks)
-    return AttentionInputs(q, k, v, temperature, key_padding, additive, bool(causal), gsot_threshold, float(scale))
+    return AttentionInputs(q, k, v, temperature, key_padding, additive, bool(causal), gate, float(scale))

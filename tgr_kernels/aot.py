@@ -56,6 +56,7 @@ from triton.runtime.jit import JITFunction  # noqa: E402
 
 from . import _configs, attention_decode, attention_flash, attention_wide  # noqa: E402
 from ._backend import TRITON_INTERPRET, cpu_name, triton_dot_precision  # noqa: E402
+from ._gate import GATE_STRAIGHT_THROUGH, Gate  # noqa: E402
 
 # The package exports a function of the same name, so fetch the module itself.
 temperature_projection = importlib.import_module(f"{__package__ or 'tgr_kernels'}.temperature_projection")
@@ -352,7 +353,7 @@ def flash_launches(arch: str, full: bool = True) -> list[Launch]:
                 k, v = (torch.zeros(B, H_kv, S, D, dtype=precision.dtype) for _ in range(2))
                 t_bar = torch.full((B, S), 0.5)
                 key_padding, additive = _masks(s["mask"], s["bias_dtype"], precision.dtype, B, H, S, S)
-                gsot = 0.1 if s["gsot"] else None
+                gsot = Gate(0.1, GATE_STRAIGHT_THROUGH) if s["gsot"] else None
                 scale = D ** -0.5
                 label = dict(dtype=precision.name, D=D, S=S, **{k: s[k] for k in FLASH_BASE})
                 with precision.active():
@@ -381,12 +382,12 @@ def wide_launches(arch: str, full: bool = True) -> list[Launch]:
                 t_bar = torch.full((B, S_q), 0.5)
                 lse, dt = torch.zeros(B, H, S_q), torch.zeros(B, H, S_q)
                 key_padding, additive = _masks(s["mask"], s["bias_dtype"], dtype, B, H, S_q, S_k)
-                gsot = 0.1 if s["gsot"] else None
+                gsot = Gate(0.1, GATE_STRAIGHT_THROUGH) if s["gsot"] else None
                 label = dict(dtype=DTYPE_NAMES[dtype], n_cols=n_cols, **{k: s[k] for k in WIDE_BASE})
                 launches += _keep(record(lambda: attention_wide._triton_rows_forward(
                     z, 0, t_bar, key_padding, additive, s["causal"], gsot, 0.1, lse, S_q, S_k), arch, **label), s)
                 launches += _keep(record(lambda: attention_wide._triton_rows_backward(
-                    z, dp, 0, t_bar, key_padding, additive, s["causal"], 0.1, lse, dt, S_q, S_k,
+                    z, dp, 0, t_bar, key_padding, additive, s["causal"], gsot, 0.1, lse, dt, S_q, S_k,
                     store_p=s["store_p"], store_g=s["store_g"]), arch, **label), s)
     return launches
 
@@ -475,7 +476,7 @@ def decode_launches(arch: str, full: bool = True) -> list[Launch]:
                 k, v = (torch.zeros(B, H_kv, S_k, D, dtype=dtype) for _ in range(2))
                 t_bar = torch.full((B, S_q), 0.5)
                 key_padding, additive = _masks(s["mask"], s["bias_dtype"], dtype, B, H, S_q, S_k)
-                gsot = 0.1 if s["gsot"] else None
+                gsot = Gate(0.1, GATE_STRAIGHT_THROUGH) if s["gsot"] else None
                 label = dict(dtype=DTYPE_NAMES[dtype], D=D, S_q=S_q, S_k=S_k, **{k: s[k] for k in DECODE_BASE})
                 launches += _keep(record(lambda: attention_decode.decode_forward(
                     q, k, v, t_bar, key_padding, additive, s["causal"], gsot, D ** -0.5), arch, **label), s)

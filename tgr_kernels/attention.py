@@ -2,7 +2,9 @@
 
 Math (per query row i; see DESIGN.md for the backward)::
 
-    S_ij = t̄_i · scale · (q_i·k_j) + m_ij,   P = softmax_j(S),   Y_i = 1[t̄_i >= τ] · (P V)_i
+    S_ij = t̄_i · scale · (q_i·k_j) + m_ij,   P = softmax_j(S),   Y_i = g_i · (P V)_i
+
+with the GSoT gate g_i = 1[t̄_i >= τ] (the seed's), or a gate that learns (``_gate``).
 
 Implementations, chosen by ``backend`` and the head dim D:
 
@@ -20,6 +22,7 @@ import torch
 from torch import nn
 
 from ._backend import TRITON_INTERPRET, cpu_computes_natively, resolve_backend
+from ._gate import DEFAULT_GSOT_WIDTH, make_gate
 from ._ops import flash_attention, wide_triton_attention
 from ._validation import check_attention_inputs, check_backend
 from .attention_decode import DECODE_MAX_QUERY_ROWS, decode_forward
@@ -45,6 +48,8 @@ def temperature_guided_attention(
     gsot_threshold: float | None = None,
     scale: float | None = None,
     backend: str = "auto",
+    gsot_mode: str = "hard",
+    gsot_width: float = DEFAULT_GSOT_WIDTH,
 ) -> torch.Tensor:
     """Attention whose logits are scaled per query row by its temperature, with GSoT pruning.
 
@@ -61,16 +66,24 @@ def temperature_guided_attention(
             3 or 4 dims is read as keep = true. Masks get no gradient.
         causal: key j is visible to query i when ``j <= i + S_k - S_q`` (bottom-right aligned,
             so a query block at the end of a cache lines up with the last keys).
-        gsot_threshold: rows whose (mean) temperature is below it output zeros (GSoT); None = off.
+        gsot_threshold: τ: rows whose (mean) temperature is below it output zeros (GSoT);
+            None = off.
         scale: logit scale, default ``1/sqrt(D)``.
         backend: "auto" (Triton on CUDA, "torch" elsewhere), "triton", "torch", "reference".
+        gsot_mode: how the gate learns. "hard" (the seed's): ``g = 1[t̄ >= τ]``, no gradient
+            through the gate, so a pruned row stays pruned. "straight_through": the same forward,
+            and the backward's dg/dt̄ = σ'(u)/ε with ``u = (t̄ − τ)/ε``, so the loss can pull a
+            pruned row's temperature back over τ. "soft": ``g = σ(u)`` in both passes (use
+            "hard" at inference). Every backend computes the same gradients.
+        gsot_width: ε > 0 of the two learning gates, in temperature units.
 
     Returns:
         ``[B, H, S_q, D]`` in q's dtype. A row with no visible key gives zeros, never NaN.
         Differentiable in q, k, v and temperature; gradients that are not needed are not computed.
     """
     check_backend(backend)
-    args = check_attention_inputs(q, k, v, temperature, attn_mask, causal, gsot_threshold, scale)
+    args = check_attention_inputs(q, k, v, temperature, attn_mask, causal, gsot_threshold, scale,
+                                  gsot_mode, gsot_width)
     backend = resolve_backend(backend, q.device)
     if backend == "triton" and q.dtype == torch.float64:
         raise TypeError("backend='triton' supports float16, bfloat16 and float32 q/k/v, got float64; "
@@ -81,7 +94,7 @@ def temperature_guided_attention(
     # One query row, aligned bottom-right, sees every key: causality hides nothing there, and
     # dropping it spares the backends a causal mask of S_q != S_k (the torch path builds it densely).
     causal = args.causal and q.shape[2] > 1
-    options = (args.key_padding, args.additive, causal, args.gsot_threshold, args.scale)
+    options = (args.key_padding, args.additive, causal, args.gate, args.scale)
     # The dtypes are decided above; no op inside may be recast by the caller's autocast.
     with torch.autocast(q.device.type, enabled=False):
         t_bar = mean_temperature(args.temperature)
@@ -162,21 +175,25 @@ class TemperatureGuidedAttention(nn.Module):
     """Module form of :func:`temperature_guided_attention` (no parameters of its own)."""
 
     def __init__(self, causal: bool = False, gsot_threshold: float | None = None,
-                 scale: float | None = None, *, backend: str = "auto"):
+                 scale: float | None = None, *, backend: str = "auto", gsot_mode: str = "hard",
+                 gsot_width: float = DEFAULT_GSOT_WIDTH):
         super().__init__()
         check_backend(backend)
+        make_gate(gsot_threshold, gsot_mode, gsot_width)  # bad mode or width: fail here, not at the call
         self.causal = causal
         self.gsot_threshold = gsot_threshold
         self.scale = scale
         self.backend = backend
+        self.gsot_mode = gsot_mode
+        self.gsot_width = gsot_width
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, temperature: torch.Tensor,
                 attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         return temperature_guided_attention(
             q, k, v, temperature, attn_mask, causal=self.causal, gsot_threshold=self.gsot_threshold,
-            scale=self.scale, backend=self.backend,
+            scale=self.scale, backend=self.backend, gsot_mode=self.gsot_mode, gsot_width=self.gsot_width,
         )
 
     def extra_repr(self) -> str:
-        return (f"causal={self.causal}, gsot_threshold={self.gsot_threshold}, scale={self.scale}, "
-                f"backend={self.backend!r}")
+        return (f"causal={self.causal}, gsot_threshold={self.gsot_threshold}, gsot_mode={self.gsot_mode!r}, "
+                f"scale={self.scale}, backend={self.backend!r}")

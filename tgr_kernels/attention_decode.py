@@ -34,8 +34,9 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _configs
+from . import _configs, _gate
 from ._backend import new_output
+from ._gate import gate_rows
 from ._masks import LOG2E, logits_tile, mask_args
 
 # The most query rows the dispatcher sends here: one program per query row re-reads its K/V
@@ -46,7 +47,7 @@ from ._masks import LOG2E, logits_tile, mask_args
 DECODE_MAX_QUERY_ROWS = 16
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["gsot_mode"])
 def _decode_split_kernel(
     Q, K, V, T_BAR, KPM, BIAS, ACC_PART, M_PART, L_PART,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -55,7 +56,7 @@ def _decode_split_kernel(
     stride_tb, stride_tm,
     stride_pb, stride_pn,
     stride_bb, stride_bh, stride_bm, stride_bn,
-    H, GROUP, S_q, S_k, D, scale, chunk, num_splits, gsot_threshold,
+    H, GROUP, S_q, S_k, D, scale, chunk, num_splits, gsot_threshold, gsot_mode,
     HAS_KPM: tl.constexpr, HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, HAS_GATE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -67,7 +68,8 @@ def _decode_split_kernel(
         M_ic = max_j S_ij,   L_ic = Σ_j 2^(S_ij − M_ic),   A_ic = Σ_j 2^(S_ij − M_ic) v_j
 
     (online over BLOCK_N-key blocks; M = −inf, L = 0, A = 0 when no key of the chunk is visible).
-    When HAS_GATE, a row with ``t̄_i < τ`` (which the combine zeroes) reads no key: M = −inf.
+    When HAS_GATE, a row with ``t̄_i < τ`` under a hard forward gate (gsot_mode "hard" or
+    "straight_through", which the combine zeroes) reads no key: M = −inf.
     Q [B, H, S_q, D]; K, V [B, H / GROUP, S_k, D] (kv head h // GROUP); any strides. T_BAR fp32
     [B, S_q]. ACC_PART fp32 [B·H·S_q, num_splits, D], M_PART and L_PART fp32 [B·H·S_q,
     num_splits], contiguous. Grid: (B·H·S_q, num_splits), rows on axis 0 (no 65535 limit).
@@ -101,8 +103,9 @@ def _decode_split_kernel(
         # One past the last key row i sees (bottom-right aligned); later keys are not loaded.
         end = tl.maximum(tl.minimum(end, i + (S_k - S_q) + 1), start)
     if HAS_GATE:
-        # A pruned row outputs zeros whatever its keys: its chunk is not read at all.
-        end = tl.where(tl.max(t_bar, 0) >= gsot_threshold, end, start)
+        # A pruned row outputs zeros whatever its keys: its chunk is not read at all. (The soft
+        # gate, mode 2, prunes nothing: σ(u) > 0.)
+        end = tl.where((tl.max(t_bar, 0) >= gsot_threshold) | (gsot_mode == 2), end, start)
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + offs_n0
         kv_mask = (offs_n[:, None] < S_k) & d_ok[None, :]
@@ -129,19 +132,19 @@ def _decode_split_kernel(
     tl.store(L_PART + part + tl.arange(0, 1), l_i)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["gsot_mode"])
 def _decode_combine_kernel(
     ACC_PART, M_PART, L_PART, T_BAR, OUT,
     stride_ob, stride_oh, stride_om, stride_od,
     stride_tb, stride_tm,
-    H, S_q, D, num_splits, gsot_threshold,
+    H, S_q, D, num_splits, gsot_threshold, gsot_mode, gsot_width,
     HAS_GATE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Exact merge of one query row's chunk partials, and the GSoT gate.
 
     ``M = max_c M_c``, ``w_c = 2^(M_c − M)`` (0 for a chunk with M_c = −inf),
-    ``Y = g · (Σ_c w_c A_c) / (Σ_c w_c L_c)`` with ``g = 1[t̄ >= τ]`` when HAS_GATE; a row whose
-    chunks saw no key (Σ w_c L_c = 0) or that is pruned writes zeros. Partials as written by
+    ``Y = g · (Σ_c w_c A_c) / (Σ_c w_c L_c)`` with the gate g of ``_gate.gate_rows`` when
+    HAS_GATE; a row whose chunks saw no key (Σ w_c L_c = 0) or that is pruned writes zeros. Partials as written by
     ``_decode_split_kernel``; BLOCK_S >= num_splits. OUT [B, H, S_q, D] in the output dtype,
     any strides. Grid: (B·H·S_q,).
     """
@@ -167,16 +170,16 @@ def _decode_combine_kernel(
 
     dead = l_sum == 0.0
     out = acc / tl.where(dead, 1.0, l_sum)
-    keep = ~dead
+    out = tl.where(dead, 0.0, out)
     if HAS_GATE:
         t_bar = tl.load(T_BAR + b.to(tl.int64) * stride_tb + i.to(tl.int64) * stride_tm).to(tl.float32)
-        keep = keep & (t_bar >= gsot_threshold)
-    out = tl.where(keep, out, 0.0)
+        gate, _ = gate_rows(t_bar, gsot_threshold, gsot_mode, gsot_width)
+        out = out * gate
     tl.store(OUT + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + i.to(tl.int64) * stride_om
              + offs_d.to(tl.int64) * stride_od, out.to(OUT.dtype.element_ty), mask=d_ok)
 
 
-def decode_forward(q, k, v, t_bar, key_padding, additive, causal, gsot_threshold, scale,
+def decode_forward(q, k, v, t_bar, key_padding, additive, causal, gate, scale,
                    num_splits: int | None = None):
     """Launch the split and combine kernels; returns the output ``[B, H_q, S_q, D]`` in q's dtype.
 
@@ -205,20 +208,20 @@ def decode_forward(q, k, v, t_bar, key_padding, additive, causal, gsot_threshold
     l_part = torch.empty(rows, num_splits, dtype=torch.float32, device=q.device)
     kpm, kpm_strides, bias, bias_strides = mask_args(key_padding, additive, (B, H, S_q, S_k), q.device)
     block_d = _configs.flash_block_d(D)
-    gate = 0.0 if gsot_threshold is None else gsot_threshold
+    threshold, mode, width = _gate.kernel_args(gate)
     _configs.launch(
         _decode_split_kernel, (rows, num_splits), (config,),
         q, k, v, t_bar, kpm, bias, acc_part, m_part, l_part,
         *q.stride(), *k.stride(), *v.stride(), *t_bar.stride(), *kpm_strides, *bias_strides,
-        H, H // H_kv, S_q, S_k, D, scale, chunk, num_splits, gate,
+        H, H // H_kv, S_q, S_k, D, scale, chunk, num_splits, threshold, mode,
         HAS_KPM=key_padding is not None, HAS_BIAS=additive is not None, CAUSAL=causal,
-        HAS_GATE=gsot_threshold is not None, BLOCK_D=block_d,
+        HAS_GATE=gate is not None, BLOCK_D=block_d,
     )
     out = new_output(q.shape, q.dtype, q.device)
     _configs.launch(
         _decode_combine_kernel, (rows,), (_configs.decode_combine_config(),),
         acc_part, m_part, l_part, t_bar, out, *out.stride(), *t_bar.stride(),
-        H, S_q, D, num_splits, gate,
-        HAS_GATE=gsot_threshold is not None, BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=block_d,
+        H, S_q, D, num_splits, threshold, mode, width,
+        HAS_GATE=gate is not None, BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=block_d,
     )
     return out

@@ -7,15 +7,20 @@ Memory is O(S): the forward keeps only the output and one log-sum-exp per row.
 Forward, per query row i (online softmax over key blocks, base-2 exponentials)::
 
     S_ij = t̄_i · scale · (q_i·k_j) + m_ij          (m: key padding, causal, additive bias)
-    P = softmax_j(S),  O = P V,  Y_i = g_i · O_i      (g_i = 1[t̄_i >= τ], the GSoT gate)
+    P = softmax_j(S),  O = P V,  Y_i = g_i · O_i      (g_i: the GSoT gate of t̄_i, see ``_gate``)
 
 The temperature scales the raw q·k product of each tile in fp32 (rather than a rounded copy of
 Q), and the gate is applied in the epilogue. A row whose logits are all −inf gives zeros.
 
-Backward (``dO = g ∘ dY``; P renormalised to sum to one, ``Δ_i = Σ_j P_ij dP_ij``)::
+Backward, from the ungated dY (P renormalised to sum to one, ``Δ_i = Σ_j P_ij dP_ij``)::
 
-    dV = Pᵀ dO      dP = dO Vᵀ      dS = P ∘ (dP − Δ)
-    dQ = t̄ · scale · dS K     dt̄_i = scale · Σ_j dS_ij (q_i·k_j)     dK = (t̄ ∘ scale ∘ dS)ᵀ Q
+    dP = dY Vᵀ      dS = P ∘ (dP − Δ)      dV = (g ∘ P)ᵀ dY
+    dQ = g · t̄ · scale · dS K     dK = (g ∘ t̄ ∘ scale ∘ dS)ᵀ Q
+    dt̄_i = g_i · scale · Σ_j dS_ij (q_i·k_j) + g'(t̄_i) · Δ_i
+
+The gate is applied in the kernels (g to P and to the dQ/dt̄ epilogues), so dY is never
+multiplied by it on the host, and ``Δ_i = Σ_d dY_id Ô_id`` is exactly what a learning gate's
+gradient needs: it is computed from P even on a pruned row, whose output was never stored.
 
 Two kernels, no atomics. One program per query block owns dQ and dt̄; its first pass over the
 key blocks sums Δ from the same P and dP that form dS (FlashAttention's ``rowsum(dO ∘ O)``
@@ -40,8 +45,9 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _configs
+from . import _configs, _gate
 from ._backend import new_output, triton_dot_precision
+from ._gate import gate_rows
 from ._masks import LOG2E, logits_tile, mask_args
 
 FLASH_MAX_HEAD_DIM = 256
@@ -74,7 +80,7 @@ def _load_row_stats(T_BAR, LSE, DELTA, b, stride_tb, stride_tm, row_base, offs_m
     return t_bar, lse, delta
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["gsot_mode"])
 def _flash_fwd_kernel(
     Q, K, V, T_BAR, KPM, BIAS, OUT, LSE,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -84,7 +90,7 @@ def _flash_fwd_kernel(
     stride_tb, stride_tm,
     stride_pb, stride_pn,
     stride_bb, stride_bh, stride_bm, stride_bn,
-    H, GROUP, S_q, S_k, D, scale, gsot_threshold,
+    H, GROUP, S_q, S_k, D, scale, gsot_threshold, gsot_mode, gsot_width,
     HAS_KPM: tl.constexpr, HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, HAS_GATE: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     RELOAD_ROWS: tl.constexpr = 0,
@@ -94,7 +100,8 @@ def _flash_fwd_kernel(
     Q [B, H, S_q, D], K and V [B, H / GROUP, S_k, D], OUT like Q (any strides): query head h
     reads k/v head h // GROUP in place (grouped-query attention; GROUP = 1 without). T_BAR: fp32 [B, S_q].
     LSE: fp32 [B, H, S_q] contiguous, the base-2 log-sum-exp of each row (+inf for a fully masked
-    row) saved for the backward. gsot_threshold τ is used when HAS_GATE.
+    row) saved for the backward. The gate g (``_gate.gate_rows`` of t̄ with gsot_threshold τ,
+    gsot_mode, gsot_width ε) is applied when HAS_GATE.
     Grid: (cdiv(S_q, BLOCK_M), B * H). RELOAD_ROWS: load the Q tile at each key block instead of
     holding it across the loop (see ``_flash_bwd_dq_kernel``).
     """
@@ -145,10 +152,10 @@ def _flash_fwd_kernel(
 
     dead = l_i == 0.0
     out = acc / tl.where(dead, 1.0, l_i)[:, None]
-    keep = row_ok & (~dead)
+    out = tl.where((row_ok & (~dead))[:, None], out, 0.0)
     if HAS_GATE:
-        keep = keep & (t_bar >= gsot_threshold)
-    out = tl.where(keep[:, None], out, 0.0)
+        gate, _ = gate_rows(t_bar, gsot_threshold, gsot_mode, gsot_width)
+        out = out * gate[:, None]
     o_ptrs = (OUT + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
               + offs_m[:, None].to(tl.int64) * stride_om + offs_d[None, :] * stride_od)
     tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
@@ -156,7 +163,7 @@ def _flash_fwd_kernel(
     tl.store(LSE + pid_bh.to(tl.int64) * S_q + offs_m, lse, mask=row_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["gsot_mode"])
 def _flash_bwd_dkdv_kernel(
     Q, K, V, T_BAR, KPM, BIAS, DO, LSE, DELTA, DK, DV,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -166,18 +173,19 @@ def _flash_bwd_dkdv_kernel(
     stride_tb, stride_tm,
     stride_pb, stride_pn,
     stride_bb, stride_bh, stride_bm, stride_bn,
-    H, GROUP, S_q, S_k, D, scale,
-    HAS_KPM: tl.constexpr, HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr,
+    H, GROUP, S_q, S_k, D, scale, gsot_threshold, gsot_mode, gsot_width,
+    HAS_KPM: tl.constexpr, HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, HAS_GATE: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     GROUPED: tl.constexpr = 0, RELOAD_ROWS: tl.constexpr = 0,
 ):
-    """Backward for one key block of one k/v head: ``dV = Σ_g P_gᵀ dO_g``,
-    ``dK = Σ_g (t̄·scale·dS_g)ᵀ Q_g`` with ``dS = P ∘ (dP − Δ)``, summed over the GROUP query
+    """Backward for one key block of one k/v head: ``dV = Σ_g (g ∘ P_g)ᵀ dY_g``,
+    ``dK = Σ_g (g·t̄·scale·dS_g)ᵀ Q_g`` with ``dS = P ∘ (dP − Δ)``, summed over the GROUP query
     heads g that read this k/v head (GROUP = 1 without grouped-query attention). One program
     owns the sums and accumulates them in registers in a fixed order: no atomics, and two runs
     give the same bits.
 
-    DO: the gated upstream gradient g ∘ dY, [B, H, S_q, D] contiguous (H query heads). LSE,
+    DO: the upstream gradient dY (not gated: the gate g of ``_gate.gate_rows`` is applied to P
+    here when HAS_GATE), [B, H, S_q, D] contiguous (H query heads). LSE,
     DELTA: fp32 [B, H, S_q] contiguous, written by ``_flash_bwd_dq_kernel`` (its LSE_BWD, which
     makes each row of P sum to one, and Δ_i = Σ_j P_ij dP_ij). DK, DV: contiguous
     [B, H / GROUP, S_k, D] outputs in the input dtype. Grid: (cdiv(S_k, BLOCK_N), B * H / GROUP).
@@ -242,6 +250,9 @@ def _flash_bwd_dkdv_kernel(
                         stride_pb, stride_pn, stride_bb, stride_bh, stride_bm, stride_bn,
                         S_q, S_k, HAS_KPM, HAS_BIAS, CAUSAL)
         p = tl.exp2(s - lse[:, None])
+        if HAS_GATE:
+            gate, _ = gate_rows(t_bar, gsot_threshold, gsot_mode, gsot_width)
+            p = p * gate[:, None]
         dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds_scaled = p * (dp - delta[:, None]) * (t_bar * scale)[:, None]
@@ -272,7 +283,7 @@ def _dq_tile(q, do, k_base, v_base, offs_n, offs_m, offs_d, row_scale, lse, b, h
     return k, qk, p, dp
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["gsot_mode"])
 def _flash_bwd_dq_kernel(
     Q, K, V, T_BAR, KPM, BIAS, DO, LSE, DELTA, LSE_BWD, DQ, DT,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -282,8 +293,9 @@ def _flash_bwd_dq_kernel(
     stride_tb, stride_tm,
     stride_pb, stride_pn,
     stride_bb, stride_bh, stride_bm, stride_bn,
-    H, GROUP, S_q, S_k, D, scale,
-    HAS_KPM: tl.constexpr, HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, STORE_DQ: tl.constexpr,
+    H, GROUP, S_q, S_k, D, scale, gsot_threshold, gsot_mode, gsot_width,
+    HAS_KPM: tl.constexpr, HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, HAS_GATE: tl.constexpr,
+    STORE_DQ: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     RELOAD_ROWS: tl.constexpr = 0,
 ):
@@ -294,6 +306,8 @@ def _flash_bwd_dq_kernel(
     (z_ij − z̄_i)`` (= scale · Σ_j dS_ij z_ij, as Σ_j dS_ij = 0), accumulated in one streaming
     sweep; writes Δ to DELTA, ``lse + log2(r)`` (the lse that makes P sum to one) to LSE_BWD and
     dt̄ to DT. Pass 2, only when STORE_DQ: ``dS = P ∘ (dP − Δ)``, ``dQ = t̄ · scale · dS K``.
+    With HAS_GATE (dP from the ungated dY), dQ and the attention's share of dt̄ are multiplied
+    by the row's gate g, and dt̄ gains ``g'(t̄) · Δ`` (Δ = Σ_d dY ∘ Ô: the gate's own gradient).
     A frozen base (no STORE_DQ) thus costs two dots per tile.
     Why not ``Δ = rowsum(dO ∘ O)``: when the softmax saturates (large logits), dS is a tiny
     difference of nearly equal terms, and only a Δ from the same P and dP lets them cancel (O is
@@ -369,9 +383,15 @@ def _flash_bwd_dq_kernel(
         w = w_new
     inv_sum = 1.0 / tl.where(w == 0.0, 1.0, w)  # a row with no visible key: P = 0, all zeros
     delta = mean_dp
+    dt = co * inv_sum * scale
+    dq_scale = t_bar * scale
+    if HAS_GATE:
+        gate, slope = gate_rows(t_bar, gsot_threshold, gsot_mode, gsot_width)
+        dt = gate * dt + slope * delta
+        dq_scale = gate * dq_scale
     tl.store(DELTA + row_base + offs_m, delta, mask=m_ok)
     tl.store(LSE_BWD + row_base + offs_m, lse - tl.log2(inv_sum), mask=m_ok)
-    tl.store(DT + row_base + offs_m, co * inv_sum * scale, mask=m_ok)
+    tl.store(DT + row_base + offs_m, dt, mask=m_ok)
 
     if STORE_DQ:
         # Pass 2: dQ = t̄ · scale · dS K with the renormalised P and the Δ of pass 1.
@@ -386,7 +406,7 @@ def _flash_bwd_dq_kernel(
                                     HAS_KPM, HAS_BIAS, CAUSAL, PRECISION)
             ds = p * inv_sum[:, None] * (dp - delta[:, None])
             acc += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
-        dq = acc * (t_bar * scale)[:, None]
+        dq = acc * dq_scale[:, None]
         tl.store(DQ + row_base * D + offs_m[:, None].to(tl.int64) * D + offs_d[None, :],
                  dq.to(DQ.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
 
@@ -426,12 +446,12 @@ def _unpad(t, D):
     return None if t is None else t[..., :D].contiguous()
 
 
-def flash_forward(q, k, v, t_bar, key_padding, additive, causal, gsot_threshold, scale):
-    """Launch the forward kernel. Returns (out, lse)."""
+def flash_forward(q, k, v, t_bar, key_padding, additive, causal, gate, scale):
+    """Launch the forward kernel (``gate``: a ``_gate.Gate`` or None). Returns (out, lse)."""
     D = q.shape[-1]
     if D % FLASH_HEAD_DIM_ALIGN:
         out, lse = flash_forward(*_pad_head_dim(q, k, v), t_bar, key_padding, additive, causal,
-                                 gsot_threshold, scale)
+                                 gate, scale)
         return _unpad(out, D), lse
     B, H, S_q, D = q.shape
     S_k, group = k.shape[2], H // k.shape[1]
@@ -444,31 +464,29 @@ def flash_forward(q, k, v, t_bar, key_padding, additive, causal, gsot_threshold,
         q, k, v, t_bar, kpm, bias, out, lse,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         *t_bar.stride(), *kpm_strides, *bias_strides,
-        H, group, S_q, S_k, D, scale, 0.0 if gsot_threshold is None else gsot_threshold,
+        H, group, S_q, S_k, D, scale, *_gate.kernel_args(gate),
         HAS_KPM=key_padding is not None, HAS_BIAS=additive is not None, CAUSAL=causal,
-        HAS_GATE=gsot_threshold is not None, PRECISION=precision, BLOCK_D=_configs.flash_block_d(D),
+        HAS_GATE=gate is not None, PRECISION=precision, BLOCK_D=_configs.flash_block_d(D),
         tune_key=_configs.FLASH_TUNE_KEY, tune_bucket=_configs.flash_tune_bucket(S_q, S_k),
     )
     return out, lse
 
 
-def flash_backward(q, k, v, t_bar, key_padding, additive, causal, gsot_threshold, scale,
+def flash_backward(q, k, v, t_bar, key_padding, additive, causal, gate, scale,
                    lse, grad_out, need_dq: bool, need_dkv: bool):
     """Launch the backward kernels. Returns (dq or None, dk or None, dv or None, dt̄ [B, S_q] fp32).
-    The forward's output is not needed: Δ comes from the dQ kernel's first pass."""
+    The forward's output is not needed: Δ comes from the dQ kernel's first pass. ``grad_out`` is
+    the ungated dY: the kernels apply the gate."""
     D = q.shape[-1]
     if D % FLASH_HEAD_DIM_ALIGN:
         qp, kp, vp, gp = _pad_head_dim(q, k, v, grad_out)
-        dq, dk, dv, dt = flash_backward(qp, kp, vp, t_bar, key_padding, additive, causal, gsot_threshold,
+        dq, dk, dv, dt = flash_backward(qp, kp, vp, t_bar, key_padding, additive, causal, gate,
                                         scale, lse, gp, need_dq, need_dkv)
         return _unpad(dq, D), _unpad(dk, D), _unpad(dv, D), dt
     B, H, S_q, D = q.shape
     S_k, H_kv = k.shape[2], k.shape[1]
     group = H // H_kv
-    # dO = g ∘ dY: the gated output is already zero on pruned rows, so gate the gradient to match.
     grad_out = grad_out.contiguous()
-    if gsot_threshold is not None:
-        grad_out = grad_out * (t_bar >= gsot_threshold)[:, None, :, None].to(grad_out.dtype)
     # Δ and the renormalised lse come from the dQ kernel's first pass (see its docstring), so
     # it runs before the dK/dV kernel, which reads them.
     delta = new_output((B, H, S_q), torch.float32, q.device)
@@ -476,7 +494,7 @@ def flash_backward(q, k, v, t_bar, key_padding, additive, causal, gsot_threshold
     kpm, kpm_strides, bias, bias_strides = mask_args(key_padding, additive, (B, H, S_q, S_k), q.device)
     common = dict(
         HAS_KPM=key_padding is not None, HAS_BIAS=additive is not None, CAUSAL=causal,
-        BLOCK_D=_configs.flash_block_d(D),
+        HAS_GATE=gate is not None, BLOCK_D=_configs.flash_block_d(D),
         tune_key=_configs.FLASH_TUNE_KEY, tune_bucket=_configs.flash_tune_bucket(S_q, S_k),
     )
     strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride(),
@@ -488,7 +506,8 @@ def flash_backward(q, k, v, t_bar, key_padding, additive, causal, gsot_threshold
     _configs.launch(
         _flash_bwd_dq_kernel, lambda meta: (triton.cdiv(S_q, meta["BLOCK_M"]), B * H), configs,
         q, k, v, t_bar, kpm, bias, grad_out, lse, delta, lse_bwd, dq, dt,
-        *strides, H, group, S_q, S_k, D, scale, STORE_DQ=need_dq, PRECISION=precision, **common,
+        *strides, H, group, S_q, S_k, D, scale, *_gate.kernel_args(gate), STORE_DQ=need_dq,
+        PRECISION=precision, **common,
     )
     dk = dv = None
     if need_dkv:
@@ -499,14 +518,15 @@ def flash_backward(q, k, v, t_bar, key_padding, additive, causal, gsot_threshold
         _configs.launch(
             _flash_bwd_dkdv_kernel, lambda meta: (triton.cdiv(S_k, meta["BLOCK_N"]), B * H_kv), configs,
             q, k, v, t_bar, kpm, bias, grad_out, lse_bwd, delta, dk, dv,
-            *strides, H, group, S_q, S_k, D, scale, PRECISION=precision, GROUPED=group > 1, **common,
+            *strides, H, group, S_q, S_k, D, scale, *_gate.kernel_args(gate), PRECISION=precision,
+            GROUPED=group > 1, **common,
         )
     return (dq if need_dq else None), dk, dv, dt.sum(1)
 
 
-def flash_attention(q, k, v, t_bar, key_padding, additive, causal, gsot_threshold, scale):
+def flash_attention(q, k, v, t_bar, key_padding, additive, causal, gate, scale):
     """Differentiable flash attention: the ``torch.ops.tgr_kernels.flash_attention_forward``
     custom op (registered in ``_ops``, with its backward), so torch.compile sees one opaque op."""
     from ._ops import flash_attention as op  # _ops imports this module's launchers
 
-    return op(q, k, v, t_bar, key_padding, additive, causal, gsot_threshold, scale)
+    return op(q, k, v, t_bar, key_padding, additive, causal, gate, scale)

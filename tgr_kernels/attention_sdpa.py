@@ -1,7 +1,8 @@
 """PyTorch path of temperature-guided attention for narrow heads: SDPA on the pre-scaled query.
 
 Scaling row i's logits by t̄_i is scaling q_i: ``t̄_i (q_i·k_j) = (t̄_i q_i)·k_j``. So the op is
-``scaled_dot_product_attention(t̄ ∘ Q, K, V)`` followed by the GSoT gate, and PyTorch's fused
+``scaled_dot_product_attention(t̄ ∘ Q, K, V)`` followed by the GSoT gate (a PyTorch product,
+through which autograd gives a learning gate's gradient), and PyTorch's fused
 SDPA kernels (O(S) memory on CPU and GPU) do the work, forward and backward, with autograd
 carrying the temperature gradient through the multiplication.
 
@@ -36,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from ._backend import once_differentiable_strict
+from ._gate import Gate, differentiable_gate
 from .reference import MASKED_BIAS
 
 DENSE_MASK_ELEMENTS = 1 << 24
@@ -167,7 +169,7 @@ class _SdpaFunction(torch.autograd.Function):
         return (dq, dk if need_k else None, dv if need_v else None, dt if need_t else None, None, None, None)
 
 
-def _sdpa_rows(q, k, v, t_bar, key_padding, additive, causal, gsot_threshold, scale, row0, S_q):
+def _sdpa_rows(q, k, v, t_bar, key_padding, additive, causal, gate, scale, row0, S_q):
     S_k = k.shape[2]
     row1 = row0 + q.shape[2]
     if _needs_dense_mask(key_padding, additive, causal, S_q, S_k):
@@ -185,17 +187,16 @@ def _sdpa_rows(q, k, v, t_bar, key_padding, additive, causal, gsot_threshold, sc
         # No temperature gradient: SDPA's own fused backward (faster on the CPU) serves q, k, v.
         out = _sdpa_forward(q, k, v, t_rows, mask, is_causal, scale)
     # Zeroing dead rows unconditionally costs one multiply and no host sync (no dead.any()).
-    keep = None if dead is None else ~dead
-    if gsot_threshold is not None:
-        gate = (t_bar[:, row0:row1] >= gsot_threshold)[:, None, :]
-        keep = gate if keep is None else keep & gate
-    if keep is not None:
-        out = out * torch.broadcast_to(keep, out.shape[:3])[..., None].to(out.dtype)
+    if dead is not None:
+        out = out * torch.broadcast_to(~dead, out.shape[:3])[..., None].to(out.dtype)
+    if gate is not None:
+        # Autograd gives the learning gates' dt̄ += g'(t̄) · Σ dY ∘ Ô from this product.
+        out = out * differentiable_gate(t_rows, gate)[:, None, :, None].to(out.dtype)
     return out
 
 
 def sdpa_attention(q, k, v, t_bar, key_padding, additive, causal: bool,
-                   gsot_threshold: float | None, scale: float) -> torch.Tensor:
+                   gate: Gate | None, scale: float) -> torch.Tensor:
     """Inputs validated by the caller; t_bar is [B, S_q] (float32), q, k, v share a dtype."""
     B, _, S_q, _ = q.shape
     S_k = k.shape[2]
@@ -203,7 +204,7 @@ def sdpa_attention(q, k, v, t_bar, key_padding, additive, causal: bool,
     if _needs_dense_mask(key_padding, additive, causal, S_q, S_k):
         rows = max(1, min(S_q, DENSE_MASK_ELEMENTS // (B * S_k)))
     outs = [
-        _sdpa_rows(q[:, :, row0:row0 + rows], k, v, t_bar, key_padding, additive, causal, gsot_threshold,
+        _sdpa_rows(q[:, :, row0:row0 + rows], k, v, t_bar, key_padding, additive, causal, gate,
                    scale, row0, S_q)
         for row0 in range(0, S_q, rows)
     ]

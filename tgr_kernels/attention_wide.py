@@ -8,13 +8,15 @@ score buffer stays bounded (``chunk_bytes``); with ``causal`` each chunk multipl
 keys its rows can see.
 
 Forward, per chunk of query rows: ``Z = Q_c Kᵀ`` (GEMM), then the row kernel turns Z in place
-into ``P = g ∘ softmax(t̄·scale·Z + m)`` and saves each row's log-sum-exp; ``O_c = P V`` (GEMM).
+into ``P = g ∘ softmax(t̄·scale·Z + m)`` (g: the GSoT gate, ``_gate``) and saves each row's
+log-sum-exp; ``O_c = P V`` (GEMM).
 
-Backward, per chunk (``dO = g ∘ dY``): ``Z = Q_c Kᵀ`` (or the forward's, kept when the problem
-is one chunk) and ``dP = dO_c Vᵀ`` (GEMMs); the row kernel recomputes ``P = exp(S − lse)`` into
-Z's buffer, sums ``Δ_i = Σ_j P_ij dP_ij``, turns dP in place into ``G = t̄·scale·dS`` with
-``dS = P ∘ (dP − Δ)``, and sums ``dt̄_i = scale · Σ_j dS_ij Z_ij``; then ``dV += Pᵀ dO_c``,
-``dQ_c = G K``, ``dK += Gᵀ Q_c``. (The flash path's ``Δ = rowsum(dO ∘ O)`` would lose dt̄ to
+Backward, per chunk, from the ungated dY: ``Z = Q_c Kᵀ`` (or the forward's, kept when the
+problem is one chunk) and ``dP = dY_c Vᵀ`` (GEMMs); the row kernel recomputes
+``P = exp(S − lse)``, sums ``Δ_i = Σ_j P_ij dP_ij`` (= Σ_d dY ∘ Ô, which the gate's gradient
+needs), stores g ∘ P into Z's buffer, turns dP in place into ``G = g·t̄·scale·dS`` with
+``dS = P ∘ (dP − Δ)``, and sums ``dt̄_i = g_i · scale · Σ_j dS_ij Z_ij + g'(t̄_i) Δ_i``; then
+``dV += (g ∘ P)ᵀ dY_c``, ``dQ_c = G K``, ``dK += Gᵀ Q_c``. (The flash path's ``Δ = rowsum(dO ∘ O)`` would lose dt̄ to
 cancellation when the softmax saturates, as the seed's q = k = v at D = 4096 does.)
 
 Two implementations of the row kernels share the orchestration: Triton (``row_ops="triton"``,
@@ -28,8 +30,9 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _configs
+from . import _configs, _gate
 from ._backend import new_output, once_differentiable_strict
+from ._gate import gate_rows
 from ._masks import LOG2E, logits_tile, mask_args
 from .reference import MASKED_BIAS
 
@@ -51,13 +54,13 @@ def _row_logits(row_ptr, offs_n, n_cols, row_scale, offs_m, b, h, KPM, BIAS,
     return z, tl.where(col_ok, s, float("-inf"))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["gsot_mode"])
 def _wide_softmax_fwd_kernel(
     Z, T_BAR, KPM, BIAS, LSE,
     stride_tb, stride_tm,
     stride_pb, stride_pn,
     stride_bb, stride_bh, stride_bm, stride_bn,
-    H, M, row0, n_cols, S_q, S_k, scale, gsot_threshold,
+    H, M, row0, n_cols, S_q, S_k, scale, gsot_threshold, gsot_mode, gsot_width,
     HAS_KPM: tl.constexpr, HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, HAS_GATE: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -66,7 +69,9 @@ def _wide_softmax_fwd_kernel(
     Z: contiguous [B, H, M, n_cols] raw products q_i·k_j of query rows row0 .. row0+M-1 against
     keys 0 .. n_cols-1. T_BAR fp32 [B, S_q]; KPM, BIAS: masks as in the flash kernels (absolute
     positions). LSE: fp32 [B, H, S_q] contiguous, receives the base-2 log-sum-exp (+inf when the
-    row is fully masked, whose probabilities are then all zero). Grid: (B * H * M,).
+    row is fully masked, whose probabilities are then all zero). The gate g of
+    ``_gate.gate_rows`` (threshold, mode, width) multiplies the row when HAS_GATE.
+    Grid: (B * H * M,).
     """
     r = tl.program_id(0)
     bh = r // M
@@ -95,7 +100,7 @@ def _wide_softmax_fwd_kernel(
     lse = tl.where(dead, float("inf"), m_i + tl.log2(tl.where(dead, 1.0, l_i)))
     gate = 1.0
     if HAS_GATE:
-        gate = tl.where(t_bar >= gsot_threshold, 1.0, 0.0)
+        gate, _ = gate_rows(t_bar, gsot_threshold, gsot_mode, gsot_width)
     for start in range(0, n_cols, BLOCK_N):
         offs_n = start + offs0
         _, s = _row_logits(z_row, offs_n, n_cols, row_scale, offs_m, b, h, KPM, BIAS,
@@ -106,14 +111,14 @@ def _wide_softmax_fwd_kernel(
     tl.store(LSE + bh.to(tl.int64) * S_q + i + tl.zeros([1], dtype=tl.int32), lse)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["gsot_mode"])
 def _wide_softmax_bwd_kernel(
     Z, DP, T_BAR, KPM, BIAS, LSE, DT,
     stride_tb, stride_tm,
     stride_pb, stride_pn,
     stride_bb, stride_bh, stride_bm, stride_bn,
-    H, M, row0, n_cols, S_q, S_k, scale,
-    HAS_KPM: tl.constexpr, HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr,
+    H, M, row0, n_cols, S_q, S_k, scale, gsot_threshold, gsot_mode, gsot_width,
+    HAS_KPM: tl.constexpr, HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, HAS_GATE: tl.constexpr,
     STORE_P: tl.constexpr, STORE_G: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One row of the backward: recompute P, form dS, the temperature gradient and G.
@@ -125,7 +130,9 @@ def _wide_softmax_bwd_kernel(
     rounding of lse): when the softmax saturates, dS is a tiny difference of nearly equal terms,
     and only consistent operands let them cancel. LSE: fp32 [B, H, S_q].
     DT: fp32 [B, H, S_q], receives ``scale · Σ_j dS_ij Z_ij`` (masked entries have P = 0, so
-    the −inf logits never enter). Grid: (B * H * M,).
+    the −inf logits never enter). With HAS_GATE, dP comes from the ungated dY: the stored P and G
+    and the attention's share of dt̄ are multiplied by the row's gate g, and dt̄ gains
+    ``g'(t̄) · Δ`` (``_gate``). Grid: (B * H * M,).
     """
     r = tl.program_id(0)
     bh = r // M
@@ -155,6 +162,10 @@ def _wide_softmax_bwd_kernel(
         delta += tl.sum(p * dp, 1)
     row_sum = tl.where(row_sum == 0.0, 1.0, row_sum)  # a fully masked row: P = 0 stays 0
     delta = delta / row_sum
+    gate = 1.0
+    slope = 0.0
+    if HAS_GATE:
+        gate, slope = gate_rows(t_bar, gsot_threshold, gsot_mode, gsot_width)
 
     dt = tl.zeros([1], dtype=tl.float32)
     for start in range(0, n_cols, BLOCK_N):
@@ -168,10 +179,10 @@ def _wide_softmax_bwd_kernel(
         ds = p * (dp - delta[:, None])
         dt += tl.sum(ds * z, 1)
         if STORE_P:
-            tl.store(z_row + offs_n[None, :], p.to(Z.dtype.element_ty), mask=col_ok)
+            tl.store(z_row + offs_n[None, :], (p * gate).to(Z.dtype.element_ty), mask=col_ok)
         if STORE_G:
-            tl.store(dp_row + offs_n[None, :], (ds * (t_bar * scale)).to(DP.dtype.element_ty), mask=col_ok)
-    tl.store(DT + row_off, dt * scale)
+            tl.store(dp_row + offs_n[None, :], (ds * (gate * t_bar * scale)).to(DP.dtype.element_ty), mask=col_ok)
+    tl.store(DT + row_off, gate * dt * scale + slope * delta)
 
 
 def _row_block(n_cols: int):
@@ -180,28 +191,28 @@ def _row_block(n_cols: int):
     return (_configs.wide_row_config(n_cols),)
 
 
-def _triton_rows_forward(z, row0, t_bar, key_padding, additive, causal, gsot_threshold, scale, lse, S_q, S_k):
+def _triton_rows_forward(z, row0, t_bar, key_padding, additive, causal, gate, scale, lse, S_q, S_k):
     B, H, M, n_cols = z.shape
     kpm, kpm_strides, bias, bias_strides = mask_args(key_padding, additive, (B, H, S_q, S_k), z.device)
     _configs.launch(
         _wide_softmax_fwd_kernel, (B * H * M,), _row_block(n_cols),
         z, t_bar, kpm, bias, lse, *t_bar.stride(), *kpm_strides, *bias_strides,
-        H, M, row0, n_cols, S_q, S_k, scale, 0.0 if gsot_threshold is None else gsot_threshold,
+        H, M, row0, n_cols, S_q, S_k, scale, *_gate.kernel_args(gate),
         HAS_KPM=key_padding is not None, HAS_BIAS=additive is not None, CAUSAL=causal,
-        HAS_GATE=gsot_threshold is not None,
+        HAS_GATE=gate is not None,
     )
 
 
-def _triton_rows_backward(z, dp, row0, t_bar, key_padding, additive, causal, scale, lse, dt,
+def _triton_rows_backward(z, dp, row0, t_bar, key_padding, additive, causal, gate, scale, lse, dt,
                           S_q, S_k, store_p, store_g):
     B, H, M, n_cols = z.shape
     kpm, kpm_strides, bias, bias_strides = mask_args(key_padding, additive, (B, H, S_q, S_k), z.device)
     _configs.launch(
         _wide_softmax_bwd_kernel, (B * H * M,), _row_block(n_cols),
         z, dp, t_bar, kpm, bias, lse, dt, *t_bar.stride(), *kpm_strides, *bias_strides,
-        H, M, row0, n_cols, S_q, S_k, scale,
+        H, M, row0, n_cols, S_q, S_k, scale, *_gate.kernel_args(gate),
         HAS_KPM=key_padding is not None, HAS_BIAS=additive is not None, CAUSAL=causal,
-        STORE_P=store_p, STORE_G=store_g,
+        HAS_GATE=gate is not None, STORE_P=store_p, STORE_G=store_g,
     )
 
 
@@ -236,21 +247,21 @@ def _torch_logits_(z, row0, t_bar, key_padding, additive, causal, scale, S_q, S_
     return z
 
 
-def _torch_rows_forward(z, row0, t_bar, key_padding, additive, causal, gsot_threshold, scale, lse, S_q, S_k):
+def _torch_rows_forward(z, row0, t_bar, key_padding, additive, causal, gate, scale, lse, S_q, S_k):
     M = z.shape[2]
     s = z.to(lse.dtype)  # fp32 for half inputs (a copy), in place for fp32 and fp64
     _torch_logits_(s, row0, t_bar, key_padding, additive, causal, scale, S_q, S_k)
     row_lse = torch.logsumexp(s, dim=-1, keepdim=True)
     row_lse.masked_fill_(torch.isneginf(row_lse), math.inf)  # fully masked row: P = 0
     s.sub_(row_lse).exp_()
-    if gsot_threshold is not None:
-        s.mul_((t_bar[:, row0:row0 + M] >= gsot_threshold)[:, None, :, None])
+    if gate is not None:
+        s.mul_(_gate.gate_value(t_bar[:, row0:row0 + M], gate)[:, None, :, None])
     if s is not z:
         z.copy_(s)
     lse[:, :, row0:row0 + M] = row_lse.squeeze(-1) * (1.0 / math.log(2.0))
 
 
-def _torch_rows_backward(z, dp, row0, t_bar, key_padding, additive, causal, scale, lse, dt,
+def _torch_rows_backward(z, dp, row0, t_bar, key_padding, additive, causal, gate, scale, lse, dt,
                          S_q, S_k, store_p, store_g):
     M = z.shape[2]
     zf, dpf = z.to(lse.dtype), dp.to(lse.dtype)
@@ -262,11 +273,20 @@ def _torch_rows_backward(z, dp, row0, t_bar, key_padding, additive, causal, scal
     # Δ from the same P and dP that form dS (see _wide_softmax_bwd_kernel for why).
     delta = torch.einsum("bhmn,bhmn->bhm", p, dpf)
     ds = dpf.sub_(delta[..., None]).mul_(p)
-    dt[:, :, row0:row0 + M] = torch.einsum("bhmn,bhmn->bhm", ds, zf) * scale
+    dt_rows = torch.einsum("bhmn,bhmn->bhm", ds, zf) * scale
+    t_rows = t_bar[:, row0:row0 + M]
+    g_scale = t_rows * scale
+    if gate is not None:
+        # dP came from the ungated dY: gate P, G and dt̄'s attention share; add the gate's own g'·Δ.
+        g = _gate.gate_value(t_rows, gate).to(p.dtype)[:, None, :]
+        dt_rows = g * dt_rows + _gate.gate_slope(t_rows, gate).to(p.dtype)[:, None, :] * delta
+        p.mul_(g[..., None])
+        g_scale = g_scale[:, None, :] * g
+    dt[:, :, row0:row0 + M] = dt_rows
     if store_p:
         z.copy_(p)
     if store_g:
-        ds.mul_((t_bar[:, row0:row0 + M] * scale)[:, None, :, None])
+        ds.mul_(g_scale[..., None] if gate is not None else g_scale[:, None, :, None])
         if ds is not dp:
             dp.copy_(ds)
 
@@ -388,7 +408,7 @@ def _causal_keys_product(m, a, out, chunks):
               accumulate=True)
 
 
-def _causal_forward_in_square(q, k, v, t_bar, key_padding, additive, gsot_threshold, scale, rows_forward, lse,
+def _causal_forward_in_square(q, k, v, t_bar, key_padding, additive, gate, scale, rows_forward, lse,
                               chunks, keep_scores):
     """Causal forward with the scores in one ``[B, H, S_q, S_k]`` buffer (PyTorch row ops, fp32/fp64):
     Z and PV in the large blocks of ``_causal_blocks``, the row ops per row chunk. Returns
@@ -403,13 +423,13 @@ def _causal_forward_in_square(q, k, v, t_bar, key_padding, additive, gsot_thresh
             out[:, :, row0:row1] = 0
             lse[:, :, row0:row1] = math.inf
         else:
-            rows_forward(p[:, :, row0:row1, :n_cols], row0, t_bar, key_padding, additive, True, gsot_threshold,
+            rows_forward(p[:, :, row0:row1, :n_cols], row0, t_bar, key_padding, additive, True, gate,
                          scale, lse, S_q, S_k)
     _causal_rows_product(p, v, out, chunks)
     return out, lse, saved
 
 
-def wide_forward(q, k, v, t_bar, key_padding, additive, causal, gsot_threshold, scale, row_ops, chunk_bytes,
+def wide_forward(q, k, v, t_bar, key_padding, additive, causal, gate, scale, row_ops, chunk_bytes,
                  keep_scores=False):
     """Returns (out, lse, scores). With ``keep_scores``, when a whole ``[B, H, S_q, S_k]`` buffer fits
     in ``chunk_bytes``, the raw products ``Z = Q Kᵀ`` are returned for the backward, which then
@@ -423,11 +443,11 @@ def wide_forward(q, k, v, t_bar, key_padding, additive, causal, gsot_threshold, 
     if len(chunks) == 1:  # one chunk (then it sees every key): no output slices to copy into
         z = _gemm(q, k.transpose(-2, -1))
         saved, z = (z, z.clone()) if keep_scores else (None, z)
-        rows_forward(z, 0, t_bar, key_padding, additive, causal, gsot_threshold, scale, lse, S_q, S_k)
+        rows_forward(z, 0, t_bar, key_padding, additive, causal, gate, scale, lse, S_q, S_k)
         return _gemm(z, v), lse, saved
     if causal and row_ops == "torch" and _triangle_pays(q) and _square_fits(B, H, S_q, S_k, q.element_size(),
                                                                              chunk_bytes):
-        return _causal_forward_in_square(q, k, v, t_bar, key_padding, additive, gsot_threshold, scale,
+        return _causal_forward_in_square(q, k, v, t_bar, key_padding, additive, gate, scale,
                                          rows_forward, lse, chunks, keep_scores)
     out = new_output(q.shape, q.dtype, q.device)
     saved = None
@@ -443,12 +463,12 @@ def wide_forward(q, k, v, t_bar, key_padding, additive, causal, gsot_threshold, 
             z = _gemm(q_c, k_c.transpose(-2, -1), out=saved[:, :, row0:row1, :n_cols]).clone()
         else:
             z = _gemm(q_c, k_c.transpose(-2, -1))
-        rows_forward(z, row0, t_bar, key_padding, additive, causal, gsot_threshold, scale, lse, S_q, S_k)
+        rows_forward(z, row0, t_bar, key_padding, additive, causal, gate, scale, lse, S_q, S_k)
         _gemm(z, v[:, :, :n_cols], out=out[:, :, row0:row1])
     return out, lse, saved
 
 
-def wide_backward(q, k, v, t_bar, key_padding, additive, causal, gsot_threshold, scale, row_ops, chunk_bytes,
+def wide_backward(q, k, v, t_bar, key_padding, additive, causal, gate, scale, row_ops, chunk_bytes,
                   lse, scores, grad_out, need_dq, need_dkv, same_qkv=False):
     """Returns (dq, dk, dv, dt̄ [B, S_q]); unneeded gradients are None. ``scores``: the forward's
     saved Z or None; ``same_qkv``: q, k and v are one tensor (then dq holds dQ + dK + dV, and
@@ -457,16 +477,14 @@ def wide_backward(q, k, v, t_bar, key_padding, additive, causal, gsot_threshold,
     S_k = k.shape[2]
     rows_backward = _ROW_OPS[row_ops][1]
     stats = _stats_dtype(q)
-    if gsot_threshold is not None:
-        grad_out = grad_out * (t_bar >= gsot_threshold)[:, None, :, None].to(grad_out.dtype)
     dt = new_output((B, H, S_q), stats, q.device)
     chunks = _chunks(S_q, S_k, B, H, q.element_size(), causal, chunk_bytes)
     if len(chunks) == 1:
-        dq, dk, dv = _backward_one_chunk(q, k, v, t_bar, key_padding, additive, causal, scale, rows_backward,
+        dq, dk, dv = _backward_one_chunk(q, k, v, t_bar, key_padding, additive, causal, gate, scale, rows_backward,
                                          lse, dt, scores, grad_out, need_dq, need_dkv, same_qkv)
         return dq, dk, dv, dt.sum(1)
     if causal and row_ops == "torch" and _square_fits(B, H, S_q, S_k, q.element_size(), chunk_bytes):
-        dq, dk, dv = _causal_backward_in_square(q, k, v, t_bar, key_padding, additive, scale, rows_backward,
+        dq, dk, dv = _causal_backward_in_square(q, k, v, t_bar, key_padding, additive, gate, scale, rows_backward,
                                                 lse, dt, scores, grad_out, need_dq, need_dkv, same_qkv, chunks)
         return dq, dk, dv, dt.sum(1)
     # dK/dV add up over chunks: accumulate in fp32. With one X = q = k = v (every gradient wanted)
@@ -489,7 +507,7 @@ def wide_backward(q, k, v, t_bar, key_padding, additive, causal, gsot_threshold,
         else:
             z = _scores_for_backward(scores, q_c, k_c, store_p=need_dkv)
         dp = _gemm(do_c, v_c.transpose(-2, -1))
-        rows_backward(z, dp, row0, t_bar, key_padding, additive, causal, scale, lse, dt,
+        rows_backward(z, dp, row0, t_bar, key_padding, additive, causal, gate, scale, lse, dt,
                       S_q, S_k, store_p=need_dkv, store_g=need_dq or need_dkv)
         if summed:
             g_p, q_do = torch.cat([dp, z], dim=-2), torch.cat([q_c, do_c], dim=-2)
@@ -506,7 +524,7 @@ def wide_backward(q, k, v, t_bar, key_padding, additive, causal, gsot_threshold,
     return dq, dk, dv, dt.sum(1)
 
 
-def _causal_backward_in_square(q, k, v, t_bar, key_padding, additive, scale, rows_backward, lse, dt, scores,
+def _causal_backward_in_square(q, k, v, t_bar, key_padding, additive, gate, scale, rows_backward, lse, dt, scores,
                                grad_out, need_dq, need_dkv, same_qkv, chunks):
     """Causal row blocks whose P and G fit in two ``[B, H, S_q, S_k]`` buffers (PyTorch row ops,
     which work on strided blocks): no gradient is accumulated over blocks in half precision.
@@ -542,7 +560,7 @@ def _causal_backward_in_square(q, k, v, t_bar, key_padding, additive, scale, row
         else:
             z = _scores_for_backward(None if scores is None else scores[:, :, row0:row1, :n_cols],
                                      q[:, :, row0:row1], k[:, :, :n_cols], store_p=False)
-        rows_backward(z, g[:, :, row0:row1, :n_cols], row0, t_bar, key_padding, additive, True, scale, lse, dt,
+        rows_backward(z, g[:, :, row0:row1, :n_cols], row0, t_bar, key_padding, additive, True, gate, scale, lse, dt,
                       S_q, S_k, store_p=need_dkv, store_g=True)
     if _triangle_pays(q):
         if need_dq:
@@ -581,14 +599,14 @@ def _scores_for_backward(scores, q_c, k_c, store_p):
     return scores.clone() if store_p else scores
 
 
-def _backward_one_chunk(q, k, v, t_bar, key_padding, additive, causal, scale, rows_backward,
+def _backward_one_chunk(q, k, v, t_bar, key_padding, additive, causal, gate, scale, rows_backward,
                         lse, dt, scores, grad_out, need_dq, need_dkv, same_qkv):
     """The whole problem in one chunk: every GEMM writes its gradient directly. When q, k, v are
     one tensor X the three gradients are summed as ``dX = (G + Gᵀ) X + Pᵀ dO``: two GEMMs, not three."""
     S_q, S_k = q.shape[2], k.shape[2]
     z = _scores_for_backward(scores, q, k, store_p=need_dkv)
     dp = _gemm(grad_out, v.transpose(-2, -1))
-    rows_backward(z, dp, 0, t_bar, key_padding, additive, causal, scale, lse, dt,
+    rows_backward(z, dp, 0, t_bar, key_padding, additive, causal, gate, scale, lse, dt,
                   S_q, S_k, store_p=need_dkv, store_g=need_dq or need_dkv)
     if same_qkv and need_dq and need_dkv:
         dx = _gemm(dp + dp.transpose(-2, -1), q)  # dQ + dK = G X + Gᵀ X
@@ -608,12 +626,12 @@ class WideAttentionFunction(torch.autograd.Function):
     GEMMs must not be recast."""
 
     @staticmethod
-    def forward(ctx, q, k, v, t_bar, key_padding, additive, causal, gsot_threshold, scale, row_ops, chunk_bytes):
+    def forward(ctx, q, k, v, t_bar, key_padding, additive, causal, gate, scale, row_ops, chunk_bytes):
         with torch.autocast(q.device.type, enabled=False):  # wide_attention calls it only for training
-            out, lse, scores = wide_forward(q, k, v, t_bar, key_padding, additive, causal, gsot_threshold,
+            out, lse, scores = wide_forward(q, k, v, t_bar, key_padding, additive, causal, gate,
                                             scale, row_ops, chunk_bytes, keep_scores=True)
         ctx.save_for_backward(q, k, v, t_bar, key_padding, additive, lse, scores)
-        ctx.options = (causal, gsot_threshold, scale, row_ops, chunk_bytes)
+        ctx.options = (causal, gate, scale, row_ops, chunk_bytes)
         ctx.same_qkv = q is k and k is v
         return out
 
@@ -645,7 +663,7 @@ def repeat_kv_heads(q, k, v):
     return k_rep, (k_rep if v is k else v.repeat_interleave(group, dim=1))
 
 
-def wide_attention(q, k, v, t_bar, key_padding, additive, causal, gsot_threshold, scale,
+def wide_attention(q, k, v, t_bar, key_padding, additive, causal, gate, scale,
                    row_ops: str = "triton", chunk_bytes: int | None = None):
     """Differentiable wide attention. With the Triton row kernels it is the
     ``torch.ops.tgr_kernels.wide_attention_forward`` custom op (opaque to torch.compile); with
@@ -657,13 +675,13 @@ def wide_attention(q, k, v, t_bar, key_padding, additive, causal, gsot_threshold
     if row_ops == "triton":
         from ._ops import wide_triton_attention  # _ops imports this module's launchers
 
-        return wide_triton_attention(q, k, v, t_bar, key_padding, additive, causal, gsot_threshold, scale,
+        return wide_triton_attention(q, k, v, t_bar, key_padding, additive, causal, gate, scale,
                                      chunk_bytes)
     if not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, t_bar))):
         # Inference: no autograd node, and no score buffer kept for a backward that never comes
         # (inside Function.forward grad mode is always off, so only the caller can tell).
         with torch.autocast(q.device.type, enabled=False):
-            return wide_forward(q, k, v, t_bar, key_padding, additive, causal, gsot_threshold, scale,
+            return wide_forward(q, k, v, t_bar, key_padding, additive, causal, gate, scale,
                                 row_ops, chunk_bytes)[0]
-    return WideAttentionFunction.apply(q, k, v, t_bar, key_padding, additive, causal, gsot_threshold, scale,
+    return WideAttentionFunction.apply(q, k, v, t_bar, key_padding, additive, causal, gate, scale,
                                        row_ops, chunk_bytes)

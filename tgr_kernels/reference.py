@@ -14,6 +14,7 @@ import math
 
 import torch
 
+from ._gate import DEFAULT_GSOT_WIDTH, differentiable_gate, make_gate
 from ._validation import AttentionInputs, check_attention_inputs, check_projection_inputs
 
 __all__ = [
@@ -70,11 +71,13 @@ def mean_temperature(temperature: torch.Tensor) -> torch.Tensor:
     return temperature.mean(dim=-1) if temperature.dim() == 3 else temperature
 
 
-def gsot_gate(t_bar: torch.Tensor, threshold: float | None) -> torch.Tensor | None:
-    """GSoT keep-gate ``g_i = 1[t̄_i >= threshold]`` (no gradient), or None when disabled."""
-    if threshold is None:
-        return None
-    return (t_bar.detach() >= threshold)
+def gsot_gate(t_bar: torch.Tensor, threshold: float | None, mode: str = "hard",
+              width: float = DEFAULT_GSOT_WIDTH) -> torch.Tensor | None:
+    """GSoT gate g_i of each row (None when disabled): ``1[t̄_i >= threshold]`` with no gradient
+    ("hard", the seed's), the same with the surrogate gradient σ'(u)/ε ("straight_through"), or
+    σ(u) ("soft"), ``u = (t̄_i − threshold) / width`` (see ``_gate``)."""
+    gate = make_gate(threshold, mode, width)
+    return None if gate is None else differentiable_gate(t_bar, gate)
 
 
 def _logit_bias(args: AttentionInputs, dtype: torch.dtype) -> torch.Tensor | None:
@@ -109,18 +112,22 @@ def temperature_guided_attention_ref(
     causal: bool = False,
     gsot_threshold: float | None = None,
     scale: float | None = None,
+    gsot_mode: str = "hard",
+    gsot_width: float = DEFAULT_GSOT_WIDTH,
     upcast: bool = True,
 ) -> torch.Tensor:
     """Temperature-guided attention with GSoT, materialising the scores.
 
     ``S_ij = t̄_i · (q_i·k_j) · scale + m_ij``, ``P = softmax_j(S)``, ``O = P V``,
-    ``Y_i = 1[t̄_i >= τ] · O_i``. An additive mask entry ``<= MASKED_BIAS`` (−4096: HF's
+    ``Y_i = g_i · O_i`` with the GSoT gate ``g_i`` of ``gsot_mode`` (``1[t̄_i >= τ]`` for the
+    seed's "hard" gate; see :func:`gsot_gate`). An additive mask entry ``<= MASKED_BIAS`` (−4096: HF's
     ``finfo(dtype).min``, −1e9) masks its key exactly as −inf does. A row whose every key is
     masked gives zeros. The gate reads t̄ in fp32 even when the logits are computed in q's dtype.
     k and v may have fewer heads than q (grouped-query attention, ``H_q % H_kv == 0``): query
     head h reads k/v head ``h // (H_q / H_kv)``.
     """
-    args = check_attention_inputs(q, k, v, temperature, attn_mask, causal, gsot_threshold, scale)
+    args = check_attention_inputs(q, k, v, temperature, attn_mask, causal, gsot_threshold, scale,
+                                  gsot_mode, gsot_width)
     return attention_ref_checked(args, upcast=upcast)
 
 
@@ -153,7 +160,6 @@ def attention_ref_checked(args: AttentionInputs, *, upcast: bool) -> torch.Tenso
     # backend does: rounding t̄ to bf16 first would keep rows just below the threshold.
     t_gate = mean_temperature(args.temperature)
     t_gate = t_gate.double() if t_gate.dtype == torch.float64 else t_gate.float()
-    gate = gsot_gate(t_gate, args.gsot_threshold)
-    if gate is not None:
-        out = out * gate[:, None, :, None].to(out.dtype)
+    if args.gate is not None:
+        out = out * differentiable_gate(t_gate, args.gate)[:, None, :, None].to(out.dtype)
     return out.to(q.dtype)
