@@ -168,6 +168,34 @@ def test_dispatcher_takes_the_decode_path_only_without_gradient(launched):
     assert {kernel for kernel, *_ in launched} == {attention_flash._flash_fwd_kernel}
 
 
+def test_decode_compiles_as_one_opaque_op(launched):
+    """Under torch.compile(fullgraph=True) a decoding step still takes the split-KV kernels, as the
+    custom op ``tgr_kernels::decode_attention_forward``, and gives eager's output."""
+    B, H_q, H_kv, D = 1, 4, 2, 32
+    q, k, v, temperature = decode_inputs(B, H_q, H_kv, 1, 70, D, F32)
+
+    def step(q, k, v, temperature):
+        return temperature_guided_attention(q, k, v, temperature, causal=True, gsot_threshold=0.3,
+                                            gsot_mode="soft", backend="triton")
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        eager = step(q, k, v, temperature)
+        launched.clear()
+        out = compiled(q, k, v, temperature)
+    assert {kernel for kernel, *_ in launched} == {attention_decode._decode_split_kernel,
+                                                   attention_decode._decode_combine_kernel}
+    assert torch.equal(out, eager)
+
+
+def test_decode_op_fake_matches_real():
+    q, k, v, temperature = decode_inputs(1, 4, 2, 2, 40, 16, F32)
+    args = (q, k, v, temperature.mean(-1), None, None, True, 0.3, 1, 0.05, 0.25)
+    torch.library.opcheck(torch.ops.tgr_kernels.decode_attention_forward, args,
+                          test_utils=("test_schema", "test_faketensor"))
+
+
 def test_decode_reads_a_strided_cache_in_place(launched):
     """k and v as views of a [B, S_k, H, D] cache (no contiguous copy): same result."""
     B, H, S_q, D = 2, 2, 1, 32

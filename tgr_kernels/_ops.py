@@ -24,7 +24,7 @@ from typing import Optional, Tuple
 import torch
 
 # Launchers are looked up on their modules at call time (tests replace them with spies).
-from . import _gate, attention_flash, attention_wide
+from . import _gate, attention_decode, attention_flash, attention_wide
 from . import temperature_projection as projection
 
 _NS = "tgr_kernels"
@@ -131,6 +131,30 @@ def flash_attention(q, k, v, t_bar, key_padding, additive, causal, gate, scale):
     ``gate``: a ``_gate.Gate`` or None)."""
     return flash_attention_forward(q, k, v, t_bar, key_padding, additive, causal, *_gate.op_args(gate),
                                    scale)[0]
+
+
+# ----------------------------------------------------------------------------- decode (split-KV)
+@torch.library.custom_op(f"{_NS}::decode_attention_forward", mutates_args=())
+def decode_attention_forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, t_bar: torch.Tensor,
+    key_padding: Optional[torch.Tensor], additive: Optional[torch.Tensor],
+    causal: bool, gsot_threshold: Optional[float], gsot_mode: int, gsot_width: float, scale: float,
+) -> torch.Tensor:
+    """Split-KV decode forward: the output ``[B, H, S_q, D]`` in q's dtype. No autograd is
+    registered: the dispatcher sends a call here only when no gradient is needed."""
+    gate = _gate.from_op_args(gsot_threshold, gsot_mode, gsot_width)
+    with _launch_context(q):
+        return attention_decode.decode_forward(q, k, v, t_bar, key_padding, additive, causal, gate, scale)
+
+
+@decode_attention_forward.register_fake
+def _(q, k, v, t_bar, key_padding, additive, causal, gsot_threshold, gsot_mode, gsot_width, scale):
+    return q.new_empty(q.shape)
+
+
+def decode_attention(q, k, v, t_bar, key_padding, additive, causal, gate, scale):
+    """Split-KV decoding for a few query rows (inputs validated by the caller; no gradient)."""
+    return decode_attention_forward(q, k, v, t_bar, key_padding, additive, causal, *_gate.op_args(gate), scale)
 
 
 # ----------------------------------------------------------------------------- wide attention (Triton rows)

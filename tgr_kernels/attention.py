@@ -23,9 +23,9 @@ from torch import nn
 
 from ._backend import TRITON_INTERPRET, cpu_computes_natively, resolve_backend
 from ._gate import DEFAULT_GSOT_WIDTH, make_gate
-from ._ops import flash_attention, wide_triton_attention
+from ._ops import decode_attention, flash_attention, wide_triton_attention
 from ._validation import check_attention_inputs, check_backend
-from .attention_decode import DECODE_MAX_QUERY_ROWS, decode_forward
+from .attention_decode import DECODE_MAX_QUERY_ROWS
 from .attention_flash import FLASH_MAX_HEAD_DIM
 from .attention_sdpa import sdpa_attention
 from .attention_wide import DEFAULT_CHUNK_BYTES, repeat_kv_heads, wide_attention
@@ -132,7 +132,7 @@ def _triton_attention(q, k, v, t_bar, key_padding, additive, *options):
         if additive is not None and additive.dtype == torch.bfloat16:
             additive = additive.float()
     if q.shape[-1] <= FLASH_MAX_HEAD_DIM and _decodes(q, k, v, t_bar):
-        out = decode_forward(q, k, v, t_bar, key_padding, additive, *options)
+        out = decode_attention(q, k, v, t_bar, key_padding, additive, *options)
     elif q.shape[-1] <= FLASH_MAX_HEAD_DIM:
         out = flash_attention(q, k, v, t_bar, key_padding, additive, *options)
     else:
@@ -143,10 +143,10 @@ def _triton_attention(q, k, v, t_bar, key_padding, additive, *options):
 
 
 def _decodes(q, k, v, t_bar) -> bool:
-    """Whether the split-KV decode kernels take this call: a few query rows, nothing that needs a
-    gradient (they have no backward), and not inside torch.compile (the flash path is the
-    registered custom op the compiler treats as one opaque op)."""
-    if q.shape[2] > DECODE_MAX_QUERY_ROWS or torch.compiler.is_compiling():
+    """Whether the split-KV decode kernels take this call: a few query rows and nothing that
+    needs a gradient (they have no backward). Under torch.compile too: they are the custom op
+    ``torch.ops.tgr_kernels.decode_attention_forward``."""
+    if q.shape[2] > DECODE_MAX_QUERY_ROWS:
         return False
     return not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, t_bar)))
 
