@@ -4,8 +4,9 @@
 #   bash benchmarks/gpu_run.sh OUT_DIR      (from anywhere; an outer timeout should allow 480 s)
 #
 # 1. parity       every kernel family in bf16/fp16 against float64 (benchmarks/gpu_parity.py)
-# 2. bench-*      the benchmark table against SDPA, FlexAttention and torch.compile, few shapes,
-#                 and end to end every-layer TGR against the same model with sdpa (bench-e2e);
+# 2. bench-*      the benchmark table against SDPA, FlexAttention and torch.compile, few shapes
+#                 (bench-gqa: grouped-query attention and decoding), and end to end every-layer
+#                 TGR against the same model with sdpa (bench-e2e);
 #    report       then the table rebuilt with the fraction of the H200 roofline
 # 3. determinism  forward + backward repeated, bitwise compared (benchmarks/determinism.py)
 #    memcheck, racecheck   compute-sanitizer on benchmarks/sanitize_kernels.py
@@ -151,6 +152,8 @@ step() {
 if [ $GPU = 1 ]; then
     BENCH_COMMON=(--device cuda --dtype bfloat16 --reps 10 --warmup 2 --compile dynamic)
     FLASH_S=(1024 4096)
+    GQA_S=(4096)  # GQA at S = 4096; decode against a 4096-key cache
+    GQA_PROVIDERS=(--providers eager-seed sdpa-prescaled flex-score-mod tgr-triton)
     WIDE_S=(1024 4096)
     PROJ_S=(4096 65536)
     E2E=(--reps 5 --warmup 1)  # each generate call is ~1 s of Python per 64 tokens
@@ -161,6 +164,8 @@ else  # dry run: the same steps, tiny: one mode, and no torch.compile/FlexAttent
     BENCH_COMMON=(--device cpu --dtype float32 --quick --reps 1 --warmup 1 --modes forward --no-ceilings
                   --providers eager-seed sdpa-prescaled tgr-torch)
     FLASH_S=(64)
+    GQA_S=(64)
+    GQA_PROVIDERS=()
     WIDE_S=(64)
     PROJ_S=(64)
     E2E=()
@@ -180,6 +185,11 @@ NO_TUNE=(env TGR_AUTOTUNE=0)
 step parity 110 30 20 "${NO_TUNE[@]}" "$PY" -m benchmarks.gpu_parity --out "$PARITY"
 # 2. the benchmark table (the matmul and copy ceilings are measured once, with the first suite)
 step bench-flash 70 25 25 "${BENCH[@]}" --suite attention-flash --seq-lens "${FLASH_S[@]}"
+# grouped-query attention (32/8 heads, D = 128, causal) and one decoding step (S_q = 1): decode
+# first, as it is the cheaper of the two. The kernels' default configurations: a case's records are
+# written when it ends, and autotuning every candidate cold could outlast the step.
+step bench-gqa 55 20 20 "${NO_TUNE[@]}" "${BENCH[@]}" --suite attention-decode attention-gqa \
+    --seq-lens "${GQA_S[@]}" --no-ceilings ${GQA_PROVIDERS[@]+"${GQA_PROVIDERS[@]}"}
 step bench-wide 45 20 20 "${BENCH[@]}" --suite attention-wide --seq-lens "${WIDE_S[@]}" --no-ceilings
 step bench-proj 25 15 10 "${BENCH[@]}" --suite projection --seq-lens "${PROJ_S[@]}" --no-ceilings
 # end to end: a random GQA Llama (hidden 1024, 8 layers, 16/4 heads) with sdpa against the same

@@ -23,6 +23,14 @@ Attention (the same q, k, v, temperature ``[B, S, T]`` and key-padding mask for 
     tgr-triton      the same with ``backend="triton"`` (CUDA; on a CPU only under Triton's
                     interpreter, whose speed means nothing: n/a unless asked for).
 
+Grouped-query attention (``attention-gqa``, ``attention-decode``: k and v with fewer heads than
+q). The seed's code has none: eager-seed and torch-compile first expand k and v to the query
+heads with Hugging Face's ``repeat_kv`` (what transformers' eager Llama attention does), a copy;
+sdpa-prescaled passes ``enable_gqa=True`` and flex-score-mod ``enable_gqa=True``, which read
+each k/v head in place; tgr-torch and tgr-triton take the grouped k and v as they are (on a GPU,
+tgr-triton's decode runs the split-KV kernels). Decode (one query row against a cache) has no
+causal part: the row sees every key.
+
 Temperature projection: eager-seed (the seed's ``TemperatureMechanism.forward``: Linear, sigmoid,
 clamp, in the input dtype), torch-compile of it, tgr-torch and tgr-triton
 (``tgr_kernels.temperature_projection``). SDPA and FlexAttention do not apply.
@@ -74,8 +82,21 @@ def seed_gsot(context, temperature, threshold=GSOT_THRESHOLD):
     return context * confident_mask.unsqueeze(1)
 
 
+def repeat_kv(hidden_states: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """transformers' ``repeat_kv`` (modeling_llama): ``[B, H_kv, S, D]`` -> ``[B, H_kv·n_rep, S, D]``,
+    query head h reading k/v head h // n_rep."""
+    batch, num_key_value_heads, slen, head_dim = hidden_states.shape
+    if n_rep == 1:
+        return hidden_states
+    hidden_states = hidden_states[:, :, None, :, :].expand(batch, num_key_value_heads, n_rep, slen, head_dim)
+    return hidden_states.reshape(batch, num_key_value_heads * n_rep, slen, head_dim)
+
+
 def seed_attention_with_gate(q, k, v, temperature, attn_mask):
-    context, _ = seed_temperature_guided_attention(q, k, v, temperature, attn_mask)
+    # grouped-query attention: the seed's code wants every head, so k and v are repeated first
+    group = q.shape[1] // k.shape[1]
+    context, _ = seed_temperature_guided_attention(q, repeat_kv(k, group), repeat_kv(v, group), temperature,
+                                                   attn_mask)
     return seed_gsot(context, temperature)
 
 
@@ -88,13 +109,14 @@ def seed_temperature_mechanism(hidden, weight, bias):
 
 
 def seed_additive_mask(case) -> torch.Tensor | None:
-    """The seed's ``(1 - mask) * -1e4`` in the input dtype, [B, 1, 1, S] (+ causal: [B, 1, S, S])."""
-    S = case.shape["seq_len"]
+    """The seed's ``(1 - mask) * -1e4`` in the input dtype, [B, 1, 1, S_k] (+ causal: [B, 1, S_q, S_k],
+    bottom-right aligned: query i sees key j when j <= i + S_k - S_q)."""
+    S_q, S_k = case.q_len, case.shape["seq_len"]
     mask = None
     if case.keep is not None:
         mask = (1.0 - case.keep.to(case.dtype)[:, None, None, :]) * -1e4
     if case.causal:
-        above = torch.ones(S, S, device=case.device, dtype=torch.bool).triu(1)
+        above = torch.ones(S_q, S_k, device=case.device, dtype=torch.bool).triu(S_k - S_q + 1)
         causal = above.to(case.dtype) * -1e4
         mask = causal[None, None] if mask is None else mask + causal
     return None if mask is None else mask.to(case.dtype)
@@ -139,7 +161,8 @@ def _sdpa_attention(case):
     def run(x):
         t_bar = x.temperature.mean(dim=-1)
         q = x.q * t_bar[:, None, :, None].to(x.q.dtype)
-        out = F.scaled_dot_product_attention(q, x.k, x.v, attn_mask=mask)
+        grouped = {"enable_gqa": True} if x.k.shape[1] != x.q.shape[1] else {}
+        out = F.scaled_dot_product_attention(q, x.k, x.v, attn_mask=mask, **grouped)
         return seed_gsot(out, x.temperature)
 
     return run
@@ -150,15 +173,16 @@ def _flex_attention(case):
 
     # Always static: with dynamic=True its kernels ran 5-20x slower (CPU, torch 2.13).
     flex = torch.compile(flex_attention, dynamic=False)
-    B, S = case.shape["batch"], case.shape["seq_len"]
+    B, S_q, S_k = case.shape["batch"], case.q_len, case.shape["seq_len"]
     keep, causal = case.keep, case.causal
+    grouped = {"enable_gqa": True} if case.kv_heads != case.shape["heads"] else {}
     block_mask = None
     if keep is not None or causal:
         def mask_mod(b, h, q_idx, kv_idx):
             visible = keep[b, kv_idx] if keep is not None else kv_idx >= 0
-            return visible & (kv_idx <= q_idx) if causal else visible
+            return visible & (kv_idx <= q_idx + (S_k - S_q)) if causal else visible
 
-        block_mask = create_block_mask(mask_mod, B if keep is not None else None, None, S, S,
+        block_mask = create_block_mask(mask_mod, B if keep is not None else None, None, S_q, S_k,
                                        device=case.device)
 
     def run(x):
@@ -167,7 +191,7 @@ def _flex_attention(case):
         def score_mod(score, b, h, q_idx, kv_idx):
             return score * t_bar[b, q_idx]
 
-        out = flex(x.q, x.k, x.v, score_mod=score_mod, block_mask=block_mask)
+        out = flex(x.q, x.k, x.v, score_mod=score_mod, block_mask=block_mask, **grouped)
         return seed_gsot(out, x.temperature)
 
     return run

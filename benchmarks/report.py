@@ -7,7 +7,7 @@ measured).
 One table per (op, shape, dtype, mode, causal): a row per sequence length, a column per
 provider. A cell holds the median time, the speed-up over eager-seed (eager-seed's median over
 the provider's: 2.0× = twice as fast), the extra peak memory, and on a GPU the achieved
-TFLOP/s (GB/s for the projection). "n/a" cells name their reason below the table; a provider
+TFLOP/s (GB/s for the projection and decode). "n/a" cells name their reason below the table; a provider
 whose output or gradients disagree with the seed's math is marked MISMATCH, whatever its speed.
 Records measured on an H200 get a roofline column (the least time the kernels as designed can
 take there, ``benchmarks.roofline``) and each cell the fraction of it that was reached (roofline
@@ -25,7 +25,10 @@ from .providers import ALL_PROVIDERS
 
 RECORDS = "records.jsonl"
 TABLE = "table.md"
-SHAPE_KEYS = ("batch", "heads", "seq_len", "head_dim", "hidden", "temp_heads", "layers", "vocab")
+SHAPE_KEYS = ("batch", "heads", "kv_heads", "q_len", "seq_len", "head_dim", "hidden", "temp_heads", "layers",
+              "vocab")
+# Memory-bound ops, whose cells show achieved GB/s on a GPU (the others: TFLOP/s).
+BANDWIDTH_OPS = ("projection", "attention-decode")
 
 
 def load_records(path: str) -> list[dict]:
@@ -73,10 +76,10 @@ def _cell(rec: dict, eager: dict, notes: dict[str, int], on_gpu: bool, bound: di
         parts.append(f"{rec['tokens_per_s']:.3g} tok/s")
     if rec.get("peak_mib") is not None:
         parts.append(f"{rec['peak_mib']:.0f} MiB")
-    # the rate that bounds the op: FLOP/s for attention, bytes/s for the (memory-bound) projection
-    if on_gpu and rec.get("gbps") and rec["op"] == "projection":
+    # the rate that bounds the op: FLOP/s for attention, bytes/s for the projection and decode
+    if on_gpu and rec.get("gbps") and rec["op"] in BANDWIDTH_OPS:
         parts.append(f"{rec['gbps']:.0f} GB/s")
-    elif on_gpu and rec.get("tflops") and rec["op"] != "projection":
+    elif on_gpu and rec.get("tflops") and rec["op"] not in BANDWIDTH_OPS:
         parts.append(f"{rec['tflops']:.0f} TF/s" if rec["tflops"] >= 10 else f"{rec['tflops']:.2g} TF/s")
     if bound is not None:
         parts.append(f"{bound['roofline_ms'] / rec['median_ms']:.0%} of roofline")
@@ -85,6 +88,12 @@ def _cell(rec: dict, eager: dict, notes: dict[str, int], on_gpu: bool, bound: di
     if rec.get("check_ok") is False:
         parts.append(f"**MISMATCH** (rel. err {rec['check_rel_err']:.1e} > {rec['check_tol']:.1e})")
     return " · ".join(parts)
+
+
+def _loaded(load_start, load_end, cores) -> bool:
+    """Whether a CPU run shared its cores: a 1-minute load average above half the cores."""
+    loads = [x for x in (load_start, load_end) if x is not None]
+    return bool(cores) and any(x > 0.5 * cores for x in loads)
 
 
 def header_lines(runs: list[dict], ceilings: list[dict]) -> list[str]:
@@ -103,12 +112,15 @@ def header_lines(runs: list[dict], ceilings: list[dict]) -> list[str]:
                 lines.append(text)
         load = (f", load average {env.get('load_avg_1m')} → {run.get('load_avg_1m_end')}"
                 if env["device"] == "cpu" and run.get("finished") else "")
+        if env["device"] == "cpu" and _loaded(env.get("load_avg_1m"), run.get("load_avg_1m_end"), env.get("cpu_cores")):
+            load += (" (**a loaded machine**: other processes shared the cores, so these CPU times are slower and "
+                     "noisier than a quiet machine's; compare providers within a table, not across runs)")
         stopped = "" if run.get("finished", True) else " (**stopped before the end**: only what it measured is here)"
         lines.append(f"- run {env['date']}{load}: `{run.get('command', '')}`{stopped}")
         if run.get("skipped"):
             lines.append(f"  - not measured (time limit): {len(run['skipped'])} cases, from {run['skipped'][0]}")
     for c in ceilings:
-        rate = f"{c['tflops']:.1f} TFLOP/s" if c.get("tflops") else f"{c['gbps']:.0f} GB/s"
+        rate = f"{c['tflops']:.3g} TFLOP/s" if c.get("tflops") else f"{c['gbps']:.0f} GB/s"
         if "matmul" in c["op"]:
             what = f"{c['op']} {c['dtype']}"
         else:
@@ -138,6 +150,8 @@ def render_markdown(records: list[dict]) -> str:
         extra = "" if op == "projection" else f", causal={causal}" + (f", mask={mask}" if mask else "")
         if any(r.get("compile") == "dynamic" for r in recs):
             extra += ", torch-compile with dynamic=True"
+        if any(r.get("q_len") is not None for r in recs):
+            extra += "; S = the KV cache's length"
         out.append(f"### {op}, {mode}, {dtype} ({dims}{extra}) on {device_name}")
         out.append("")
         bounds = {S: roofline.estimate(next(r for r in recs if r["seq_len"] == S))

@@ -24,24 +24,39 @@ at work.
 
 Counted per kernel family (e = bytes per element of the inputs; statistics are fp32):
 
-- attention-flash (D <= 256, ``attention_flash``), per (batch, head):
+- attention-flash and attention-gqa (D <= 256, ``attention_flash``), per (batch, query head):
   forward: one program per BLOCK_M query rows reads its Q rows once, then for every key tile it
-  may see (all, or up to the diagonal when causal) a BLOCK_N × D tile of K and of V, plus the
-  key-padding bytes of the tile; two dots per tile; writes O and the log-sum-exp.
-  backward: ``dO = g ∘ dY`` (one elementwise pass), ``Δ = rowsum(dO ∘ O)`` (one pass reading dO
-  and O), then the dK/dV kernel (one program per BLOCK_N keys: reads its K, V tile once, and per
-  query tile Q, dO and three row statistics; four dots per tile; writes dK, dV) and the dQ kernel
-  (per query block: Q, dO and statistics once, K and V per key tile; three dots per tile; writes
-  dQ and this head's dt̄), and the sum of dt̄ over heads.
+  may see (all, or up to the diagonal when causal) a BLOCK_N × D tile of K and of V (of the k/v
+  head it reads, h // GROUP, with grouped-query attention), plus the key-padding bytes of the
+  tile; two dots per tile; writes O and the log-sum-exp.
+  backward (from the ungated dY: the kernels apply the GSoT gate themselves): the dQ kernel (per
+  query block: Q, dO, t̄ and the lse once; two passes over the key tiles, each reading K, V and the padding bytes per
+  tile, two dots per tile in the first (Δ, dt̄) and three in the second (dQ); writes Δ, the
+  renormalised lse, this head's dt̄ and dQ), then the dK/dV kernel (one program per BLOCK_N keys
+  of one k/v head: reads its K, V tile once and, for each of the GROUP query heads that read it
+  and each query tile, Q, dO, three row statistics and the padding bytes; four dots per step;
+  writes dK, dV), and the sum of dt̄ over heads. A configuration with RELOAD_ROWS reloads the
+  tiles it would otherwise hold (Q and dO in the dQ kernel, K and V in the dK/dV kernel) at every
+  step, and is charged for each load.
+- attention-decode (``attention_decode``, S_q query rows against a cache of S_k keys): the split
+  kernel, one program per (query row, key chunk of ``chunk`` keys; ``_configs.decode_num_splits``
+  chunks), reads its q row and t̄, the chunk's K and V in BLOCK_N-key blocks (products as fp32
+  ``tl.sum`` reductions, not tensor-core dots: two per element of each whole block, at the fp32
+  peak) and writes its partials (D + 2 fp32); the combine kernel, one program per row, reads the
+  row's partials and t̄ and writes the output. Bytes charge the KV cache (and its padding bytes)
+  once: the GROUP · S_q programs of one chunk read the same K/V block at the same time, and the
+  design counts on the L2 to serve their re-reads (the flash path is charged every load; one
+  decoding step is bound by the cache's bytes and nothing else).
 - attention-wide (D > 256, ``attention_wide``), per chunk of query rows (the chunks, and the
   causal row blocks that see only the keys they can, come from ``attention_wide._chunks``):
   forward: GEMM ``Z = Q_c Kᵀ``, the row kernel (two passes reading Z, one writing P in place),
   GEMM ``O_c = P V``; a training forward also keeps Z for the backward (one copy).
-  backward: ``dO = g ∘ dY``; Z from the forward (one copy, as P overwrites it) or a GEMM again;
-  GEMM ``dP = dO_c Vᵀ``; the row kernel (two passes reading Z and dP, writing P and G in place);
-  then ``dQ = G K``, ``dK = Gᵀ Q``, ``dV = Pᵀ dO`` (three GEMMs), or for q = k = v in one chunk
-  ``dX = (G + Gᵀ) X + Pᵀ dO`` (one pass forming G + Gᵀ, two GEMMs and an add); over several
-  chunks the key-side gradients add up in fp32 (read and write of the accumulator each time).
+  backward (from the ungated dY, dO below; the row kernel applies the gate): Z from the forward
+  (one copy, as P overwrites it) or a GEMM again; GEMM ``dP = dO_c Vᵀ``; the row kernel (two
+  passes reading Z and dP, writing P and G in place); then ``dQ = G K``, ``dK = Gᵀ Q``,
+  ``dV = Pᵀ dO`` (three GEMMs), or for q = k = v in one chunk ``dX = (G + Gᵀ) X + Pᵀ dO`` (one
+  pass forming G + Gᵀ, two GEMMs and an add); over several chunks the key-side gradients add up
+  in fp32 (read and write of the accumulator each time).
   Each GEMM reads its operands and writes its result once (a library GEMM's own tiling reuses
   them on chip).
 - projection (``temperature_projection``): the forward kernel streams h once; each program of
@@ -50,7 +65,8 @@ Counted per kernel family (e = bytes per element of the inputs; statistics are f
   kernel streams h once more and reads each row block's dz once per BLOCK_K columns; the partial
   sums of its row splits (as many as fill 2 programs per SM, 132 SMs) are added on the host.
 
-Where the tile sizes come from: :func:`flash_tiles` and :func:`projection_tiles` ask
+Where the tile sizes come from: :func:`flash_tiles`, :func:`flash_reload_rows`, :func:`decode_tiles`
+and :func:`projection_tiles` ask
 ``tgr_kernels._configs`` (the launchers' own choice) for the CUDA configuration, its first
 (default) candidate when the launcher autotunes over several; :func:`wide_chunks` asks
 ``attention_wide._chunks`` with the CUDA chunk size. Change those three functions if the
@@ -154,6 +170,29 @@ def flash_tiles(kernel: str, head_dim: int, dtype_name: str, tf32: bool = False)
     return config["BLOCK_M"], config["BLOCK_N"], _configs.flash_block_d(head_dim)
 
 
+def flash_reload_rows(kernel: str, head_dim: int, dtype_name: str, tf32: bool = False) -> bool:
+    """Whether a flash kernel's default CUDA configuration reloads its held tiles at each step."""
+    from tgr_kernels import _configs
+
+    precision = flash_precision(kernel, head_dim, dtype_name, tf32)
+    with _cuda_branch(_configs):
+        config = _configs.flash_configs(kernel, head_dim, _dtype(dtype_name), precision)[0]
+    return bool(dict(config.meta).get("RELOAD_ROWS", 0))
+
+
+def decode_tiles(S_k: int, rows: int, head_dim: int, sm_count: int) -> tuple[int, int, int, int]:
+    """(BLOCK_N, BLOCK_D, chunk, num_splits) of the decode split kernel on CUDA, as
+    ``attention_decode.decode_forward`` derives them from ``_configs``."""
+    from tgr_kernels import _configs
+
+    with _cuda_branch(_configs):
+        block_n = _configs.decode_config(head_dim)["BLOCK_N"]
+    splits = _configs.decode_num_splits(S_k, rows, block_n, sm_count)
+    # whole BLOCK_N blocks per chunk; splits that would start past S_k are dropped
+    chunk = math.ceil(math.ceil(max(S_k, 1) / max(1, splits)) / block_n) * block_n
+    return block_n, _configs.flash_block_d(head_dim), chunk, max(1, math.ceil(S_k / chunk))
+
+
 def _flash_peak(kernel: str, head_dim: int, dtype_name: str, tf32: bool) -> str:
     return _dot_peak(dtype_name, flash_precision(kernel, head_dim, dtype_name, tf32) != "ieee")
 
@@ -190,8 +229,8 @@ def _causal_key_end(start_m: int, block_m: int, S_q: int, S_k: int, causal: bool
 
 
 def _query_block_pass(S_q, S_k, D, e, block_m, block_n, block_d, causal, kpm, dots, row_stats):
-    """Per (batch, head): the loop of the forward and of the dQ kernel. Returns (flops, bytes)
-    of the key-tile loop and the per-row loads (Q, and dO in the dQ kernel, are added by callers)."""
+    """Per (batch, head): the forward's loop over query blocks. Returns (flops, bytes) of the
+    key-tile loop and the per-row statistics (Q, O and the lse are added by the caller)."""
     flops = bytes_ = 0
     for start_m in range(0, S_q, block_m):
         rows = min(block_m, S_q - start_m)
@@ -202,8 +241,11 @@ def _query_block_pass(S_q, S_k, D, e, block_m, block_n, block_d, causal, kpm, do
     return flops, bytes_
 
 
-def flash_launches(B, H, S_q, S_k, D, dtype_name, causal, kpm, mode, gsot=True, tf32=False) -> list[Launch]:
+def flash_launches(B, H, S_q, S_k, D, dtype_name, causal, kpm, mode, tf32=False,
+                   H_kv: int | None = None) -> list[Launch]:
+    """The flash path's launches; ``H_kv`` k/v heads (grouped-query attention), default H."""
     e, BH = ELEMENT_BYTES[dtype_name], B * H
+    H_kv = H if H_kv is None else H_kv
     launches = []
     if mode in ("forward", "full"):
         peak = _flash_peak("fwd", D, dtype_name, tf32)
@@ -212,29 +254,66 @@ def flash_launches(B, H, S_q, S_k, D, dtype_name, causal, kpm, mode, gsot=True, 
         b += S_q * D * e + S_q * D * e + S_q * STAT  # Q in, O and log-sum-exp out
         launches.append(Launch("flash fwd", BH * f, BH * b, peak))
     if mode in ("backward", "full"):
-        if gsot:
-            launches.append(Launch("dO = g ∘ dY", 0, BH * S_q * D * 2 * e, "none"))
-        launches.append(Launch("Δ = rowsum(dO ∘ O)", 0, BH * (2 * S_q * D * e + S_q * STAT), "none"))
-        peak = _flash_peak("bwd_dkdv", D, dtype_name, tf32)
-        bm, bn, bd = flash_tiles("bwd_dkdv", D, dtype_name, tf32)
-        f = b = 0
-        for start_n in range(0, S_k, bn):
-            cols = min(bn, S_k - start_n)
-            start_m = (max(start_n - (S_k - S_q), 0) // bm * bm) if causal else 0
-            q_tiles = math.ceil(max(S_q - start_m, 0) / bm)
-            rows = max(S_q - start_m, 0)
-            f += q_tiles * 4 * 2 * bm * bn * bd
-            # K, V once; per query tile: Q, dO, t̄, lse, Δ and the tile's key-padding bytes; dK, dV out
-            b += 2 * cols * D * e + rows * (2 * D * e + 3 * STAT) + (q_tiles * cols if kpm else 0)
-            b += 2 * cols * D * e
-        launches.append(Launch("flash bwd dK dV", BH * f, BH * b, peak))
-        peak = _flash_peak("bwd_dq", D, dtype_name, tf32)
-        bm, bn, bd = flash_tiles("bwd_dq", D, dtype_name, tf32)
-        f, b = _query_block_pass(S_q, S_k, D, e, bm, bn, bd, causal, kpm, dots=3, row_stats=3)  # t̄, lse, Δ
-        b += 2 * S_q * D * e + S_q * D * e + S_q * STAT  # Q, dO in; dQ, dt̄ out
-        launches.append(Launch("flash bwd dQ dt̄", BH * f, BH * b, peak))
+        launches.append(_flash_dq_launch(B, H, S_q, S_k, D, dtype_name, causal, kpm, tf32))
+        launches.append(_flash_dkdv_launch(B, H, H_kv, S_q, S_k, D, dtype_name, causal, kpm, tf32))
         launches.append(Launch("dt̄: sum over heads", 0, BH * S_q * STAT + B * S_q * STAT, "none"))
     return launches
+
+
+def _flash_dq_launch(B, H, S_q, S_k, D, dtype_name, causal, kpm, tf32) -> Launch:
+    """The dQ kernel: per query block two passes over its key tiles (2 dots, then 3 per tile)."""
+    e = ELEMENT_BYTES[dtype_name]
+    bm, bn, bd = flash_tiles("bwd_dq", D, dtype_name, tf32)
+    reload = flash_reload_rows("bwd_dq", D, dtype_name, tf32)
+    flops = bytes_ = 0
+    for start_m in range(0, S_q, bm):
+        rows = min(bm, S_q - start_m)
+        tiles = math.ceil(_causal_key_end(start_m, bm, S_q, S_k, causal) / bn)
+        keys = min(tiles * bn, S_k)
+        flops += tiles * 5 * 2 * bm * bn * bd
+        bytes_ += 2 * (2 * keys * D * e + (keys if kpm else 0))  # K, V (and padding) in each pass
+        bytes_ += (2 * tiles if reload else 1) * 2 * rows * D * e  # Q and dO: held, or per tile and pass
+        bytes_ += 2 * rows * STAT + 3 * rows * STAT + rows * D * e  # t̄, lse in; Δ, lse', dt̄, dQ out
+    return Launch("flash bwd dQ dt̄", B * H * flops, B * H * bytes_, _flash_peak("bwd_dq", D, dtype_name, tf32))
+
+
+def _flash_dkdv_launch(B, H, H_kv, S_q, S_k, D, dtype_name, causal, kpm, tf32) -> Launch:
+    """The dK/dV kernel: per key block of a k/v head, every query tile of its GROUP query heads."""
+    e, group = ELEMENT_BYTES[dtype_name], H // H_kv
+    bm, bn, bd = flash_tiles("bwd_dkdv", D, dtype_name, tf32)
+    reload = flash_reload_rows("bwd_dkdv", D, dtype_name, tf32)
+    flops = bytes_ = 0
+    for start_n in range(0, S_k, bn):
+        cols = min(bn, S_k - start_n)
+        start_m = (max(start_n - (S_k - S_q), 0) // bm * bm) if causal else 0
+        steps = group * math.ceil(max(S_q - start_m, 0) / bm)
+        rows = group * max(S_q - start_m, 0)
+        flops += steps * 4 * 2 * bm * bn * bd
+        bytes_ += (steps if reload else 1) * 2 * cols * D * e  # K, V: held, or per step
+        # per step: Q, dO, t̄, lse, Δ of its rows and the tile's key-padding bytes; dK, dV out
+        bytes_ += rows * (2 * D * e + 3 * STAT) + (steps * cols if kpm else 0) + 2 * cols * D * e
+    return Launch("flash bwd dK dV", B * H_kv * flops, B * H_kv * bytes_,
+                  _flash_peak("bwd_dkdv", D, dtype_name, tf32))
+
+
+# ----------------------------------------------------------------------------- attention-decode
+def decode_launches(B, H, H_kv, S_q, S_k, D, dtype_name, causal, kpm, device: Device = H200) -> list[Launch]:
+    """The split kernel and the combine kernel of one decoding step (forward only)."""
+    e, rows = ELEMENT_BYTES[dtype_name], B * H * S_q
+    block_n, block_d, chunk, splits = decode_tiles(S_k, rows, D, device.sms)
+    flops = 0
+    for i in range(S_q):  # every batch row and query head alike
+        end = min(S_k, i + S_k - S_q + 1) if causal else S_k
+        for start in range(0, S_k, chunk):
+            keys = max(0, min(start + chunk, end) - start)
+            flops += math.ceil(keys / block_n) * 2 * 2 * block_n * block_d
+    flops *= B * H
+    # the cache (K, V, padding bytes) once; q rows and t̄ in; each (row, chunk)'s partials out
+    cache = B * H_kv * 2 * S_k * D * e + (B * S_k if kpm else 0)
+    split = Launch("decode split", flops, cache + rows * D * e + B * S_q * STAT + rows * splits * (D + 2) * STAT,
+                   "fp32")
+    combine = Launch("decode combine", 0, rows * splits * (D + 2) * STAT + B * S_q * STAT + rows * D * e, "none")
+    return [split, combine]
 
 
 # ----------------------------------------------------------------------------- attention-wide
@@ -252,7 +331,7 @@ def _accumulating_gemm(name, M, N, K, e, batch, peak) -> Launch:
     return gemm
 
 
-def wide_launches(B, H, S_q, S_k, D, dtype_name, causal, kpm, mode, same_qkv=True, gsot=True,
+def wide_launches(B, H, S_q, S_k, D, dtype_name, causal, kpm, mode, same_qkv=True,
                   tf32=False) -> list[Launch]:
     e, peak, BH = ELEMENT_BYTES[dtype_name], _dot_peak(dtype_name, tf32), B * H
     chunks, keeps_z = wide_chunks(S_q, S_k, B, H, e, causal)
@@ -271,8 +350,6 @@ def wide_launches(B, H, S_q, S_k, D, dtype_name, causal, kpm, mode, same_qkv=Tru
                                    "none"))
             launches.append(_gemm("O = P V", M, D, n, e, BH, peak))
     if mode in ("backward", "full"):
-        if gsot:
-            launches.append(Launch("dO = g ∘ dY", 0, BH * S_q * D * 2 * e, "none"))
         one_chunk = len(chunks) == 1
         for row0, row1, n in chunks:
             M = row1 - row0
@@ -357,12 +434,17 @@ def launches_for(op: str, shape: dict[str, int], dtype_name: str, mode: str, cau
     if op == "projection":
         return projection_launches(shape["batch"], shape["seq_len"], shape["hidden"], shape["temp_heads"],
                                    dtype_name, mode, tf32=tf32)
-    if op not in ("attention-flash", "attention-wide"):
+    if op not in ("attention-flash", "attention-wide", "attention-gqa", "attention-decode"):
         raise ValueError(f"no roofline model for {op!r}")
     B, H, S, D = shape["batch"], shape["heads"], shape["seq_len"], shape["head_dim"]
+    H_kv = shape.get("kv_heads", H)
     kpm = mask == "padding"
-    if op == "attention-flash":
-        return flash_launches(B, H, S, S, D, dtype_name, bool(causal), kpm, mode, tf32=tf32)
+    if op == "attention-decode":
+        if mode != "forward":
+            raise ValueError(f"attention-decode has no {mode!r} mode (forward only)")
+        return decode_launches(B, H, H_kv, shape["q_len"], S, D, dtype_name, bool(causal), kpm)
+    if op in ("attention-flash", "attention-gqa"):
+        return flash_launches(B, H, S, S, D, dtype_name, bool(causal), kpm, mode, tf32=tf32, H_kv=H_kv)
     return wide_launches(B, H, S, S, D, dtype_name, bool(causal), kpm, mode, same_qkv=True, tf32=tf32)
 
 
@@ -400,9 +482,8 @@ def estimate(record: dict, device: Device = H200) -> dict | None:
         return None
     if record.get("op") not in bench_cases.OPS or record.get("dtype") not in ELEMENT_BYTES:
         return None
-    keys = ("batch", "heads", "seq_len", "head_dim") if record["op"] != "projection" else \
-        ("batch", "seq_len", "hidden", "temp_heads")
-    if any(record.get(k) is None for k in keys):
+    keys = ("seq_len", *bench_cases.DEFAULT_SHAPES[record["op"]][0])  # the op's shape fields
+    if any(record.get(k) is None for k in keys) or record.get("mode") not in bench_cases.op_modes(record["op"]):
         return None
     return entry(record["op"], {k: record[k] for k in keys}, record["dtype"], record["mode"], record.get("causal"),
                  record.get("mask"), device)
@@ -411,7 +492,10 @@ def estimate(record: dict, device: Device = H200) -> dict | None:
 # Sequence lengths: the benchmarks' defaults and the GPU run's (benchmarks/gpu_run.sh).
 SEQ_LENS = {"attention-flash": sorted(set(bench_cases.DEFAULT_SEQ_LENS) | {8192}),
             "attention-wide": list(bench_cases.DEFAULT_SEQ_LENS),
-            "projection": sorted(set(bench_cases.DEFAULT_SEQ_LENS) | {16384, 65536})}
+            "projection": sorted(set(bench_cases.DEFAULT_SEQ_LENS) | {16384, 65536}),
+            "attention-gqa": bench_cases.default_seq_lens("attention-gqa", quick=False),
+            "attention-decode": sorted(set(bench_cases.default_seq_lens("attention-decode", quick=False))
+                                       | {1024, 16384, 32768})}
 DTYPES = ("bfloat16", "float32")  # fp16 moves the same bytes at the same peak as bf16
 
 
@@ -422,7 +506,7 @@ def all_entries(dtypes=DTYPES) -> list[dict]:
         for dtype_name in dtypes:
             for case in bench_cases.op_cases(op, SEQ_LENS[op], [_dtype(dtype_name)], "cpu", [False, True],
                                              "padding", quick=False):
-                for mode in bench_cases.MODES:
+                for mode in bench_cases.op_modes(op):
                     rows.append(entry(case.op, case.shape, dtype_name, mode, case.causal,
                                       case.mask if op != "projection" else None))
     return rows
@@ -443,7 +527,8 @@ def render_table(rows: list[dict], device: Device = H200) -> str:
     rows = [r for r in rows if r["dtype"] == "bfloat16"]
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        shape = ", ".join(f"{k}={r[k]}" for k in ("batch", "heads", "head_dim", "hidden", "temp_heads") if k in r)
+        shape = ", ".join(f"{k}={r[k]}" for k in ("batch", "heads", "kv_heads", "q_len", "head_dim", "hidden",
+                                                   "temp_heads") if k in r)
         groups.setdefault((r["op"], shape, r["mode"]), []).append(r)
     for (op, shape, mode), items in groups.items():
         out += [f"### {op}, {mode} ({shape})", ""]

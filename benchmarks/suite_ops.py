@@ -1,4 +1,5 @@
-"""The op suites (projection, attention-wide, attention-flash): every provider on the same inputs.
+"""The op suites (projection, attention-wide, attention-flash, attention-gqa, attention-decode): every
+provider on the same inputs.
 
 Per case (one op, shape, dtype, causal): build each provider; check its output (and gradients)
 against the seed's math; then per mode time all providers interleaved and measure each one's
@@ -6,8 +7,9 @@ peak memory; one record per (provider, mode).
 
 Modes: ``forward`` is inference (under ``torch.no_grad``); ``backward`` times the gradient
 computation alone, after an untimed forward; ``full`` times forward + backward, a training step
-of the op. Gradients are taken with ``torch.autograd.grad`` with respect to every input that
-requires one, for a random upstream gradient (never accumulated into ``.grad``).
+of the op (attention-decode has the forward alone). Gradients are taken with
+``torch.autograd.grad`` with respect to every input that requires one, for a random upstream
+gradient (never accumulated into ``.grad``).
 
 Rotating inputs: each provider cycles through enough copies of the inputs that together they
 exceed twice the last-level cache (GPU L2), at most 16, so that small shapes are not measured
@@ -20,7 +22,7 @@ import time
 
 import torch
 
-from .cases import Case, Inputs, op_cases
+from .cases import OPS, Case, Inputs, default_seq_lens, op_cases, op_modes
 from .measure import Job, cache_bytes, describe_error, peak_memory_mib, summarize, time_interleaved
 from .providers import ATTENTION_PROVIDERS, PROJECTION_PROVIDERS, Provider
 
@@ -140,6 +142,7 @@ def run_case(case: Case, provider_names: list[str], modes: list[str], reps: int,
     x0 = case.make_inputs(seed=0)
     copies = [x0] + [case.make_inputs(seed=i) for i in range(1, _n_copies(x0, case.device))]
     records = []
+    modes = [m for m in modes if m in op_modes(case.op)]
     for mode in modes:
         # inference inputs need no gradient (FlexAttention on CPU refuses inputs that require one)
         inputs = [x.detached() for x in copies] if mode == "forward" else copies
@@ -192,9 +195,13 @@ def run_case(case: Case, provider_names: list[str], modes: list[str], reps: int,
 def run(args, emit, deadline: float | None) -> list[str]:
     """Run the op suites named in ``args.suites``; returns the labels of cases skipped for time."""
     skipped = []
-    for op in [s for s in args.suites if s in ("projection", "attention-wide", "attention-flash")]:
-        cases = op_cases(op, args.seq_lens_for(op), args.dtypes, args.device, args.causal_values,
-                         args.mask, args.quick, args.batch, args.triton_interpret, args.compile == "dynamic")
+    for op in [s for s in args.suites if s in OPS]:
+        if not any(m in op_modes(op) for m in args.modes):
+            print(f"  {op}: none of the modes {args.modes} applies (it has {list(op_modes(op))})")
+            continue
+        cases = op_cases(op, args.seq_lens or default_seq_lens(op, args.quick), args.dtypes, args.device,
+                         args.causal_values, args.mask, args.quick, args.batch, args.triton_interpret,
+                         args.compile == "dynamic")
         for case in cases:
             if deadline is not None and time.monotonic() > deadline:
                 skipped.append(case.label())

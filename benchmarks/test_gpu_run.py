@@ -12,7 +12,8 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "benchmarks", "gpu_run.sh")
-STEPS = ["parity", "bench-flash", "bench-wide", "bench-proj", "bench-e2e", "report", "determinism", "kernels"]
+STEPS = ["parity", "bench-flash", "bench-gqa", "bench-wide", "bench-proj", "bench-e2e", "report", "determinism",
+         "kernels"]
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the dry run is what runs without CUDA")
 
@@ -53,7 +54,8 @@ def test_dry_run_runs_every_step_and_writes_its_results(dry_run):
     assert " 0 failed, 0 not run" in parity.splitlines()[-1]
     records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
     ops = {r["op"] for r in records if r["kind"] == "measurement" and r["status"] == "ok"}
-    assert ops == {"projection", "attention-wide", "attention-flash", "e2e-layers-train-step", "e2e-layers-generate"}
+    assert ops == {"projection", "attention-wide", "attention-flash", "attention-gqa", "attention-decode",
+                   "e2e-layers-train-step", "e2e-layers-generate"}
     e2e = [r for r in records if r.get("op", "").startswith("e2e-layers") and r["status"] == "ok"]
     assert {r["provider"] for r in e2e} == {"base-sdpa", "tgr-layers"}
     assert all(r["check_ok"] for r in e2e)  # the patched model starts as the base

@@ -112,3 +112,69 @@ def test_report_shows_the_fraction_of_the_roofline_for_h200_records():
     for device, name in (("cuda", "NVIDIA A100-SXM4-80GB"), ("cpu", "AMD EPYC")):
         other = render_markdown([_record(device, name, 4 * bound, **shape)])
         assert "roofline" not in other
+
+
+def test_grouped_query_backward_counted_by_hand(tiles, monkeypatch):
+    # B=1, 4 query heads reading 2 k/v heads (GROUP 2), S=96, D=64, bf16, no mask, not causal;
+    # 32 x 32 tiles everywhere: 3 query blocks of 32 rows and 3 key blocks of 32 keys.
+    tiles(flash={"fwd": (32, 32, 64), "bwd_dq": (32, 32, 64), "bwd_dkdv": (32, 32, 64)})
+    monkeypatch.setattr(roofline, "flash_reload_rows", lambda kernel, D, dtype, tf32=False: False)
+    shape = {"batch": 1, "heads": 4, "kv_heads": 2, "seq_len": 96, "head_dim": 64}
+    e = roofline.entry("attention-gqa", shape, "bfloat16", "backward", False, "none")
+    tile = 2 * 32 * 32 * 64  # one 32 x 32 x 64 product
+    # dQ kernel, per query head: 3 query blocks x 3 key tiles, 2 + 3 dots per tile; per block K and V
+    # of all 96 keys in each of the two passes, Q and dO once, t̄ and lse in, Δ, lse', dt̄ out, dQ out
+    dq_flops = 4 * 3 * 3 * 5 * tile
+    dq_bytes = 4 * 3 * (2 * 2 * 96 * 64 * 2 + 2 * 32 * 64 * 2 + 5 * 32 * 4 + 32 * 64 * 2)
+    # dK/dV kernel, per k/v head: 3 key blocks, each over 2 heads x 3 query tiles = 6 steps of 4 dots;
+    # K and V once, per step Q, dO, t̄, lse, Δ of its 32 rows; dK, dV out
+    dkdv_flops = 2 * 3 * 6 * 4 * tile
+    dkdv_bytes = 2 * 3 * (2 * 32 * 64 * 2 + 2 * 96 * (2 * 64 * 2 + 3 * 4) + 2 * 32 * 64 * 2)
+    dt_sum = 4 * 96 * 4 + 96 * 4
+    by = {x["name"]: x for x in e["launches"]}
+    assert (by["flash bwd dQ dt̄"]["flops"], by["flash bwd dQ dt̄"]["bytes"]) == (dq_flops, dq_bytes)
+    assert (by["flash bwd dK dV"]["flops"], by["flash bwd dK dV"]["bytes"]) == (dkdv_flops, dkdv_bytes)
+    assert e["flops"] == dq_flops + dkdv_flops
+    assert e["bytes"] == dq_bytes + dkdv_bytes + dt_sum  # the kernels gate the ungated dY themselves
+    # the forward reads per query head what it would without grouping: the same as 4 full heads
+    fwd = roofline.entry("attention-gqa", shape, "bfloat16", "forward", False, "none")
+    mha = roofline.entry("attention-flash", {"batch": 1, "heads": 4, "seq_len": 96, "head_dim": 64},
+                         "bfloat16", "forward", False, "none")
+    assert (fwd["flops"], fwd["bytes"]) == (mha["flops"], mha["bytes"])
+
+
+def test_decode_counted_by_hand(monkeypatch):
+    # One query row of 4 query heads (1 k/v head) against a 1000-key cache, D=64, bf16, key
+    # padding; 64-key blocks, 256-key chunks: 4 splits, the last of 232 keys (4 blocks, whole).
+    monkeypatch.setattr(roofline, "decode_tiles", lambda S_k, rows, D, sms: (64, 64, 256, 4))
+    shape = {"batch": 1, "heads": 4, "kv_heads": 1, "q_len": 1, "seq_len": 1000, "head_dim": 64}
+    e = roofline.entry("attention-decode", shape, "bfloat16", "forward", False, "padding")
+    flops = 4 * 16 * (2 * 2 * 64 * 64)  # 4 rows x 16 blocks x (q·k and p·v over a 64 x 64 block)
+    cache = 2 * 1000 * 64 * 2 + 1000  # K and V once, and the padding bytes
+    partials = 4 * 4 * (64 + 2) * 4  # rows x splits x (acc, m, l) in fp32
+    split_bytes = cache + 4 * 64 * 2 + 4 + partials  # + q rows, t̄
+    combine_bytes = partials + 4 + 4 * 64 * 2  # partials, t̄ in; the output rows
+    assert e["flops"] == flops
+    assert e["bytes"] == split_bytes + combine_bytes
+    expected = max(flops / 67e12, split_bytes / H200_BW) + combine_bytes / H200_BW  # fp32 sums, not tensor cores
+    assert e["roofline_ms"] == pytest.approx(expected * 1e3)
+    assert e["bound"] == "memory"
+
+
+def test_decode_tiles_follow_the_launcher():
+    # 32 query heads, a 4096-key cache, D=128, 132 SMs: 64-key blocks; 132 * 4 / 32 -> 17 splits
+    # wanted, but chunks of at least 4 blocks allow 16: chunks of 256 keys.
+    assert roofline.decode_tiles(4096, 32, 128, 132) == (64, 128, 256, 16)
+    e = roofline.entry("attention-decode", {"batch": 1, "heads": 32, "kv_heads": 8, "q_len": 1, "seq_len": 4096,
+                                            "head_dim": 128}, "bfloat16", "forward", False, "padding")
+    cache = 8 * 2 * 4096 * 128 * 2
+    assert e["bound"] == "memory" and cache < e["bytes"] < 1.05 * cache
+
+
+def test_report_shows_bandwidth_and_roofline_for_an_h200_decode_record():
+    shape = {"batch": 1, "heads": 32, "kv_heads": 8, "q_len": 1, "seq_len": 4096, "head_dim": 128}
+    bound = roofline.entry("attention-decode", shape, "bfloat16", "forward", False, "padding")
+    rec = {**_record("cuda", "NVIDIA H200", 2 * bound["roofline_ms"], **shape), "op": "attention-decode",
+           "gbps": bound["bytes"] / (2 * bound["roofline_ms"] * 1e-3) / 1e9, "tflops": 0.01}
+    text = render_markdown([rec])
+    assert "50% of roofline" in text and " GB/s" in text and "TF/s" not in text

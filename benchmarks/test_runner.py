@@ -11,7 +11,7 @@ import torch
 from benchmarks import measure
 from benchmarks.cases import Case
 from benchmarks.providers import ATTENTION_PROVIDERS, Provider
-from benchmarks.report import load_records
+from benchmarks.report import load_records, render_markdown
 from benchmarks.suite_ops import check_providers, run_case
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -43,9 +43,18 @@ def test_quick_pass_writes_records_table_and_plots(quick_run):
     records = load_records(out / "records.jsonl")
     meas = [r for r in records if r["kind"] == "measurement"]
     ops = {r["op"] for r in meas}
-    assert {"projection", "attention-wide", "attention-flash"} <= ops
+    op_suites = {"projection", "attention-wide", "attention-flash", "attention-gqa", "attention-decode"}
+    assert op_suites <= ops
     e2e_ops = {"e2e-train-step", "e2e-generate", "e2e-layers-train-step", "e2e-layers-generate"}
-    assert ops - {"projection", "attention-wide", "attention-flash"} <= e2e_ops
+    assert ops - op_suites <= e2e_ops
+    # the grouped-query suites: fewer k/v heads than query heads; decode is one row, forward only
+    grouped = [r for r in meas if r["op"] in ("attention-gqa", "attention-decode")]
+    assert all(r["kv_heads"] < r["heads"] for r in grouped)
+    assert {r["mode"] for r in meas if r["op"] == "attention-gqa"} == {"forward", "backward", "full"}
+    assert all(r["causal"] for r in meas if r["op"] == "attention-gqa")  # Llama's attention
+    decode = [r for r in meas if r["op"] == "attention-decode"]
+    assert {r["mode"] for r in decode} == {"forward"} and all(r["q_len"] == 1 for r in decode)
+    assert {"sdpa-prescaled", "tgr-torch"} <= {r["provider"] for r in grouped if r["status"] == "ok"}
     if _tgr_importable():
         assert e2e_ops <= ops
         layers = [r for r in meas if r["op"].startswith("e2e-layers")]
@@ -110,6 +119,11 @@ def test_statistics():
 
 def _tiny_case(op="attention-flash", **kw):
     shape = {"batch": 2, "heads": 2, "seq_len": 40, "head_dim": 32 if op == "attention-flash" else 300}
+    if op == "attention-gqa":  # 4 query heads reading 2 k/v heads
+        shape = {"batch": 2, "heads": 4, "kv_heads": 2, "seq_len": 40, "head_dim": 32}
+    elif op == "attention-decode":  # one query row against a cache of 70 keys
+        shape = {"batch": 2, "heads": 4, "kv_heads": 2, "q_len": 1, "seq_len": 70, "head_dim": 32}
+        kw.setdefault("causal", False)
     return Case(op, shape, kw.pop("dtype", torch.float32), "cpu", causal=kw.pop("causal", True), **kw)
 
 
@@ -144,6 +158,49 @@ def test_check_flags_wrong_answers(dtype):
         assert results[bad]["ok"] is False, (bad, results[bad])
 
 
+@pytest.mark.parametrize("op", ["attention-gqa", "attention-decode"])
+def test_check_flags_a_wrong_grouping(op):
+    """A provider that maps query heads to the wrong k/v heads is fast and wrong: the check says so,
+    and so do its records and the table."""
+    case = _tiny_case(op)
+    tgr_torch = ATTENTION_PROVIDERS["tgr-torch"].build(case)
+    group = case.shape["heads"] // case.kv_heads
+
+    def with_kv(x, k, v):
+        return tgr_torch(type(x)({**x.tensors, "k": k, "v": v}, x.leaf_names))
+
+    def tiled_heads(x):  # query head h reads k/v head h % H_kv (repeat, not repeat_interleave)
+        return with_kv(x, x.k.repeat(1, group, 1, 1), x.v.repeat(1, group, 1, 1))
+
+    def first_kv_head(x):  # every query head reads k/v head 0
+        return with_kv(x, x.k[:, :1], x.v[:, :1])
+
+    fns = {"tgr-torch": tgr_torch, "tiled-heads": tiled_heads, "first-kv-head": first_kv_head}
+    x = case.make_inputs(seed=1)
+    results = check_providers(case, fns, x, with_grads=op == "attention-gqa")
+    assert results["tgr-torch"]["ok"], results["tgr-torch"]
+    for bad in ("tiled-heads", "first-kv-head"):
+        assert results[bad]["ok"] is False, (bad, results[bad])
+
+    records = []
+    wrong = Provider("tgr-triton", lambda c: tiled_heads)  # in a provider's place in the runner
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(ATTENTION_PROVIDERS, "tgr-triton", wrong)
+        run_case(case, ["eager-seed", "tgr-torch", "tgr-triton"], ["forward"], reps=1, warmup=1, check=True,
+                 emit=records.append)
+    by = {r["provider"]: r for r in records}
+    assert by["tgr-torch"]["check_ok"] is True and by["tgr-triton"]["check_ok"] is False
+    assert "**MISMATCH**" in render_markdown(records)
+
+
+def test_decode_runs_forward_only():
+    records = []
+    run_case(_tiny_case("attention-decode"), ["eager-seed", "sdpa-prescaled"], ["forward", "backward", "full"],
+             reps=1, warmup=1, check=True, emit=records.append)
+    assert {r["mode"] for r in records} == {"forward"}
+    assert all(r["status"] == "ok" and r["check_ok"] for r in records), records
+
+
 def test_failing_provider_is_reported_not_fatal(monkeypatch):
     def broken(case):
         def run(x):
@@ -161,7 +218,8 @@ def test_failing_provider_is_reported_not_fatal(monkeypatch):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter path is the CPU's")
-@pytest.mark.parametrize("op", ["attention-flash", "attention-wide", "projection"])
+@pytest.mark.parametrize("op", ["attention-flash", "attention-wide", "projection", "attention-gqa",
+                                "attention-decode"])
 def test_triton_provider_matches_under_interpreter(op):
     """tgr-triton's wiring, checked where Triton runs only interpreted (its time is not reported)."""
     if op == "projection":
