@@ -16,6 +16,11 @@ lm_head (dW computed) and a frozen one (the TGR model's: only d hidden). Ten per
 are ignored (-100). Every provider's loss and gradients are checked against eager's (relative
 error ‖p − e‖ / ‖e‖ of each, within 1e-3 in fp32, 2e-2 in half precision).
 
+The table's ``H200 floor`` column is the time of the op's GEMMs alone on an H200 at its dense
+peak (``benchmarks/roofline.py``: 989 TFLOP/s bf16/fp16 on tensor cores, 67 TFLOP/s fp32): the
+logits ``h Wᵀ`` and ``d hidden = G W`` (2·N·V·H FLOPs each), plus ``dW = Gᵀ h`` with a trainable
+lm_head. A GPU row's cells also give their time over that floor (target: within 1.2×).
+
 Timing and memory are ``benchmarks/measure.py``'s: providers interleaved per repetition after a
 warm-up, median and p20/p80; memory is the extra peak of one warm call (outputs, i.e. the
 gradients, included), from the profiler's tensor timeline on a CPU. Writes ``records.jsonl`` and
@@ -34,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from . import measure
+from .roofline import H200
 
 MiB = 1 << 20
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -136,6 +142,14 @@ def run_case(args, providers: dict, tokens: int, vocab: int, weight_trainable: b
                   **measure.summarize(job.times_ms), **memory, **checks[name]))
 
 
+def gemm_floor_ms(tokens: int, hidden: int, vocab: int, trainable: bool, dtype: str) -> float:
+    """The op's GEMMs alone at an H200's dense peak, in ms: logits and d hidden, and dW when the
+    lm_head is trainable (2·N·V·H FLOPs each)."""
+    flops = (3 if trainable else 2) * 2.0 * tokens * vocab * hidden
+    rate = H200.tensor_half_flops if dtype in ("bfloat16", "float16") else H200.fp32_flops
+    return flops / rate * 1e3
+
+
 def _fmt_ms(ms: float) -> str:
     return f"{ms:.0f} ms" if ms >= 100 else f"{ms:.1f} ms"
 
@@ -149,12 +163,17 @@ def render_table(records: list) -> str:
                      f"(git {run['versions']['git']}); {run['date']}, load average {run['load_avg_1m']} → "
                      f"{run.get('load_avg_end', '?')}: `{run['command']}`")
     lines += ["", "Cells: median time (p20–p80) · time / eager's · extra peak memory of one call (gradients "
-              "included) · peak / eager's. Targets: memory ≤ 0.25× eager's, time ≤ 1.1× eager's (CPU). "
+              "included) · peak / eager's (· time / H200 floor, on a GPU). Targets: memory ≤ 0.25× eager's, "
+              "time ≤ 1.1× eager's (CPU); on the GPU ≤ Liger's time and within 1.2× of the floor. `H200 floor`: "
+              "the GEMMs alone (logits, d hidden, and dW when trainable) at 989 TFLOP/s bf16 (67 fp32). "
               "`check`: max relative error of loss, d hidden (and dW) against eager's.", ""]
     measurements = [r for r in records if r.get("kind") == "measurement"]
     providers = [p for p in PROVIDERS if any(r["provider"] == p for r in measurements)]
-    lines.append("| tokens | V | lm_head | " + " | ".join(providers) + " |")
-    lines.append("|---:|---:|---|" + "---|" * len(providers))
+    # The H200 floor column where a GPU ran: a CPU's times are not read against it.
+    on_gpu = any(r["device"] == "cuda" for r in measurements)
+    floor_head, floor_rule = (" H200 floor |", "---:|") if on_gpu else ("", "")
+    lines.append(f"| tokens | V | lm_head |{floor_head} " + " | ".join(providers) + " |")
+    lines.append(f"|---:|---:|---|{floor_rule}" + "---|" * len(providers))
     notes: dict = {}
     keys = sorted({(r["dtype"], r["hidden"], r["tokens"], r["vocab"], r["weight"]) for r in measurements},
                   key=lambda k: (k[0], k[1], k[4] != "trainable", k[3], k[2]))
@@ -162,6 +181,8 @@ def render_table(records: list) -> str:
         row = {r["provider"]: r for r in measurements
                if (r["dtype"], r["hidden"], r["tokens"], r["vocab"], r["weight"]) == key}
         eager = row.get("eager") if row.get("eager", {}).get("status") == "ok" else None
+        dtype, hidden, tokens, vocab, weight = key
+        floor = gemm_floor_ms(tokens, hidden, vocab, weight == "trainable", dtype)
         cells = []
         for p in providers:
             r = row.get(p)
@@ -177,10 +198,12 @@ def render_table(records: list) -> str:
                 text += f" · {r['peak_mib']:.0f} MiB"
                 if eager and eager["peak_mib"]:
                     text += f" · {r['peak_mib'] / eager['peak_mib']:.2f}×"
+                if r["device"] == "cuda":
+                    text += f" · {r['median_ms'] / floor:.2f}× floor"
                 text += f" · check {r['check_rel_err']:.0e}" + ("" if r["check_ok"] else " **MISMATCH**")
                 cells.append(text)
-        dtype, hidden, tokens, vocab, weight = key
-        lines.append(f"| {tokens} | {vocab} | {weight} | " + " | ".join(cells) + " |")
+        floor_cell = f" {floor:.2f} ms |" if on_gpu else ""
+        lines.append(f"| {tokens} | {vocab} | {weight} |{floor_cell} " + " | ".join(cells) + " |")
     lines.append("")
     hidden_sizes = ", ".join(str(h) for h in sorted({k[1] for k in keys}))
     lines.append(f"dtype {', '.join(sorted({k[0] for k in keys}))}, H = {hidden_sizes}; "

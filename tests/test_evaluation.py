@@ -1,10 +1,14 @@
 """Answer-sentence selection: the log-likelihood scoring, the MAP/MRR metrics and the evaluation of
 both heads (the word-level ``tokenizer`` fixture comes from conftest.py)."""
+import importlib
+
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from tgr.data import DataError, RankingGroup
+from tgr.data import DataError, RankingGroup, load_wikiqa, ranking_groups
 from tgr.evaluation import (
+    _base_logits,
     answer_log_likelihoods,
     average_precision,
     encode_pair,
@@ -82,6 +86,10 @@ class _TwoHeads:
     def base_model(self, input_ids, attention_mask):
         return type("Out", (), {"logits": self._logits(input_ids, oracle=False)})
 
+    def target_log_probs(self, ids, mask, *, head="tgr"):
+        logits = self._logits(ids, oracle=head == "tgr")
+        return torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+
 
 def test_evaluate_heads_scores_the_tgr_head_beside_the_base_head(tokenizer):
     rows = [
@@ -96,3 +104,109 @@ def test_evaluate_heads_scores_the_tgr_head_beside_the_base_head(tokenizer):
     assert results["base_head"]["mrr"] < 1.0
     with pytest.raises(DataError, match="no question in the data has a correct"):
         evaluate_heads(model, tokenizer, rows[3:])
+
+
+def test_exactly_one_model_function(tokenizer):
+    W, fn = bigram_model(len(tokenizer))
+    for logits_fn, log_probs_fn in ((None, None), (fn, fn)):
+        with pytest.raises(ValueError, match="exactly one of logits_fn and log_probs_fn"):
+            answer_log_likelihoods(logits_fn, tokenizer, [("Who?", "Someone.")], log_probs_fn=log_probs_fn)
+
+
+# ----------------------------------------------------------------------------- a real TGR model
+# The tiny Llama's sizes: hidden 48, MLP 96; its vocabulary (the tokenizer's, at most 256) is
+# another size, so a tensor whose last dim is V can only be logits.
+TINY = dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=256)
+CHUNK_ROWS = 16
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    from tgr import build_tiny_llama
+
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny-eval"), **TINY)
+
+
+def _tiny_tgr_model(path, mode):
+    """A TGR model whose temperatures are away from their start, so that the TGR head (or layers)
+    and the base score differently."""
+    from tgr import TGRConfig, TGRLlamaModel
+
+    config = TGRConfig(base_model_name_or_path=path, load_in_4bit=False, compute_dtype="float32", device="cpu",
+                       attention_backend="torch", temperature_heads=4, tgr_mode=mode)
+    model = TGRLlamaModel(config)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=generator) * 2.0)
+    return model.eval()
+
+
+class _LargestLogitsBlock(TorchDispatchMode):
+    """The most rows of any new tensor (not a view, such as the lm_head weight's transpose) whose
+    last dim is V that an op produces while active."""
+
+    def __init__(self, n_vocab):
+        super().__init__()
+        self.n_vocab, self.rows = n_vocab, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and t.dim() >= 1 and t.shape[-1] == self.n_vocab and not func.is_view:
+                self.rows = max(self.rows, t.numel() // self.n_vocab)
+        return out
+
+
+@pytest.mark.parametrize("mode", ["head", "layers"])
+def test_evaluate_heads_never_builds_the_logits_and_ranks_as_through_them(tiny_dir, mode, monkeypatch):
+    """tgr eval scores through the fused log-probabilities: the lm_head never runs and no op makes
+    more than one chunk of logit rows; MAP and MRR equal those through the full logits."""
+    from transformers import AutoTokenizer
+
+    lce = importlib.import_module("tgr_kernels.linear_cross_entropy")
+    monkeypatch.setattr(lce, "chunk_rows", lambda n_rows, n_vocab, device, half_gemm: min(CHUNK_ROWS, n_rows))
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dir)
+    model = _tiny_tgr_model(tiny_dir, mode)
+    n_vocab = model.vocab_size
+    assert n_vocab not in (TINY["hidden_size"], 2 * TINY["hidden_size"])
+    rows = load_wikiqa()[:60]
+    groups = ranking_groups(rows)
+    kwargs = dict(batch_size=6, device=model.device)
+    with torch.no_grad():
+        through_logits = {
+            "tgr_head": evaluate_ranking(lambda ids, mask: model(ids, mask).logits, tokenizer, groups, **kwargs),
+            "base_head": evaluate_ranking(lambda ids, mask: _base_logits(model, ids, mask), tokenizer, groups,
+                                          **kwargs),
+        }
+
+    lm_head_calls = []
+    hook = model.get_output_embeddings().register_forward_hook(lambda *args: lm_head_calls.append(1))
+    try:
+        with _LargestLogitsBlock(n_vocab) as watch:
+            results = evaluate_heads(model, tokenizer, rows, batch_size=6)
+    finally:
+        hook.remove()
+    assert lm_head_calls == []
+    assert 0 < watch.rows <= CHUNK_ROWS  # a batch has 6 × (S − 1) > CHUNK_ROWS rows of logits
+    assert results == {name: r.as_dict() for name, r in through_logits.items()}
+    assert results["tgr_head"]["questions"] >= 5
+
+
+@pytest.mark.parametrize("mode", ["head", "both", "layers"])
+def test_target_log_probs_equal_the_log_softmax_of_the_logits(tiny_dir, mode):
+    model = _tiny_tgr_model(tiny_dir, mode)
+    ids = torch.randint(3, model.vocab_size, (3, 10))
+    mask = torch.ones_like(ids)
+    mask[2, :4] = 0  # left padding
+    with torch.no_grad():
+        for head, logits in (("tgr", model(ids, mask).logits), ("base", _base_logits(model, ids, mask))):
+            expected = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+            got = model.target_log_probs(ids, mask, head=head)
+            assert got.shape == (3, 9) and got.dtype == torch.float32
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5, msg=head)
+        tgr, base = model.target_log_probs(ids, mask), model.target_log_probs(ids, mask, head="base")
+    assert (tgr - base).abs().max() > 1e-2  # the two heads are different models here
+    with pytest.raises(ValueError, match="head must be 'tgr' or 'base'"):
+        model.target_log_probs(ids, mask, head="lm")

@@ -423,3 +423,29 @@ def test_torch_compile_matches_eager():
                           torch.tensor(1.0))
     for a, e in zip(got, want, strict=True):
         torch.testing.assert_close(a, e)
+
+
+# ------------------------------------------------------------------------------------------ benchmark
+def test_benchmark_gpu_providers_and_floor():
+    """benchmarks/linear_cross_entropy.py: the GPU-only providers are records with a reason on a
+    CPU, and a GPU row is read against the GEMMs alone at the H200's peak."""
+    bench = pytest.importorskip("benchmarks.linear_cross_entropy")
+    providers = bench.make_providers("cpu")
+    for name in ("tgr-triton", "liger", "cut-cross-entropy"):
+        fn, reason = providers[name]
+        assert fn is None and "CUDA" in reason, name
+    # Llama-3 at 8192 tokens, frozen lm_head: the logits and d hidden GEMMs, 2·N·V·H FLOPs each.
+    frozen = bench.gemm_floor_ms(8192, 4096, 128256, False, "bfloat16")
+    assert frozen == pytest.approx(2 * 2 * 8192 * 128256 * 4096 / 989e12 * 1e3)
+    assert bench.gemm_floor_ms(8192, 4096, 128256, True, "bfloat16") == pytest.approx(1.5 * frozen)
+    shape = dict(op="linear-cross-entropy", tokens=8192, hidden=4096, vocab=128256, dtype="bfloat16",
+                 weight="frozen", mode="full", kind="measurement")
+    timing = dict(status="ok", p20_ms=1.0, p80_ms=1.0, peak_mib=100.0, check_rel_err=1e-3, check_ok=True)
+    records = [dict(shape, device="cuda", provider="eager", median_ms=2 * frozen, **timing),
+               dict(shape, device="cuda", provider="tgr-triton", median_ms=1.1 * frozen, **timing),
+               dict(shape, device="cuda", provider="liger", status="n/a", reason="liger-kernel is not installed")]
+    table = bench.render_table(records)
+    assert f"| 8192 | 128256 | frozen | {frozen:.2f} ms |" in table
+    assert "1.10× floor" in table and "2.00× floor" in table and "liger-kernel is not installed" in table
+    cpu_table = bench.render_table([dict(r, device="cpu") for r in records])
+    assert "H200 floor |" not in cpu_table and "× floor" not in cpu_table

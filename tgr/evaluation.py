@@ -3,8 +3,11 @@ log-likelihood ``log p(answer | "Q: <question>\\nA:")`` and report MAP and MRR.
 
 The prompt and the answer are tokenized separately, so the answer's tokens are exactly those
 scored, whatever the tokenizer does at the boundary. Any model can be scored through a
-``logits_fn(input_ids, attention_mask) -> logits [B, S, V]``: the TGR head and the base model's
-own head are evaluated with the same protocol.
+``logits_fn(input_ids, attention_mask) -> logits [B, S, V]``, or, without the logits, through a
+``log_probs_fn(input_ids, attention_mask) -> log p(input_ids[:, 1:]) [B, S − 1]``: the TGR head and
+the base model's own head are evaluated with the same protocol, through
+:meth:`tgr.TGRLlamaModel.target_log_probs` (the fused ``tgr_kernels.linear_log_probs``: the
+``[B, S, V]`` logits never exist whole).
 """
 from __future__ import annotations
 
@@ -20,6 +23,8 @@ from .data import DataError, RankingGroup, answer_text, prompt_text, ranking_gro
 logger = logging.getLogger("tgr")
 
 LogitsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+#: ``(input_ids [B, S], attention_mask [B, S]) -> log p(input_ids[:, s + 1] | prefix) [B, S − 1]``.
+LogProbsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def average_precision(ranked_labels: Sequence[int]) -> float:
@@ -59,12 +64,23 @@ def encode_pair(tokenizer, question: str, answer: str, max_length: int):
     return (prompt + answer_ids)[:max_length], len(prompt)
 
 
+def _target_log_probs_from_logits(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """``log p(ids[:, s + 1])`` from logits ``[B, S, V]``: ``[B, S − 1]`` fp32."""
+    logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    return logprobs.gather(-1, ids[:, 1:].to(logprobs.device).unsqueeze(-1)).squeeze(-1)
+
+
 @torch.no_grad()
-def answer_log_likelihoods(logits_fn: LogitsFn, tokenizer, pairs: Sequence[tuple], *, batch_size: int = 8,
-                           max_length: int = 256, device="cpu", per_token: bool = False,
-                           progress: bool = False) -> list[float]:
+def answer_log_likelihoods(logits_fn: LogitsFn | None, tokenizer, pairs: Sequence[tuple], *,
+                           log_probs_fn: LogProbsFn | None = None, batch_size: int = 8, max_length: int = 256,
+                           device="cpu", per_token: bool = False, progress: bool = False) -> list[float]:
     """``log p(answer | prompt)`` for each (question, answer) pair (or its per-token mean);
-    ``progress`` shows a progress bar (WikiQA's test split has thousands of candidates)."""
+    ``progress`` shows a progress bar (WikiQA's test split has thousands of candidates).
+
+    The model is ``logits_fn`` (its ``[B, S, V]`` logits) or ``log_probs_fn`` (the log-probabilities
+    of the next tokens, e.g. :meth:`tgr.TGRLlamaModel.target_log_probs`: no logits); give one."""
+    if (logits_fn is None) == (log_probs_fn is None):
+        raise ValueError("give exactly one of logits_fn and log_probs_fn")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     encoded = [encode_pair(tokenizer, q, a, max_length) for q, a in pairs]
     scores: list[float] = [0.0] * len(encoded)
@@ -80,9 +96,10 @@ def answer_log_likelihoods(logits_fn: LogitsFn, tokenizer, pairs: Sequence[tuple
             seq = encoded[i][0]
             ids[row, :len(seq)] = torch.tensor(seq)
             mask[row, :len(seq)] = 1
-        logits = logits_fn(ids.to(device), mask.to(device)).float()
-        logprobs = torch.log_softmax(logits[:, :-1], dim=-1)
-        token_lp = logprobs.gather(-1, ids[:, 1:].to(logprobs.device).unsqueeze(-1)).squeeze(-1)
+        if log_probs_fn is not None:
+            token_lp = log_probs_fn(ids.to(device), mask.to(device)).float()
+        else:
+            token_lp = _target_log_probs_from_logits(logits_fn(ids.to(device), mask.to(device)), ids)
         for row, i in enumerate(idx):
             seq, n_prompt = encoded[i]
             answer_lp = token_lp[row, n_prompt - 1:len(seq) - 1]
@@ -91,8 +108,10 @@ def answer_log_likelihoods(logits_fn: LogitsFn, tokenizer, pairs: Sequence[tuple
     return scores
 
 
-def evaluate_ranking(logits_fn: LogitsFn, tokenizer, groups: Sequence[RankingGroup], **kwargs) -> RankingResult:
-    """MAP and MRR over the groups (questions with at least one correct candidate)."""
+def evaluate_ranking(logits_fn: LogitsFn | None, tokenizer, groups: Sequence[RankingGroup],
+                     **kwargs) -> RankingResult:
+    """MAP and MRR over the groups (questions with at least one correct candidate); the model is
+    ``logits_fn`` or ``log_probs_fn=`` (see :func:`answer_log_likelihoods`)."""
     pairs = [(g.question, a) for g in groups for a in g.answers]
     scores = answer_log_likelihoods(logits_fn, tokenizer, pairs, **kwargs)
     aps, rrs, offset = [], [], 0
@@ -108,7 +127,8 @@ def evaluate_ranking(logits_fn: LogitsFn, tokenizer, groups: Sequence[RankingGro
 
 
 def _base_logits(model, ids, mask):
-    """The base's own logits: with every-layer TGR applied to the base, run as unpatched."""
+    """The base's own logits: with every-layer TGR applied to the base, run as unpatched (what
+    ``model.target_log_probs(ids, mask, head="base")`` scores without them)."""
     from .layers import is_tgr_applied, tgr_layers_disabled
 
     hf_base = getattr(model, "hf_base_model", model.base_model)
@@ -121,7 +141,9 @@ def _base_logits(model, ids, mask):
 def evaluate_heads(model, tokenizer, rows: Sequence[dict], *, batch_size: int = 8,
                    progress: bool = False) -> dict[str, dict[str, float]]:
     """MAP and MRR of a TGR model's head and of its base's own head, with the same protocol, over
-    the questions of ``rows`` (WikiQA rows) that have a correct candidate.
+    the questions of ``rows`` (WikiQA rows) that have a correct candidate. Both are scored by
+    :meth:`tgr.TGRLlamaModel.target_log_probs` from the final hidden states and the lm_head's
+    weight: the ``[B, S, V]`` logits are never built.
 
     Returns ``{"tgr_head": {...}, "base_head": {...}}`` (see :meth:`RankingResult.as_dict`).
     """
@@ -130,6 +152,8 @@ def evaluate_heads(model, tokenizer, rows: Sequence[dict], *, batch_size: int = 
         raise DataError("no question in the data has a correct (label 1) candidate: nothing to rank")
     model.eval()
     kwargs = dict(batch_size=batch_size, device=model.device, progress=progress)
-    tgr = evaluate_ranking(lambda ids, mask: model(ids, mask).logits, tokenizer, groups, **kwargs)
-    base = evaluate_ranking(lambda ids, mask: _base_logits(model, ids, mask), tokenizer, groups, **kwargs)
+    tgr = evaluate_ranking(None, tokenizer, groups, log_probs_fn=lambda ids, mask: model.target_log_probs(ids, mask),
+                           **kwargs)
+    base = evaluate_ranking(None, tokenizer, groups,
+                            log_probs_fn=lambda ids, mask: model.target_log_probs(ids, mask, head="base"), **kwargs)
     return {"tgr_head": tgr.as_dict(), "base_head": base.as_dict()}

@@ -35,7 +35,10 @@ A chunk holds ``MIN_CHUNK_ROWS`` rows, or more while its logits fit ``CHUNK_BYTE
 (online log-sum-exp over vocabulary blocks, the loss, softmax − onehot in place) is one Triton
 kernel between cuBLAS GEMMs; on a CPU it is PyTorch's in-place log-softmax and element-wise ops.
 The kernel sees only fp32 logits (the GEMMs are torch's), so the interpreter's bf16 gap in
-``tl.dot`` does not reach it.
+``tl.dot`` does not reach it. The Triton path is registered as custom ops
+(``torch.ops.tgr_kernels.linear_cross_entropy_{forward,backward}``) with fake implementations and
+their autograd, so ``torch.compile(fullgraph=True)`` sees one opaque op per direction; the PyTorch
+path is an autograd Function that the compiler traces.
 
 Labels outside ``[0, V)`` other than ι follow the value-check switch (``set_value_checks``): a
 ``ValueError`` naming the label, its position and V before anything runs ("sync", the default
@@ -45,6 +48,10 @@ never an out-of-bounds read or a device-side assert.
 from __future__ import annotations
 
 import functools
+
+# torch.library.custom_op builds the ops' schemas from their annotations: the typing spelling its
+# schema inference documents (as in _ops.py), which every supported torch reads.
+from typing import Optional, Tuple  # noqa: UP035
 
 import torch
 import torch.nn as nn
@@ -279,7 +286,8 @@ def _chunked(x, w, bias, labels, ignore_index: int, row_scale, rows_op, *, write
     half_gemm = x.dtype in _HALF_DTYPES
     step = chunk_rows(n_rows, n_vocab, x.device, half_gemm)
     loss = torch.empty(n_rows, dtype=act_dtype, device=x.device)
-    dh = torch.empty_like(x) if (write_grad and hidden_grad) else None
+    # Contiguous whatever x's strides (the custom op's fake implementation promises it).
+    dh = torch.empty(x.shape, dtype=x.dtype, device=x.device) if (write_grad and hidden_grad) else None
     dw = torch.zeros(w.shape, dtype=act_dtype, device=x.device) if (write_grad and weight_grad) else None
     db = torch.zeros(n_vocab, dtype=act_dtype, device=x.device) if (write_grad and bias_grad) else None
     for start in range(0, n_rows, step):
@@ -314,38 +322,70 @@ def _graph_kept() -> bool:
     return bool(keep_graph())
 
 
+def _forward_work(hidden, weight, bias, labels, ignore_index: int, reduction: str, rows_op, *,
+                  hidden_grad: bool, weight_grad: bool, bias_grad: bool):
+    """The forward on 2-D inputs: ``(loss, dh, dW, db)``, each gradient the one of the loss with an
+    upstream gradient of 1 (None where not asked for, and dW, db always None for ``"none"``: its
+    upstream is per token, so they are recomputed in the backward)."""
+    write_grad = hidden_grad or weight_grad or bias_grad
+    gemm_dtype = _gemm_dtype(hidden.dtype, hidden.device)
+    act_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    x, w = hidden.to(gemm_dtype), weight.to(gemm_dtype)
+    n_rows = x.shape[0]
+    n_valid = (labels != ignore_index).sum()
+    if reduction == "mean":
+        scale = 1.0 / n_valid.clamp(min=1).to(act_dtype)
+    else:
+        scale = torch.ones((), dtype=act_dtype, device=x.device)
+    loss, dh, dw, db = _chunked(
+        x, w, bias, labels, ignore_index, scale.expand(n_rows), rows_op, write_grad=write_grad,
+        hidden_grad=hidden_grad, weight_grad=weight_grad and reduction != "none",
+        bias_grad=bias_grad and reduction != "none")
+    if reduction == "none":
+        return loss, dh, dw, db
+    total = loss.sum()
+    return (total / n_valid.to(act_dtype) if reduction == "mean" else total), dh, dw, db
+
+
+def _recomputed_weight_grads(hidden, weight, bias, labels, grad_loss, ignore_index: int, rows_op, *,
+                             weight_grad: bool, bias_grad: bool):
+    """dW and db of ``"none"`` with the per-token upstream ``grad_loss [N]``: the logits of each
+    chunk again (one GEMM), their gradient scaled row by row, then ``Gᵀ h`` and ``Σ G``. Returns
+    ``(dW or None, db or None)`` in fp32 (fp64 for fp64 inputs)."""
+    gemm_dtype = _gemm_dtype(hidden.dtype, hidden.device)
+    act_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    _, _, dw, db = _chunked(
+        hidden.to(gemm_dtype), weight.to(gemm_dtype), bias, labels, ignore_index, grad_loss.to(act_dtype),
+        rows_op, write_grad=True, hidden_grad=False, weight_grad=weight_grad, bias_grad=bias_grad)
+    return dw, db
+
+
+def _scaled(saved, g, dtype, in_place: bool):
+    """``saved · g`` in ``dtype``; in place on ``saved`` when it is never read again (no
+    retain_graph), so that the backward needs no second [V, H] (or [N, H]) buffer. A traced
+    backward (fake or functional tensor subclasses: torch.compile, AOT tracing) never mutates
+    what the forward saved: the partitioner forbids it."""
+    g = g.to(torch.promote_types(saved.dtype, torch.float32))
+    in_place = in_place and type(saved) is torch.Tensor
+    if in_place and saved.dtype == torch.promote_types(saved.dtype, g.dtype):
+        return saved.mul_(g).to(dtype)
+    return (saved * g).to(dtype)
+
+
 class _LinearCrossEntropyFunction(torch.autograd.Function):
-    """Autograd for the fused op on 2-D inputs (see the module docstring for the math)."""
+    """Autograd for the PyTorch path on 2-D inputs (see the module docstring for the math); the
+    Triton path is the custom op ``tgr_kernels::linear_cross_entropy_forward`` below."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, ignore_index: int, reduction: str, use_triton: bool):
+    def forward(ctx, hidden, weight, bias, labels, ignore_index: int, reduction: str):
         hidden_grad, weight_grad, bias_grad = ctx.needs_input_grad[:3]
-        write_grad = hidden_grad or weight_grad or bias_grad
-        gemm_dtype = _gemm_dtype(hidden.dtype, hidden.device)
-        act_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-        x, w = hidden.to(gemm_dtype), weight.to(gemm_dtype)
-        n_rows = x.shape[0]
-        n_valid = (labels != ignore_index).sum()
-        if reduction == "mean":
-            scale = 1.0 / n_valid.clamp(min=1).to(act_dtype)
-        else:
-            scale = torch.ones((), dtype=act_dtype, device=x.device)
-        # "none": the dW and db of a per-token upstream are recomputed in the backward.
-        precompute_weight = weight_grad and reduction != "none"
-        precompute_bias = bias_grad and reduction != "none"
-        rows_op = _triton_rows if use_triton else _torch_rows
-        loss, dh, dw, db = _chunked(
-            x, w, bias, labels, ignore_index, scale.expand(n_rows), rows_op, write_grad=write_grad,
-            hidden_grad=hidden_grad, weight_grad=precompute_weight, bias_grad=precompute_bias)
-
-        ctx.reduction, ctx.ignore_index, ctx.use_triton = reduction, ignore_index, use_triton
+        loss, dh, dw, db = _forward_work(hidden, weight, bias, labels, ignore_index, reduction, _torch_rows,
+                                         hidden_grad=hidden_grad, weight_grad=weight_grad, bias_grad=bias_grad)
+        ctx.reduction, ctx.ignore_index = reduction, ignore_index
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         recompute = reduction == "none" and (weight_grad or bias_grad)
         ctx.save_for_backward(dh, dw, db, *((hidden, weight, bias, labels) if recompute else (None,) * 4))
-        if reduction == "none":
-            return loss
-        total = loss.sum()
-        return total / n_valid.to(act_dtype) if reduction == "mean" else total
+        return loss
 
     @staticmethod
     @once_differentiable_strict("linear_cross_entropy")
@@ -354,38 +394,157 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
         hidden_dtype, weight_dtype, bias_dtype = ctx.dtypes
         hidden_grad, weight_grad, bias_grad = ctx.needs_input_grad[:3]
         grad_hidden = grad_weight = grad_bias = None
-        # Without retain_graph the saved gradients are never read again: scale them in place,
-        # so that the backward needs no second [V, H] (or [N, H]) buffer.
         in_place = not _graph_kept()
-
-        def scaled(saved, g, dtype):
-            g = g.to(torch.promote_types(saved.dtype, torch.float32))
-            if in_place and saved.dtype == torch.promote_types(saved.dtype, g.dtype):
-                return saved.mul_(g).to(dtype)
-            return (saved * g).to(dtype)
-
         if ctx.reduction != "none":
             if hidden_grad:
-                grad_hidden = scaled(dh, grad_loss, hidden_dtype)
+                grad_hidden = _scaled(dh, grad_loss, hidden_dtype, in_place)
             if weight_grad:
-                grad_weight = scaled(dw, grad_loss, weight_dtype)
+                grad_weight = _scaled(dw, grad_loss, weight_dtype, in_place)
             if bias_grad:
-                grad_bias = scaled(db, grad_loss, bias_dtype)
-            return grad_hidden, grad_weight, grad_bias, None, None, None, None
+                grad_bias = _scaled(db, grad_loss, bias_dtype, in_place)
+            return grad_hidden, grad_weight, grad_bias, None, None, None
         g = grad_loss.reshape(-1)
         if hidden_grad:
-            grad_hidden = scaled(dh, g.unsqueeze(1), hidden_dtype)
+            grad_hidden = _scaled(dh, g.unsqueeze(1), hidden_dtype, in_place)
         if weight_grad or bias_grad:
-            gemm_dtype = _gemm_dtype(hidden.dtype, hidden.device)
-            act_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-            rows_op = _triton_rows if ctx.use_triton else _torch_rows
-            _, _, dw, db = _chunked(
-                hidden.to(gemm_dtype), weight.to(gemm_dtype), bias, labels, ctx.ignore_index,
-                g.to(act_dtype), rows_op, write_grad=True, hidden_grad=False,
-                weight_grad=weight_grad, bias_grad=bias_grad)
+            dw, db = _recomputed_weight_grads(hidden, weight, bias, labels, g, ctx.ignore_index, _torch_rows,
+                                              weight_grad=weight_grad, bias_grad=bias_grad)
             grad_weight = None if dw is None else dw.to(weight_dtype)
             grad_bias = None if db is None else db.to(bias_dtype)
-        return grad_hidden, grad_weight, grad_bias, None, None, None, None
+        return grad_hidden, grad_weight, grad_bias, None, None, None
+
+
+# --------------------------------------------------------------------------------------------
+# The Triton path as custom ops (torch.compile sees one opaque op per direction)
+# --------------------------------------------------------------------------------------------
+# torch.compile cannot trace a Triton launcher (Python that picks chunks and launches kernels),
+# so the Triton path is registered with torch.library.custom_op, as the attention ops are in
+# _ops.py: a fake implementation gives the output shapes and dtypes, register_autograd attaches
+# the backward. A gradient that is not needed comes back as an empty tensor (custom ops return
+# tensors, not None). The implementations run with autocast off: the dispatcher chose the dtypes.
+
+
+def _empty_like_none(reference: torch.Tensor, t: torch.Tensor | None) -> torch.Tensor:
+    # Custom-op outputs may not alias each other: a fresh empty tensor for each missing one.
+    return reference.new_empty(0) if t is None else t
+
+
+@torch.library.custom_op("tgr_kernels::linear_cross_entropy_forward", mutates_args=())
+def linear_cross_entropy_forward(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], labels: torch.Tensor,  # noqa: UP045
+    ignore_index: int, reduction: str, hidden_grad: bool, weight_grad: bool, bias_grad: bool,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # noqa: UP006
+    """Triton forward on ``hidden [N, H]``, ``labels [N]`` (int64): ``(loss, dh, dW, db)``: the loss
+    (``[]``, or ``[N]`` for ``"none"``, fp32) and the gradients of an upstream 1 that were asked for
+    (dh ``[N, H]`` in the GEMM dtype, dW ``[V, H]`` and db ``[V]`` fp32; empty otherwise, and dW,
+    db always empty for ``"none"``, whose backward recomputes them)."""
+    with torch.cuda.device_of(hidden), torch.autocast(hidden.device.type, enabled=False):
+        loss, dh, dw, db = _forward_work(hidden, weight, bias, labels, ignore_index, reduction, _triton_rows,
+                                         hidden_grad=hidden_grad, weight_grad=weight_grad, bias_grad=bias_grad)
+    return loss, _empty_like_none(hidden, dh), _empty_like_none(loss, dw), _empty_like_none(loss, db)
+
+
+@linear_cross_entropy_forward.register_fake
+def _(hidden, weight, bias, labels, ignore_index, reduction, hidden_grad, weight_grad, bias_grad):
+    act_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    gemm_dtype = _gemm_dtype(hidden.dtype, hidden.device)
+    per_token = reduction == "none"
+    loss = hidden.new_empty((hidden.shape[0],) if per_token else (), dtype=act_dtype)
+    dh = hidden.new_empty(hidden.shape if hidden_grad else (0,), dtype=gemm_dtype if hidden_grad else hidden.dtype)
+    dw = hidden.new_empty(weight.shape if weight_grad and not per_token else (0,), dtype=act_dtype)
+    db = hidden.new_empty((weight.shape[0],) if bias_grad and not per_token else (0,), dtype=act_dtype)
+    return loss, dh, dw, db
+
+
+@torch.library.custom_op("tgr_kernels::linear_cross_entropy_backward", mutates_args=())
+def linear_cross_entropy_backward(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], labels: torch.Tensor,  # noqa: UP045
+    grad_loss: torch.Tensor, ignore_index: int, weight_grad: bool, bias_grad: bool,
+) -> Tuple[torch.Tensor, torch.Tensor]:  # noqa: UP006
+    """Triton backward of ``"none"`` for the weight and the bias: ``(dW [V, H], db [V])`` fp32 for
+    the per-token upstream ``grad_loss [N]`` (the logits recomputed chunk by chunk); empty where
+    not asked for."""
+    with torch.cuda.device_of(hidden), torch.autocast(hidden.device.type, enabled=False):
+        dw, db = _recomputed_weight_grads(hidden, weight, bias, labels, grad_loss, ignore_index, _triton_rows,
+                                          weight_grad=weight_grad, bias_grad=bias_grad)
+    reference = grad_loss.new_empty(0, dtype=torch.float64 if hidden.dtype == torch.float64 else torch.float32)
+    return _empty_like_none(reference, dw), _empty_like_none(reference, db)
+
+
+@linear_cross_entropy_backward.register_fake
+def _(hidden, weight, bias, labels, grad_loss, ignore_index, weight_grad, bias_grad):
+    act_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    return (hidden.new_empty(weight.shape if weight_grad else (0,), dtype=act_dtype),
+            hidden.new_empty((weight.shape[0],) if bias_grad else (0,), dtype=act_dtype))
+
+
+def _triton_setup_context(ctx, inputs, output):
+    hidden, weight, bias, labels, ignore_index, reduction, _, weight_grad, bias_grad = inputs
+    _, dh, dw, db = output
+    ctx.reduction, ctx.ignore_index = reduction, ignore_index
+    ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+    recompute = reduction == "none" and (weight_grad or bias_grad)
+    ctx.save_for_backward(dh, dw, db, *((hidden, weight, bias, labels) if recompute else (None,) * 4))
+
+
+@once_differentiable_strict("linear_cross_entropy (Triton path)")
+def _triton_backward(ctx, grad_loss, grad_dh, grad_dw, grad_db):
+    dh, dw, db, hidden, weight, bias, labels = ctx.saved_tensors
+    hidden_dtype, weight_dtype, bias_dtype = ctx.dtypes
+    hidden_grad, weight_grad, bias_grad = ctx.needs_input_grad[:3]
+    nones = (None,) * 6
+    if grad_loss is None:
+        return (None,) * 3 + nones
+    in_place = not _graph_kept()
+    # A gradient the forward was not asked for is empty: its input did not need one then.
+    hidden_grad, weight_grad, bias_grad = (hidden_grad and dh.numel() > 0, weight_grad, bias_grad)
+    grad_hidden = grad_weight = grad_bias = None
+    if ctx.reduction != "none":
+        if hidden_grad:
+            grad_hidden = _scaled(dh, grad_loss, hidden_dtype, in_place)
+        if weight_grad and dw.numel() > 0:
+            grad_weight = _scaled(dw, grad_loss, weight_dtype, in_place)
+        if bias_grad and db.numel() > 0:
+            grad_bias = _scaled(db, grad_loss, bias_dtype, in_place)
+        return (grad_hidden, grad_weight, grad_bias) + nones
+    g = grad_loss.reshape(-1)
+    if hidden_grad:
+        grad_hidden = _scaled(dh, g.unsqueeze(1), hidden_dtype, in_place)
+    if (weight_grad or bias_grad) and hidden is not None:
+        dw, db = linear_cross_entropy_backward(hidden, weight, bias, labels, g.contiguous(), ctx.ignore_index,
+                                               weight_grad, bias_grad)
+        grad_weight = dw.to(weight_dtype) if weight_grad else None
+        grad_bias = db.to(bias_dtype) if bias_grad else None
+    return (grad_hidden, grad_weight, grad_bias) + nones
+
+
+linear_cross_entropy_forward.register_autograd(_triton_backward, setup_context=_triton_setup_context)
+
+
+def _register_backward_double_backward_error() -> None:
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            "linear_cross_entropy (Triton path): second derivatives (a backward through the backward, e.g. "
+            "create_graph=True followed by another grad) are not implemented; use backend='reference' for "
+            "double backward")
+
+    def setup_context(ctx, inputs, output):
+        pass
+
+    linear_cross_entropy_backward.register_autograd(backward, setup_context=setup_context)
+
+
+_register_backward_double_backward_error()
+
+
+def _triton_fused(hidden, weight, bias, labels, ignore_index: int, reduction: str) -> torch.Tensor:
+    """The differentiable Triton path on 2-D inputs: asks the forward op for the gradients that
+    autograd will want (none under no_grad or for inputs that need none)."""
+    grad_on = torch.is_grad_enabled()
+    hidden_grad, weight_grad, bias_grad = (
+        grad_on and t is not None and t.requires_grad for t in (hidden, weight, bias))
+    return linear_cross_entropy_forward(hidden, weight, bias, labels, ignore_index, reduction,
+                                        hidden_grad, weight_grad, bias_grad)[0]
 
 
 # --------------------------------------------------------------------------------------------
@@ -508,7 +667,10 @@ def _fused_loss(hidden, weight, labels, bias, ignore_index, reduction, use_trito
     with torch.autocast(hidden.device.type, enabled=False):
         hidden2d = hidden.reshape(-1, hidden.shape[-1])
         labels1d = labels.reshape(-1).long().contiguous()
-        loss = _LinearCrossEntropyFunction.apply(hidden2d, weight, bias, labels1d, ignore, reduction, use_triton)
+        if use_triton:
+            loss = _triton_fused(hidden2d, weight, bias, labels1d, ignore, reduction)
+        else:
+            loss = _LinearCrossEntropyFunction.apply(hidden2d, weight, bias, labels1d, ignore, reduction)
     return loss.view(labels.shape) if reduction == "none" else loss
 
 
