@@ -27,7 +27,13 @@ import time
 from pathlib import Path
 
 from . import missing_model_extra
-from .pipeline import SEED_SAMPLING, TGR_LAYERS_HELP, TGR_MODE_HELP  # the standard library only, at import
+from .pipeline import (  # the standard library only, at import
+    GSOT_MODE_HELP,
+    GSOT_WIDTH_HELP,
+    SEED_SAMPLING,
+    TGR_LAYERS_HELP,
+    TGR_MODE_HELP,
+)
 
 logger = logging.getLogger("tgr")
 
@@ -75,6 +81,8 @@ def _model_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--temperature-heads", type=int, default=4, help="temperatures per token (seed demo: 4)")
     g.add_argument("--gsot-threshold", type=float, default=0.4, help="GSoT threshold (default: 0.4)")
     g.add_argument("--no-gsot", action="store_true", help="disable GSoT pruning")
+    g.add_argument("--gsot-mode", default=None, choices=["hard", "straight_through", "soft"], help=GSOT_MODE_HELP)
+    g.add_argument("--gsot-width", type=float, default=None, help=GSOT_WIDTH_HELP)
     g.add_argument("--seed-attention", action="store_true",
                    help="non-causal TGR attention, exactly the seed's (default: causal)")
     g.add_argument("--num-tgr-heads", type=int, default=1, help="TGR attention heads (1 = the seed's one wide head)")
@@ -223,14 +231,15 @@ def _config(args, checkpoint: str | None = None):
     overrides.setdefault("base_model_name_or_path", DEMO_MODEL)
     lora = {name: getattr(args, name) for name in ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")
             if hasattr(args, name)}  # tgr train's flags; eval and generate load trained adapters
-    from .pipeline import tgr_mode_fields
+    from .pipeline import gsot_fields, tgr_mode_fields
 
     try:
         mode = tgr_mode_fields(getattr(args, "tgr_layers", "none"), getattr(args, "tgr_mode", None))
+        gate = gsot_fields(getattr(args, "gsot_mode", None), getattr(args, "gsot_width", None))
         return TGRConfig(
             temperature_heads=args.temperature_heads, temperature_conf_threshold=args.gsot_threshold,
             gsoT_enabled=not args.no_gsot, causal=not args.seed_attention, num_tgr_heads=args.num_tgr_heads,
-            **mode, **lora, **overrides,
+            **mode, **gate, **lora, **overrides,
         )
     except (TypeError, ValueError) as e:  # TGRConfig names the field that is wrong
         raise CommandError(_first_line(e)) from None
@@ -418,12 +427,13 @@ def _print_demo_ranking(title: str, results: dict) -> None:
 
 
 def _evaluate_tgr_model(model, tokenizer, rows, batch_size: int) -> dict:
-    """MAP and MRR of a TGR model's own logits (its base's are scored by :func:`_evaluate`)."""
+    """MAP and MRR of a TGR model's own predictions (its base's are scored by :func:`_evaluate`),
+    scored through ``target_log_probs``: the [B, S, V] logits are never built."""
     from .data import ranking_groups
     from .evaluation import evaluate_ranking
 
     model.eval()
-    result = evaluate_ranking(lambda ids, mask: model(ids, mask).logits, tokenizer, ranking_groups(rows),
+    result = evaluate_ranking(None, tokenizer, ranking_groups(rows), log_probs_fn=model.target_log_probs,
                               batch_size=batch_size, device=model.device)
     return result.as_dict()
 

@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 from transformers import AutoConfig, PretrainedConfig
 
 __all__ = ["TGRConfig", "CheckpointError", "CONFIG_NAME", "LEGACY_CONFIG_NAME", "BACKENDS", "COMPUTE_DTYPES",
-           "TGR_MODES"]
+           "TGR_MODES", "GSOT_MODES", "DEFAULT_GSOT_MODE", "DEFAULT_GSOT_WIDTH"]
 
 #: File name of the config inside a saved model folder (Hugging Face's name).
 CONFIG_NAME = "config.json"
@@ -32,6 +32,20 @@ BACKENDS = ("auto", "triton", "torch", "reference")
 #: attention (``tgr.apply_tgr``), or both.
 TGR_MODES = ("head", "layers", "both")
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
+#: How the GSoT gate trains (``tgr_kernels._gate``; named here so that the config needs no kernels
+#: to validate): "hard" is the seed's gate, which has no gradient; "straight_through" keeps its
+#: forward and gives the backward a sigmoid's slope; "soft" is a sigmoid in both passes. Every
+#: mode is the hard gate in eval mode.
+GSOT_MODES = ("hard", "straight_through", "soft")
+#: The mode new configs (and saved configs from before the field existed) get, chosen from the
+#: training curves in benchmarks/results/gsot-curves-cpu-2026-11-30/: in every layer the hard gate
+#: pruned 26% of rows for good and ended at 3.4x the loss without GSoT, while both learning gates
+#: matched no GSoT; straight-through over soft because its training forward is the inference
+#: forward (a freshly patched layer is the identity in training too; soft scales its rows by 0.88).
+DEFAULT_GSOT_MODE = "straight_through"
+#: ε of the learning gates, in temperature units: the sigmoid ``σ((t̄ − τ)/ε)`` goes from 0.12 to
+#: 0.88 within τ ± 2ε.
+DEFAULT_GSOT_WIDTH = 0.05
 
 # Keys a saved config holds besides the fields; accepted when reading and never set as attributes.
 _META_KEYS = frozenset({"model_type", "tgr_version", "_name_or_path"})
@@ -94,7 +108,14 @@ class TGRConfig(PretrainedConfig):
             "torch", or "reference" (the seed's eager math).
         gsoT_enabled: Guided Sequence of Thought: zero the TGR output of tokens whose mean
             temperature is below ``temperature_conf_threshold``.
-        temperature_conf_threshold: the GSoT threshold.
+        temperature_conf_threshold: the GSoT threshold τ.
+        gsot_mode: how the GSoT gate trains. "hard" (the seed's): ``g = 1[t̄ >= τ]`` with no
+            gradient, so a token that falls under τ stays pruned; "straight_through": the same
+            forward, and the backward's ``dg/dt̄ = σ'(u)/ε`` (``u = (t̄ − τ)/ε``) lets the loss lift
+            a pruned token back over τ; "soft": ``g = σ(u)`` in both passes. In eval mode every
+            mode gates hard. Saved configs without the field load with the current default
+            (inference, always hard, is the same either way).
+        gsot_width: ε > 0 of the two learning gates, in temperature units.
 
     Where TGR acts:
         tgr_mode: "head" (default: the seed's TGR head on the final hidden state), "layers"
@@ -141,6 +162,8 @@ class TGRConfig(PretrainedConfig):
     # GSoT
     gsoT_enabled: bool = True
     temperature_conf_threshold: float = 0.4
+    gsot_mode: str = DEFAULT_GSOT_MODE
+    gsot_width: float = DEFAULT_GSOT_WIDTH
 
     # TGR attention
     causal: bool = True
@@ -229,6 +252,10 @@ class TGRConfig(PretrainedConfig):
             )
         if not (_is_number(self.temperature_regularization_weight) and self.temperature_regularization_weight >= 0):
             raise bad("temperature_regularization_weight", "a finite number >= 0")
+        if self.gsot_mode not in GSOT_MODES:
+            raise bad("gsot_mode", f"one of {GSOT_MODES}")
+        if not (_is_number(self.gsot_width) and self.gsot_width > 0):
+            raise bad("gsot_width", "a positive finite number (the learning gates' width in temperature units)")
 
         for name in ("gsoT_enabled", "causal", "load_in_4bit"):
             if not isinstance(getattr(self, name), bool):

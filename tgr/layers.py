@@ -12,13 +12,18 @@ temperature heads) applied to the hidden states ``x`` entering that layer's atte
     t = clamp(sigmoid(x Wᵀ + b), t_min, t_max)                      [B, S, T]
     t̄_i = mean_T(t_i)
     S_ij = (t̄_i / t_init) · scaling · q_i·k_j + m_ij                  (per head, after RoPE)
-    Y_i = 1[t̄_i ≥ τ] · softmax_j(S_i) V                              (GSoT)
+    Y_i = g(t̄_i) · softmax_j(S_i) V                                   (GSoT)
+
+with the GSoT gate ``g`` of ``gsot_mode``: the seed's ``1[t̄ ≥ τ]`` ("hard", no gradient), the same
+forward with a sigmoid's slope ``σ'((t̄ − τ)/ε)/ε`` in the backward ("straight_through"), or
+``σ((t̄ − τ)/ε)`` in both passes ("soft"). A module in eval mode always gates hard.
 
 Identity at start: ``W = 0`` and ``b = logit(t_init)`` give ``t = t_init`` for every token, so
 the multiplier ``t̄ / t_init`` is exactly 1 and, with ``τ ≤ t_init``, no row is pruned: a freshly
 patched model computes what the unpatched one does. (The seed's raw multiplier ``t̄`` would halve
 every layer's logits of a pretrained model at ``t_init = 0.5``.) The kernels receive the
-temperature ``t / t_init`` and the threshold ``τ / t_init``.
+temperature ``t / t_init``, the threshold ``τ / t_init`` and the width ``ε / t_init`` (the gate
+of ``t̄ / t_init`` against ``τ / t_init`` is then the gate of ``t̄`` against ``τ``, slope included).
 
 The mechanism's input reaches the attention function through the module: a forward pre-hook on
 the attention module computes the temperatures from its ``hidden_states`` and leaves them on the
@@ -27,6 +32,7 @@ Layers that are not patched go through sdpa's attention function (the mask is sd
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Iterator, Sequence
@@ -39,9 +45,11 @@ import torch.nn as nn
 
 from tgr_kernels import TemperatureMechanism, temperature_guided_attention
 
+from .config import DEFAULT_GSOT_MODE, DEFAULT_GSOT_WIDTH, GSOT_MODES
+
 __all__ = ["apply_tgr", "remove_tgr", "is_tgr_applied", "tgr_layer_modules", "tgr_layer_settings",
            "collect_layer_temperatures", "tgr_layers_disabled", "set_layer_backend", "ATTENTION_NAME", "MECHANISM_NAME",
-           "TGRLayerSettings"]
+           "TGRLayerSettings", "GSOT_MODES"]
 
 #: The name of the attention implementation (``config._attn_implementation``) of a patched model.
 ATTENTION_NAME = "tgr"
@@ -66,6 +74,8 @@ class TGRLayerSettings:
     gsot_threshold: float | None
     initial_temperature: float
     backend: str
+    gsot_mode: str = DEFAULT_GSOT_MODE
+    gsot_width: float = DEFAULT_GSOT_WIDTH
 
 
 @dataclass
@@ -85,6 +95,8 @@ class _LayerOptions:
     initial_temperature: float
     gsot_threshold: float | None
     backend: str
+    gsot_mode: str = DEFAULT_GSOT_MODE
+    gsot_width: float = DEFAULT_GSOT_WIDTH
 
 
 # ----------------------------------------------------------------------------------------------
@@ -153,11 +165,15 @@ def tgr_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Ten
         mask = mask[..., :kv_length]
 
     t_init = options.initial_temperature
+    # The kernel sees t̄ / t_init: threshold and width scale with it, so the gate (and its slope
+    # in t̄) is the one asked for in temperature units.
     threshold = None if options.gsot_threshold is None else options.gsot_threshold / t_init
+    # The gate stays hard at inference: the learning gates are for training only.
+    gsot_mode = options.gsot_mode if module.training else "hard"
     temperature = temperature.to(query.device)
     out = temperature_guided_attention(
         query, key, value, temperature / t_init, mask, causal=causal, gsot_threshold=threshold,
-        scale=scaling, backend=options.backend,
+        scale=scaling, backend=options.backend, gsot_mode=gsot_mode, gsot_width=options.gsot_width / t_init,
     )
     return out.transpose(1, 2).contiguous(), None
 
@@ -217,7 +233,7 @@ def _is_number(value) -> bool:
 
 
 def _check_settings(n_layers: int, layers, temperature_heads, clamp, gsot_threshold, initial_temperature,
-                    backend) -> TGRLayerSettings:
+                    backend, gsot_mode=DEFAULT_GSOT_MODE, gsot_width=DEFAULT_GSOT_WIDTH) -> TGRLayerSettings:
     if isinstance(layers, str):
         if layers != "all":
             raise ValueError(f"apply_tgr: layers must be 'all' or a list of layer indices, got {layers!r}")
@@ -247,9 +263,13 @@ def _check_settings(n_layers: int, layers, temperature_heads, clamp, gsot_thresh
                              f"{initial_temperature}, or a freshly patched model would prune every token")
     if backend not in _BACKENDS:
         raise ValueError(f"apply_tgr: backend must be one of {_BACKENDS}, got {backend!r}")
+    if gsot_mode not in GSOT_MODES:
+        raise ValueError(f"apply_tgr: gsot_mode must be one of {GSOT_MODES}, got {gsot_mode!r}")
+    if not (_is_number(gsot_width) and gsot_width > 0):
+        raise ValueError(f"apply_tgr: gsot_width must be a positive finite number, got {gsot_width!r}")
     return TGRLayerSettings(chosen, temperature_heads, (float(clamp[0]), float(clamp[1])),
                             None if gsot_threshold is None else float(gsot_threshold), float(initial_temperature),
-                            backend)
+                            backend, gsot_mode, float(gsot_width))
 
 
 def _check_heads(attn: nn.Module, index: int) -> None:
@@ -292,7 +312,8 @@ def tgr_layer_modules(model: nn.Module) -> dict[int, TemperatureMechanism]:
 
 def apply_tgr(model: nn.Module, layers: str | Sequence[int] = "all", *, temperature_heads: int = 8,
               clamp: tuple[float, float] = (0.01, 0.99), gsot_threshold: float | None = 0.4,
-              initial_temperature: float = 0.5, backend: str = "auto") -> nn.Module:
+              initial_temperature: float = 0.5, backend: str = "auto", gsot_mode: str = DEFAULT_GSOT_MODE,
+              gsot_width: float = DEFAULT_GSOT_WIDTH) -> nn.Module:
     """Put temperature-guided attention into the decoder layers of a loaded causal LM, in place.
 
     Each chosen layer's attention module gets a ``temperature_mechanism`` (a
@@ -314,6 +335,10 @@ def apply_tgr(model: nn.Module, layers: str | Sequence[int] = "all", *, temperat
         gsot_threshold: τ, in temperature units (``≤ initial_temperature``); None: no GSoT.
         initial_temperature: ``t_init`` in (0, 1), the temperature every token starts at.
         backend: the kernels' backend ("auto", "triton", "torch", "reference").
+        gsot_mode: how the GSoT gate trains: "hard" (the seed's, no gradient), "straight_through"
+            (hard forward, sigmoid slope in the backward) or "soft" (sigmoid in both passes).
+            Modules in eval mode gate hard whatever the mode.
+        gsot_width: ε > 0 of the learning gates, in temperature units.
 
     Returns ``model``. Errors (a model whose attention does not go through the interface, a
     model already patched, query heads not a multiple of the key/value heads, a bad option) are a
@@ -323,7 +348,7 @@ def apply_tgr(model: nn.Module, layers: str | Sequence[int] = "all", *, temperat
     if is_tgr_applied(model):
         raise ValueError("apply_tgr: the model already has TGR layers; call tgr.remove_tgr(model) first")
     settings = _check_settings(len(layer_list), layers, temperature_heads, clamp, gsot_threshold,
-                               initial_temperature, backend)
+                               initial_temperature, backend, gsot_mode, gsot_width)
     modules = [_attention_module(layer_list[i], i) for i in settings.layers]
     for i, attn in zip(settings.layers, modules, strict=True):
         if hasattr(attn, MECHANISM_NAME):
@@ -335,7 +360,8 @@ def apply_tgr(model: nn.Module, layers: str | Sequence[int] = "all", *, temperat
 
     _register()
     state = _PatchState(settings, model.config._attn_implementation, modules)
-    options = _LayerOptions(settings.initial_temperature, settings.gsot_threshold, settings.backend)
+    options = _LayerOptions(settings.initial_temperature, settings.gsot_threshold, settings.backend,
+                            settings.gsot_mode, settings.gsot_width)
     bias = math.log(settings.initial_temperature / (1.0 - settings.initial_temperature))
     try:
         for attn in modules:
@@ -422,11 +448,8 @@ def set_layer_backend(model: nn.Module, backend: str) -> None:
         raise ValueError(f"set_layer_backend: backend must be one of {_BACKENDS}, got {backend!r}")
     for attn in state.attention_modules:
         getattr(attn, MECHANISM_NAME).backend = backend
-        options = getattr(attn, _OPTIONS_ATTR)
-        setattr(attn, _OPTIONS_ATTR, _LayerOptions(options.initial_temperature, options.gsot_threshold, backend))
-    s = state.settings
-    state.settings = TGRLayerSettings(s.layers, s.temperature_heads, s.clamp, s.gsot_threshold,
-                                      s.initial_temperature, backend)
+        setattr(attn, _OPTIONS_ATTR, dataclasses.replace(getattr(attn, _OPTIONS_ATTR), backend=backend))
+    state.settings = dataclasses.replace(state.settings, backend=backend)
 
 
 def remove_tgr(model: nn.Module) -> nn.Module:

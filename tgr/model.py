@@ -44,7 +44,12 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers.utils import ModelOutput
 
-from tgr_kernels import TemperatureMechanism, linear_cross_entropy, temperature_guided_attention
+from tgr_kernels import (
+    TemperatureMechanism,
+    linear_cross_entropy,
+    linear_log_probs,
+    temperature_guided_attention,
+)
 
 from . import layers as tgr_layers
 from .config import (
@@ -338,6 +343,7 @@ class TGRLlamaModel(PreTrainedModel, GenerationMixin):
                 clamp=(config.temperature_clamp_min, config.temperature_clamp_max),
                 gsot_threshold=config.temperature_conf_threshold if config.gsoT_enabled else None,
                 initial_temperature=config.initial_temperature, backend=config.attention_backend,
+                gsot_mode=config.gsot_mode, gsot_width=config.gsot_width,
             )
 
         decoder = self._decoder()
@@ -575,6 +581,8 @@ class TGRLlamaModel(PreTrainedModel, GenerationMixin):
         out = temperature_guided_attention(
             q, kv, kv, temperatures, self._head_mask(attention_mask, query_hidden.dtype),
             causal=config.causal, gsot_threshold=threshold, backend=config.attention_backend,
+            # The gate stays hard at inference: the learning gates are for training only.
+            gsot_mode=config.gsot_mode if self.training else "hard", gsot_width=config.gsot_width,
         )
         if threshold is None:
             gsot_mask = torch.ones(temperatures.shape[:2], dtype=torch.bool, device=temperatures.device)
@@ -607,6 +615,43 @@ class TGRLlamaModel(PreTrainedModel, GenerationMixin):
                                      ignore_index=-100, reduction="sum")
         count = (shift_labels != -100).sum()
         return total / count.clamp(min=1)
+
+    def target_log_probs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+                         head: str = "tgr") -> torch.Tensor:
+        """``log p(input_ids[:, s + 1] | input_ids[:, :s + 1])`` at every position: ``[B, S − 1]``,
+        fp32, for scoring candidates (``tgr eval``) without the ``[B, S, V]`` logits.
+
+        The final hidden states that feed the lm_head (the TGR head's output in modes "head" and
+        "both", the base's last hidden state in mode "layers") go through
+        :func:`tgr_kernels.linear_log_probs` with the lm_head's weight and bias, in chunks of
+        rows. An lm_head that is not a plain linear layer (4-bit, adapter-wrapped) goes through
+        its logits, as the fused loss does.
+
+        Args:
+            input_ids: ``[B, S]`` token ids; attention_mask: ``[B, S]`` 1 = real token, or None.
+            head: "tgr" (what :meth:`forward`'s logits give) or "base" (the base's own model, as
+                ``base_model(...).logits``: TGR layers off, no TGR head).
+        """
+        if head not in ("tgr", "base"):
+            raise ValueError(f"head must be 'tgr' or 'base', got {head!r}")
+        self._check_inputs(input_ids, attention_mask, None)
+        hf_base = self.hf_base_model
+        if head == "tgr":
+            y, _, _ = self.tgr_head(self._base_hidden(input_ids, attention_mask), None, attention_mask)
+        elif tgr_layers.is_tgr_applied(hf_base):
+            with tgr_layers.tgr_layers_disabled(hf_base):
+                y = self._base_hidden(input_ids, attention_mask)
+        else:
+            y = self._base_hidden(input_ids, attention_mask)
+        targets = input_ids[:, 1:]
+        if not self._fused_loss_applies():
+            logits = self.lm_head(y[:, :-1]).float()
+            picked = torch.log_softmax(logits, dim=-1).gather(-1, targets.to(logits.device).unsqueeze(-1))
+            return picked.squeeze(-1)
+        lm_head = self.get_output_embeddings()
+        weight = lm_head.weight
+        return linear_log_probs(y[:, :-1].to(device=weight.device, dtype=weight.dtype), weight,
+                                targets.to(weight.device), lm_head.bias)
 
     # ------------------------------------------------------------------------------------------
     # Forward

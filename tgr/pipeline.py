@@ -14,8 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-__all__ = ["TGRArguments", "SEED_SAMPLING", "generate_answers", "tgr_mode_fields", "TGR_LAYERS_HELP",
-           "TGR_MODE_HELP"]
+__all__ = ["TGRArguments", "SEED_SAMPLING", "generate_answers", "tgr_mode_fields", "gsot_fields", "TGR_LAYERS_HELP",
+           "TGR_MODE_HELP", "GSOT_MODE_HELP", "GSOT_WIDTH_HELP"]
 
 #: The seed's sampling settings.
 SEED_SAMPLING = dict(do_sample=True, temperature=0.7, top_p=0.9, max_new_tokens=50)
@@ -26,6 +26,19 @@ TGR_LAYERS_HELP = ("decoder layers of the base that get temperature-guided atten
 TGR_MODE_HELP = ("where TGR acts: head (the seed's head on the final hidden state), layers (the chosen decoder "
                  "layers; the logits are the base's own) or both (default: head with --tgr-layers none, else "
                  "layers)")
+
+GSOT_MODE_HELP = ("how the GSoT gate trains: hard (the seed's: no gradient, a pruned token stays pruned), "
+                  "straight_through (hard forward, sigmoid slope in the backward) or soft (sigmoid in both passes); "
+                  "evaluation and generation always gate hard (default: TGRConfig's, straight_through)")
+GSOT_WIDTH_HELP = ("width ε > 0 of the straight_through and soft gates, in temperature units "
+                   "(default: TGRConfig's, 0.05)")
+
+
+def gsot_fields(gsot_mode: str | None, gsot_width: float | None) -> dict[str, object]:
+    """``TGRConfig``'s ``gsot_mode`` and ``gsot_width`` from ``--gsot-mode`` / ``--gsot-width``;
+    a flag left out (None) keeps the config's default."""
+    return {name: value for name, value in (("gsot_mode", gsot_mode), ("gsot_width", gsot_width))
+            if value is not None}
 
 
 def tgr_mode_fields(tgr_layers: str, tgr_mode: str | None) -> dict[str, object]:
@@ -84,6 +97,8 @@ class TGRArguments:
     temperature_heads: int = _flag("temperatures per token (seed demo: 4)", default=4)
     gsot_threshold: float = _flag("GSoT threshold", default=0.4)
     no_gsot: bool = _flag("disable GSoT pruning", default=False)
+    gsot_mode: Literal["hard", "straight_through", "soft"] | None = _flag(GSOT_MODE_HELP, default=None)
+    gsot_width: float | None = _flag(GSOT_WIDTH_HELP, default=None)
     seed_attention: bool = _flag("non-causal TGR attention, exactly the seed's (default: causal)", default=False)
     num_tgr_heads: int = _flag("TGR attention heads (1 = the seed's one wide head)", default=1)
     # TGR inside the base's decoder layers.

@@ -200,7 +200,8 @@ def accumulated_loss(outputs, labels: torch.Tensor, attention_mask: torch.Tensor
 def step_statistics(temperatures: torch.Tensor, gsot_mask: torch.Tensor, lm_loss: torch.Tensor,
                     attention_mask: torch.Tensor | None) -> dict[str, torch.Tensor]:
     """One step's logged statistics over the real (unpadded) tokens, as 0-d device tensors:
-    the temperatures' mean and (unbiased) spread, the fraction of rows GSoT prunes, the LM loss.
+    the temperatures' mean and (unbiased) spread, the fraction of rows GSoT prunes (``gsot_mask``
+    false: t̄ < τ, in every gate mode; the soft gate's partial rows count by the threshold), the LM loss.
     Weighted sums rather than boolean indexing, which would sync to size its result.
 
     ``temperatures`` ``[B, S, T]`` with ``gsot_mask`` ``[B, S]``, or ``[L, B, S, T]`` with
