@@ -60,6 +60,22 @@ def rebuild_inputs(leaves, temperature, same_qkv, dtype):
     return new, qkv, t
 
 
+def opcheck_with_fake_outputs(op, args, **kw):
+    """torch.library.opcheck, plus the fake implementation's outputs against the real ones:
+    shapes, dtypes and strides (opcheck runs the fake implementation but does not compare them)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    torch.library.opcheck(op, args, **kw)
+    with FakeTensorMode() as mode:
+        fake_out = op(*[mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args])
+    with torch.no_grad():
+        real_out = op(*args)
+    for i, (fake, real) in enumerate(zip(fake_out, real_out, strict=True)):
+        assert (fake.shape, fake.dtype, fake.stride()) == (real.shape, real.dtype, real.stride()), (
+            f"output {i}: fake {tuple(fake.shape)} {fake.dtype} {fake.stride()} != "
+            f"real {tuple(real.shape)} {real.dtype} {real.stride()}")
+
+
 def word_level_tokenizer():
     """A fast tokenizer over a dozen words of the ``Q: ... A: ...`` format, built offline."""
     from tokenizers import Tokenizer, models, pre_tokenizers

@@ -4,10 +4,9 @@ autograd registrations pass ``torch.library.opcheck``; under autocast the ops co
 dtypes they promise, forward and backward."""
 import pytest
 import torch
-from torch._subclasses.fake_tensor import FakeTensorMode
 
 import tgr_kernels
-from helpers import DEVICE
+from helpers import DEVICE, opcheck_with_fake_outputs
 from tgr_kernels import _ops, temperature_guided_attention, temperature_projection
 
 HIDDEN, HEADS = 32, 4
@@ -104,18 +103,7 @@ def test_compiled_value_check_still_fires():
 
 
 # ----------------------------------------------------------------------------- custom ops
-def _opcheck(op, args, **kw):
-    """torch.library.opcheck, plus the fake implementation's outputs against the real ones:
-    shapes, dtypes and strides (opcheck runs the fake impl but does not compare them)."""
-    torch.library.opcheck(op, args, **kw)
-    with FakeTensorMode() as mode:
-        fake_out = op(*[mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args])
-    with torch.no_grad():
-        real_out = op(*args)
-    for i, (fake, real) in enumerate(zip(fake_out, real_out, strict=True)):
-        assert (fake.shape, fake.dtype, fake.stride()) == (real.shape, real.dtype, real.stride()), (
-            f"output {i}: fake {tuple(fake.shape)} {fake.dtype} {fake.stride()} != "
-            f"real {tuple(real.shape)} {real.dtype} {real.stride()}")
+_opcheck = opcheck_with_fake_outputs
 
 
 def _attention_op_args(D, mask_kind, gsot, causal):

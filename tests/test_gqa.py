@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from helpers import DEVICE, make_mask
-from parity import assert_parity
+from parity import assert_attention_parity
 from tgr_kernels import _configs, attention_flash
 from tgr_kernels.attention import temperature_guided_attention
 from tgr_kernels.reference import temperature_guided_attention_ref
@@ -43,13 +43,6 @@ def gqa_inputs(B, H_q, H_kv, S_q, S_k, D, dtype):
     return [t.requires_grad_() for t in (q, k, v, temperature)]
 
 
-def _as_leaves(tensors, dtype):
-    q, k, v, t = (x.detach() for x in tensors)
-    t_dtype = torch.float64 if dtype == torch.float64 else t.dtype
-    return [q.to(dtype).requires_grad_(), k.to(dtype).requires_grad_(), v.to(dtype).requires_grad_(),
-            t.to(t_dtype).requires_grad_()]
-
-
 def check_gqa_parity(backend, B, H_q, H_kv, S_q, S_k, D, mask_kind, causal, thr, dtype):
     inputs = gqa_inputs(B, H_q, H_kv, S_q, S_k, D, dtype)
     mask = gqa_mask(mask_kind, B, H_q, S_q, S_k, dtype)
@@ -57,20 +50,7 @@ def check_gqa_parity(backend, B, H_q, H_kv, S_q, S_k, D, mask_kind, causal, thr,
 
     out = temperature_guided_attention(*inputs, mask, backend=backend, **kwargs)
     assert out.dtype == dtype and out.shape == inputs[0].shape
-    grad_out = torch.randn_like(out)
-    grads = torch.autograd.grad(out, inputs, grad_out)
-
-    truth_inputs = _as_leaves(inputs, torch.float64)
-    truth = temperature_guided_attention_ref(*truth_inputs, mask, upcast=True, **kwargs)
-    truth_grads = torch.autograd.grad(truth, truth_inputs, grad_out.double())
-
-    eager_inputs = _as_leaves(inputs, dtype)
-    eager = temperature_guided_attention_ref(*eager_inputs, mask, upcast=False, **kwargs)
-    eager_grads = torch.autograd.grad(eager, eager_inputs, grad_out)
-
-    assert_parity("out", out, eager, truth, dtype)
-    for name, g, ge, gt in zip(["q", "k", "v", "temperature"], grads, eager_grads, truth_grads, strict=True):
-        assert_parity(f"d{name}", g, ge, gt, dtype)
+    grads, _ = assert_attention_parity(out, inputs, mask, kwargs, dtype)
     return grads
 
 

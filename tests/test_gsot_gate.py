@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from helpers import DEVICE, make_mask
-from parity import assert_parity
+from parity import assert_attention_parity, leaves_as
 from tgr_kernels import attention_wide
 from tgr_kernels._gate import GATE_HARD, GATE_SOFT, GATE_STRAIGHT_THROUGH, Gate, gate_slope, gate_value
 from tgr_kernels._validation import check_attention_inputs
@@ -29,32 +29,13 @@ def _inputs(B, H, H_kv, S_q, S_k, D, dtype, seed=0):
     return [x.to(DEVICE, dtype).requires_grad_() for x in (q, k, v)] + [t.to(DEVICE).requires_grad_()]
 
 
-def _as(leaves, dtype):
-    q, k, v, t = (x.detach() for x in leaves)
-    t = t.double() if dtype == torch.float64 else t
-    return [q.to(dtype).requires_grad_(), k.to(dtype).requires_grad_(), v.to(dtype).requires_grad_(),
-            t.requires_grad_()]
-
-
 def check_gate_parity(run, B, H, H_kv, S_q, S_k, D, mask_kind, causal, mode, dtype=F32):
     """``run(q, k, v, t, mask, **kwargs)`` against the float64 reference: out, dq, dk, dv, dt."""
     leaves = _inputs(B, H, H_kv, S_q, S_k, D, dtype)
     mask = make_mask(mask_kind, B, H, S_q, S_k)
     kwargs = dict(causal=causal, gsot_threshold=THRESHOLD, gsot_mode=mode, gsot_width=WIDTH)
     out = run(*leaves, mask, **kwargs)
-    grad_out = torch.randn_like(out)
-    grads = torch.autograd.grad(out, leaves, grad_out)
-
-    l64 = _as(leaves, torch.float64)
-    truth = temperature_guided_attention_ref(*l64, mask, upcast=True, **kwargs)
-    truth_grads = torch.autograd.grad(truth, l64, grad_out.double())
-    le = _as(leaves, dtype)
-    eager = temperature_guided_attention_ref(*le, mask, upcast=False, **kwargs)
-    eager_grads = torch.autograd.grad(eager, le, grad_out)
-
-    assert_parity("out", out, eager, truth, dtype)
-    for name, g, ge, gt in zip(["q", "k", "v", "temperature"], grads, eager_grads, truth_grads, strict=True):
-        assert_parity(f"d{name}", g, ge, gt, dtype)
+    _, truth_grads = assert_attention_parity(out, leaves, mask, kwargs, dtype)
     return truth_grads[3]
 
 
@@ -67,7 +48,7 @@ def _backend(backend):
 def test_reference_gate_gradient_is_slope_times_dy_dot_unpruned_output(mode):
     """dt̄ through the gate is g'(t̄) · Σ_h Σ_d dY ∘ Ô, with Ô the ungated output; the attention's
     own share is g · (its ungated dt̄). Checked by hand on float64 against the reference."""
-    q, k, v, t = _as(_inputs(2, 2, 2, 7, 7, 8, torch.float64), torch.float64)
+    q, k, v, t = leaves_as(_inputs(2, 2, 2, 7, 7, 8, torch.float64), torch.float64)
     dy = torch.randn(q.shape, dtype=torch.float64)
     out = temperature_guided_attention_ref(q, k, v, t, causal=True, gsot_threshold=THRESHOLD, gsot_mode=mode,
                                            gsot_width=WIDTH)

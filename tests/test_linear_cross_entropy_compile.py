@@ -8,10 +8,9 @@ import math
 
 import pytest
 import torch
-from torch._subclasses.fake_tensor import FakeTensorMode
 
 import tgr_kernels
-from helpers import DEVICE
+from helpers import DEVICE, opcheck_with_fake_outputs
 from tgr_kernels import linear_cross_entropy, linear_log_probs
 
 lce = importlib.import_module("tgr_kernels.linear_cross_entropy")
@@ -176,18 +175,7 @@ def test_triton_no_grad_asks_for_no_gradient(monkeypatch):
 
 
 # ----------------------------------------------------------------------------- custom ops
-def _opcheck(op, args, **kw):
-    """torch.library.opcheck, plus the fake implementation's outputs against the real ones:
-    shapes, dtypes and strides (opcheck runs the fake implementation but does not compare them)."""
-    torch.library.opcheck(op, args, **kw)
-    with FakeTensorMode() as mode:
-        fake_out = op(*[mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args])
-    with torch.no_grad():
-        real_out = op(*args)
-    for i, (fake, real) in enumerate(zip(fake_out, real_out, strict=True)):
-        assert (fake.shape, fake.dtype, fake.stride()) == (real.shape, real.dtype, real.stride()), (
-            f"output {i}: fake {tuple(fake.shape)} {fake.dtype} {fake.stride()} != "
-            f"real {tuple(real.shape)} {real.dtype} {real.stride()}")
+_opcheck = opcheck_with_fake_outputs
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])

@@ -110,9 +110,20 @@ def differentiable_gate(t_bar: torch.Tensor, gate: Gate) -> torch.Tensor:
 # ----------------------------------------------------------------------------- Triton
 @triton.jit
 def gate_rows(t_bar, threshold, mode, width):
-    """Per row, the forward gate g and the backward's dg/dt̄ (fp32), for runtime mode/width."""
-    sig = tl.sigmoid((t_bar - threshold) / width)
+    """Per row, the forward gate g and the backward's dg/dt̄ (fp32), for runtime mode/width.
+    Divisions are the fast approximate ones (``tl.fdiv``, a few ulp): the IEEE division's slow
+    path is a called subroutine whose stack frame the static proof counts as a spill."""
+    inv_width = tl.fdiv(1.0, width)
+    sig = tl.fdiv(1.0, 1.0 + tl.exp((threshold - t_bar) * inv_width))
     hard = tl.where(t_bar >= threshold, 1.0, 0.0)
     g = tl.where(mode == 2, sig, hard)  # 2: GATE_SOFT
-    slope = tl.where(mode == 0, 0.0, sig * (1.0 - sig) / width)  # 0: GATE_HARD
+    slope = tl.where(mode == 0, 0.0, sig * (1.0 - sig) * inv_width)  # 0: GATE_HARD
     return g, slope
+
+
+@triton.jit
+def gated_lse(lse, g):
+    """``lse − log2 g`` (+inf where g = 0): ``exp2(S − gated_lse)`` is ``g · exp2(S − lse)``. A
+    kernel that folds the gate into its row's lse this way holds no register for g in its loop
+    over keys (the static proof showed extra live values spilling in the backward kernels)."""
+    return tl.where(g > 0.0, lse - tl.log2(tl.where(g > 0.0, g, 1.0)), float("inf"))

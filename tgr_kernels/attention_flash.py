@@ -18,8 +18,9 @@ Backward, from the ungated dY (P renormalised to sum to one, ``Δ_i = Σ_j P_ij 
     dQ = g · t̄ · scale · dS K     dK = (g ∘ t̄ ∘ scale ∘ dS)ᵀ Q
     dt̄_i = g_i · scale · Σ_j dS_ij (q_i·k_j) + g'(t̄_i) · Δ_i
 
-The gate is applied in the kernels (g to P and to the dQ/dt̄ epilogues), so dY is never
-multiplied by it on the host, and ``Δ_i = Σ_d dY_id Ô_id`` is exactly what a learning gate's
+The gate is applied in the kernels (to the output in the forward's epilogue; in the backward
+folded into the renormalised lse that the dQ kernel hands on, ``lse − log2 g``, so exp2(S − lse)
+is g·P), so dY is never multiplied by it on the host, and ``Δ_i = Σ_d dY_id Ô_id`` is exactly what a learning gate's
 gradient needs: it is computed from P even on a pruned row, whose output was never stored.
 
 Two kernels, no atomics. One program per query block owns dQ and dt̄; its first pass over the
@@ -47,7 +48,7 @@ import triton.language as tl
 
 from . import _configs, _gate
 from ._backend import new_output, triton_dot_precision
-from ._gate import gate_rows
+from ._gate import gate_rows, gated_lse
 from ._masks import LOG2E, logits_tile, mask_args
 
 FLASH_MAX_HEAD_DIM = 256
@@ -163,7 +164,7 @@ def _flash_fwd_kernel(
     tl.store(LSE + pid_bh.to(tl.int64) * S_q + offs_m, lse, mask=row_ok)
 
 
-@triton.jit(do_not_specialize=["gsot_mode"])
+@triton.jit
 def _flash_bwd_dkdv_kernel(
     Q, K, V, T_BAR, KPM, BIAS, DO, LSE, DELTA, DK, DV,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -173,8 +174,8 @@ def _flash_bwd_dkdv_kernel(
     stride_tb, stride_tm,
     stride_pb, stride_pn,
     stride_bb, stride_bh, stride_bm, stride_bn,
-    H, GROUP, S_q, S_k, D, scale, gsot_threshold, gsot_mode, gsot_width,
-    HAS_KPM: tl.constexpr, HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr, HAS_GATE: tl.constexpr,
+    H, GROUP, S_q, S_k, D, scale,
+    HAS_KPM: tl.constexpr, HAS_BIAS: tl.constexpr, CAUSAL: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     GROUPED: tl.constexpr = 0, RELOAD_ROWS: tl.constexpr = 0,
 ):
@@ -184,10 +185,10 @@ def _flash_bwd_dkdv_kernel(
     owns the sums and accumulates them in registers in a fixed order: no atomics, and two runs
     give the same bits.
 
-    DO: the upstream gradient dY (not gated: the gate g of ``_gate.gate_rows`` is applied to P
-    here when HAS_GATE), [B, H, S_q, D] contiguous (H query heads). LSE,
-    DELTA: fp32 [B, H, S_q] contiguous, written by ``_flash_bwd_dq_kernel`` (its LSE_BWD, which
-    makes each row of P sum to one, and Δ_i = Σ_j P_ij dP_ij). DK, DV: contiguous
+    DO: the upstream gradient dY (not gated), [B, H, S_q, D] contiguous (H query heads). LSE,
+    DELTA: fp32 [B, H, S_q] contiguous, written by ``_flash_bwd_dq_kernel``: its LSE_BWD makes
+    ``exp2(S − LSE_BWD)`` the row's P summed to one and multiplied by the row's GSoT gate g (so
+    this kernel needs no gate code, and no register for it), and Δ_i = Σ_j P_ij dP_ij. DK, DV: contiguous
     [B, H / GROUP, S_k, D] outputs in the input dtype. Grid: (cdiv(S_k, BLOCK_N), B * H / GROUP).
     GROUPED: GROUP > 1 (the launcher's flag; without it the loop keeps one head's pointers).
     RELOAD_ROWS: load the K and V tiles at each query block instead of holding them across the
@@ -250,9 +251,6 @@ def _flash_bwd_dkdv_kernel(
                         stride_pb, stride_pn, stride_bb, stride_bh, stride_bm, stride_bn,
                         S_q, S_k, HAS_KPM, HAS_BIAS, CAUSAL)
         p = tl.exp2(s - lse[:, None])
-        if HAS_GATE:
-            gate, _ = gate_rows(t_bar, gsot_threshold, gsot_mode, gsot_width)
-            p = p * gate[:, None]
         dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds_scaled = p * (dp - delta[:, None]) * (t_bar * scale)[:, None]
@@ -306,8 +304,9 @@ def _flash_bwd_dq_kernel(
     (z_ij − z̄_i)`` (= scale · Σ_j dS_ij z_ij, as Σ_j dS_ij = 0), accumulated in one streaming
     sweep; writes Δ to DELTA, ``lse + log2(r)`` (the lse that makes P sum to one) to LSE_BWD and
     dt̄ to DT. Pass 2, only when STORE_DQ: ``dS = P ∘ (dP − Δ)``, ``dQ = t̄ · scale · dS K``.
-    With HAS_GATE (dP from the ungated dY), dQ and the attention's share of dt̄ are multiplied
-    by the row's gate g, and dt̄ gains ``g'(t̄) · Δ`` (Δ = Σ_d dY ∘ Ô: the gate's own gradient).
+    With HAS_GATE (dP from the ungated dY), the attention's share of dt̄ is multiplied by the
+    row's gate g and gains ``g'(t̄) · Δ`` (Δ = Σ_d dY ∘ Ô: the gate's own gradient), and g is
+    folded into LSE_BWD (``− log2 g``), so pass 2's P, hence dQ, and the dK/dV kernel's are gated.
     A frozen base (no STORE_DQ) thus costs two dots per tile.
     Why not ``Δ = rowsum(dO ∘ O)``: when the softmax saturates (large logits), dS is a tiny
     difference of nearly equal terms, and only a Δ from the same P and dP lets them cancel (O is
@@ -384,13 +383,15 @@ def _flash_bwd_dq_kernel(
     inv_sum = 1.0 / tl.where(w == 0.0, 1.0, w)  # a row with no visible key: P = 0, all zeros
     delta = mean_dp
     dt = co * inv_sum * scale
-    dq_scale = t_bar * scale
+    lse_p = lse - tl.log2(inv_sum)  # exp2(S − lse_p) sums to one
     if HAS_GATE:
         gate, slope = gate_rows(t_bar, gsot_threshold, gsot_mode, gsot_width)
         dt = gate * dt + slope * delta
-        dq_scale = gate * dq_scale
+        # The gate folded into the lse: exp2(S − lse_p) is then g·P (0 on a pruned row), and pass 2
+        # and the dK/dV kernel hold no register for g.
+        lse_p = gated_lse(lse_p, gate)
     tl.store(DELTA + row_base + offs_m, delta, mask=m_ok)
-    tl.store(LSE_BWD + row_base + offs_m, lse - tl.log2(inv_sum), mask=m_ok)
+    tl.store(LSE_BWD + row_base + offs_m, lse_p, mask=m_ok)
     tl.store(DT + row_base + offs_m, dt, mask=m_ok)
 
     if STORE_DQ:
@@ -400,13 +401,13 @@ def _flash_bwd_dq_kernel(
             if RELOAD_ROWS:
                 q = _load_rows(q_base, offs_m, stride_qm, offs_d, stride_qd, S_q, D)
                 do = _load_rows(do_base, offs_m, stride_dom, offs_d, stride_dod, S_q, D)
-            k, qk, p, dp = _dq_tile(q, do, k_base, v_base, start_n + offs_n0, offs_m, offs_d, row_scale, lse, b,
-                                    h, KPM, BIAS, stride_kn, stride_kd, stride_vn, stride_vd, stride_pb,
+            k, qk, p, dp = _dq_tile(q, do, k_base, v_base, start_n + offs_n0, offs_m, offs_d, row_scale, lse_p,
+                                    b, h, KPM, BIAS, stride_kn, stride_kd, stride_vn, stride_vd, stride_pb,
                                     stride_pn, stride_bb, stride_bh, stride_bm, stride_bn, S_q, S_k, D,
                                     HAS_KPM, HAS_BIAS, CAUSAL, PRECISION)
-            ds = p * inv_sum[:, None] * (dp - delta[:, None])
+            ds = p * (dp - delta[:, None])
             acc += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
-        dq = acc * dq_scale[:, None]
+        dq = acc * (t_bar * scale)[:, None]
         tl.store(DQ + row_base * D + offs_m[:, None].to(tl.int64) * D + offs_d[None, :],
                  dq.to(DQ.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
 
@@ -494,7 +495,7 @@ def flash_backward(q, k, v, t_bar, key_padding, additive, causal, gate, scale,
     kpm, kpm_strides, bias, bias_strides = mask_args(key_padding, additive, (B, H, S_q, S_k), q.device)
     common = dict(
         HAS_KPM=key_padding is not None, HAS_BIAS=additive is not None, CAUSAL=causal,
-        HAS_GATE=gate is not None, BLOCK_D=_configs.flash_block_d(D),
+        BLOCK_D=_configs.flash_block_d(D),
         tune_key=_configs.FLASH_TUNE_KEY, tune_bucket=_configs.flash_tune_bucket(S_q, S_k),
     )
     strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride(),
@@ -506,8 +507,8 @@ def flash_backward(q, k, v, t_bar, key_padding, additive, causal, gate, scale,
     _configs.launch(
         _flash_bwd_dq_kernel, lambda meta: (triton.cdiv(S_q, meta["BLOCK_M"]), B * H), configs,
         q, k, v, t_bar, kpm, bias, grad_out, lse, delta, lse_bwd, dq, dt,
-        *strides, H, group, S_q, S_k, D, scale, *_gate.kernel_args(gate), STORE_DQ=need_dq,
-        PRECISION=precision, **common,
+        *strides, H, group, S_q, S_k, D, scale, *_gate.kernel_args(gate), HAS_GATE=gate is not None,
+        STORE_DQ=need_dq, PRECISION=precision, **common,
     )
     dk = dv = None
     if need_dkv:
@@ -518,8 +519,7 @@ def flash_backward(q, k, v, t_bar, key_padding, additive, causal, gate, scale,
         _configs.launch(
             _flash_bwd_dkdv_kernel, lambda meta: (triton.cdiv(S_k, meta["BLOCK_N"]), B * H_kv), configs,
             q, k, v, t_bar, kpm, bias, grad_out, lse_bwd, delta, dk, dv,
-            *strides, H, group, S_q, S_k, D, scale, *_gate.kernel_args(gate), PRECISION=precision,
-            GROUPED=group > 1, **common,
+            *strides, H, group, S_q, S_k, D, scale, PRECISION=precision, GROUPED=group > 1, **common,
         )
     return (dq if need_dq else None), dk, dv, dt.sum(1)
 

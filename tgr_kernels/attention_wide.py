@@ -32,7 +32,7 @@ import triton.language as tl
 
 from . import _configs, _gate
 from ._backend import new_output, once_differentiable_strict
-from ._gate import gate_rows
+from ._gate import gate_rows, gated_lse
 from ._masks import LOG2E, logits_tile, mask_args
 from .reference import MASKED_BIAS
 
@@ -98,17 +98,21 @@ def _wide_softmax_fwd_kernel(
 
     dead = l_i == 0.0
     lse = tl.where(dead, float("inf"), m_i + tl.log2(tl.where(dead, 1.0, l_i)))
-    gate = 1.0
+    # Stored now, so that only one of lse and lse_p stays live across the loop below.
+    tl.store(LSE + bh.to(tl.int64) * S_q + i + tl.zeros([1], dtype=tl.int32), lse)
+    lse_p = lse
     if HAS_GATE:
-        gate, _ = gate_rows(t_bar, gsot_threshold, gsot_mode, gsot_width)
+        # The gate folded into the lse, exp2(S − lse + log2 g) = g·P: no register held for g.
+        # (Not "_" for the unused slope: the loop below assigns "_", and Triton would carry it.)
+        gate, _slope = gate_rows(t_bar, gsot_threshold, gsot_mode, gsot_width)
+        lse_p = gated_lse(lse, gate)
     for start in range(0, n_cols, BLOCK_N):
         offs_n = start + offs0
         _, s = _row_logits(z_row, offs_n, n_cols, row_scale, offs_m, b, h, KPM, BIAS,
                            stride_pb, stride_pn, stride_bb, stride_bh, stride_bm, stride_bn,
                            S_q, S_k, HAS_KPM, HAS_BIAS, CAUSAL)
-        p = tl.exp2(s - lse[:, None]) * gate
+        p = tl.exp2(s - lse_p[:, None])
         tl.store(z_row + offs_n[None, :], p.to(Z.dtype.element_ty), mask=offs_n[None, :] < n_cols)
-    tl.store(LSE + bh.to(tl.int64) * S_q + i + tl.zeros([1], dtype=tl.int32), lse)
 
 
 @triton.jit(do_not_specialize=["gsot_mode"])
@@ -131,7 +135,7 @@ def _wide_softmax_bwd_kernel(
     and only consistent operands let them cancel. LSE: fp32 [B, H, S_q].
     DT: fp32 [B, H, S_q], receives ``scale · Σ_j dS_ij Z_ij`` (masked entries have P = 0, so
     the −inf logits never enter). With HAS_GATE, dP comes from the ungated dY: the stored P and G
-    and the attention's share of dt̄ are multiplied by the row's gate g, and dt̄ gains
+    and the attention's share of dt̄ are multiplied by the row's gate g (through P), and dt̄ gains
     ``g'(t̄) · Δ`` (``_gate``). Grid: (B * H * M,).
     """
     r = tl.program_id(0)
@@ -162,12 +166,17 @@ def _wide_softmax_bwd_kernel(
         delta += tl.sum(p * dp, 1)
     row_sum = tl.where(row_sum == 0.0, 1.0, row_sum)  # a fully masked row: P = 0 stays 0
     delta = delta / row_sum
-    gate = 1.0
-    slope = 0.0
+    # exp2(S − lse_p) is P summed to one, times the gate g when HAS_GATE: then dS, G, the stored P
+    # and dt̄'s attention share come out gated, with no register held for g across the loop.
+    lse_p = lse + tl.log2(row_sum)
+    dt = tl.zeros([1], dtype=tl.float32)
     if HAS_GATE:
         gate, slope = gate_rows(t_bar, gsot_threshold, gsot_mode, gsot_width)
+        lse_p = gated_lse(lse_p, gate)
+        # The gate's own share g'·Δ starts the sum, divided by the scale that multiplies it at the
+        # end: nothing of the gate stays live across the loop (it spilled on sm_90 when it did).
+        dt = slope * delta / scale
 
-    dt = tl.zeros([1], dtype=tl.float32)
     for start in range(0, n_cols, BLOCK_N):
         offs_n = start + offs0
         col_ok = offs_n[None, :] < n_cols
@@ -175,14 +184,14 @@ def _wide_softmax_bwd_kernel(
                            stride_pb, stride_pn, stride_bb, stride_bh, stride_bm, stride_bn,
                            S_q, S_k, HAS_KPM, HAS_BIAS, CAUSAL)
         dp = tl.load(dp_row + offs_n[None, :], mask=col_ok, other=0.0).to(tl.float32)
-        p = tl.exp2(s - lse[:, None]) / row_sum[:, None]
+        p = tl.exp2(s - lse_p[:, None])
         ds = p * (dp - delta[:, None])
         dt += tl.sum(ds * z, 1)
         if STORE_P:
-            tl.store(z_row + offs_n[None, :], (p * gate).to(Z.dtype.element_ty), mask=col_ok)
+            tl.store(z_row + offs_n[None, :], p.to(Z.dtype.element_ty), mask=col_ok)
         if STORE_G:
-            tl.store(dp_row + offs_n[None, :], (ds * (gate * t_bar * scale)).to(DP.dtype.element_ty), mask=col_ok)
-    tl.store(DT + row_off, gate * dt * scale + slope * delta)
+            tl.store(dp_row + offs_n[None, :], (ds * (t_bar * scale)).to(DP.dtype.element_ty), mask=col_ok)
+    tl.store(DT + row_off, dt * scale)
 
 
 def _row_block(n_cols: int):
