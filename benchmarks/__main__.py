@@ -60,7 +60,9 @@ def parse_args(argv):
                    help="default: bfloat16 on a GPU, float32 on a CPU")
     p.add_argument("--providers", nargs="+", default=ALL_PROVIDERS, choices=ALL_PROVIDERS, help="default: all")
     p.add_argument("--seq-lens", nargs="+", type=int,
-                   help=f"default {cases.DEFAULT_SEQ_LENS} ({cases.QUICK_SEQ_LENS} with --quick; e2e: [512])")
+                   help=f"default {cases.DEFAULT_SEQ_LENS} ({cases.QUICK_SEQ_LENS} with --quick; e2e: [512]; "
+                        + "; ".join(f"{op}: {full} ({quick} with --quick)"
+                                    for op, (full, quick) in cases.OP_SEQ_LENS.items()) + ")")
     p.add_argument("--modes", nargs="+", default=list(cases.MODES), choices=cases.MODES, help="default: all three")
     p.add_argument("--causal", choices=["off", "on", "both"], help="attention only (default: both; on with --quick)")
     p.add_argument("--mask", default="padding", choices=["padding", "none"],

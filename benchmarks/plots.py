@@ -52,7 +52,7 @@ def draw_plots(records: list[dict], out_dir: str) -> list[str]:
     for (op, dtype, device_name), recs in figures.items():
         rows = sorted({(r["mode"], bool(r.get("causal"))) for r in recs},
                       key=lambda mc: (["forward", "backward", "full"].index(mc[0]), mc[1]))
-        rate = "gbps" if op == "projection" else "tflops"
+        rate = "gbps" if op in ("projection", "attention-decode") else "tflops"  # bandwidth-bound ops
         has_rate = recs[0].get("device") == "cuda" and any(r.get(rate) for r in recs)
         ncols = 3 if has_rate else 2
         fig, axes = plt.subplots(len(rows), ncols, figsize=(5 * ncols, 3.4 * len(rows)), squeeze=False)
