@@ -50,8 +50,10 @@ def check_causal_parity(row_ops, B, H, S_q, S_k, D, mask_kind, thr, same_qkv, dt
 
 @pytest.fixture
 def row_block_of_8(monkeypatch):
-    """Blocks of 8 query rows: several blocks (and a short last one) at test sizes."""
+    """Blocks of 8 query rows: several blocks (and a short last one) at test sizes, for the plain
+    row blocks and for the triangle's leaves alike."""
     monkeypatch.setattr(attention_wide, "CAUSAL_ROW_BLOCK", 8)
+    monkeypatch.setattr(attention_wide, "CAUSAL_TRIANGLE_ROW_BLOCK", 8)
 
 
 # (B, H, S_q, S_k, D, mask, gsot_threshold, q = k = v)
