@@ -52,6 +52,16 @@ def make_inputs(B, H, S_q, S_k, D, dtype, same_qkv, T=3, device=DEVICE):
     return leaves, qkv, temperature
 
 
+
+def grouped_inputs(B, H_q, H_kv, S_q, S_k, D, dtype, device=DEVICE):
+    """q ``[B, H_q, S_q, D]``, k and v with H_kv heads (grouped-query attention when fewer), and
+    temperatures ``[B, S_q, 3]`` in [0.01, 0.99]; no gradients."""
+    q = torch.randn(B, H_q, S_q, D, device=device, dtype=dtype)
+    k = torch.randn(B, H_kv, S_k, D, device=device, dtype=dtype)
+    v = torch.randn(B, H_kv, S_k, D, device=device, dtype=dtype)
+    temperature = torch.rand(B, S_q, 3, device=device) * 0.98 + 0.01
+    return q, k, v, temperature
+
 def rebuild_inputs(leaves, temperature, same_qkv, dtype):
     """Detached copies of :func:`make_inputs`'s inputs in another dtype, as fresh leaves."""
     new = [x.detach().to(dtype).requires_grad_() for x in leaves]

@@ -6,7 +6,7 @@ attention; the same result for any number of key chunks; and the dispatcher's ch
 import pytest
 import torch
 
-from helpers import DEVICE, make_mask
+from helpers import DEVICE, grouped_inputs, make_mask
 from parity import FLOOR, assert_parity, max_err
 from tgr_kernels import _configs, attention_decode, attention_flash
 from tgr_kernels._gate import Gate
@@ -29,12 +29,7 @@ def decode_mask(kind, B, H_q, S_q, S_k, dtype):
     return make_mask(kind, B, H_q, S_q, S_k)
 
 
-def decode_inputs(B, H_q, H_kv, S_q, S_k, D, dtype):
-    q = torch.randn(B, H_q, S_q, D, device=DEVICE, dtype=dtype)
-    k = torch.randn(B, H_kv, S_k, D, device=DEVICE, dtype=dtype)
-    v = torch.randn(B, H_kv, S_k, D, device=DEVICE, dtype=dtype)
-    temperature = torch.rand(B, S_q, 3, device=DEVICE) * 0.98 + 0.01
-    return q, k, v, temperature
+decode_inputs = grouped_inputs
 
 
 def reference(q, k, v, temperature, mask, dtype, **kwargs):

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from helpers import DEVICE, make_mask
+from helpers import DEVICE, grouped_inputs, make_mask
 from parity import assert_attention_parity
 from tgr_kernels import _configs, attention_flash
 from tgr_kernels.attention import temperature_guided_attention
@@ -36,11 +36,7 @@ def gqa_mask(kind, B, H_q, S_q, S_k, dtype):
 
 
 def gqa_inputs(B, H_q, H_kv, S_q, S_k, D, dtype):
-    q = torch.randn(B, H_q, S_q, D, device=DEVICE, dtype=dtype)
-    k = torch.randn(B, H_kv, S_k, D, device=DEVICE, dtype=dtype)
-    v = torch.randn(B, H_kv, S_k, D, device=DEVICE, dtype=dtype)
-    temperature = torch.rand(B, S_q, 3, device=DEVICE) * 0.98 + 0.01
-    return [t.requires_grad_() for t in (q, k, v, temperature)]
+    return [t.requires_grad_() for t in grouped_inputs(B, H_q, H_kv, S_q, S_k, D, dtype)]
 
 
 def check_gqa_parity(backend, B, H_q, H_kv, S_q, S_k, D, mask_kind, causal, thr, dtype):

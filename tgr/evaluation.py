@@ -129,12 +129,9 @@ def evaluate_ranking(logits_fn: LogitsFn | None, tokenizer, groups: Sequence[Ran
 def _base_logits(model, ids, mask):
     """The base's own logits: with every-layer TGR applied to the base, run as unpatched (what
     ``model.target_log_probs(ids, mask, head="base")`` scores without them)."""
-    from .layers import is_tgr_applied, tgr_layers_disabled
+    from .layers import base_only
 
-    hf_base = getattr(model, "hf_base_model", model.base_model)
-    if not is_tgr_applied(hf_base):
-        return model.base_model(input_ids=ids, attention_mask=mask).logits
-    with tgr_layers_disabled(hf_base):
+    with base_only(getattr(model, "hf_base_model", model.base_model)):
         return model.base_model(input_ids=ids, attention_mask=mask).logits
 
 

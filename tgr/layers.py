@@ -36,7 +36,7 @@ import dataclasses
 import functools
 import math
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -436,6 +436,12 @@ def tgr_layers_disabled(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         model.set_attn_implementation(ATTENTION_NAME)
         state.enabled = True
+
+
+def base_only(model: nn.Module):
+    """:func:`tgr_layers_disabled` when ``model`` has TGR layers, else a block that changes
+    nothing: the base's own model either way."""
+    return tgr_layers_disabled(model) if is_tgr_applied(model) else nullcontext(model)
 
 
 def set_layer_backend(model: nn.Module, backend: str) -> None:

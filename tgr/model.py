@@ -638,11 +638,9 @@ class TGRLlamaModel(PreTrainedModel, GenerationMixin):
         hf_base = self.hf_base_model
         if head == "tgr":
             y, _, _ = self.tgr_head(self._base_hidden(input_ids, attention_mask), None, attention_mask)
-        elif tgr_layers.is_tgr_applied(hf_base):
-            with tgr_layers.tgr_layers_disabled(hf_base):
-                y = self._base_hidden(input_ids, attention_mask)
         else:
-            y = self._base_hidden(input_ids, attention_mask)
+            with tgr_layers.base_only(hf_base):
+                y = self._base_hidden(input_ids, attention_mask)
         targets = input_ids[:, 1:]
         if not self._fused_loss_applies():
             logits = self.lm_head(y[:, :-1]).float()

@@ -70,3 +70,17 @@ def mask_args(key_padding, additive, shape, device):
     else:
         bias, bias_strides = dummy, (0, 0, 0, 0)
     return kpm, kpm_strides, bias, bias_strides
+
+
+@triton.jit
+def online_softmax_step(m_i, l_i, s):
+    """One block of an online softmax over base-2 logits ``s`` ``[rows, cols]``, given the running
+    row max ``m_i`` and sum ``l_i``: returns ``(m_new, p, alpha, l_new)`` with
+    ``p = exp2(s − m_new)``, ``alpha = exp2(m_i − m_new)`` (the factor that rescales what was summed
+    before) and ``l_new = l_i · alpha + Σ p``. A row with no visible key yet keeps m = −inf; 0 is
+    subtracted instead, so exp2 gives 0, not NaN."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_base = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(s - m_base[:, None])
+    alpha = tl.exp2(m_i - m_base)
+    return m_new, p, alpha, l_i * alpha + tl.sum(p, 1)

@@ -37,7 +37,7 @@ import triton.language as tl
 from . import _configs, _gate
 from ._backend import new_output
 from ._gate import gate_rows
-from ._masks import LOG2E, logits_tile, mask_args
+from ._masks import LOG2E, logits_tile, mask_args, online_softmax_step
 
 # The most query rows the dispatcher sends here: one program per query row re-reads its K/V
 # chunk for every row (and every query head of a kv group) from L2, while the flash forward
@@ -115,12 +115,7 @@ def _decode_split_kernel(
         s = logits_tile(qk[None, :], row_scale, offs_m, offs_n, b, h, KPM, BIAS,
                         stride_pb, stride_pn, stride_bb, stride_bh, stride_bm, stride_bn,
                         S_q, S_k, HAS_KPM, HAS_BIAS, CAUSAL)
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # No visible key yet: m stays −inf; subtract 0 instead so exp2 gives 0, not NaN.
-        m_base = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_base[:, None])
-        alpha = tl.exp2(m_i - m_base)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        m_new, p, alpha, l_i = online_softmax_step(m_i, l_i, s)
         v = tl.load(v_base + offs_n[:, None].to(tl.int64) * stride_vn + offs_d[None, :].to(tl.int64) * stride_vd,
                     mask=kv_mask, other=0.0).to(tl.float32)
         acc = acc * alpha + tl.sum(tl.sum(p, 0)[:, None] * v, 0)

@@ -49,7 +49,7 @@ import triton.language as tl
 from . import _configs, _gate
 from ._backend import new_output, triton_dot_precision
 from ._gate import gate_rows, gated_lse
-from ._masks import LOG2E, logits_tile, mask_args
+from ._masks import LOG2E, logits_tile, mask_args, online_softmax_step
 
 FLASH_MAX_HEAD_DIM = 256
 
@@ -141,12 +141,7 @@ def _flash_fwd_kernel(
         s = logits_tile(qk, row_scale, offs_m, offs_n, b, h, KPM, BIAS,
                         stride_pb, stride_pn, stride_bb, stride_bh, stride_bm, stride_bn,
                         S_q, S_k, HAS_KPM, HAS_BIAS, CAUSAL)
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # Rows with no visible key yet keep m = -inf; subtract 0 instead so exp2 gives 0, not NaN.
-        m_base = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_base[:, None])
-        alpha = tl.exp2(m_i - m_base)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        m_new, p, alpha, l_i = online_softmax_step(m_i, l_i, s)
         v = _load_rows(v_base, offs_n, stride_vn, offs_d, stride_vd, S_k, D)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new

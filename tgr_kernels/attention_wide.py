@@ -33,7 +33,7 @@ import triton.language as tl
 from . import _configs, _gate
 from ._backend import new_output, once_differentiable_strict
 from ._gate import gate_rows, gated_lse
-from ._masks import LOG2E, logits_tile, mask_args
+from ._masks import LOG2E, logits_tile, mask_args, online_softmax_step
 from .reference import MASKED_BIAS
 
 DEFAULT_CHUNK_BYTES = {"cpu": 64 << 20, "cuda": 512 << 20}
@@ -91,10 +91,7 @@ def _wide_softmax_fwd_kernel(
         _, s = _row_logits(z_row, offs_n, n_cols, row_scale, offs_m, b, h, KPM, BIAS,
                            stride_pb, stride_pn, stride_bb, stride_bh, stride_bm, stride_bn,
                            S_q, S_k, HAS_KPM, HAS_BIAS, CAUSAL)
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_base = tl.where(m_new == float("-inf"), 0.0, m_new)
-        l_i = l_i * tl.exp2(m_i - m_base) + tl.sum(tl.exp2(s - m_base[:, None]), 1)
-        m_i = m_new
+        m_i, _p, _alpha, l_i = online_softmax_step(m_i, l_i, s)  # the sum only (not "_": see below)
 
     dead = l_i == 0.0
     lse = tl.where(dead, float("inf"), m_i + tl.log2(tl.where(dead, 1.0, l_i)))
@@ -281,21 +278,20 @@ def _torch_rows_backward(z, dp, row0, t_bar, key_padding, additive, causal, gate
     p.div_(row_sum.masked_fill_(row_sum == 0, 1.0))  # exactly normalised rows (fully masked: 0)
     # Δ from the same P and dP that form dS (see _wide_softmax_bwd_kernel for why).
     delta = torch.einsum("bhmn,bhmn->bhm", p, dpf)
+    t_rows = t_bar[:, row0:row0 + M]
+    if gate is not None:
+        # dP came from the ungated dY: P gated from here on gates dS, G, the stored P and dt̄'s
+        # attention share (as the Triton kernel folds g into P); the gate's own g'·Δ is added below.
+        p.mul_(_gate.gate_value(t_rows, gate).to(p.dtype)[:, None, :, None])
     ds = dpf.sub_(delta[..., None]).mul_(p)
     dt_rows = torch.einsum("bhmn,bhmn->bhm", ds, zf) * scale
-    t_rows = t_bar[:, row0:row0 + M]
-    g_scale = t_rows * scale
     if gate is not None:
-        # dP came from the ungated dY: gate P, G and dt̄'s attention share; add the gate's own g'·Δ.
-        g = _gate.gate_value(t_rows, gate).to(p.dtype)[:, None, :]
-        dt_rows = g * dt_rows + _gate.gate_slope(t_rows, gate).to(p.dtype)[:, None, :] * delta
-        p.mul_(g[..., None])
-        g_scale = g_scale[:, None, :] * g
+        dt_rows += _gate.gate_slope(t_rows, gate).to(p.dtype)[:, None, :] * delta
     dt[:, :, row0:row0 + M] = dt_rows
     if store_p:
         z.copy_(p)
     if store_g:
-        ds.mul_(g_scale[..., None] if gate is not None else g_scale[:, None, :, None])
+        ds.mul_((t_rows * scale)[:, None, :, None])
         if ds is not dp:
             dp.copy_(ds)
 
