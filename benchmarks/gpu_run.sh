@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# The whole GPU run in one command, most valuable work first, inside 420 s on a cold Triton cache.
+# The whole GPU run in one command, most valuable work first, inside 480 s on a cold Triton cache.
 #
-#   bash benchmarks/gpu_run.sh OUT_DIR      (from anywhere; an outer timeout should allow 480 s)
+#   bash benchmarks/gpu_run.sh OUT_DIR      (from anywhere; an outer timeout should allow 540 s)
 #
 # 1. parity       every kernel family in bf16/fp16 against float64 (benchmarks/gpu_parity.py)
+#    bench-lce    the fused linear cross-entropy against eager's GEMMs alone, eager, Liger-Kernel and
+#                 cut-cross-entropy (those two when importable: bring their wheels on PYTHONPATH), each
+#                 provider's loss and gradients checked against eager's (into OUT_DIR/lce/)
 # 2. bench-*      the benchmark table against SDPA, FlexAttention and torch.compile, few shapes
 #                 (bench-gqa: grouped-query attention and decoding), and end to end every-layer
 #                 TGR against the same model with sdpa (bench-e2e);
@@ -11,13 +14,13 @@
 # 3. determinism  forward + backward repeated, bitwise compared (benchmarks/determinism.py)
 #    memcheck, racecheck   compute-sanitizer on benchmarks/sanitize_kernels.py
 #
-# Budget: GPU_RUN_BUDGET_S seconds (default 420) from the start, for everything. Each step has
+# Budget: GPU_RUN_BUDGET_S seconds (default 480) from the start, for everything. Each step has
 # its own time limit, cut to what is left of the budget; a step that cannot have its minimum
 # is skipped and logged, so the script always ends in time. A step that fails or times out is
 # logged and the next one runs. Results are written as the steps go: a run killed at any point
 # leaves what it did, and summary.txt (rewritten before and after every step) says where it was.
-# OUT_DIR holds at most 5 files: summary.txt, log.txt (everything the steps print), parity.txt,
-# records.jsonl and table.md.
+# OUT_DIR holds at most 7 files: summary.txt, log.txt (everything the steps print), parity.txt,
+# records.jsonl, table.md, and lce/records.jsonl and lce/table.md.
 #
 # Made for a bare CUDA machine with no network (the H200 machine: torch 2.11, triton 3.6,
 # transformers 5.17): it installs nothing and finds the packages through PYTHONPATH=<repo root>.
@@ -26,7 +29,7 @@
 set -u
 cd "$(dirname "$0")/.." || exit 1
 T0=$(date +%s)
-BUDGET=${GPU_RUN_BUDGET_S:-420}
+BUDGET=${GPU_RUN_BUDGET_S:-480}
 # Seconds kept back from the steps: the report and summary at the end, and timeout's grace.
 RESERVE=25
 END=$(( T0 + BUDGET ))
@@ -37,7 +40,7 @@ LOG="$OUT_DIR/log.txt"
 SUMMARY="$OUT_DIR/summary.txt"
 PARITY="$OUT_DIR/parity.txt"
 : > "$LOG"
-rm -f "$PARITY" "$OUT_DIR/records.jsonl" "$OUT_DIR/table.md"
+rm -rf "$PARITY" "$OUT_DIR/records.jsonl" "$OUT_DIR/table.md" "$OUT_DIR/lce"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 MPLBACKEND=Agg
 
 PY=${PYTHON:-python3}
@@ -87,9 +90,11 @@ write_summary() {  # write_summary STATE: the whole summary, rewritten (a kill l
             echo "--- parity"
             grep -E "^(FAIL|NOT RUN|gpu_parity:)" "$PARITY" | cut -c1-400
         fi
-        if [ -f "$OUT_DIR/records.jsonl" ]; then
-            echo "--- benchmarks"
-            timeout 20 "$PY" - "$OUT_DIR/records.jsonl" <<'EOF' 2>&1
+        local records
+        for records in "$OUT_DIR/records.jsonl" "$OUT_DIR/lce/records.jsonl"; do
+            [ -f "$records" ] || continue
+            echo "--- benchmarks${records#"$OUT_DIR"}"
+            timeout 20 "$PY" - "$records" <<'EOF' 2>&1
 import collections, json, sys
 recs = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
 meas = [r for r in recs if r.get("kind") == "measurement"]
@@ -100,7 +105,7 @@ skipped = sum(len(r.get("skipped") or []) for r in recs if r.get("kind") == "run
 if skipped:
     print(f"time limit: {skipped} cases not measured")
 EOF
-        fi
+        done
         echo "--- determinism and sanitizer"
         local verdicts=" reps.*: (bitwise identical|DIFFERS)|^determinism \(|^sanitize_kernels:"
         grep -E "$verdicts|ERROR SUMMARY|RACECHECK SUMMARY|Device not supported" "$LOG" | cut -c1-300 || true
@@ -159,6 +164,9 @@ if [ $GPU = 1 ]; then
     E2E=(--reps 5 --warmup 1)  # each generate call is ~1 s of Python per 64 tokens
     E2E_LIMIT=80
     DET_REPS=1000
+    # Llama-2 and Llama-3 vocabularies at H = 4096, 2048 and 8192 tokens, trainable and frozen
+    # lm_head; no torch.compile provider (a cold compile per case would take the step's time).
+    LCE=(--reps 5 --warmup 1 --providers gemms eager tgr-torch tgr-triton liger cut-cross-entropy)
 else  # dry run: the same steps, tiny: one mode, and no torch.compile/FlexAttention (minutes of
       # CPU compiles) nor tgr-triton (the interpreter; the parity step runs it)
     BENCH_COMMON=(--device cpu --dtype float32 --quick --reps 1 --warmup 1 --modes forward --no-ceilings
@@ -171,6 +179,7 @@ else  # dry run: the same steps, tiny: one mode, and no torch.compile/FlexAttent
     E2E=()
     E2E_LIMIT=150  # two small models' Python on a shared CPU
     DET_REPS=2
+    LCE=(--quick --reps 1 --providers gemms eager tgr-torch)
 fi
 BENCH=("$PY" -m benchmarks "${BENCH_COMMON[@]}" --out "$OUT_DIR" --append --no-plots)
 
@@ -183,6 +192,8 @@ write_summary "starting"
 NO_TUNE=(env TGR_AUTOTUNE=0)
 # 1. correctness on the GPU
 step parity 110 30 20 "${NO_TUNE[@]}" "$PY" -m benchmarks.gpu_parity --out "$PARITY"
+# the fused linear cross-entropy (its own records: a table of providers per case, not per S)
+step bench-lce 100 40 0 "$PY" -m benchmarks.linear_cross_entropy "${LCE[@]}" --out "$OUT_DIR/lce"
 # 2. the benchmark table (the matmul and copy ceilings are measured once, with the first suite)
 step bench-flash 70 25 25 "${BENCH[@]}" --suite attention-flash --seq-lens "${FLASH_S[@]}"
 # grouped-query attention (32/8 heads, D = 128, causal) and one decoding step (S_q = 1): decode

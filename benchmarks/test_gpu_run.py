@@ -12,8 +12,8 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "benchmarks", "gpu_run.sh")
-STEPS = ["parity", "bench-flash", "bench-gqa", "bench-wide", "bench-proj", "bench-e2e", "report", "determinism",
-         "kernels"]
+STEPS = ["parity", "bench-lce", "bench-flash", "bench-gqa", "bench-wide", "bench-proj", "bench-e2e", "report",
+         "determinism", "kernels"]
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the dry run is what runs without CUDA")
 
@@ -42,7 +42,8 @@ def test_dry_run_runs_every_step_and_writes_its_results(dry_run):
     out, proc, seconds = dry_run
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     files = sorted(os.listdir(out))
-    assert files == ["log.txt", "parity.txt", "records.jsonl", "summary.txt", "table.md"], files
+    assert files == ["lce", "log.txt", "parity.txt", "records.jsonl", "summary.txt", "table.md"], files
+    assert sorted(os.listdir(out / "lce")) == ["records.jsonl", "table.md"]
     summary = (out / "summary.txt").read_text()
     assert summary.startswith("gpu_run: DRY RUN") and ", finished," in summary
     steps = _step_lines(summary)
@@ -60,6 +61,11 @@ def test_dry_run_runs_every_step_and_writes_its_results(dry_run):
     assert {r["provider"] for r in e2e} == {"base-sdpa", "tgr-layers"}
     assert all(r["check_ok"] for r in e2e)  # the patched model starts as the base
     assert all(r["vs_base"] > 0 for r in e2e if r["provider"] == "tgr-layers")
+    lce = [json.loads(line) for line in (out / "lce" / "records.jsonl").read_text().splitlines()]
+    lce_ok = [r for r in lce if r["kind"] == "measurement" and r["status"] == "ok"]
+    assert {r["provider"] for r in lce_ok} == {"gemms", "eager", "tgr-torch"}
+    assert all(r["check_ok"] is (None if r["provider"] == "gemms" else True) for r in lce_ok)
+    assert "--- benchmarks/lce/records.jsonl\n6 measurements ({'ok': 6}), mismatches: none" in summary, summary
     table = (out / "table.md").read_text()
     assert all(f"### {op}" in table for op in ops)
     assert "determinism (cpu, backend triton): all bitwise identical" in summary

@@ -30,8 +30,8 @@ H = 33
 
 @pytest.fixture(autouse=True)
 def _small_chunks(monkeypatch):
-    """Chunks of CHUNK rows (the byte budget is per fp32 logit row, twice that for a half GEMM)."""
-    def rows(n_rows, n_vocab, device, half_gemm):
+    """Chunks of CHUNK rows (and vocabulary blocks of CHUNK columns)."""
+    def rows(n_rows, n_vocab, device, logit_bytes):
         return min(CHUNK, n_rows)
 
     monkeypatch.setattr(lce, "chunk_rows", rows)
@@ -108,8 +108,8 @@ def test_torch_backend_matches_float64(lead, bias, dtype, reduction):
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_triton_backend_matches_float64(dtype, reduction):
-    # Under the interpreter the row kernel only sees fp32 logits (the GEMMs are torch's), so bf16
-    # runs here too; small sizes: the interpreter is slow.
+    # fp16 runs the kernels on the GEMMs' fp16 logits, as on a GPU; bf16 on fp32 logits (the
+    # interpreter's bf16 stores truncate). Small sizes: the interpreter is slow.
     hidden, weight, b, labels = make_inputs((2, 9), dtype)
     assert_matches_float64("triton", hidden, weight, b, labels, reduction)
 
@@ -268,11 +268,25 @@ def test_default_chunk_budget(monkeypatch):
     monkeypatch.undo()  # the real chunk_rows
     cpu = torch.device("cpu")
     # Small vocabularies: as many rows as the byte budget holds.
-    rows = lce.chunk_rows(100_000, 8000, cpu, half_gemm=False)
+    rows = lce.chunk_rows(100_000, 8000, cpu, 4)
     assert rows * 8000 * 4 <= lce.CHUNK_BYTES_CPU and rows > lce.MIN_CHUNK_ROWS and rows % 64 == 0
     # Large ones: never fewer rows than the GEMMs need to run at speed.
-    assert lce.chunk_rows(100_000, 128_256, cpu, half_gemm=False) == lce.MIN_CHUNK_ROWS
-    assert lce.chunk_rows(100, 128_256, cpu, half_gemm=False) == 100
+    assert lce.chunk_rows(100_000, 128_256, cpu, 4) == lce.MIN_CHUNK_ROWS
+    assert lce.chunk_rows(100, 128_256, cpu, 4) == 100
+
+
+def test_cuda_chunk_budget_is_a_fraction_of_the_logits(monkeypatch):
+    """On CUDA a chunk holds at most an eighth of the whole logits (above MIN_CHUNK_ROWS), so the
+    op's extra memory stays a small fraction of eager's at every size, and at most the budget."""
+    monkeypatch.undo()
+    cuda = torch.device("cuda")  # a device object only: nothing runs on it
+    for n_rows, n_vocab, logit_bytes in ((2048, 32000, 2), (8192, 32000, 2), (8192, 128256, 2), (65536, 128256, 4)):
+        rows = lce.chunk_rows(n_rows, n_vocab, cuda, logit_bytes)
+        assert rows % 64 == 0 and lce.MIN_CHUNK_ROWS <= rows <= n_rows
+        assert rows == lce.MIN_CHUNK_ROWS or rows <= n_rows // 8
+        assert rows * n_vocab * logit_bytes <= max(lce.CHUNK_BYTES_CUDA, lce.MIN_CHUNK_ROWS * n_vocab * logit_bytes)
+    assert lce.chunk_rows(2048, 32000, cuda, 2) == lce.MIN_CHUNK_ROWS
+    assert lce.chunk_rows(8192, 128256, cuda, 2) == 1024
 
 
 # ------------------------------------------------------------------------------ errors and options

@@ -81,6 +81,7 @@ FAMILIES = {
     "_projection_backward_rows_kernel": "projection bwd dh",
     "_projection_backward_weight_kernel": "projection bwd dW",
     "_lce_rows_kernel": "linear CE rows",
+    "_lce_vocab_block_grad_kernel": "linear CE dW blocks",
     "_decode_split_kernel": "decode split",
     "_decode_combine_kernel": "decode combine",
 }
@@ -427,20 +428,25 @@ def projection_launches(arch: str, full: bool = True) -> list[Launch]:
 
 
 def lce_launches(arch: str, full: bool = True) -> list[Launch]:
-    """The linear cross-entropy row kernel (fp32 logits whatever the inputs' dtype): vocabularies
-    aligned and odd, loss only or loss and gradient, one scale for all rows or one per row, an
-    ignore index that fits int32 and the int64 "none"."""
+    """The linear cross-entropy kernels on the logits they read: fp32 (fp32 inputs) or the half
+    GEMM's own fp16/bf16 output. The row kernel over vocabularies aligned and odd, loss only or
+    loss and gradient, one scale for all rows or one per row, an ignore index that fits int32 and
+    the int64 "none"; the vocabulary-block gradient kernel over aligned and odd blocks."""
     launches = []
-    for n_vocab in ((32000, 32001) if full else (32000,)):
-        for write_grad in (True, False):
-            for per_row_scale in (False, True):
-                for ignore_index in (-100, linear_cross_entropy._NO_IGNORE):
-                    rows = 64
-                    scale = torch.ones(rows) if per_row_scale else torch.ones(()).expand(rows)
-                    launches += record(lambda: linear_cross_entropy._triton_rows(
-                        torch.zeros(rows, n_vocab), torch.zeros(rows, dtype=torch.long), scale, ignore_index,
-                        write_grad), arch, dtype="fp32", V=n_vocab, write_grad=write_grad,
-                        per_row_scale=per_row_scale, ignore_index=ignore_index)
+    rows = 64
+    for dtype in (torch.float32, torch.bfloat16, torch.float16) if full else (torch.float32, torch.bfloat16):
+        for n_vocab in ((32000, 32001) if full else (32000,)):
+            for write_grad in (True, False):
+                for per_row_scale in (False, True):
+                    for ignore_index in (-100, linear_cross_entropy._NO_IGNORE):
+                        scale = torch.ones(rows) if per_row_scale else torch.ones(()).expand(rows)
+                        launches += record(lambda: linear_cross_entropy._triton_rows(
+                            torch.zeros(rows, n_vocab, dtype=dtype), torch.zeros(rows, dtype=torch.long), scale,
+                            ignore_index, write_grad), arch, dtype=DTYPE_NAMES[dtype], V=n_vocab,
+                            write_grad=write_grad, per_row_scale=per_row_scale, ignore_index=ignore_index)
+            launches += record(lambda: linear_cross_entropy._triton_vocab_block_grad(
+                torch.zeros(rows, n_vocab, dtype=dtype), torch.zeros(rows, dtype=torch.long), torch.ones(rows),
+                torch.zeros(rows), 1000), arch, dtype=DTYPE_NAMES[dtype], V_block=n_vocab)
     return launches
 
 
@@ -770,9 +776,11 @@ def enumeration_text(full: bool) -> str:
         "odd one per BLOCK_D; one query row against 4096 keys (several chunks), and as variants 3 rows with two "
         "query heads per kv head (odd D, 4095 keys) and a one-chunk cache; fp16, bf16, fp32; products are "
         "tl.sum reductions (no tl.dot). Flags: masks as above, causal, GSoT.\n"
-        "- **linear CE rows** (loss, and softmax − onehot in place): fp32 logits (the GEMMs are cuBLAS's), "
-        "64 rows of V = 32000 (aligned) and 32001 (odd); loss only or with the gradient, one scale for all rows "
-        "or one per row, ignore index -100 (int32) and none (int64).\n"
+        "- **linear CE rows** (loss, lse, and softmax − onehot in place) and **linear CE dW blocks** (s·(softmax − "
+        "onehot) of a vocabulary block from each row's lse): the logits the GEMMs (cuBLAS's) give them, fp32 for "
+        "fp32 inputs and the half GEMM's own fp16/bf16 output; 64 rows of V = 32000 (aligned) and 32001 (odd); "
+        "loss only or with the gradient, one scale for all rows or one per row, ignore index -100 (int32) and "
+        "none (int64).\n"
         "- Launches with the same compile key (signature, specialisation, constexprs, options) are compiled once, "
         "and listed under each dtype that launches them (fp32 with TF32 allowed runs the fp32 ieee kernels where "
         "no tf32 tile is spill-free)."

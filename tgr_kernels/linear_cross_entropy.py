@@ -30,21 +30,25 @@ token: ``dh_i = g_i (G W)_i`` is still a row scaling of what the forward kept, b
 over rows weighted by g_i, so the backward recomputes the logits of each chunk for them (one GEMM
 more, and only when the weight or the bias needs a gradient).
 
-Half-precision weights on the PyTorch path take dW by vocabulary blocks instead
-(``_weight_grad_by_vocab``): the row chunks keep each row's lse, then for each block of
-vocabulary rows ``W_b`` the logits ``h W_bᵀ`` of every token are recomputed (one GEMM), turned
-into ``s·G`` from the lse, and ``dW_b = (s G_b)ᵀ h`` is one GEMM over all tokens, accumulated in
-fp32 inside the GEMM and written once in the weight's dtype. Summing 256-row chunk products into
-an fp32 [V, H] instead costs a GEMM with an inner dimension of 256 per chunk, bound by writing
-[V, H] (measured on the AMD EPYC at V = 32000: 55 ms a chunk against 22 ms for its share of one
-GEMM over all tokens), and an fp32 [V, H] buffer that at 1024 tokens is as large as eager's peak.
+Half-precision weights take dW by vocabulary blocks instead (``_weight_grad_by_vocab``): the
+row chunks keep each row's lse, then for each block of vocabulary rows ``W_b`` the logits
+``h W_bᵀ`` of every token are recomputed (one GEMM), turned into ``s·G`` from the lse, and
+``dW_b = (s G_b)ᵀ h`` is one GEMM over all tokens, accumulated in fp32 inside the GEMM and written
+once in the weight's dtype: four GEMMs instead of eager's three, and no fp32 [V, H]. Summing
+chunk products into an fp32 [V, H] instead costs a GEMM with an inner dimension of a chunk's
+rows per chunk, bound by reading and writing [V, H] (measured on the AMD EPYC at V = 32000: 55 ms
+a 256-row chunk against 22 ms for its share of one GEMM over all tokens; on an H200 at 8192 ×
+128256 × 4096 bf16, 116 ms for the whole op against eager's 36.6 ms), and an fp32 [V, H] buffer
+(2 GiB at V = 128256, H = 4096) that is as large as a third of eager's peak.
 
 A chunk holds ``MIN_CHUNK_ROWS`` rows, or more while its logits fit ``CHUNK_BYTES_CPU`` /
 ``CHUNK_BYTES_CUDA`` (see there for the measurements). On CUDA the row work
 (online log-sum-exp over vocabulary blocks, the loss, softmax − onehot in place) is one Triton
-kernel between cuBLAS GEMMs; on a CPU it is PyTorch's in-place log-softmax and element-wise ops.
-The kernel sees only fp32 logits (the GEMMs are torch's), so the interpreter's bf16 gap in
-``tl.dot`` does not reach it. The Triton path is registered as custom ops
+kernel between cuBLAS GEMMs, reading the GEMM's own half-precision logits (rounded once, as
+eager's are) and computing in fp32, and the dW blocks' ``s·G`` is a second, element-wise kernel;
+on a CPU it is PyTorch's in-place log-softmax and element-wise ops on fp32 logits. The kernels
+have no ``tl.dot`` (the GEMMs are torch's); under the interpreter, whose bf16 stores truncate,
+bf16 logits are made fp32. The Triton path is registered as custom ops
 (``torch.ops.tgr_kernels.linear_cross_entropy_{forward,backward}``) with fake implementations and
 their autograd, so ``torch.compile(fullgraph=True)`` sees one opaque op per direction; the PyTorch
 path is an autograd Function that the compiler traces.
@@ -106,9 +110,6 @@ _NO_IGNORE = -(2 ** 63)
 MIN_CHUNK_ROWS = 256
 CHUNK_BYTES_CPU = 32 << 20
 CHUNK_BYTES_CUDA = 256 << 20
-# The dW update of half-precision inputs goes through a [vocab block, H] half product that is
-# added to the fp32 accumulator, so the product never needs [V, H] of extra memory.
-_DW_VOCAB_BLOCK = 8192
 
 
 # --------------------------------------------------------------------------------------------
@@ -122,6 +123,7 @@ def _lce_rows_kernel(
     labels_ptr,
     row_scale_ptr,
     loss_ptr,
+    lse_ptr,
     n_vocab,
     stride_logits_row,
     stride_row_scale,
@@ -129,22 +131,25 @@ def _lce_rows_kernel(
     WRITE_GRAD: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
-    """Per row i of a chunk: the loss ``ℓ_i = lse_i − z_{i,y_i}`` and, in place,
+    """Per row i of a chunk: the loss ``ℓ_i = lse_i − z_{i,y_i}``, ``lse_i``, and, in place,
     ``z_i ← s_i · (softmax(z_i) − onehot(y_i))``.
 
     Pass 1 streams the row in BLOCK_V blocks with an online log-sum-exp (per-lane running max m
     and sum Σ exp(z − m), merged at the end); pass 2 (WRITE_GRAD) rewrites each block as
-    ``s_i · (exp(z − lse) − 1[v = y_i])``. An ignored row (y_i = ignore_index) has ℓ_i = 0 and a
-    zero gradient row; a label outside [0, V) that is not ignored gives ℓ_i = NaN and a NaN
-    gradient row (its logit is never read: no out-of-bounds access).
+    ``s_i · (exp(z − lse) − 1[v = y_i])``. The logits may be fp32 or half (the GEMM's output):
+    every operation is in fp32, and the gradient is rounded once, to the logits' dtype, as it is
+    stored. An ignored row (y_i = ignore_index) has ℓ_i = 0 and a zero gradient row; a label
+    outside [0, V) that is not ignored gives ℓ_i = NaN and a NaN gradient row (its logit is never
+    read: no out-of-bounds access).
 
     Args:
-        logits_ptr: z ``[rows, n_vocab]`` fp32, row stride ``stride_logits_row``, unit column
-            stride; overwritten with the gradient when WRITE_GRAD.
+        logits_ptr: z ``[rows, n_vocab]`` fp32/fp16/bf16, row stride ``stride_logits_row``, unit
+            column stride; overwritten with the gradient when WRITE_GRAD.
         labels_ptr: y ``[rows]`` contiguous, any integer dtype.
         row_scale_ptr: s ``[rows]`` fp32 with stride ``stride_row_scale`` (0 for one scale for
             every row); read only when WRITE_GRAD.
         loss_ptr: ℓ ``[rows]`` contiguous fp32.
+        lse_ptr: lse ``[rows]`` contiguous fp32 (kept for the gradient of dW by vocabulary blocks).
         n_vocab: V.
         ignore_index: ι (an int64).
         WRITE_GRAD: rewrite the logits as the scaled gradient.
@@ -161,7 +166,7 @@ def _lce_rows_kernel(
     lane_sum = tl.zeros((BLOCK_V,), tl.float32)
     for start in range(0, n_vocab, BLOCK_V):
         cols = start + columns
-        z = tl.load(row_ptr + cols, mask=cols < n_vocab, other=float("-inf"))
+        z = tl.load(row_ptr + cols, mask=cols < n_vocab, other=float("-inf")).to(tl.float32)
         new_max = tl.maximum(lane_max, z)
         # A lane that has seen only padding keeps max −inf: shift it by 0, not by −inf (NaN).
         shift = tl.where(new_max == float("-inf"), 0.0, new_max)
@@ -169,8 +174,9 @@ def _lce_rows_kernel(
         lane_max = new_max
     row_max = tl.max(lane_max, axis=0)
     lse = row_max + tl.log(tl.sum(lane_sum * tl.exp(lane_max - row_max), axis=0))
+    tl.store(lse_ptr + row, lse)
 
-    target = tl.load(row_ptr + tl.where(in_range, label, 0), mask=in_range & ~ignored, other=0.0)
+    target = tl.load(row_ptr + tl.where(in_range, label, 0), mask=in_range & ~ignored, other=0.0).to(tl.float32)
     loss = tl.where(ignored, 0.0, tl.where(in_range, lse - target, float("nan")))
     tl.store(loss_ptr + row, loss)
 
@@ -180,9 +186,48 @@ def _lce_rows_kernel(
         for start in range(0, n_vocab, BLOCK_V):
             cols = start + columns
             col_mask = cols < n_vocab
-            z = tl.load(row_ptr + cols, mask=col_mask, other=0.0)
+            z = tl.load(row_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
             grad = tl.exp(z - lse) - tl.where(cols == label, 1.0, 0.0)
-            tl.store(row_ptr + cols, grad * scale, mask=col_mask)
+            tl.store(row_ptr + cols, (grad * scale).to(logits_ptr.dtype.element_ty), mask=col_mask)
+
+
+@triton.jit
+def _lce_vocab_block_grad_kernel(
+    logits_ptr,
+    labels_ptr,
+    scale_ptr,
+    lse_ptr,
+    n_cols,
+    stride_logits_row,
+    vocab_offset,
+    BLOCK_V: tl.constexpr,
+):
+    """In place on the logits of one block of vocabulary rows ``[v0, v0 + n_cols)`` for every
+    token: ``z_iv ← s_i · (exp(z_iv − lse_i) − 1[v0 + v = y_i])``, the block of ``s∘G`` that
+    ``dW_b = (s∘G_b)ᵀ h`` needs, from each row's lse of the row pass.
+
+    Args:
+        logits_ptr: z ``[rows, n_cols]`` fp32/fp16/bf16, row stride ``stride_logits_row``, unit
+            column stride.
+        labels_ptr: y ``[rows]`` contiguous integers (any value: only equality with a column is
+            tested, so an out-of-range label never indexes memory).
+        scale_ptr: s ``[rows]`` contiguous fp32, already 0 for ignored rows and NaN for a label
+            outside [0, V).
+        lse_ptr: lse ``[rows]`` contiguous fp32.
+        n_cols: columns in the block.
+        vocab_offset: v0, the vocabulary id of column 0.
+        BLOCK_V: columns per program (grid: rows × ⌈n_cols / BLOCK_V⌉).
+    """
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1).to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V).to(tl.int64)
+    col_mask = cols < n_cols
+    ptrs = logits_ptr + row * stride_logits_row + cols
+    label = tl.load(labels_ptr + row).to(tl.int64)
+    scale = tl.load(scale_ptr + row)
+    lse = tl.load(lse_ptr + row)
+    z = tl.load(ptrs, mask=col_mask, other=0.0).to(tl.float32)
+    grad = tl.exp(z - lse) - tl.where(cols + vocab_offset == label, 1.0, 0.0)
+    tl.store(ptrs, (grad * scale).to(logits_ptr.dtype.element_ty), mask=col_mask)
 
 
 def rows_config() -> _configs.LaunchConfig:
@@ -193,18 +238,38 @@ def rows_config() -> _configs.LaunchConfig:
     return _configs._config(8, 1, BLOCK_V=2048)
 
 
-def _triton_rows(logits, labels, row_scale, ignore_index: int, write_grad: bool) -> torch.Tensor:
-    """Launch the row kernel on one chunk; returns the per-row loss (fp32)."""
+def vocab_block_config() -> _configs.LaunchConfig:
+    """The vocabulary-block gradient kernel's configuration: BLOCK_V columns of one row per
+    program (element-wise, memory bound)."""
+    if TRITON_INTERPRET:
+        return _configs._config(4, 1, BLOCK_V=256)
+    return _configs._config(4, 1, BLOCK_V=1024)
+
+
+def _triton_rows(logits, labels, row_scale, ignore_index: int, write_grad: bool,
+                 lse_out: torch.Tensor | None = None) -> torch.Tensor:
+    """Launch the row kernel on one chunk; returns the per-row loss (fp32), and each row's
+    log-sum-exp in ``lse_out`` (contiguous fp32) when given."""
     n_rows, n_vocab = logits.shape
     loss = new_output((n_rows,), torch.float32, logits.device)
+    lse = new_output((n_rows,), torch.float32, logits.device) if lse_out is None else lse_out
     config = rows_config()
     _configs.launch(
         _lce_rows_kernel, (n_rows,), (config,),
-        logits, labels, row_scale, loss,
+        logits, labels, row_scale, loss, lse,
         n_vocab, logits.stride(0), row_scale.stride(0), int(ignore_index),
         WRITE_GRAD=write_grad,
     )
     return loss
+
+
+def _triton_vocab_block_grad(logits, labels, scale, lse, vocab_offset: int) -> None:
+    """``s∘G`` of one vocabulary block in place, by the Triton kernel."""
+    n_rows, n_cols = logits.shape
+    _configs.launch(
+        _lce_vocab_block_grad_kernel, lambda meta: (n_rows, triton.cdiv(n_cols, meta["BLOCK_V"])),
+        (vocab_block_config(),), logits, labels, scale, lse, n_cols, logits.stride(0), int(vocab_offset),
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -238,6 +303,14 @@ def _torch_rows(logits, labels, row_scale, ignore_index: int, write_grad: bool,
     return loss
 
 
+def _torch_vocab_block_grad(logits, labels, scale, lse, vocab_offset: int) -> None:
+    """``s∘G`` of one vocabulary block in place, with PyTorch ops (as the Triton kernel)."""
+    logits.sub_(lse.unsqueeze(1)).exp_().mul_(scale.unsqueeze(1))
+    hit = (labels >= vocab_offset) & (labels < vocab_offset + logits.shape[1])
+    rows = hit.nonzero().squeeze(1)
+    logits[rows, labels[rows].long() - vocab_offset] -= scale[rows]
+
+
 # --------------------------------------------------------------------------------------------
 # The chunked computation
 # --------------------------------------------------------------------------------------------
@@ -261,8 +334,18 @@ def _gemm_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
     return dtype
 
 
+def _logits_dtype(x_dtype: torch.dtype, triton_rows: bool) -> torch.dtype:
+    """The dtype of the chunks' logits. The Triton row kernels read half logits (the GEMM's own
+    output, rounded once as eager's are) and compute in fp32, which halves the traffic of every
+    pass over them; the PyTorch row ops, and bf16 under the interpreter (whose bf16 stores
+    truncate instead of rounding), take fp32 logits (fp64 for fp64 inputs)."""
+    if triton_rows and x_dtype in _HALF_DTYPES and not (TRITON_INTERPRET and x_dtype == torch.bfloat16):
+        return x_dtype
+    return torch.float64 if x_dtype == torch.float64 else torch.float32
+
+
 def _chunk_logits(x_c, w, bias, act_dtype):
-    """``x_c wᵀ + b`` as a fresh contiguous ``act_dtype`` (fp32 or fp64) tensor."""
+    """``x_c wᵀ + b`` as a fresh contiguous ``act_dtype`` tensor (x's dtype, fp32 or fp64)."""
     if x_c.dtype == act_dtype:
         if bias is None:
             return torch.mm(x_c, w.t())
@@ -276,35 +359,42 @@ def _chunk_logits(x_c, w, bias, act_dtype):
     return logits
 
 
-def _weight_grad_by_vocab(x, w, bias, labels, ignore_index: int, row_scale, lse) -> torch.Tensor:
+def _weight_grad_by_vocab(x, w, bias, labels, ignore_index: int, row_scale, lse, logits_dtype, block_grad):
     """``dW = (s∘G)ᵀ x`` in x's (half) dtype, one GEMM over every token per block of vocabulary
-    rows, with ``G = softmax − onehot`` rebuilt from the logits of the block and each row's
-    ``lse`` (rows as in :func:`_torch_rows`: 0 when ignored, NaN for a label outside [0, V))."""
+    rows, with ``G = softmax − onehot`` rebuilt from the logits of the block (``logits_dtype``)
+    and each row's ``lse`` by ``block_grad`` (:func:`_torch_vocab_block_grad` or
+    :func:`_triton_vocab_block_grad`; rows as in the row pass: 0 when ignored, NaN for a label
+    outside [0, V))."""
     n_rows, n_vocab = x.shape[0], w.shape[0]
-    act_dtype = lse.dtype
     ignored = labels == ignore_index
     in_range = (labels >= 0) & (labels < n_vocab)
-    scale = torch.where(ignored, 0.0, torch.where(in_range, row_scale.to(act_dtype), float("nan")))
+    scale = torch.where(ignored, 0.0, torch.where(in_range, row_scale.to(lse.dtype), float("nan")))
     dw = torch.empty(w.shape, dtype=x.dtype, device=x.device)
-    block = chunk_rows(n_vocab, n_rows, x.device, half_gemm=True)  # a block's logits: the chunks' budget
+    block = chunk_rows(n_vocab, n_rows, x.device, _logit_bytes(x.dtype, logits_dtype))  # the chunks' budget
     for v0 in range(0, n_vocab, block):
         v1 = min(v0 + block, n_vocab)
-        logits = _chunk_logits(x, w[v0:v1], None if bias is None else bias[v0:v1], act_dtype)
-        grad = logits.sub_(lse.unsqueeze(1)).exp_().mul_(scale.unsqueeze(1))
-        hit = in_range & (labels >= v0) & (labels < v1)
-        rows = hit.nonzero().squeeze(1)
-        grad[rows, labels[rows].long() - v0] -= scale[rows]
-        torch.mm(grad.to(x.dtype).t(), x, out=dw[v0:v1])
-        del logits, grad
+        logits = _chunk_logits(x, w[v0:v1], None if bias is None else bias[v0:v1], logits_dtype)
+        block_grad(logits, labels, scale, lse, v0)
+        torch.mm(logits.to(x.dtype).t(), x, out=dw[v0:v1])
+        del logits
     return dw
 
 
-def chunk_rows(n_rows: int, n_vocab: int, device: torch.device, half_gemm: bool) -> int:
+def _logit_bytes(x_dtype: torch.dtype, logits_dtype: torch.dtype) -> int:
+    """Bytes a chunk holds per logit: the logits, and the half copy of s∘G that a half GEMM
+    needs when they are fp32."""
+    copy = x_dtype in _HALF_DTYPES and logits_dtype != x_dtype
+    return logits_dtype.itemsize * (2 if copy else 1)
+
+
+def chunk_rows(n_rows: int, n_vocab: int, device: torch.device, logit_bytes: int) -> int:
     """Rows per chunk: as many as the logit budget allows but at least MIN_CHUNK_ROWS, a multiple
-    of 64, at most ``n_rows``."""
-    budget = CHUNK_BYTES_CUDA if device.type == "cuda" else CHUNK_BYTES_CPU
-    bytes_per_row = n_vocab * (8 if half_gemm else 4)  # fp32 logits (+ the half copy of G)
-    rows = max(MIN_CHUNK_ROWS, budget // bytes_per_row)
+    of 64, at most ``n_rows``. On CUDA the budget is also at most an eighth of the whole logits,
+    so that the op's peak memory stays a small fraction of eager's at every size."""
+    budget = CHUNK_BYTES_CPU
+    if device.type == "cuda":
+        budget = min(CHUNK_BYTES_CUDA, n_rows * n_vocab * logit_bytes // 8)
+    rows = max(MIN_CHUNK_ROWS, budget // (n_vocab * logit_bytes))
     return min(rows - rows % 64, n_rows)
 
 
@@ -317,47 +407,45 @@ def _chunked(x, w, bias, labels, ignore_index: int, row_scale, rows_op, *, write
         x: ``[N, H]`` in the GEMM dtype; w: ``[V, H]`` in the GEMM dtype; bias: ``[V]`` or None.
         labels: ``[N]`` integers. row_scale: s ``[N]`` (any stride, 0 for one value) fp32/fp64.
         rows_op: :func:`_torch_rows` or :func:`_triton_rows`.
-    Returns ``(loss [N] act dtype, dh [N, H] x's dtype or None, dW [V, H] act dtype or None,
-    db [V] act dtype or None)``. dW of half inputs on the PyTorch path comes by vocabulary
-    blocks in x's dtype (:func:`_weight_grad_by_vocab`).
+    Returns ``(loss [N] act dtype, dh [N, H] x's dtype or None, dW [V, H] or None, db [V] act
+    dtype or None)``. dW of half inputs comes by vocabulary blocks in x's dtype
+    (:func:`_weight_grad_by_vocab`), of fp32/fp64 inputs in their dtype.
     """
     n_rows = x.shape[0]
     n_vocab = w.shape[0]
     act_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    half_gemm = x.dtype in _HALF_DTYPES
-    step = chunk_rows(n_rows, n_vocab, x.device, half_gemm)
+    triton_rows = rows_op is _triton_rows
+    logits_dtype = _logits_dtype(x.dtype, triton_rows)
+    step = chunk_rows(n_rows, n_vocab, x.device, _logit_bytes(x.dtype, logits_dtype))
     loss = torch.empty(n_rows, dtype=act_dtype, device=x.device)
     # Contiguous whatever x's strides (the custom op's fake implementation promises it).
     dh = torch.empty(x.shape, dtype=x.dtype, device=x.device) if (write_grad and hidden_grad) else None
-    by_vocab = write_grad and weight_grad and half_gemm and rows_op is _torch_rows
+    by_vocab = write_grad and weight_grad and x.dtype in _HALF_DTYPES
     lse = torch.empty(n_rows, dtype=act_dtype, device=x.device) if by_vocab else None
     dw = (torch.zeros(w.shape, dtype=act_dtype, device=x.device)
           if (write_grad and weight_grad and not by_vocab) else None)
     db = torch.zeros(n_vocab, dtype=act_dtype, device=x.device) if (write_grad and bias_grad) else None
+    row_grad = dh is not None or dw is not None or db is not None  # the chunk pass needs s∘G
     for start in range(0, n_rows, step):
         stop = min(start + step, n_rows)
         x_c = x[start:stop]
-        logits = _chunk_logits(x_c, w, bias, act_dtype)
+        logits = _chunk_logits(x_c, w, bias, logits_dtype)
         lse_arg = {} if lse is None else {"lse_out": lse[start:stop]}
-        loss[start:stop] = rows_op(logits, labels[start:stop], row_scale[start:stop], ignore_index, write_grad,
+        loss[start:stop] = rows_op(logits, labels[start:stop], row_scale[start:stop], ignore_index, row_grad,
                                    **lse_arg)
-        if not write_grad:
+        if not row_grad:
             continue
-        grad = logits.to(x.dtype) if half_gemm else logits  # s∘G in the GEMM dtype
+        grad = logits if logits.dtype == x.dtype else logits.to(x.dtype)  # s∘G in the GEMM dtype
         if dh is not None:
             torch.mm(grad, w, out=dh[start:stop])
         if dw is not None:
-            if half_gemm:
-                for v0 in range(0, n_vocab, _DW_VOCAB_BLOCK):
-                    v1 = min(v0 + _DW_VOCAB_BLOCK, n_vocab)
-                    dw[v0:v1] += torch.mm(grad[:, v0:v1].t(), x_c)
-            else:
-                dw.addmm_(grad.t(), x_c)
+            dw.addmm_(grad.t(), x_c)
         if db is not None:
-            db += logits.sum(0)
+            db += logits.sum(0, dtype=act_dtype)
         del logits, grad
     if by_vocab:
-        dw = _weight_grad_by_vocab(x, w, bias, labels, ignore_index, row_scale, lse)
+        block_grad = _triton_vocab_block_grad if triton_rows else _torch_vocab_block_grad
+        dw = _weight_grad_by_vocab(x, w, bias, labels, ignore_index, row_scale, lse, logits_dtype, block_grad)
     return loss, dh, dw, db
 
 
@@ -478,6 +566,13 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
 # tensors, not None). The implementations run with autocast off: the dispatcher chose the dtypes.
 
 
+def _weight_grad_dtype(hidden: torch.Tensor, act_dtype: torch.dtype) -> torch.dtype:
+    """dW's dtype from the ops: the GEMM dtype when it is half (dW by vocabulary blocks, written
+    once), else fp32/fp64."""
+    gemm_dtype = _gemm_dtype(hidden.dtype, hidden.device)
+    return gemm_dtype if gemm_dtype in _HALF_DTYPES else act_dtype
+
+
 def _empty_like_none(reference: torch.Tensor, t: torch.Tensor | None) -> torch.Tensor:
     # Custom-op outputs may not alias each other: a fresh empty tensor for each missing one.
     return reference.new_empty(0) if t is None else t
@@ -490,8 +585,8 @@ def linear_cross_entropy_forward(
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # noqa: UP006
     """Triton forward on ``hidden [N, H]``, ``labels [N]`` (int64): ``(loss, dh, dW, db)``: the loss
     (``[]``, or ``[N]`` for ``"none"``, fp32) and the gradients of an upstream 1 that were asked for
-    (dh ``[N, H]`` in the GEMM dtype, dW ``[V, H]`` and db ``[V]`` fp32; empty otherwise, and dW,
-    db always empty for ``"none"``, whose backward recomputes them)."""
+    (dh ``[N, H]`` in the GEMM dtype, dW ``[V, H]`` in :func:`_weight_grad_dtype`, db ``[V]`` fp32;
+    empty otherwise, and dW, db always empty for ``"none"``, whose backward recomputes them)."""
     with torch.cuda.device_of(hidden), torch.autocast(hidden.device.type, enabled=False):
         loss, dh, dw, db = _forward_work(hidden, weight, bias, labels, ignore_index, reduction, _triton_rows,
                                          hidden_grad=hidden_grad, weight_grad=weight_grad, bias_grad=bias_grad)
@@ -505,7 +600,8 @@ def _(hidden, weight, bias, labels, ignore_index, reduction, hidden_grad, weight
     per_token = reduction == "none"
     loss = hidden.new_empty((hidden.shape[0],) if per_token else (), dtype=act_dtype)
     dh = hidden.new_empty(hidden.shape if hidden_grad else (0,), dtype=gemm_dtype if hidden_grad else hidden.dtype)
-    dw = hidden.new_empty(weight.shape if weight_grad and not per_token else (0,), dtype=act_dtype)
+    dw = hidden.new_empty(weight.shape if weight_grad and not per_token else (0,),
+                          dtype=_weight_grad_dtype(hidden, act_dtype))
     db = hidden.new_empty((weight.shape[0],) if bias_grad and not per_token else (0,), dtype=act_dtype)
     return loss, dh, dw, db
 
@@ -515,20 +611,21 @@ def linear_cross_entropy_backward(
     hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], labels: torch.Tensor,  # noqa: UP045
     grad_loss: torch.Tensor, ignore_index: int, weight_grad: bool, bias_grad: bool,
 ) -> Tuple[torch.Tensor, torch.Tensor]:  # noqa: UP006
-    """Triton backward of ``"none"`` for the weight and the bias: ``(dW [V, H], db [V])`` fp32 for
-    the per-token upstream ``grad_loss [N]`` (the logits recomputed chunk by chunk); empty where
-    not asked for."""
+    """Triton backward of ``"none"`` for the weight and the bias: ``(dW [V, H], db [V])`` for the
+    per-token upstream ``grad_loss [N]`` (the logits recomputed chunk by chunk; dW in the GEMM
+    dtype when it is half, fp32 otherwise, db fp32); empty where not asked for."""
     with torch.cuda.device_of(hidden), torch.autocast(hidden.device.type, enabled=False):
         dw, db = _recomputed_weight_grads(hidden, weight, bias, labels, grad_loss, ignore_index, _triton_rows,
                                           weight_grad=weight_grad, bias_grad=bias_grad)
-    reference = grad_loss.new_empty(0, dtype=torch.float64 if hidden.dtype == torch.float64 else torch.float32)
-    return _empty_like_none(reference, dw), _empty_like_none(reference, db)
+    act_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    return (_empty_like_none(grad_loss.new_empty(0, dtype=_weight_grad_dtype(hidden, act_dtype)), dw),
+            _empty_like_none(grad_loss.new_empty(0, dtype=act_dtype), db))
 
 
 @linear_cross_entropy_backward.register_fake
 def _(hidden, weight, bias, labels, grad_loss, ignore_index, weight_grad, bias_grad):
     act_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    return (hidden.new_empty(weight.shape if weight_grad else (0,), dtype=act_dtype),
+    return (hidden.new_empty(weight.shape if weight_grad else (0,), dtype=_weight_grad_dtype(hidden, act_dtype)),
             hidden.new_empty((weight.shape[0],) if bias_grad else (0,), dtype=act_dtype))
 
 
