@@ -215,7 +215,13 @@ def device_sm_count(device: torch.device) -> int:
     """The number of SMs of a CUDA device; DEFAULT_SM_COUNT for any other device."""
     if device.type != "cuda":
         return DEFAULT_SM_COUNT
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    return _cuda_sm_count(torch.cuda.current_device() if device.index is None else device.index)
+
+
+@functools.cache
+def _cuda_sm_count(index: int) -> int:
+    # Read once per GPU: the properties query runs on every decoding step otherwise.
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def decode_config(head_dim: int) -> LaunchConfig:

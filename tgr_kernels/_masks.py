@@ -54,10 +54,21 @@ def logits_tile(
     return tl.where(valid, s, float("-inf"))
 
 
+_DUMMIES: dict = {}
+
+
+def _dummy(device: torch.device) -> torch.Tensor:
+    """One element per device, made once: an allocation per call shows in a decoding step's host time."""
+    dummy = _DUMMIES.get(device)
+    if dummy is None:
+        dummy = _DUMMIES[device] = torch.empty(1, device=device)
+    return dummy
+
+
 def mask_args(key_padding, additive, shape, device):
     """Tensors and strides for the mask inputs of attention of ``shape = (B, H, S_q, S_k)``;
     a one-element dummy stands in for an absent mask (its pointer is never read)."""
-    dummy = torch.empty(1, device=device)
+    dummy = _dummy(device) if key_padding is None or additive is None else None
     if key_padding is not None:
         kpm = key_padding.view(torch.uint8) if key_padding.dtype == torch.bool else key_padding
         kpm_strides = (kpm.stride(0), kpm.stride(1))

@@ -15,6 +15,9 @@ Conventions shared by the ops:
 - Second derivatives are not implemented: the backward ops are registered with an autograd
   formula that raises a RuntimeError naming the op, so ``create_graph=True`` followed by a second
   ``grad`` fails loudly instead of returning wrong values.
+- A call that needs no autograd, in eager mode, runs the launcher directly (``_runs_directly``):
+  the op's dispatch measured about 0.1 ms a call on an H200's host, as much as a decoding step's
+  two kernels. Under torch.compile, export or any dispatch mode the op is always called.
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ import contextlib
 from typing import Optional, Tuple
 
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 # Launchers are looked up on their modules at call time (tests replace them with spies).
 from . import _gate, attention_decode, attention_flash, attention_wide
@@ -32,9 +36,30 @@ _NS = "tgr_kernels"
 
 @contextlib.contextmanager
 def _launch_context(t: torch.Tensor):
-    """Launch on ``t``'s GPU (not the current one), with autocast off for every device."""
-    with torch.cuda.device_of(t), torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
+    """Launch on ``t``'s GPU (not the current one), with autocast off for every device. Each
+    context is entered only when it changes something: together they cost ~70 µs a call on an
+    H200's host."""
+    with contextlib.ExitStack() as stack:
+        if t.is_cuda and t.device.index != torch.cuda.current_device():
+            stack.enter_context(torch.cuda.device_of(t))
+        for device_type in ("cpu", "cuda"):
+            if torch.is_autocast_enabled(device_type):
+                stack.enter_context(torch.autocast(device_type, enabled=False))
         yield
+
+
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+
+
+def _runs_directly(*tensors: Optional[torch.Tensor]) -> bool:
+    """Whether a call may skip the custom op and run its launcher directly: eager (neither
+    torch.compile nor export is tracing, no dispatch mode is active), plain tensors (no fake or
+    functional subclasses), and no gradient to track."""
+    if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
+        return False
+    grad = torch.is_grad_enabled()
+    return not any(t is not None and (type(t) not in _PLAIN_TENSORS or (grad and t.requires_grad))
+                   for t in tensors)
 
 
 def _none_if_empty(t: torch.Tensor) -> Optional[torch.Tensor]:
@@ -64,6 +89,10 @@ def flash_attention_forward(
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Flash forward: ``(out [B, H, S_q, D] in q's dtype, lse [B, H, S_q] fp32)``."""
     gate = _gate.from_op_args(gsot_threshold, gsot_mode, gsot_width)
+    return _flash_forward(q, k, v, t_bar, key_padding, additive, causal, gate, scale)
+
+
+def _flash_forward(q, k, v, t_bar, key_padding, additive, causal, gate, scale):
     with _launch_context(q):
         return attention_flash.flash_forward(q, k, v, t_bar, key_padding, additive, causal, gate, scale)
 
@@ -129,6 +158,8 @@ _register_double_backward_error(flash_attention_backward, "temperature_guided_at
 def flash_attention(q, k, v, t_bar, key_padding, additive, causal, gate, scale):
     """Differentiable flash attention (inputs validated by the caller; t̄ fp32 ``[B, S_q]``;
     ``gate``: a ``_gate.Gate`` or None)."""
+    if _runs_directly(q, k, v, t_bar, key_padding, additive):
+        return _flash_forward(q, k, v, t_bar, key_padding, additive, causal, gate, scale)[0]
     return flash_attention_forward(q, k, v, t_bar, key_padding, additive, causal, *_gate.op_args(gate),
                                    scale)[0]
 
@@ -143,6 +174,10 @@ def decode_attention_forward(
     """Split-KV decode forward: the output ``[B, H, S_q, D]`` in q's dtype. No autograd is
     registered: the dispatcher sends a call here only when no gradient is needed."""
     gate = _gate.from_op_args(gsot_threshold, gsot_mode, gsot_width)
+    return _decode_forward(q, k, v, t_bar, key_padding, additive, causal, gate, scale)
+
+
+def _decode_forward(q, k, v, t_bar, key_padding, additive, causal, gate, scale):
     with _launch_context(q):
         return attention_decode.decode_forward(q, k, v, t_bar, key_padding, additive, causal, gate, scale)
 
@@ -154,6 +189,8 @@ def _(q, k, v, t_bar, key_padding, additive, causal, gsot_threshold, gsot_mode, 
 
 def decode_attention(q, k, v, t_bar, key_padding, additive, causal, gate, scale):
     """Split-KV decoding for a few query rows (inputs validated by the caller; no gradient)."""
+    if _runs_directly(q, k, v, t_bar, key_padding, additive):
+        return _decode_forward(q, k, v, t_bar, key_padding, additive, causal, gate, scale)
     return decode_attention_forward(q, k, v, t_bar, key_padding, additive, causal, *_gate.op_args(gate), scale)
 
 
@@ -263,10 +300,13 @@ def temperature_projection_forward(
     clamp_min: float, clamp_max: float, save_sigma: bool,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Fused TTM forward on ``[N, H]``: ``(t [N, T], σ [N, T] fp32 or empty)``."""
-    with _launch_context(hidden2d):
-        out, sigma = projection._launch_forward(hidden2d, weight, bias, clamp_min, clamp_max,
-                                                save_sigma=save_sigma)
+    out, sigma = _projection_forward(hidden2d, weight, bias, clamp_min, clamp_max, save_sigma)
     return out, hidden2d.new_empty(0, dtype=torch.float32) if sigma is None else sigma
+
+
+def _projection_forward(hidden2d, weight, bias, clamp_min, clamp_max, save_sigma):
+    with _launch_context(hidden2d):
+        return projection._launch_forward(hidden2d, weight, bias, clamp_min, clamp_max, save_sigma=save_sigma)
 
 
 @temperature_projection_forward.register_fake
@@ -340,6 +380,8 @@ _register_double_backward_error(temperature_projection_backward, "temperature_pr
 
 def temperature_projection_triton(hidden2d, weight, bias, clamp_min: float, clamp_max: float) -> torch.Tensor:
     """Differentiable fused TTM on ``[N, H]``; σ is kept only when a gradient will be needed."""
+    if _runs_directly(hidden2d, weight, bias):
+        return _projection_forward(hidden2d, weight, bias, float(clamp_min), float(clamp_max), False)[0]
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (hidden2d, weight, bias)
     )

@@ -80,22 +80,24 @@ def _effective_mode(device: torch.device) -> str:
     return mode
 
 
-def _run_value_checks(device: torch.device, checks: list[tuple[object, str]]) -> None:
+def _run_value_checks(device: torch.device, checks: list[tuple[object, object]]) -> None:
     """``checks``: (zero-arg function returning a bool tensor that is True when the values are
-    bad, message). Evaluated according to the value-check mode; "sync" copies every flag to the
-    host in one transfer."""
+    bad, message or zero-arg function making it). Evaluated according to the value-check mode;
+    "sync" copies every flag to the host in one transfer. Messages are made only when needed:
+    formatting them on every call showed in a decoding step's host time."""
     mode = _effective_mode(device)
     if mode == "off" or not checks:
         return
     bad = [bad_fn() for bad_fn, _ in checks]
+    messages = (message() if callable(message) else message for _, message in checks)
     if mode == "async":
-        for flag, (_, message) in zip(bad, checks, strict=True):
+        for flag, message in zip(bad, messages, strict=True):
             torch._assert_async(~flag, message)
         return
     flags = torch.stack(bad).tolist()  # the one host sync
     for flag, (_, message) in zip(flags, checks, strict=True):
         if flag:
-            raise ValueError(message)
+            raise ValueError(message() if callable(message) else message)
 
 
 def _shape(t: torch.Tensor) -> str:
@@ -194,7 +196,6 @@ def _split_mask(attn_mask, B: int, H: int, S_q: int, S_k: int, checks: list):
         ))
         return attn_mask != 0, None
     try:
-        torch.broadcast_shapes(attn_mask.shape, (B, H, S_q, S_k))
         ok = torch.broadcast_shapes(attn_mask.shape, (B, H, S_q, S_k)) == (B, H, S_q, S_k)
     except RuntimeError:
         ok = False
@@ -210,8 +211,8 @@ def _split_mask(attn_mask, B: int, H: int, S_q: int, S_k: int, checks: list):
     # −inf masks a key; NaN or +inf would make the whole row NaN.
     checks.append((
         lambda: (torch.isnan(attn_mask) | torch.isposinf(attn_mask)).any(),
-        f"attn_mask {_shape(attn_mask)} contains NaN or +inf (an additive mask uses 0 to keep a key "
-        f"and -inf or a large negative value to mask it)",
+        lambda: f"attn_mask {_shape(attn_mask)} contains NaN or +inf (an additive mask uses 0 to keep a key "
+                f"and -inf or a large negative value to mask it)",
     ))
     return None, attn_mask
 
@@ -257,7 +258,7 @@ def check_attention_inputs(
         )
     # ±inf in a temperature scales a row's logits to ±inf: a NaN row.
     checks = [(lambda: (~torch.isfinite(temperature)).any(),
-               f"temperature {_shape(temperature)} contains NaN or ±inf")]
+               lambda: f"temperature {_shape(temperature)} contains NaN or ±inf")]
 
     # Python and NumPy numbers alike (np.float32 is a numbers.Real, not a float).
     if gsot_threshold is not None:

@@ -198,9 +198,11 @@ def decode_forward(q, k, v, t_bar, key_padding, additive, causal, gate, scale,
     chunk = triton.cdiv(triton.cdiv(max(S_k, 1), max(1, num_splits)), block_n) * block_n
     num_splits = max(1, triton.cdiv(S_k, chunk))
 
-    acc_part = torch.empty(rows, num_splits, D, dtype=torch.float32, device=q.device)
-    m_part = torch.empty(rows, num_splits, dtype=torch.float32, device=q.device)
-    l_part = torch.empty(rows, num_splits, dtype=torch.float32, device=q.device)
+    # One fp32 workspace for the three partial results (one allocation instead of three).
+    work = torch.empty(rows * num_splits * (D + 2), dtype=torch.float32, device=q.device)
+    acc_part = work[:rows * num_splits * D].view(rows, num_splits, D)
+    m_part = work[rows * num_splits * D:rows * num_splits * (D + 1)].view(rows, num_splits)
+    l_part = work[rows * num_splits * (D + 1):].view(rows, num_splits)
     kpm, kpm_strides, bias, bias_strides = mask_args(key_padding, additive, (B, H, S_q, S_k), q.device)
     block_d = _configs.flash_block_d(D)
     threshold, mode, width = _gate.kernel_args(gate)
