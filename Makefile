@@ -30,7 +30,7 @@ lint: $(VENV)/.installed
 	$(PY) -m ruff check .
 
 test: $(TEST_LINT) $(VENV)/.installed
-	$(PY) -m pytest -q tests benchmarks/test_runner.py benchmarks/test_gpu_run.py benchmarks/test_roofline.py
+	$(PY) -m pytest -q tests benchmarks/test_runner.py benchmarks/test_gpu_run.py benchmarks/test_roofline.py benchmarks/test_host_overhead.py
 
 test-fast: $(VENV)/.installed
 	$(PY) -m pytest -q -m "not slow" tests

@@ -178,7 +178,7 @@ def test_linear_log_probs_matches_log_softmax_gather(backend, dtype):
 
 def test_linear_log_probs_ignore_index_gives_zero():
     hidden, weight, b, _ = make_inputs((2, 6), torch.float32, requires=(False, False, False))
-    targets = torch.randint(0, V, (2, 6))
+    targets = torch.randint(0, V, (2, 6), device=DEVICE)
     targets[0, :2] = -1
     got = linear_log_probs(hidden, weight, targets, b, ignore_index=-1)
     ref = lce.linear_log_probs_ref(hidden.double(), weight.double(), targets, b.double(), ignore_index=-1)
@@ -295,14 +295,18 @@ def test_cuda_chunk_budget_is_a_fraction_of_the_logits(monkeypatch):
 @pytest.mark.parametrize("backend", ["torch", "triton", "reference", "auto"])
 @pytest.mark.parametrize("bad_label", [V, -1, 10**6])
 def test_label_out_of_range_is_a_clear_error(backend, bad_label):
+    """With the value checks on (the default on a CPU; on CUDA they are off by default, and the
+    reference backend would then hit eager's device-side assert)."""
     hidden, weight, b, labels = make_inputs((2, 6), torch.float32)
     labels[1, 3] = bad_label
-    with pytest.raises(ValueError, match=rf"labels\[1, 3\] = {bad_label} is outside \[0, {V}\).*ignore_index=-100"):
-        linear_cross_entropy(hidden, weight, labels, b, backend=backend)
-    with pytest.raises(ValueError, match=rf"targets\[1, 3\] = {bad_label} is outside \[0, {V}\)"):
-        linear_log_probs(hidden, weight, labels.clamp(min=0).index_put_((torch.tensor(1), torch.tensor(3)),
-                                                                          torch.tensor(bad_label)), b,
-                         backend=backend)
+    targets = labels.clamp(min=0)
+    targets[1, 3] = bad_label
+    with value_checks("sync"):
+        with pytest.raises(ValueError,
+                           match=rf"labels\[1, 3\] = {bad_label} is outside \[0, {V}\).*ignore_index=-100"):
+            linear_cross_entropy(hidden, weight, labels, b, backend=backend)
+        with pytest.raises(ValueError, match=rf"targets\[1, 3\] = {bad_label} is outside \[0, {V}\)"):
+            linear_log_probs(hidden, weight, targets, b, backend=backend)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -432,9 +436,9 @@ def test_backward_twice_with_retain_graph(reduction):
 def test_torch_compile_matches_eager():
     hidden, weight, b, labels = make_inputs((2, 9), torch.float32)
     compiled = torch.compile(lambda h, w, bb: linear_cross_entropy(h, w, labels, bb) * 2)
-    got = loss_and_grads(compiled, hidden, weight, b, torch.tensor(1.0))
+    got = loss_and_grads(compiled, hidden, weight, b, torch.tensor(1.0, device=DEVICE))
     want = loss_and_grads(lambda h, w, bb: linear_cross_entropy(h, w, labels, bb) * 2, hidden, weight, b,
-                          torch.tensor(1.0))
+                          torch.tensor(1.0, device=DEVICE))
     for a, e in zip(got, want, strict=True):
         torch.testing.assert_close(a, e)
 

@@ -12,6 +12,10 @@ Conventions shared by the ops:
   None) and the autograd wrapper maps it to None.
 - The implementations run with autocast disabled: the caller decides the dtypes (see
   ``attention.py``), and a GEMM inside a launcher must not be recast behind its back.
+- The ops' extra outputs (lse, Z, σ, the fused loss's saved gradients) never receive a gradient:
+  every ``setup_context`` turns off the materialisation of their missing gradients, which would
+  otherwise allocate a zero tensor of each (for the fused loss a second dW, 1 GiB at Llama-3's
+  vocabulary × 4096, seen on an H200).
 - Second derivatives are not implemented: the backward ops are registered with an autograd
   formula that raises a RuntimeError naming the op, so ``create_graph=True`` followed by a second
   ``grad`` fails loudly instead of returning wrong values.
@@ -133,6 +137,7 @@ def _(q, k, v, t_bar, key_padding, additive, causal, gsot_threshold, gsot_mode, 
 def _flash_setup_context(ctx, inputs, output):
     q, k, v, t_bar, key_padding, additive, *options = inputs
     _, lse = output  # the output itself is not needed: Δ comes from the backward's first pass
+    ctx.set_materialize_grads(False)  # no zero tensor for the gradient of an unused output
     ctx.save_for_backward(q, k, v, t_bar, key_padding, additive, lse)
     ctx.options = tuple(options)  # causal, the gate's three fields, scale
 
@@ -259,6 +264,7 @@ def _(q, k, v, t_bar, key_padding, additive, causal, gsot_threshold, gsot_mode, 
 def _wide_setup_context(ctx, inputs, output):
     q, k, v, t_bar, key_padding, additive, *options, _, same_qkv = inputs
     _, lse, scores = output
+    ctx.set_materialize_grads(False)  # else autograd makes a zero [B, H, S_q, S_k] gradient for Z
     ctx.save_for_backward(q, k, v, t_bar, key_padding, additive, lse, scores)
     ctx.options = tuple(options)  # causal, the gate's three fields, scale, chunk_bytes
     ctx.same_qkv = same_qkv
@@ -346,6 +352,7 @@ def _(grad_out, sigma, weight, hidden2d, clamp_min, clamp_max, need_hidden, need
 def _projection_setup_context(ctx, inputs, output):
     hidden2d, weight, bias, clamp_min, clamp_max, _ = inputs
     _, sigma = output
+    ctx.set_materialize_grads(False)  # no zero tensor for the gradient of σ
     # σ is normally saved by the forward; called without it (save_sigma=False) while a gradient
     # is wanted, the backward recomputes it from h, W and b.
     ctx.recompute_sigma = sigma.numel() == 0 and hidden2d.shape[0] > 0

@@ -632,6 +632,9 @@ def _(hidden, weight, bias, labels, grad_loss, ignore_index, weight_grad, bias_g
 def _triton_setup_context(ctx, inputs, output):
     hidden, weight, bias, labels, ignore_index, reduction, _, weight_grad, bias_grad = inputs
     _, dh, dw, db = output
+    # The gradients kept for the backward are outputs of the op; without this, autograd would
+    # hand the backward a zero tensor for each (a second dW: +1 GiB at 128256 × 4096 in bf16).
+    ctx.set_materialize_grads(False)
     ctx.reduction, ctx.ignore_index = reduction, ignore_index
     ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
     recompute = reduction == "none" and (weight_grad or bias_grad)
