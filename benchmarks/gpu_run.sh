@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# The whole GPU run in one command, most valuable work first, inside 480 s on a cold Triton cache.
+# The whole GPU run in one command, most valuable work first, inside 540 s on a cold Triton cache.
 #
-#   bash benchmarks/gpu_run.sh OUT_DIR      (from anywhere; an outer timeout should allow 540 s)
+#   bash benchmarks/gpu_run.sh OUT_DIR      (from anywhere; an outer timeout should allow 590 s)
 #
 # 1. parity       every kernel family in bf16/fp16 against float64 (benchmarks/gpu_parity.py)
+#    cuda-tests   the fused loss's test file and the ops' call-route tests, on the GPU (pytest)
 #    bench-lce    the fused linear cross-entropy against eager's GEMMs alone, eager, Liger-Kernel and
 #                 cut-cross-entropy (those two when importable: bring their wheels on PYTHONPATH), each
 #                 provider's loss and gradients checked against eager's (into OUT_DIR/lce/)
@@ -11,16 +12,17 @@
 #                 (bench-gqa: grouped-query attention and decoding), and end to end every-layer
 #                 TGR against the same model with sdpa (bench-e2e);
 #    report       then the table rebuilt with the fraction of the H200 roofline
+#    overhead     where the host time of small calls goes (benchmarks/host_overhead.py)
 # 3. determinism  forward + backward repeated, bitwise compared (benchmarks/determinism.py)
 #    memcheck, racecheck   compute-sanitizer on benchmarks/sanitize_kernels.py
 #
-# Budget: GPU_RUN_BUDGET_S seconds (default 480) from the start, for everything. Each step has
+# Budget: GPU_RUN_BUDGET_S seconds (default 540) from the start, for everything. Each step has
 # its own time limit, cut to what is left of the budget; a step that cannot have its minimum
 # is skipped and logged, so the script always ends in time. A step that fails or times out is
 # logged and the next one runs. Results are written as the steps go: a run killed at any point
 # leaves what it did, and summary.txt (rewritten before and after every step) says where it was.
-# OUT_DIR holds at most 7 files: summary.txt, log.txt (everything the steps print), parity.txt,
-# records.jsonl, table.md, and lce/records.jsonl and lce/table.md.
+# OUT_DIR holds at most 8 files: summary.txt, log.txt (everything the steps print), parity.txt,
+# records.jsonl, table.md, host-overhead.txt, and lce/records.jsonl and lce/table.md.
 #
 # Made for a bare CUDA machine with no network (the H200 machine: torch 2.11, triton 3.6,
 # transformers 5.17): it installs nothing and finds the packages through PYTHONPATH=<repo root>.
@@ -29,7 +31,7 @@
 set -u
 cd "$(dirname "$0")/.." || exit 1
 T0=$(date +%s)
-BUDGET=${GPU_RUN_BUDGET_S:-480}
+BUDGET=${GPU_RUN_BUDGET_S:-540}
 # Seconds kept back from the steps: the report and summary at the end, and timeout's grace.
 RESERVE=25
 END=$(( T0 + BUDGET ))
@@ -40,7 +42,7 @@ LOG="$OUT_DIR/log.txt"
 SUMMARY="$OUT_DIR/summary.txt"
 PARITY="$OUT_DIR/parity.txt"
 : > "$LOG"
-rm -rf "$PARITY" "$OUT_DIR/records.jsonl" "$OUT_DIR/table.md" "$OUT_DIR/lce"
+rm -rf "$PARITY" "$OUT_DIR/records.jsonl" "$OUT_DIR/table.md" "$OUT_DIR/lce" "$OUT_DIR/host-overhead.txt"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 MPLBACKEND=Agg
 
 PY=${PYTHON:-python3}
@@ -107,7 +109,7 @@ if skipped:
 EOF
         done
         echo "--- determinism and sanitizer"
-        local verdicts=" reps.*: (bitwise identical|DIFFERS)|^determinism \(|^sanitize_kernels:"
+        local verdicts=" reps.*: (bitwise identical|DIFFERS)|^determinism \(|^sanitize_kernels:|^[0-9]+ (passed|failed)"
         grep -E "$verdicts|ERROR SUMMARY|RACECHECK SUMMARY|Device not supported" "$LOG" | cut -c1-300 || true
         echo "files: $(cd "$OUT_DIR" && ls | grep -v '\.tmp$' | tr '\n' ' ')"
     } > "$tmp" 2>&1
@@ -167,6 +169,7 @@ if [ $GPU = 1 ]; then
     # Llama-2 and Llama-3 vocabularies at H = 4096, 2048 and 8192 tokens, trainable and frozen
     # lm_head; no torch.compile provider (a cold compile per case would take the step's time).
     LCE=(--reps 5 --warmup 1 --providers gemms eager tgr-torch tgr-triton liger cut-cross-entropy)
+    OVERHEAD=()
 else  # dry run: the same steps, tiny: one mode, and no torch.compile/FlexAttention (minutes of
       # CPU compiles) nor tgr-triton (the interpreter; the parity step runs it)
     BENCH_COMMON=(--device cpu --dtype float32 --quick --reps 1 --warmup 1 --modes forward --no-ceilings
@@ -180,6 +183,7 @@ else  # dry run: the same steps, tiny: one mode, and no torch.compile/FlexAttent
     E2E_LIMIT=150  # two small models' Python on a shared CPU
     DET_REPS=2
     LCE=(--quick --reps 1 --providers gemms eager tgr-torch)
+    OVERHEAD=(--device cpu --quick)
 fi
 BENCH=("$PY" -m benchmarks "${BENCH_COMMON[@]}" --out "$OUT_DIR" --append --no-plots)
 
@@ -192,6 +196,10 @@ write_summary "starting"
 NO_TUNE=(env TGR_AUTOTUNE=0)
 # 1. correctness on the GPU
 step parity 110 30 20 "${NO_TUNE[@]}" "$PY" -m benchmarks.gpu_parity --out "$PARITY"
+# tests that check what only a GPU can: the fused loss's kernels on the GEMMs' half logits, the
+# ops' eager and compiled call routes (on a CPU: the same files under the interpreter)
+step cuda-tests 60 20 0 "${NO_TUNE[@]}" "$PY" -m pytest -q -p no:cacheprovider tests/test_linear_cross_entropy.py \
+    tests/test_direct_calls.py
 # the fused linear cross-entropy (its own records: a table of providers per case, not per S)
 step bench-lce 100 40 0 "$PY" -m benchmarks.linear_cross_entropy "${LCE[@]}" --out "$OUT_DIR/lce"
 # 2. the benchmark table (the matmul and copy ceilings are measured once, with the first suite)
@@ -208,6 +216,8 @@ step bench-proj 25 15 10 "${BENCH[@]}" --suite projection --seq-lens "${PROJ_S[@
 # default configurations (each compiles once, cold, within the step's time).
 step bench-e2e "$E2E_LIMIT" 30 0 "${NO_TUNE[@]}" "${BENCH[@]}" --suite e2e --providers base-sdpa tgr-layers \
     --no-ceilings ${E2E[@]+"${E2E[@]}"}
+step overhead 60 30 0 "$PY" -m benchmarks.host_overhead ${OVERHEAD[@]+"${OVERHEAD[@]}"} \
+    --out "$OUT_DIR/host-overhead.txt"
 if [ -f "$OUT_DIR/records.jsonl" ]; then  # the table again, whole, even if a suite was stopped
     step report 15 5 0 "$PY" -m benchmarks.report --no-plots "$OUT_DIR"
 fi

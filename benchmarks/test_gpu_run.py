@@ -12,8 +12,8 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "benchmarks", "gpu_run.sh")
-STEPS = ["parity", "bench-lce", "bench-flash", "bench-gqa", "bench-wide", "bench-proj", "bench-e2e", "report",
-         "determinism", "kernels"]
+STEPS = ["parity", "cuda-tests", "bench-lce", "bench-flash", "bench-gqa", "bench-wide", "bench-proj", "bench-e2e",
+         "overhead", "report", "determinism", "kernels"]
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the dry run is what runs without CUDA")
 
@@ -42,7 +42,8 @@ def test_dry_run_runs_every_step_and_writes_its_results(dry_run):
     out, proc, seconds = dry_run
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     files = sorted(os.listdir(out))
-    assert files == ["lce", "log.txt", "parity.txt", "records.jsonl", "summary.txt", "table.md"], files
+    assert files == ["host-overhead.txt", "lce", "log.txt", "parity.txt", "records.jsonl", "summary.txt",
+                     "table.md"], files
     assert sorted(os.listdir(out / "lce")) == ["records.jsonl", "table.md"]
     summary = (out / "summary.txt").read_text()
     assert summary.startswith("gpu_run: DRY RUN") and ", finished," in summary
@@ -70,8 +71,12 @@ def test_dry_run_runs_every_step_and_writes_its_results(dry_run):
     assert all(f"### {op}" in table for op in ops)
     assert "determinism (cpu, backend triton): all bitwise identical" in summary
     assert "sanitize_kernels: all kernels ran" in summary
+    assert "== model-decode ==" in (out / "host-overhead.txt").read_text()
+    tests_line = [line for line in summary.splitlines() if " passed" in line and line[0].isdigit()]
+    assert tests_line and "failed" not in tests_line[0], summary
     log = (out / "log.txt").read_text()
-    assert log.count("=== ") == 2 * len(STEPS)  # each step's start and end
+    marks = [line.split()[1].rstrip(":") for line in log.splitlines() if line.startswith("=== ")]
+    assert sorted(marks) == sorted(2 * STEPS), marks  # each step's start and end (not pytest's rules)
 
 
 def test_budget_skips_steps_that_would_start_too_late(tmp_path):
