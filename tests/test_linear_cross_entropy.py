@@ -329,20 +329,23 @@ def _base():
 
 
 BAD_INPUTS = [
-    ("labels float", dict(labels=torch.zeros(2, 4)), TypeError, "labels must be an integer tensor"),
-    ("labels bool", dict(labels=torch.zeros(2, 4, dtype=torch.bool)), TypeError, "labels must be an integer"),
-    ("labels shape", dict(labels=torch.zeros(2, 5, dtype=torch.long)), ValueError,
+    ("labels float", dict(labels=torch.zeros(2, 4, device=DEVICE)), TypeError, "labels must be an integer tensor"),
+    ("labels bool", dict(labels=torch.zeros(2, 4, dtype=torch.bool, device=DEVICE)), TypeError,
+     "labels must be an integer"),
+    ("labels shape", dict(labels=torch.zeros(2, 5, dtype=torch.long, device=DEVICE)), ValueError,
      r"labels must have hidden's leading shape \[2, 4\]"),
     ("labels list", dict(labels=[[0] * 4] * 2), TypeError, "labels must be a torch.Tensor"),
-    ("hidden width", dict(hidden=torch.randn(2, 4, H + 1)), ValueError,
+    ("hidden width", dict(hidden=torch.randn(2, 4, H + 1, device=DEVICE)), ValueError,
      r"hidden's last dim must equal weight.shape\[1\]"),
-    ("weight 3-D", dict(weight=torch.randn(1, V, H)), ValueError, "weight must be 2-D"),
-    ("weight int", dict(weight=torch.zeros(V, H, dtype=torch.long)), TypeError, "weight must be float16"),
-    ("dtype mix", dict(weight=torch.randn(V, H, dtype=torch.float16)), TypeError,
+    ("weight 3-D", dict(weight=torch.randn(1, V, H, device=DEVICE)), ValueError, "weight must be 2-D"),
+    ("weight int", dict(weight=torch.zeros(V, H, dtype=torch.long, device=DEVICE)), TypeError,
+     "weight must be float16"),
+    ("dtype mix", dict(weight=torch.randn(V, H, dtype=torch.float16, device=DEVICE)), TypeError,
      "hidden, weight and bias must share a dtype"),
-    ("bias dtype", dict(bias=torch.randn(V, dtype=torch.float64)), TypeError, "must share a dtype"),
-    ("bias shape", dict(bias=torch.randn(V + 1)), ValueError, rf"bias must be \[{V}\]"),
-    ("empty", dict(hidden=torch.randn(0, H), labels=torch.zeros(0, dtype=torch.long)), ValueError, "hidden is empty"),
+    ("bias dtype", dict(bias=torch.randn(V, dtype=torch.float64, device=DEVICE)), TypeError, "must share a dtype"),
+    ("bias shape", dict(bias=torch.randn(V + 1, device=DEVICE)), ValueError, rf"bias must be \[{V}\]"),
+    ("empty", dict(hidden=torch.randn(0, H, device=DEVICE), labels=torch.zeros(0, dtype=torch.long, device=DEVICE)),
+     ValueError, "hidden is empty"),
     ("device", dict(weight=torch.randn(V, H, device="meta")), ValueError, "weight is on meta but hidden is on"),
     ("labels device", dict(labels=torch.zeros(2, 4, dtype=torch.long, device="meta")), ValueError, "labels is on meta"),
 ]
@@ -422,7 +425,7 @@ def test_triton_large_on_gpu(dtype, reduction, monkeypatch):
 def test_backward_twice_with_retain_graph(reduction):
     """The backward scales the saved gradients in place only when the graph is not kept."""
     hidden, weight, b, labels = make_inputs((2, 9), torch.float64)
-    upstream = torch.rand(labels.shape if reduction == "none" else (), dtype=torch.float64) + 0.5
+    upstream = torch.rand(labels.shape if reduction == "none" else (), dtype=torch.float64, device=DEVICE) + 0.5
     loss = linear_cross_entropy(hidden, weight, labels, b, reduction=reduction, backend="torch")
     loss.backward(upstream, retain_graph=True)
     loss.backward(upstream * 3)
