@@ -89,15 +89,18 @@ def _run_value_checks(device: torch.device, checks: list[tuple[object, object]])
     if mode == "off" or not checks:
         return
     bad = [bad_fn() for bad_fn, _ in checks]
-    messages = (message() if callable(message) else message for _, message in checks)
     if mode == "async":
-        for flag, message in zip(bad, messages, strict=True):
-            torch._assert_async(~flag, message)
+        for flag, (_, message) in zip(bad, checks, strict=True):
+            torch._assert_async(~flag, _text(message))
         return
     flags = torch.stack(bad).tolist()  # the one host sync
     for flag, (_, message) in zip(flags, checks, strict=True):
         if flag:
-            raise ValueError(message() if callable(message) else message)
+            raise ValueError(_text(message))
+
+
+def _text(message) -> str:
+    return message() if callable(message) else message
 
 
 def _shape(t: torch.Tensor) -> str:

@@ -80,6 +80,7 @@ from ._backend import (
     once_differentiable_strict,
     resolve_backend,
 )
+from ._ops import _launch_context
 from ._validation import _effective_mode, _shape, check_backend, check_float, check_same_device, check_tensor
 
 __all__ = [
@@ -587,7 +588,7 @@ def linear_cross_entropy_forward(
     (``[]``, or ``[N]`` for ``"none"``, fp32) and the gradients of an upstream 1 that were asked for
     (dh ``[N, H]`` in the GEMM dtype, dW ``[V, H]`` in :func:`_weight_grad_dtype`, db ``[V]`` fp32;
     empty otherwise, and dW, db always empty for ``"none"``, whose backward recomputes them)."""
-    with torch.cuda.device_of(hidden), torch.autocast(hidden.device.type, enabled=False):
+    with _launch_context(hidden):
         loss, dh, dw, db = _forward_work(hidden, weight, bias, labels, ignore_index, reduction, _triton_rows,
                                          hidden_grad=hidden_grad, weight_grad=weight_grad, bias_grad=bias_grad)
     return loss, _empty_like_none(hidden, dh), _empty_like_none(loss, dw), _empty_like_none(loss, db)
@@ -614,7 +615,7 @@ def linear_cross_entropy_backward(
     """Triton backward of ``"none"`` for the weight and the bias: ``(dW [V, H], db [V])`` for the
     per-token upstream ``grad_loss [N]`` (the logits recomputed chunk by chunk; dW in the GEMM
     dtype when it is half, fp32 otherwise, db fp32); empty where not asked for."""
-    with torch.cuda.device_of(hidden), torch.autocast(hidden.device.type, enabled=False):
+    with _launch_context(hidden):
         dw, db = _recomputed_weight_grads(hidden, weight, bias, labels, grad_loss, ignore_index, _triton_rows,
                                           weight_grad=weight_grad, bias_grad=bias_grad)
     act_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32

@@ -21,8 +21,6 @@ tiny next to H, so every kernel streams ``h`` once and keeps W's ``[T, BLOCK_K]`
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -365,11 +363,6 @@ def _launch_backward_rows(grad_out, sigma, weight, hidden_dtype, clamp_min, clam
     return (grad_logits if store_grad_logits else None), (grad_hidden if hidden_grad else None)
 
 
-@functools.cache
-def _multiprocessor_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def _num_row_splits(n_row_blocks: int, n_col_blocks: int, device: torch.device) -> int:
     """How many row splits the weight-gradient kernel uses: enough programs to fill the GPU.
 
@@ -377,8 +370,7 @@ def _num_row_splits(n_row_blocks: int, n_col_blocks: int, device: torch.device) 
     """
     if device.type != "cuda":
         return 1
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    target_programs = 2 * _multiprocessor_count(index)
+    target_programs = 2 * _configs.device_sm_count(device)
     return max(1, min(n_row_blocks, triton.cdiv(target_programs, n_col_blocks)))
 
 
