@@ -168,7 +168,7 @@ if [ $GPU = 1 ]; then
     DET_REPS=1000
     # Llama-2 and Llama-3 vocabularies at H = 4096, 2048 and 8192 tokens, trainable and frozen
     # lm_head; no torch.compile provider (a cold compile per case would take the step's time).
-    LCE=(--reps 5 --warmup 1 --providers gemms eager tgr-torch tgr-triton liger cut-cross-entropy)
+    LCE=(--reps 5 --warmup 1 --providers gemms eager tgr-torch tgr-triton tgr-triton-dw-per-chunk liger cut-cross-entropy)
     OVERHEAD=()
 else  # dry run: the same steps, tiny: one mode, and no torch.compile/FlexAttention (minutes of
       # CPU compiles) nor tgr-triton (the interpreter; the parity step runs it)
@@ -182,7 +182,7 @@ else  # dry run: the same steps, tiny: one mode, and no torch.compile/FlexAttent
     E2E=()
     E2E_LIMIT=150  # two small models' Python on a shared CPU
     DET_REPS=2
-    LCE=(--quick --reps 1 --providers gemms eager tgr-torch)
+    LCE=(--quick --reps 1 --providers gemms eager tgr-torch tgr-torch-dw-per-chunk)
     OVERHEAD=(--device cpu --quick)
 fi
 BENCH=("$PY" -m benchmarks "${BENCH_COMMON[@]}" --out "$OUT_DIR" --append --no-plots)

@@ -9,6 +9,9 @@ and backward (a training step of the loss), per provider:
 - ``torch-compile``: ``torch.compile`` of that function;
 - ``tgr-torch`` / ``tgr-triton``: ``tgr_kernels.linear_cross_entropy`` with that backend
   (tgr-triton on CUDA only: under the interpreter its time means nothing);
+- ``tgr-torch-dw-per-chunk`` / ``tgr-triton-dw-per-chunk``: the same with
+  ``weight_grad_accumulation="weight-dtype"`` (a half dW summed chunk by chunk in its dtype:
+  eager's three GEMMs instead of four); trainable lm_head only (a frozen one is the same op);
 - ``liger``, ``cut-cross-entropy``: Liger-Kernel's ``LigerFusedLinearCrossEntropyLoss`` and
   Apple's ``cut_cross_entropy.linear_cross_entropy``, on CUDA, when installed.
 
@@ -45,7 +48,10 @@ from .roofline import H200
 
 MiB = 1 << 20
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-PROVIDERS = ("gemms", "eager", "torch-compile", "tgr-torch", "tgr-triton", "liger", "cut-cross-entropy")
+PROVIDERS = ("gemms", "eager", "torch-compile", "tgr-torch", "tgr-torch-dw-per-chunk", "tgr-triton",
+             "tgr-triton-dw-per-chunk", "liger", "cut-cross-entropy")
+# Providers that differ from another only in how dW is summed: not run with a frozen lm_head.
+TRAINABLE_ONLY = ("tgr-torch-dw-per-chunk", "tgr-triton-dw-per-chunk")
 # The yardstick, not a loss: its result is not checked against eager's.
 UNCHECKED = ("gemms",)
 TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 2e-2, torch.float16: 2e-2}
@@ -83,11 +89,16 @@ def make_providers(device: str) -> dict:
         "eager": (eager_loss, None),
         "torch-compile": (torch.compile(eager_loss, dynamic=False), None),
         "tgr-torch": (lambda h, w, y: linear_cross_entropy(h, w, y, backend="torch"), None),
+        "tgr-torch-dw-per-chunk": (lambda h, w, y: linear_cross_entropy(
+            h, w, y, backend="torch", weight_grad_accumulation="weight-dtype"), None),
     }
     if device == "cuda":
         out["tgr-triton"] = (lambda h, w, y: linear_cross_entropy(h, w, y, backend="triton"), None)
+        out["tgr-triton-dw-per-chunk"] = (lambda h, w, y: linear_cross_entropy(
+            h, w, y, backend="triton", weight_grad_accumulation="weight-dtype"), None)
     else:
-        out["tgr-triton"] = (None, "CUDA only (under the interpreter its time means nothing)")
+        out["tgr-triton"] = out["tgr-triton-dw-per-chunk"] = (
+            None, "CUDA only (under the interpreter its time means nothing)")
     liger_reason = cce_reason = "CUDA only"
     if device == "cuda":
         try:
@@ -140,6 +151,8 @@ def run_case(args, providers: dict, tokens: int, vocab: int, weight_trainable: b
     jobs, checks = {}, {}
     for name in args.providers:
         fn, reason = providers[name]
+        if name in TRAINABLE_ONLY and not weight_trainable:
+            continue  # the same op as without the suffix when there is no dW
         if fn is None:
             emit(dict(shape, kind="measurement", provider=name, status="n/a", reason=reason))
             continue

@@ -64,9 +64,9 @@ def test_dry_run_runs_every_step_and_writes_its_results(dry_run):
     assert all(r["vs_base"] > 0 for r in e2e if r["provider"] == "tgr-layers")
     lce = [json.loads(line) for line in (out / "lce" / "records.jsonl").read_text().splitlines()]
     lce_ok = [r for r in lce if r["kind"] == "measurement" and r["status"] == "ok"]
-    assert {r["provider"] for r in lce_ok} == {"gemms", "eager", "tgr-torch"}
+    assert {r["provider"] for r in lce_ok} == {"gemms", "eager", "tgr-torch", "tgr-torch-dw-per-chunk"}
     assert all(r["check_ok"] is (None if r["provider"] == "gemms" else True) for r in lce_ok)
-    assert "--- benchmarks/lce/records.jsonl\n6 measurements ({'ok': 6}), mismatches: none" in summary, summary
+    assert "--- benchmarks/lce/records.jsonl\n7 measurements ({'ok': 7}), mismatches: none" in summary, summary
     table = (out / "table.md").read_text()
     assert all(f"### {op}" in table for op in ops)
     assert "determinism (cpu, backend triton): all bitwise identical" in summary

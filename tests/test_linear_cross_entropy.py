@@ -68,13 +68,14 @@ def loss_and_grads(fn, hidden, weight, bias, upstream):
                              for t in (hidden, weight, bias)]
 
 
-def assert_matches_float64(backend, hidden, weight, bias, labels, reduction):
+def assert_matches_float64(backend, hidden, weight, bias, labels, reduction, weight_grad_accumulation="fp32"):
     dtype = hidden.dtype
     upstream_shape = labels.shape if reduction == "none" else ()
     upstream = torch.randn(upstream_shape, device=hidden.device, dtype=torch.float64)
 
     def ours(h, w, b):
-        return linear_cross_entropy(h, w, labels, b, reduction=reduction, backend=backend)
+        return linear_cross_entropy(h, w, labels, b, reduction=reduction, backend=backend,
+                                    weight_grad_accumulation=weight_grad_accumulation)
 
     def eager(h, w, b):
         return lce.linear_cross_entropy_ref(h, w, labels, b, reduction=reduction, upcast=False)
@@ -112,6 +113,16 @@ def test_triton_backend_matches_float64(dtype, reduction):
     # interpreter's bf16 stores truncate). Small sizes: the interpreter is slow.
     hidden, weight, b, labels = make_inputs((2, 9), dtype)
     assert_matches_float64("triton", hidden, weight, b, labels, reduction)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("dtype", DTYPES[1:], ids=DTYPE_IDS[1:])
+def test_weight_dtype_accumulation_matches_float64(dtype, reduction, backend):
+    """dW of a half weight summed chunk by chunk in its dtype (one rounding per chunk: 11 chunks of
+    7 rows here) still meets the criterion."""
+    hidden, weight, b, labels = make_inputs((4, 19) if backend == "torch" else (2, 19), dtype)
+    assert_matches_float64(backend, hidden, weight, b, labels, reduction, weight_grad_accumulation="weight-dtype")
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
@@ -255,6 +266,30 @@ def test_frozen_weight_gets_no_weight_gradient_work(reduction):
     assert counts[True] == (3 if reduction == "mean" else 4) * n_chunks
 
 
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_weight_dtype_accumulation_saves_the_vocabulary_pass(reduction):
+    """A trainable half lm_head: "fp32" recomputes the logits by vocabulary blocks for dW (one
+    GEMM more than eager, and a [N, block] pass per block); "weight-dtype" adds each chunk's
+    product into dW during the row pass, and dW comes back in the weight's dtype either way."""
+    n_rows = 2 * 19
+    n_chunks = math.ceil(n_rows / CHUNK)
+    n_blocks = math.ceil(V / CHUNK)  # vocabulary blocks take the row chunks' budget
+    counts, grads = {}, {}
+    for mode_name in ("fp32", "weight-dtype"):
+        torch.manual_seed(0)
+        hidden, weight, b, labels = make_inputs((2, 19), torch.bfloat16, bias=False, requires=(True, True, False))
+        with _CountOps(V) as mode:
+            loss = linear_cross_entropy(hidden, weight, labels, reduction=reduction, backend="torch",
+                                        weight_grad_accumulation=mode_name)
+            loss.sum().backward()
+        counts[mode_name], grads[mode_name] = mode.gemms, weight.grad
+        assert weight.grad.dtype == torch.bfloat16
+    rows_pass = 2 if reduction == "mean" else 3  # "none": the logits once more in the backward
+    assert counts["weight-dtype"] == (rows_pass + 1) * n_chunks
+    assert counts["fp32"] == rows_pass * n_chunks + 2 * n_blocks
+    torch.testing.assert_close(grads["weight-dtype"].float(), grads["fp32"].float(), rtol=0.05, atol=2e-3)
+
+
 def test_logits_never_exist_whole():
     hidden, weight, b, labels = make_inputs((4, 23), torch.float32)
     with _CountOps(V) as mode:
@@ -369,6 +404,12 @@ def test_bad_options_are_clear_errors():
         linear_cross_entropy(*call, backend="cuda")
     with pytest.raises(TypeError, match="no float64 kernel"):
         linear_cross_entropy(*(t.double() if t.is_floating_point() else t for t in call), backend="triton")
+    with pytest.raises(ValueError, match="weight_grad_accumulation must be one of"):
+        linear_cross_entropy(*call, weight_grad_accumulation="bf16")
+    with pytest.raises(ValueError, match="weight_grad_accumulation must be one of"):
+        linear_log_probs(args["hidden"], args["weight"], args["labels"].clamp(min=0), weight_grad_accumulation=None)
+    with pytest.raises(ValueError, match="weight_grad_accumulation must be one of"):
+        LinearCrossEntropy(weight_grad_accumulation="fp16")
 
 
 def test_float64_auto_and_int32_labels():
@@ -386,7 +427,7 @@ def test_reference_backend_and_module():
     torch.testing.assert_close(got, ref)
     module = LinearCrossEntropy(reduction="sum")
     torch.testing.assert_close(module(hidden, weight, labels, b), ref, rtol=1e-5, atol=1e-4)
-    assert "reduction='sum'" in repr(module)
+    assert "reduction='sum'" in repr(module) and "weight_grad_accumulation='fp32'" in repr(module)
     with pytest.raises(ValueError, match="reduction must be one of"):
         LinearCrossEntropy(reduction="avg")
 
@@ -452,7 +493,7 @@ def test_benchmark_gpu_providers_and_floor():
     CPU, and a GPU row is read against the GEMMs alone at the H200's peak."""
     bench = pytest.importorskip("benchmarks.linear_cross_entropy")
     providers = bench.make_providers("cpu")
-    for name in ("tgr-triton", "liger", "cut-cross-entropy"):
+    for name in ("tgr-triton", "tgr-triton-dw-per-chunk", "liger", "cut-cross-entropy"):
         fn, reason = providers[name]
         assert fn is None and "CUDA" in reason, name
     # Llama-3 at 8192 tokens, frozen lm_head: the logits and d hidden GEMMs, 2·N·V·H FLOPs each.
@@ -470,3 +511,18 @@ def test_benchmark_gpu_providers_and_floor():
     assert "1.10× floor" in table and "2.00× floor" in table and "liger-kernel is not installed" in table
     cpu_table = bench.render_table([dict(r, device="cpu") for r in records])
     assert "H200 floor |" not in cpu_table and "× floor" not in cpu_table
+
+
+def test_weight_grad_error_benchmark(monkeypatch):
+    """benchmarks/weight_grad_error.py: eager's row first, then fp32 and each chunk count; the
+    default summation is within the tests' criterion of eager's error, and the chunk patch is
+    undone."""
+    monkeypatch.undo()
+    bench = pytest.importorskip("benchmarks.weight_grad_error")
+    default_chunk_rows = lce.chunk_rows
+    rows = bench.measure_errors(96, 300, 32, torch.bfloat16, [2, 8])
+    assert lce.chunk_rows is default_chunk_rows
+    assert [r[0] for r in rows] == ["eager", "fp32", "weight-dtype, 2 chunks", "weight-dtype, 8 chunks"]
+    assert all(worst > 0 and rel > 0 for _, worst, rel in rows)
+    assert rows[1][1] <= 2 * rows[0][1]
+    assert "| eager | " in bench.render(rows, "title") and "1.00×" in bench.render(rows, "title")

@@ -179,20 +179,21 @@ _opcheck = opcheck_with_fake_outputs
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-@pytest.mark.parametrize("dtype,with_bias,needs", [
-    (torch.float32, True, (True, True, True)),
-    (torch.float32, False, (True, False, False)),
-    (torch.float16, True, (False, True, True)),
-    (torch.float32, True, (False, False, False)),
+@pytest.mark.parametrize("dtype,with_bias,needs,per_chunk", [
+    (torch.float32, True, (True, True, True), False),
+    (torch.float32, False, (True, False, False), False),
+    (torch.float16, True, (False, True, True), False),
+    (torch.float16, True, (True, True, False), True),   # half dW summed chunk by chunk
+    (torch.float32, True, (False, False, False), False),
 ])
-def test_opcheck_linear_cross_entropy_forward(reduction, dtype, with_bias, needs):
+def test_opcheck_linear_cross_entropy_forward(reduction, dtype, with_bias, needs, per_chunk):
     hidden, weight, bias, labels = _inputs((11,), bias=with_bias)
     hidden, weight = hidden.detach().to(dtype), weight.detach().to(dtype)
     bias = None if bias is None else bias.detach().to(dtype)
     for t, need in zip((hidden, weight, bias), needs, strict=True):
         if t is not None:
             t.requires_grad_(need)
-    args = (hidden, weight, bias, labels.long(), -100, reduction, *needs[:2], needs[2] and with_bias)
+    args = (hidden, weight, bias, labels.long(), -100, reduction, *needs[:2], needs[2] and with_bias, per_chunk)
     _opcheck(lce.linear_cross_entropy_forward, args)
 
 
@@ -200,14 +201,21 @@ def test_opcheck_linear_cross_entropy_forward_on_a_transposed_hidden():
     """d hidden comes back contiguous whatever hidden's strides, as the fake implementation says."""
     _, weight, bias, labels = _inputs((11,))
     hidden = torch.randn(H, 11, device=DEVICE).t().requires_grad_()
-    _opcheck(lce.linear_cross_entropy_forward, (hidden, weight, bias, labels.long(), -100, "sum", True, True, True))
+    _opcheck(lce.linear_cross_entropy_forward,
+             (hidden, weight, bias, labels.long(), -100, "sum", True, True, True, False))
 
 
-@pytest.mark.parametrize("weight_grad,bias_grad", [(True, True), (True, False), (False, True)])
-def test_opcheck_linear_cross_entropy_backward(weight_grad, bias_grad):
-    hidden, weight, bias, labels = _inputs((11,))
-    args = (hidden.detach(), weight.detach(), bias.detach(), labels.long(), torch.randn(11, device=DEVICE), -100,
-            weight_grad, bias_grad)
+@pytest.mark.parametrize("dtype,weight_grad,bias_grad,per_chunk", [
+    (torch.float32, True, True, False),
+    (torch.float32, True, False, False),
+    (torch.float32, False, True, False),
+    (torch.float16, True, True, False),
+    (torch.float16, True, False, True),   # half dW summed chunk by chunk
+])
+def test_opcheck_linear_cross_entropy_backward(dtype, weight_grad, bias_grad, per_chunk):
+    hidden, weight, bias, labels = (t.detach().to(dtype) if t.is_floating_point() else t for t in _inputs((11,)))
+    args = (hidden, weight, bias, labels.long(), torch.randn(11, device=DEVICE), -100, weight_grad, bias_grad,
+            per_chunk)
     _opcheck(lce.linear_cross_entropy_backward, args,
              test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
 

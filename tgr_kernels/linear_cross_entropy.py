@@ -40,6 +40,10 @@ rows per chunk, bound by reading and writing [V, H] (measured on the AMD EPYC at
 a 256-row chunk against 22 ms for its share of one GEMM over all tokens; on an H200 at 8192 ×
 128256 × 4096 bf16, 116 ms for the whole op against eager's 36.6 ms), and an fp32 [V, H] buffer
 (2 GiB at V = 128256, H = 4096) that is as large as a third of eager's peak.
+``weight_grad_accumulation="weight-dtype"`` takes the third way, for speed: each row chunk's
+``(s G_c)ᵀ h_c`` is added into dW in the weight's dtype by the GEMM itself (fp32 inside the GEMM,
+rounded to bf16/fp16 after each chunk): eager's three GEMMs and no fp32 [V, H], at the price of one
+rounding of dW per row chunk instead of one in all (what Liger-Kernel does by default).
 
 A chunk holds ``MIN_CHUNK_ROWS`` rows, or more while its logits fit ``CHUNK_BYTES_CPU`` /
 ``CHUNK_BYTES_CUDA`` (see there for the measurements). On CUDA the row work
@@ -92,6 +96,8 @@ __all__ = [
 ]
 
 REDUCTIONS = ("none", "mean", "sum")
+# How dW of a half-precision weight is summed over the tokens (see the module docstring).
+WEIGHT_GRAD_ACCUMULATIONS = ("fp32", "weight-dtype")
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 # Labels never equal this (it is below any int32 and the most negative int64 is not a token):
 # stands for "no ignore index" in the row computations.
@@ -400,7 +406,7 @@ def chunk_rows(n_rows: int, n_vocab: int, device: torch.device, logit_bytes: int
 
 
 def _chunked(x, w, bias, labels, ignore_index: int, row_scale, rows_op, *, write_grad: bool,
-             hidden_grad: bool, weight_grad: bool, bias_grad: bool):
+             hidden_grad: bool, weight_grad: bool, bias_grad: bool, dw_per_chunk: bool = False):
     """Loop over row chunks: per-row losses, and (write_grad) ``dh = (s∘G) W``,
     ``dW = (s∘G)ᵀ x``, ``db = Σ s∘G`` for the flags that are set.
 
@@ -408,9 +414,11 @@ def _chunked(x, w, bias, labels, ignore_index: int, row_scale, rows_op, *, write
         x: ``[N, H]`` in the GEMM dtype; w: ``[V, H]`` in the GEMM dtype; bias: ``[V]`` or None.
         labels: ``[N]`` integers. row_scale: s ``[N]`` (any stride, 0 for one value) fp32/fp64.
         rows_op: :func:`_torch_rows` or :func:`_triton_rows`.
+        dw_per_chunk: sum dW of half inputs chunk by chunk in x's dtype (``weight_grad_accumulation
+            = "weight-dtype"``) instead of by vocabulary blocks.
     Returns ``(loss [N] act dtype, dh [N, H] x's dtype or None, dW [V, H] or None, db [V] act
-    dtype or None)``. dW of half inputs comes by vocabulary blocks in x's dtype
-    (:func:`_weight_grad_by_vocab`), of fp32/fp64 inputs in their dtype.
+    dtype or None)``. dW of half inputs is in x's dtype, by vocabulary blocks
+    (:func:`_weight_grad_by_vocab`) or summed over the chunks; of fp32/fp64 inputs in their dtype.
     """
     n_rows = x.shape[0]
     n_vocab = w.shape[0]
@@ -421,9 +429,14 @@ def _chunked(x, w, bias, labels, ignore_index: int, row_scale, rows_op, *, write
     loss = torch.empty(n_rows, dtype=act_dtype, device=x.device)
     # Contiguous whatever x's strides (the custom op's fake implementation promises it).
     dh = torch.empty(x.shape, dtype=x.dtype, device=x.device) if (write_grad and hidden_grad) else None
-    by_vocab = write_grad and weight_grad and x.dtype in _HALF_DTYPES
+    half = x.dtype in _HALF_DTYPES
+    by_vocab = write_grad and weight_grad and half and not dw_per_chunk
     lse = torch.empty(n_rows, dtype=act_dtype, device=x.device) if by_vocab else None
-    dw = (torch.zeros(w.shape, dtype=act_dtype, device=x.device)
+    # Summed over the chunks: in fp32/fp64 for full-precision inputs (exact accumulation), in x's
+    # dtype for half inputs ("weight-dtype": each chunk's GEMM adds into the rounded sum).
+    # The first chunk writes dW (no zero fill), unless there is none.
+    new_dw = torch.empty if n_rows else torch.zeros
+    dw = (new_dw(w.shape, dtype=x.dtype if half else act_dtype, device=x.device)
           if (write_grad and weight_grad and not by_vocab) else None)
     db = torch.zeros(n_vocab, dtype=act_dtype, device=x.device) if (write_grad and bias_grad) else None
     row_grad = dh is not None or dw is not None or db is not None  # the chunk pass needs s∘G
@@ -440,7 +453,10 @@ def _chunked(x, w, bias, labels, ignore_index: int, row_scale, rows_op, *, write
         if dh is not None:
             torch.mm(grad, w, out=dh[start:stop])
         if dw is not None:
-            dw.addmm_(grad.t(), x_c)
+            if start == 0:
+                torch.mm(grad.t(), x_c, out=dw)  # the first chunk writes dW: no zero fill
+            else:
+                dw.addmm_(grad.t(), x_c)
         if db is not None:
             db += logits.sum(0, dtype=act_dtype)
         del logits, grad
@@ -460,7 +476,7 @@ def _graph_kept() -> bool:
 
 
 def _forward_work(hidden, weight, bias, labels, ignore_index: int, reduction: str, rows_op, *,
-                  hidden_grad: bool, weight_grad: bool, bias_grad: bool):
+                  hidden_grad: bool, weight_grad: bool, bias_grad: bool, dw_per_chunk: bool = False):
     """The forward on 2-D inputs: ``(loss, dh, dW, db)``, each gradient the one of the loss with an
     upstream gradient of 1 (None where not asked for, and dW, db always None for ``"none"``: its
     upstream is per token, so they are recomputed in the backward)."""
@@ -477,7 +493,7 @@ def _forward_work(hidden, weight, bias, labels, ignore_index: int, reduction: st
     loss, dh, dw, db = _chunked(
         x, w, bias, labels, ignore_index, scale.expand(n_rows), rows_op, write_grad=write_grad,
         hidden_grad=hidden_grad, weight_grad=weight_grad and reduction != "none",
-        bias_grad=bias_grad and reduction != "none")
+        bias_grad=bias_grad and reduction != "none", dw_per_chunk=dw_per_chunk)
     if reduction == "none":
         return loss, dh, dw, db
     total = loss.sum()
@@ -485,7 +501,7 @@ def _forward_work(hidden, weight, bias, labels, ignore_index: int, reduction: st
 
 
 def _recomputed_weight_grads(hidden, weight, bias, labels, grad_loss, ignore_index: int, rows_op, *,
-                             weight_grad: bool, bias_grad: bool):
+                             weight_grad: bool, bias_grad: bool, dw_per_chunk: bool = False):
     """dW and db of ``"none"`` with the per-token upstream ``grad_loss [N]``: the logits of each
     chunk again (one GEMM), their gradient scaled row by row, then ``Gᵀ h`` and ``Σ G``. Returns
     ``(dW or None, db or None)`` in fp32 (fp64 for fp64 inputs)."""
@@ -493,7 +509,8 @@ def _recomputed_weight_grads(hidden, weight, bias, labels, grad_loss, ignore_ind
     act_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     _, _, dw, db = _chunked(
         hidden.to(gemm_dtype), weight.to(gemm_dtype), bias, labels, ignore_index, grad_loss.to(act_dtype),
-        rows_op, write_grad=True, hidden_grad=False, weight_grad=weight_grad, bias_grad=bias_grad)
+        rows_op, write_grad=True, hidden_grad=False, weight_grad=weight_grad, bias_grad=bias_grad,
+        dw_per_chunk=dw_per_chunk)
     return dw, db
 
 
@@ -520,11 +537,12 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
     Triton path is the custom op ``tgr_kernels::linear_cross_entropy_forward`` below."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, ignore_index: int, reduction: str):
+    def forward(ctx, hidden, weight, bias, labels, ignore_index: int, reduction: str, dw_per_chunk: bool):
         hidden_grad, weight_grad, bias_grad = ctx.needs_input_grad[:3]
         loss, dh, dw, db = _forward_work(hidden, weight, bias, labels, ignore_index, reduction, _torch_rows,
-                                         hidden_grad=hidden_grad, weight_grad=weight_grad, bias_grad=bias_grad)
-        ctx.reduction, ctx.ignore_index = reduction, ignore_index
+                                         hidden_grad=hidden_grad, weight_grad=weight_grad, bias_grad=bias_grad,
+                                         dw_per_chunk=dw_per_chunk)
+        ctx.reduction, ctx.ignore_index, ctx.dw_per_chunk = reduction, ignore_index, dw_per_chunk
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         recompute = reduction == "none" and (weight_grad or bias_grad)
         ctx.save_for_backward(dh, dw, db, *((hidden, weight, bias, labels) if recompute else (None,) * 4))
@@ -545,16 +563,17 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
                 grad_weight = _scaled(dw, grad_loss, weight_dtype, in_place)
             if bias_grad:
                 grad_bias = _scaled(db, grad_loss, bias_dtype, in_place)
-            return grad_hidden, grad_weight, grad_bias, None, None, None
+            return grad_hidden, grad_weight, grad_bias, None, None, None, None
         g = grad_loss.reshape(-1)
         if hidden_grad:
             grad_hidden = _scaled(dh, g.unsqueeze(1), hidden_dtype, in_place)
         if weight_grad or bias_grad:
             dw, db = _recomputed_weight_grads(hidden, weight, bias, labels, g, ctx.ignore_index, _torch_rows,
-                                              weight_grad=weight_grad, bias_grad=bias_grad)
+                                              weight_grad=weight_grad, bias_grad=bias_grad,
+                                              dw_per_chunk=ctx.dw_per_chunk)
             grad_weight = None if dw is None else dw.to(weight_dtype)
             grad_bias = None if db is None else db.to(bias_dtype)
-        return grad_hidden, grad_weight, grad_bias, None, None, None
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None
 
 
 # --------------------------------------------------------------------------------------------
@@ -582,20 +601,22 @@ def _empty_like_none(reference: torch.Tensor, t: torch.Tensor | None) -> torch.T
 @torch.library.custom_op("tgr_kernels::linear_cross_entropy_forward", mutates_args=())
 def linear_cross_entropy_forward(
     hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], labels: torch.Tensor,  # noqa: UP045
-    ignore_index: int, reduction: str, hidden_grad: bool, weight_grad: bool, bias_grad: bool,
+    ignore_index: int, reduction: str, hidden_grad: bool, weight_grad: bool, bias_grad: bool, dw_per_chunk: bool,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # noqa: UP006
     """Triton forward on ``hidden [N, H]``, ``labels [N]`` (int64): ``(loss, dh, dW, db)``: the loss
     (``[]``, or ``[N]`` for ``"none"``, fp32) and the gradients of an upstream 1 that were asked for
     (dh ``[N, H]`` in the GEMM dtype, dW ``[V, H]`` in :func:`_weight_grad_dtype`, db ``[V]`` fp32;
-    empty otherwise, and dW, db always empty for ``"none"``, whose backward recomputes them)."""
+    empty otherwise, and dW, db always empty for ``"none"``, whose backward recomputes them).
+    ``dw_per_chunk``: half dW summed chunk by chunk in its dtype (``"weight-dtype"``)."""
     with _launch_context(hidden):
         loss, dh, dw, db = _forward_work(hidden, weight, bias, labels, ignore_index, reduction, _triton_rows,
-                                         hidden_grad=hidden_grad, weight_grad=weight_grad, bias_grad=bias_grad)
+                                         hidden_grad=hidden_grad, weight_grad=weight_grad, bias_grad=bias_grad,
+                                         dw_per_chunk=dw_per_chunk)
     return loss, _empty_like_none(hidden, dh), _empty_like_none(loss, dw), _empty_like_none(loss, db)
 
 
 @linear_cross_entropy_forward.register_fake
-def _(hidden, weight, bias, labels, ignore_index, reduction, hidden_grad, weight_grad, bias_grad):
+def _(hidden, weight, bias, labels, ignore_index, reduction, hidden_grad, weight_grad, bias_grad, dw_per_chunk):
     act_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     gemm_dtype = _gemm_dtype(hidden.dtype, hidden.device)
     per_token = reduction == "none"
@@ -610,33 +631,33 @@ def _(hidden, weight, bias, labels, ignore_index, reduction, hidden_grad, weight
 @torch.library.custom_op("tgr_kernels::linear_cross_entropy_backward", mutates_args=())
 def linear_cross_entropy_backward(
     hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], labels: torch.Tensor,  # noqa: UP045
-    grad_loss: torch.Tensor, ignore_index: int, weight_grad: bool, bias_grad: bool,
+    grad_loss: torch.Tensor, ignore_index: int, weight_grad: bool, bias_grad: bool, dw_per_chunk: bool,
 ) -> Tuple[torch.Tensor, torch.Tensor]:  # noqa: UP006
     """Triton backward of ``"none"`` for the weight and the bias: ``(dW [V, H], db [V])`` for the
     per-token upstream ``grad_loss [N]`` (the logits recomputed chunk by chunk; dW in the GEMM
     dtype when it is half, fp32 otherwise, db fp32); empty where not asked for."""
     with _launch_context(hidden):
         dw, db = _recomputed_weight_grads(hidden, weight, bias, labels, grad_loss, ignore_index, _triton_rows,
-                                          weight_grad=weight_grad, bias_grad=bias_grad)
+                                          weight_grad=weight_grad, bias_grad=bias_grad, dw_per_chunk=dw_per_chunk)
     act_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     return (_empty_like_none(grad_loss.new_empty(0, dtype=_weight_grad_dtype(hidden, act_dtype)), dw),
             _empty_like_none(grad_loss.new_empty(0, dtype=act_dtype), db))
 
 
 @linear_cross_entropy_backward.register_fake
-def _(hidden, weight, bias, labels, grad_loss, ignore_index, weight_grad, bias_grad):
+def _(hidden, weight, bias, labels, grad_loss, ignore_index, weight_grad, bias_grad, dw_per_chunk):
     act_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     return (hidden.new_empty(weight.shape if weight_grad else (0,), dtype=_weight_grad_dtype(hidden, act_dtype)),
             hidden.new_empty((weight.shape[0],) if bias_grad else (0,), dtype=act_dtype))
 
 
 def _triton_setup_context(ctx, inputs, output):
-    hidden, weight, bias, labels, ignore_index, reduction, _, weight_grad, bias_grad = inputs
+    hidden, weight, bias, labels, ignore_index, reduction, _, weight_grad, bias_grad, dw_per_chunk = inputs
     _, dh, dw, db = output
     # The gradients kept for the backward are outputs of the op; without this, autograd would
     # hand the backward a zero tensor for each (a second dW: +1 GiB at 128256 × 4096 in bf16).
     ctx.set_materialize_grads(False)
-    ctx.reduction, ctx.ignore_index = reduction, ignore_index
+    ctx.reduction, ctx.ignore_index, ctx.dw_per_chunk = reduction, ignore_index, dw_per_chunk
     ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
     recompute = reduction == "none" and (weight_grad or bias_grad)
     ctx.save_for_backward(dh, dw, db, *((hidden, weight, bias, labels) if recompute else (None,) * 4))
@@ -647,7 +668,7 @@ def _triton_backward(ctx, grad_loss, grad_dh, grad_dw, grad_db):
     dh, dw, db, hidden, weight, bias, labels = ctx.saved_tensors
     hidden_dtype, weight_dtype, bias_dtype = ctx.dtypes
     hidden_grad, weight_grad, bias_grad = ctx.needs_input_grad[:3]
-    nones = (None,) * 6
+    nones = (None,) * 7
     if grad_loss is None:
         return (None,) * 3 + nones
     in_place = not _graph_kept()
@@ -667,7 +688,7 @@ def _triton_backward(ctx, grad_loss, grad_dh, grad_dw, grad_db):
         grad_hidden = _scaled(dh, g.unsqueeze(1), hidden_dtype, in_place)
     if (weight_grad or bias_grad) and hidden is not None:
         dw, db = linear_cross_entropy_backward(hidden, weight, bias, labels, g.contiguous(), ctx.ignore_index,
-                                               weight_grad, bias_grad)
+                                               weight_grad, bias_grad, ctx.dw_per_chunk)
         grad_weight = dw.to(weight_dtype) if weight_grad else None
         grad_bias = db.to(bias_dtype) if bias_grad else None
     return (grad_hidden, grad_weight, grad_bias) + nones
@@ -692,14 +713,14 @@ def _register_backward_double_backward_error() -> None:
 _register_backward_double_backward_error()
 
 
-def _triton_fused(hidden, weight, bias, labels, ignore_index: int, reduction: str) -> torch.Tensor:
+def _triton_fused(hidden, weight, bias, labels, ignore_index: int, reduction: str, dw_per_chunk: bool) -> torch.Tensor:
     """The differentiable Triton path on 2-D inputs: asks the forward op for the gradients that
     autograd will want (none under no_grad or for inputs that need none)."""
     grad_on = torch.is_grad_enabled()
     hidden_grad, weight_grad, bias_grad = (
         grad_on and t is not None and t.requires_grad for t in (hidden, weight, bias))
     return linear_cross_entropy_forward(hidden, weight, bias, labels, ignore_index, reduction,
-                                        hidden_grad, weight_grad, bias_grad)[0]
+                                        hidden_grad, weight_grad, bias_grad, dw_per_chunk)[0]
 
 
 # --------------------------------------------------------------------------------------------
@@ -796,10 +817,17 @@ def linear_log_probs_ref(hidden, weight, targets, bias=None, *, ignore_index: in
     return torch.where(keep, picked.squeeze(-1), torch.zeros((), dtype=logits.dtype, device=logits.device))
 
 
-def _prepare(hidden, weight, labels, bias, ignore_index, reduction, backend, labels_name):
+def check_weight_grad_accumulation(weight_grad_accumulation) -> None:
+    if weight_grad_accumulation not in WEIGHT_GRAD_ACCUMULATIONS:
+        raise ValueError(f"weight_grad_accumulation must be one of {WEIGHT_GRAD_ACCUMULATIONS}, "
+                         f"got {weight_grad_accumulation!r}")
+
+
+def _prepare(hidden, weight, labels, bias, ignore_index, reduction, backend, labels_name, weight_grad_accumulation):
     """Validation, backend choice and autocast, shared by the two ops; returns
     ``(backend, hidden, weight, bias)`` ready for the Function (or the reference)."""
     check_linear_cross_entropy_inputs(hidden, weight, labels, bias, ignore_index, reduction, labels_name)
+    check_weight_grad_accumulation(weight_grad_accumulation)
     chosen = resolve_backend(backend, hidden.device)
     device_type = hidden.device.type
     if torch.is_autocast_enabled(device_type):
@@ -817,15 +845,16 @@ def _prepare(hidden, weight, labels, bias, ignore_index, reduction, backend, lab
     return chosen, hidden, weight, bias
 
 
-def _fused_loss(hidden, weight, labels, bias, ignore_index, reduction, use_triton):
+def _fused_loss(hidden, weight, labels, bias, ignore_index, reduction, use_triton, weight_grad_accumulation):
     ignore = _NO_IGNORE if ignore_index is None else ignore_index
+    dw_per_chunk = weight_grad_accumulation == "weight-dtype"
     with torch.autocast(hidden.device.type, enabled=False):
         hidden2d = hidden.reshape(-1, hidden.shape[-1])
         labels1d = labels.reshape(-1).long().contiguous()
         if use_triton:
-            loss = _triton_fused(hidden2d, weight, bias, labels1d, ignore, reduction)
+            loss = _triton_fused(hidden2d, weight, bias, labels1d, ignore, reduction, dw_per_chunk)
         else:
-            loss = _LinearCrossEntropyFunction.apply(hidden2d, weight, bias, labels1d, ignore, reduction)
+            loss = _LinearCrossEntropyFunction.apply(hidden2d, weight, bias, labels1d, ignore, reduction, dw_per_chunk)
     return loss.view(labels.shape) if reduction == "none" else loss
 
 
@@ -838,6 +867,7 @@ def linear_cross_entropy(
     ignore_index: int = -100,
     reduction: str = "mean",
     backend: str = "auto",
+    weight_grad_accumulation: str = "fp32",
 ) -> torch.Tensor:
     """``F.cross_entropy(hidden @ weight.T + bias, labels)`` without the ``[tokens × V]`` logits.
 
@@ -855,6 +885,13 @@ def linear_cross_entropy(
         backend: ``"triton"`` (the row kernel between torch GEMMs: CUDA, or CPU tensors under
             TRITON_INTERPRET=1), ``"torch"`` (PyTorch row ops), ``"reference"`` (the full logits,
             eager) or ``"auto"`` (Triton on CUDA, torch elsewhere and for float64).
+        weight_grad_accumulation: how dW of a half-precision (fp16/bf16) weight is summed over
+            the tokens. ``"fp32"`` (default): in fp32 over every token and rounded once, by
+            vocabulary blocks (one GEMM more than eager: four with a trainable lm_head).
+            ``"weight-dtype"``: chunk by chunk during the forward, each row chunk's product
+            added into dW in the weight's dtype (eager's three GEMMs, one rounding per row
+            chunk, as Liger-Kernel's default). Same result either way for fp32/fp64 weights, and
+            nothing changes for a frozen lm_head. See the module docstring for the trade.
 
     Returns:
         The loss in fp32 (fp64 for fp64 inputs): log-sum-exp, losses and their sum are
@@ -864,12 +901,14 @@ def linear_cross_entropy(
     Differentiable in hidden, weight and bias; only the gradients that are needed are computed
     (a frozen lm_head gets no dW work). Labels outside ``[0, V)``: see the module docstring.
     """
-    chosen, hidden, weight, bias = _prepare(hidden, weight, labels, bias, ignore_index, reduction, backend, "labels")
+    chosen, hidden, weight, bias = _prepare(hidden, weight, labels, bias, ignore_index, reduction, backend, "labels",
+                                            weight_grad_accumulation)
     if chosen == "reference":
         with torch.autocast(hidden.device.type, enabled=False):
             return linear_cross_entropy_ref(hidden, weight, labels, bias, ignore_index=ignore_index,
                                             reduction=reduction, upcast=False)
-    return _fused_loss(hidden, weight, labels, bias, ignore_index, reduction, chosen == "triton")
+    return _fused_loss(hidden, weight, labels, bias, ignore_index, reduction, chosen == "triton",
+                       weight_grad_accumulation)
 
 
 def linear_log_probs(
@@ -880,20 +919,23 @@ def linear_log_probs(
     *,
     ignore_index: int | None = None,
     backend: str = "auto",
+    weight_grad_accumulation: str = "fp32",
 ) -> torch.Tensor:
     """Per-token ``log p(target | hidden) = log_softmax(hidden @ weight.T + bias)[target]``,
     without the full logits (for scoring candidates).
 
     ``targets`` has hidden's leading shape, every value in ``[0, V)``; with ``ignore_index`` set,
     targets equal to it get log-probability 0. Returns ``targets.shape`` in fp32 (fp64 for fp64
-    inputs); differentiable like :func:`linear_cross_entropy` (``reduction="none"``), of which it
-    is the negative.
+    inputs); differentiable like :func:`linear_cross_entropy` (``reduction="none"``, and the same
+    ``weight_grad_accumulation``), of which it is the negative.
     """
-    chosen, hidden, weight, bias = _prepare(hidden, weight, targets, bias, ignore_index, "none", backend, "targets")
+    chosen, hidden, weight, bias = _prepare(hidden, weight, targets, bias, ignore_index, "none", backend, "targets",
+                                            weight_grad_accumulation)
     if chosen == "reference":
         with torch.autocast(hidden.device.type, enabled=False):
             return linear_log_probs_ref(hidden, weight, targets, bias, ignore_index=ignore_index, upcast=False)
-    return -_fused_loss(hidden, weight, targets, bias, ignore_index, "none", chosen == "triton")
+    return -_fused_loss(hidden, weight, targets, bias, ignore_index, "none", chosen == "triton",
+                        weight_grad_accumulation)
 
 
 # --------------------------------------------------------------------------------------------
@@ -905,17 +947,22 @@ class LinearCrossEntropy(nn.Module):
     """``loss = module(hidden, weight, labels, bias=None)``: :func:`linear_cross_entropy` with
     fixed options, for a model that owns its lm_head and passes its weight."""
 
-    def __init__(self, *, ignore_index: int = -100, reduction: str = "mean", backend: str = "auto"):
+    def __init__(self, *, ignore_index: int = -100, reduction: str = "mean", backend: str = "auto",
+                 weight_grad_accumulation: str = "fp32"):
         super().__init__()
         check_backend(backend)
         if reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        check_weight_grad_accumulation(weight_grad_accumulation)
         self.ignore_index, self.reduction, self.backend = ignore_index, reduction, backend
+        self.weight_grad_accumulation = weight_grad_accumulation
 
     def forward(self, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                 bias: torch.Tensor | None = None) -> torch.Tensor:
         return linear_cross_entropy(hidden, weight, labels, bias, ignore_index=self.ignore_index,
-                                    reduction=self.reduction, backend=self.backend)
+                                    reduction=self.reduction, backend=self.backend,
+                                    weight_grad_accumulation=self.weight_grad_accumulation)
 
     def extra_repr(self) -> str:
-        return f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, backend={self.backend!r}"
+        return (f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, backend={self.backend!r}, "
+                f"weight_grad_accumulation={self.weight_grad_accumulation!r}")
