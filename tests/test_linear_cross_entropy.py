@@ -311,17 +311,22 @@ def test_default_chunk_budget(monkeypatch):
 
 
 def test_cuda_chunk_budget_is_a_fraction_of_the_logits(monkeypatch):
-    """On CUDA a chunk holds at most an eighth of the whole logits (above MIN_CHUNK_ROWS), so the
-    op's extra memory stays a small fraction of eager's at every size, and at most the budget."""
+    """On CUDA a chunk holds at most an eighth of the whole logits, or a quarter while that is
+    under CHUNK_MIN_BYTES_CUDA (fewer launches where the GEMMs are short), above MIN_CHUNK_ROWS:
+    the op's extra memory stays a small fraction of eager's at every size, and at most the budget."""
     monkeypatch.undo()
     cuda = torch.device("cuda")  # a device object only: nothing runs on it
-    for n_rows, n_vocab, logit_bytes in ((2048, 32000, 2), (8192, 32000, 2), (8192, 128256, 2), (65536, 128256, 4)):
+    for n_rows, n_vocab, logit_bytes in ((2048, 32000, 2), (8192, 32000, 2), (8192, 128256, 2), (65536, 128256, 4),
+                                         (1024, 32000, 2), (2048, 128256, 2), (4096, 32000, 4)):
         rows = lce.chunk_rows(n_rows, n_vocab, cuda, logit_bytes)
+        whole = n_rows * n_vocab * logit_bytes
         assert rows % 64 == 0 and lce.MIN_CHUNK_ROWS <= rows <= n_rows
-        assert rows == lce.MIN_CHUNK_ROWS or rows <= n_rows // 8
+        assert rows == lce.MIN_CHUNK_ROWS or rows <= n_rows // (4 if whole // 8 < lce.CHUNK_MIN_BYTES_CUDA else 8)
         assert rows * n_vocab * logit_bytes <= max(lce.CHUNK_BYTES_CUDA, lce.MIN_CHUNK_ROWS * n_vocab * logit_bytes)
-    assert lce.chunk_rows(2048, 32000, cuda, 2) == lce.MIN_CHUNK_ROWS
+    assert lce.chunk_rows(2048, 32000, cuda, 2) == 512       # 4 chunks of 31 MiB (8 of 256 rows before)
+    assert lce.chunk_rows(8192, 32000, cuda, 2) == 1024      # an eighth: 62.5 MiB
     assert lce.chunk_rows(8192, 128256, cuda, 2) == 1024
+    assert lce.chunk_rows(1024, 32000, cuda, 2) == lce.MIN_CHUNK_ROWS
 
 
 # ------------------------------------------------------------------------------ errors and options

@@ -113,10 +113,16 @@ _NO_IGNORE = -(2 ** 63)
 # - 256 rows of fp32 logits are 1 KiB × V (125 MiB at V = 128256); eager holds about three
 #   [N, V] buffers, so from N = 1024 tokens the chunk stays under a quarter of eager's memory.
 # CUDA: a chunk's GEMM fills the GPU at 256 rows, and 256 MiB is small next to the 2 GiB of bf16
-# logits at 8192 × 128256.
+# logits at 8192 × 128256. Each chunk pays the host for a Triton launch (0.07–0.18 ms per launch
+# under cProfile on the H200: benchmarks/results/h200-2026-11-30/host-overhead-after.txt) and two
+# GEMM calls, and at 2048 × 32000 × 4096 eight 256-row chunks took 2.1× the time of the GEMMs
+# alone: a chunk's GEMMs should outlast that, so below CHUNK_MIN_BYTES_CUDA of logits (16 M half
+# logits, ~0.1 ms of GEMMs at H = 4096) a chunk may hold up to a quarter of the whole logits
+# instead of an eighth.
 MIN_CHUNK_ROWS = 256
 CHUNK_BYTES_CPU = 32 << 20
 CHUNK_BYTES_CUDA = 256 << 20
+CHUNK_MIN_BYTES_CUDA = 32 << 20
 
 
 # --------------------------------------------------------------------------------------------
@@ -254,11 +260,12 @@ def vocab_block_config() -> _configs.LaunchConfig:
 
 
 def _triton_rows(logits, labels, row_scale, ignore_index: int, write_grad: bool,
-                 lse_out: torch.Tensor | None = None) -> torch.Tensor:
-    """Launch the row kernel on one chunk; returns the per-row loss (fp32), and each row's
-    log-sum-exp in ``lse_out`` (contiguous fp32) when given."""
+                 lse_out: torch.Tensor | None = None, loss_out: torch.Tensor | None = None) -> torch.Tensor:
+    """Launch the row kernel on one chunk; returns the per-row loss (fp32, written into
+    ``loss_out`` when given), and each row's log-sum-exp in ``lse_out`` when given (both
+    contiguous fp32)."""
     n_rows, n_vocab = logits.shape
-    loss = new_output((n_rows,), torch.float32, logits.device)
+    loss = new_output((n_rows,), torch.float32, logits.device) if loss_out is None else loss_out
     lse = new_output((n_rows,), torch.float32, logits.device) if lse_out is None else lse_out
     config = rows_config()
     _configs.launch(
@@ -285,9 +292,9 @@ def _triton_vocab_block_grad(logits, labels, scale, lse, vocab_offset: int) -> N
 
 
 def _torch_rows(logits, labels, row_scale, ignore_index: int, write_grad: bool,
-                lse_out: torch.Tensor | None = None) -> torch.Tensor:
+                lse_out: torch.Tensor | None = None, loss_out: torch.Tensor | None = None) -> torch.Tensor:
     """The row kernel's work with PyTorch ops, in place on ``logits`` (fp32 or fp64); each row's
-    log-sum-exp goes to ``lse_out`` when given."""
+    log-sum-exp goes to ``lse_out`` and the loss to ``loss_out`` when given."""
     n_vocab = logits.shape[1]
     ignored = labels == ignore_index
     in_range = (labels >= 0) & (labels < n_vocab)
@@ -303,6 +310,8 @@ def _torch_rows(logits, labels, row_scale, ignore_index: int, write_grad: bool,
         lse_out.copy_(z_label + loss)
     nan = torch.full_like(loss, float("nan"))
     loss = torch.where(ignored, torch.zeros_like(loss), torch.where(in_range, loss, nan))
+    if loss_out is not None:
+        loss = loss_out.copy_(loss)
     if write_grad:
         scale = torch.where(ignored, 0.0, torch.where(in_range, row_scale.to(logits.dtype), float("nan")))
         logits.exp_().mul_(scale.unsqueeze(1))
@@ -396,11 +405,13 @@ def _logit_bytes(x_dtype: torch.dtype, logits_dtype: torch.dtype) -> int:
 
 def chunk_rows(n_rows: int, n_vocab: int, device: torch.device, logit_bytes: int) -> int:
     """Rows per chunk: as many as the logit budget allows but at least MIN_CHUNK_ROWS, a multiple
-    of 64, at most ``n_rows``. On CUDA the budget is also at most an eighth of the whole logits,
-    so that the op's peak memory stays a small fraction of eager's at every size."""
+    of 64, at most ``n_rows``. On CUDA the budget is also at most an eighth of the whole logits
+    (a quarter while that is under CHUNK_MIN_BYTES_CUDA), so that the op's peak memory stays a
+    small fraction of eager's at every size."""
     budget = CHUNK_BYTES_CPU
     if device.type == "cuda":
-        budget = min(CHUNK_BYTES_CUDA, n_rows * n_vocab * logit_bytes // 8)
+        whole = n_rows * n_vocab * logit_bytes
+        budget = min(CHUNK_BYTES_CUDA, max(whole // 8, min(CHUNK_MIN_BYTES_CUDA, whole // 4)))
     rows = max(MIN_CHUNK_ROWS, budget // (n_vocab * logit_bytes))
     return min(rows - rows % 64, n_rows)
 
@@ -444,9 +455,8 @@ def _chunked(x, w, bias, labels, ignore_index: int, row_scale, rows_op, *, write
         stop = min(start + step, n_rows)
         x_c = x[start:stop]
         logits = _chunk_logits(x_c, w, bias, logits_dtype)
-        lse_arg = {} if lse is None else {"lse_out": lse[start:stop]}
-        loss[start:stop] = rows_op(logits, labels[start:stop], row_scale[start:stop], ignore_index, row_grad,
-                                   **lse_arg)
+        rows_op(logits, labels[start:stop], row_scale[start:stop], ignore_index, row_grad,
+                lse_out=None if lse is None else lse[start:stop], loss_out=loss[start:stop])
         if not row_grad:
             continue
         grad = logits if logits.dtype == x.dtype else logits.to(x.dtype)  # s∘G in the GEMM dtype
