@@ -8,6 +8,7 @@
 #    bench-lce    the fused linear cross-entropy against eager's GEMMs alone, eager, Liger-Kernel and
 #                 cut-cross-entropy (those two when importable: bring their wheels on PYTHONPATH), each
 #                 provider's loss and gradients checked against eager's (into OUT_DIR/lce/)
+#    profile-lce  one profiled call of each, the top kernels by device time (into log.txt)
 # 2. bench-*      the benchmark table against SDPA, FlexAttention and torch.compile, few shapes
 #                 (bench-gqa: grouped-query attention and decoding), and end to end every-layer
 #                 TGR against the same model with sdpa (bench-e2e);
@@ -169,6 +170,9 @@ if [ $GPU = 1 ]; then
     # Llama-2 and Llama-3 vocabularies at H = 4096, 2048 and 8192 tokens, trainable and frozen
     # lm_head; no torch.compile provider (a cold compile per case would take the step's time).
     LCE=(--reps 5 --warmup 1 --providers gemms eager tgr-torch tgr-triton tgr-triton-dw-per-chunk liger cut-cross-entropy)
+    # where a fused loss's time goes beyond its GEMMs: the launch-bound case and the largest
+    LCE_PROFILE=(--tokens 2048 8192 --vocab 32000 128256 --providers gemms eager tgr-triton tgr-triton-dw-per-chunk
+                 liger)
     OVERHEAD=()
 else  # dry run: the same steps, tiny: one mode, and no torch.compile/FlexAttention (minutes of
       # CPU compiles) nor tgr-triton (the interpreter; the parity step runs it)
@@ -183,6 +187,7 @@ else  # dry run: the same steps, tiny: one mode, and no torch.compile/FlexAttent
     E2E_LIMIT=150  # two small models' Python on a shared CPU
     DET_REPS=2
     LCE=(--quick --reps 1 --providers gemms eager tgr-torch tgr-torch-dw-per-chunk)
+    LCE_PROFILE=(--quick --providers gemms tgr-torch)
     OVERHEAD=(--device cpu --quick)
 fi
 BENCH=("$PY" -m benchmarks "${BENCH_COMMON[@]}" --out "$OUT_DIR" --append --no-plots)
@@ -202,6 +207,7 @@ step cuda-tests 60 20 0 "${NO_TUNE[@]}" "$PY" -m pytest -q -p no:cacheprovider t
     tests/test_direct_calls.py
 # the fused linear cross-entropy (its own records: a table of providers per case, not per S)
 step bench-lce 100 40 0 "$PY" -m benchmarks.linear_cross_entropy "${LCE[@]}" --out "$OUT_DIR/lce"
+step profile-lce 40 15 0 "$PY" -m benchmarks.linear_cross_entropy --profile "${LCE_PROFILE[@]}"
 # 2. the benchmark table (the matmul and copy ceilings are measured once, with the first suite)
 step bench-flash 70 25 25 "${BENCH[@]}" --suite attention-flash --seq-lens "${FLASH_S[@]}"
 # grouped-query attention (32/8 heads, D = 128, causal) and one decoding step (S_q = 1): decode

@@ -30,6 +30,10 @@ Timing and memory are ``benchmarks/measure.py``'s: providers interleaved per rep
 warm-up, median and p20/p80; memory is the extra peak of one warm call (outputs, i.e. the
 gradients, included), from the profiler's tensor timeline on a CPU. Writes ``records.jsonl`` and
 ``table.md`` into ``--out``.
+
+``--profile`` measures nothing: for each case and provider it runs one warm call under
+``torch.profiler`` and prints where the time goes (the top kernels by device time on a GPU, ops by
+CPU time on a CPU), to read a fused loss's time against its GEMMs.
 """
 from __future__ import annotations
 
@@ -181,6 +185,37 @@ def run_case(args, providers: dict, tokens: int, vocab: int, weight_trainable: b
                   **measure.summarize(job.times_ms), **memory, **checks[name]))
 
 
+def profile_case(args, providers: dict, tokens: int, vocab: int, weight_trainable: bool, rows: int = 12) -> None:
+    """Print, per provider, one warm call's profile: its top ops by self device time (CPU time
+    without a GPU), and the totals."""
+    from torch.profiler import ProfilerActivity, profile
+
+    device, dtype = args.device, DTYPES[args.dtype]
+    hidden, weight, labels = make_case(tokens, args.hidden, vocab, dtype, device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    sort_key = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    for name in args.providers:
+        fn, reason = providers[name]
+        if fn is None or (name in TRAINABLE_ONLY and not weight_trainable):
+            continue
+        title = f"profile {tokens} x {vocab} {'trainable' if weight_trainable else 'frozen'} {name}"
+        try:
+            training_step(fn, hidden, weight, labels, weight_trainable)  # warm: compiles, autotunes, caches
+            sync()
+            with profile(activities=activities) as prof:
+                training_step(fn, hidden, weight, labels, weight_trainable)
+                sync()
+        except Exception as exc:  # reported, not fatal, as in the timed runs
+            print(f"### {title}: n/a ({measure.describe_error(exc)})", flush=True)
+            continue
+        events = prof.key_averages()
+        device_us = sum(e.self_device_time_total for e in events) if device == "cuda" else None
+        totals = f"device {device_us / 1e3:.2f} ms" if device_us is not None else "CPU only"
+        print(f"### {title}: {totals}", flush=True)
+        print(events.table(sort_by=sort_key, row_limit=rows, max_name_column_width=60), flush=True)
+
+
 def gemm_floor_ms(tokens: int, hidden: int, vocab: int, trainable: bool, dtype: str) -> float:
     """The op's GEMMs alone at an H200's dense peak, in ms: logits and d hidden, and dW when the
     lm_head is trainable (2·N·V·H FLOPs each)."""
@@ -275,6 +310,7 @@ def parse_args(argv):
     p.add_argument("--quick", action="store_true", help="tiny shapes: a smoke pass")
     p.add_argument("--out", default=None, help="folder for records.jsonl and table.md")
     p.add_argument("--append", action="store_true", help="add to the records already in --out")
+    p.add_argument("--profile", action="store_true", help="print one profiled call per case and provider instead")
     args = p.parse_args(argv)
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -293,6 +329,13 @@ def main(argv=None) -> int:
         print(rebuild_table(argv[1]))
         return 0
     args = parse_args(argv)
+    if args.profile:
+        providers = make_providers(args.device)
+        for weight in args.weight:
+            for vocab in args.vocab:
+                for tokens in args.tokens:
+                    profile_case(args, providers, tokens, vocab, weight == "trainable")
+        return 0
     measure.fix_malloc_for_timing()
     records = []
     path = os.path.join(args.out, "records.jsonl") if args.out else None

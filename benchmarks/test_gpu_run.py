@@ -12,8 +12,8 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "benchmarks", "gpu_run.sh")
-STEPS = ["parity", "cuda-tests", "bench-lce", "bench-flash", "bench-gqa", "bench-wide", "bench-proj", "bench-e2e",
-         "overhead", "report", "determinism", "kernels"]
+STEPS = ["parity", "cuda-tests", "bench-lce", "profile-lce", "bench-flash", "bench-gqa", "bench-wide", "bench-proj",
+         "bench-e2e", "overhead", "report", "determinism", "kernels"]
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the dry run is what runs without CUDA")
 
@@ -66,6 +66,8 @@ def test_dry_run_runs_every_step_and_writes_its_results(dry_run):
     lce_ok = [r for r in lce if r["kind"] == "measurement" and r["status"] == "ok"]
     assert {r["provider"] for r in lce_ok} == {"gemms", "eager", "tgr-torch", "tgr-torch-dw-per-chunk"}
     assert all(r["check_ok"] is (None if r["provider"] == "gemms" else True) for r in lce_ok)
+    log = (out / "log.txt").read_text()
+    assert "### profile 96 x 1000 trainable tgr-torch: CPU only" in log and "aten::mm" in log
     assert "--- benchmarks/lce/records.jsonl\n7 measurements ({'ok': 7}), mismatches: none" in summary, summary
     table = (out / "table.md").read_text()
     assert all(f"### {op}" in table for op in ops)

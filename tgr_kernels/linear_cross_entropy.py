@@ -445,9 +445,8 @@ def _chunked(x, w, bias, labels, ignore_index: int, row_scale, rows_op, *, write
     lse = torch.empty(n_rows, dtype=act_dtype, device=x.device) if by_vocab else None
     # Summed over the chunks: in fp32/fp64 for full-precision inputs (exact accumulation), in x's
     # dtype for half inputs ("weight-dtype": each chunk's GEMM adds into the rounded sum).
-    # The first chunk writes dW (no zero fill), unless there is none.
-    new_dw = torch.empty if n_rows else torch.zeros
-    dw = (new_dw(w.shape, dtype=x.dtype if half else act_dtype, device=x.device)
+    # The first chunk writes dW (no zero fill; hidden is never empty: checked first).
+    dw = (torch.empty(w.shape, dtype=x.dtype if half else act_dtype, device=x.device)
           if (write_grad and weight_grad and not by_vocab) else None)
     db = torch.zeros(n_vocab, dtype=act_dtype, device=x.device) if (write_grad and bias_grad) else None
     row_grad = dh is not None or dw is not None or db is not None  # the chunk pass needs s∘G
