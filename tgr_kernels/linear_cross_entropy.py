@@ -25,7 +25,10 @@ The cheap design. When some input needs a gradient, the forward computes each ro
 gradient while the chunk's logits are hot: ``z_c`` becomes ``s·G_c`` in place (``s = 1/max(n, 1)``
 for "mean", 1 otherwise), then ``dh_c = (s G_c) W`` and ``dW += (s G_c)ᵀ h_c``, ``db += Σ s G_c``.
 Only those are kept, and the backward multiplies them by g: the whole op costs the GEMMs of
-eager (two with a frozen lm_head, three with a trainable one). For "none" the upstream is per
+eager (two with a frozen lm_head, three with a trainable one). In fp16, whose range ends near
+6e-8, ``s·p`` of a "mean" over many tokens would vanish in the rounding (as it does in eager's
+fp16 gradient): when the chunk pass makes d hidden alone, G is rounded unscaled and ``dh_c`` scaled
+by s after its GEMM. For "none" the upstream is per
 token: ``dh_i = g_i (G W)_i`` is still a row scaling of what the forward kept, but dW and db sum
 over rows weighted by g_i, so the backward recomputes the logits of each chunk for them (one GEMM
 more, and only when the weight or the bias needs a gradient).
@@ -450,17 +453,25 @@ def _chunked(x, w, bias, labels, ignore_index: int, row_scale, rows_op, *, write
           if (write_grad and weight_grad and not by_vocab) else None)
     db = torch.zeros(n_vocab, dtype=act_dtype, device=x.device) if (write_grad and bias_grad) else None
     row_grad = dh is not None or dw is not None or db is not None  # the chunk pass needs s∘G
+    # fp16 has little range below 1: s∘G of a "mean" over many tokens falls into its subnormals
+    # and below (s·p < 6e-8 is lost: at 8192 tokens every probability under 5e-4). When the chunk
+    # pass makes only dh, G is rounded unscaled and each dh row is scaled after its GEMM (bf16 has
+    # fp32's range, and dW, db need s∘G: there it stays folded in, as eager's gradient does).
+    scale_after = x.dtype == torch.float16 and dh is not None and dw is None and db is None
+    g_scale = torch.ones((), dtype=row_scale.dtype, device=x.device).expand(n_rows) if scale_after else row_scale
     for start in range(0, n_rows, step):
         stop = min(start + step, n_rows)
         x_c = x[start:stop]
         logits = _chunk_logits(x_c, w, bias, logits_dtype)
-        rows_op(logits, labels[start:stop], row_scale[start:stop], ignore_index, row_grad,
+        rows_op(logits, labels[start:stop], g_scale[start:stop], ignore_index, row_grad,
                 lse_out=None if lse is None else lse[start:stop], loss_out=loss[start:stop])
         if not row_grad:
             continue
         grad = logits if logits.dtype == x.dtype else logits.to(x.dtype)  # s∘G in the GEMM dtype
         if dh is not None:
             torch.mm(grad, w, out=dh[start:stop])
+            if scale_after:
+                dh[start:stop].mul_(row_scale[start:stop].unsqueeze(1))  # in fp32, rounded once
         if dw is not None:
             if start == 0:
                 torch.mm(grad.t(), x_c, out=dw)  # the first chunk writes dW: no zero fill
