@@ -11,7 +11,7 @@ TRITON_SPEC ?= triton==3.7.1
 # Run before the tests by `make test`, so that CI fails on lint (TEST_LINT= skips it).
 TEST_LINT ?= lint
 
-.PHONY: demo report lint test test-fast bench clean
+.PHONY: demo report lint test test-fast gpu-wheels clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,14 @@ test: $(TEST_LINT) $(VENV)/.installed
 
 test-fast: $(VENV)/.installed
 	$(PY) -m pytest -q -m "not slow" tests
+
+# The other fused losses that benchmarks/gpu_run.sh compares against, as wheels in .whl/ for a GPU
+# machine without network (Python 3.12, x86-64 Linux); there:
+#   pip install --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
+gpu-wheels: $(VENV)/.installed
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+	    -d .whl liger-kernel==0.8.5 cut-cross-entropy==25.1.1
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache build dist
