@@ -524,7 +524,7 @@ def _recomputed_weight_grads(hidden, weight, bias, labels, grad_loss, ignore_ind
                              weight_grad: bool, bias_grad: bool, dw_per_chunk: bool = False):
     """dW and db of ``"none"`` with the per-token upstream ``grad_loss [N]``: the logits of each
     chunk again (one GEMM), their gradient scaled row by row, then ``Gᵀ h`` and ``Σ G``. Returns
-    ``(dW or None, db or None)`` in fp32 (fp64 for fp64 inputs)."""
+    ``(dW or None, db or None)`` in fp32 (fp64 for fp64 inputs; dW of a half GEMM in its dtype)."""
     gemm_dtype = _gemm_dtype(hidden.dtype, hidden.device)
     act_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     _, _, dw, db = _chunked(
