@@ -203,7 +203,7 @@ NO_TUNE=(env TGR_AUTOTUNE=0)
 step parity 110 30 20 "${NO_TUNE[@]}" "$PY" -m benchmarks.gpu_parity --out "$PARITY"
 # tests that check what only a GPU can: the fused loss's kernels on the GEMMs' half logits, the
 # ops' eager and compiled call routes (on a CPU: the same files under the interpreter)
-step cuda-tests 60 20 0 "${NO_TUNE[@]}" "$PY" -m pytest -q -p no:cacheprovider tests/test_linear_cross_entropy.py \
+step cuda-tests 80 20 0 "${NO_TUNE[@]}" "$PY" -m pytest -q -p no:cacheprovider tests/test_linear_cross_entropy.py \
     tests/test_direct_calls.py
 # the fused linear cross-entropy (its own records: a table of providers per case, not per S)
 step bench-lce 100 40 0 "$PY" -m benchmarks.linear_cross_entropy "${LCE[@]}" --out "$OUT_DIR/lce"

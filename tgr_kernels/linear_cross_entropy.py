@@ -27,8 +27,8 @@ for "mean", 1 otherwise), then ``dh_c = (s G_c) W`` and ``dW += (s G_c)ᵀ h_c``
 Only those are kept, and the backward multiplies them by g: the whole op costs the GEMMs of
 eager (two with a frozen lm_head, three with a trainable one). In fp16, whose range ends near
 6e-8, ``s·p`` of a "mean" over many tokens would vanish in the rounding (as it does in eager's
-fp16 gradient): when the chunk pass makes d hidden alone, G is rounded unscaled and ``dh_c`` scaled
-by s after its GEMM. For "none" the upstream is per
+fp16 gradient): there G is rounded unscaled, ``dh_c`` is scaled by s after its GEMM and dW takes s
+on the hidden side, ``Gᵀ (s∘h)``. For "none" the upstream is per
 token: ``dh_i = g_i (G W)_i`` is still a row scaling of what the forward kept, but dW and db sum
 over rows weighted by g_i, so the backward recomputes the logits of each chunk for them (one GEMM
 more, and only when the weight or the bias needs a gradient).
@@ -383,18 +383,26 @@ def _weight_grad_by_vocab(x, w, bias, labels, ignore_index: int, row_scale, lse,
     rows, with ``G = softmax − onehot`` rebuilt from the logits of the block (``logits_dtype``)
     and each row's ``lse`` by ``block_grad`` (:func:`_torch_vocab_block_grad` or
     :func:`_triton_vocab_block_grad`; rows as in the row pass: 0 when ignored, NaN for a label
-    outside [0, V))."""
+    outside [0, V)).
+
+    In fp16 the row scale s goes on the hidden side, ``dW_b = G_bᵀ (s∘x)``: ``s·p`` of a "mean"
+    over many tokens would fall below fp16's range in G (see :func:`_chunked`), ``s·x`` does not
+    (|x| ~ 1: 1.2e-4 at 8192 tokens), and the product has dW's own magnitude."""
     n_rows, n_vocab = x.shape[0], w.shape[0]
     ignored = labels == ignore_index
     in_range = (labels >= 0) & (labels < n_vocab)
     scale = torch.where(ignored, 0.0, torch.where(in_range, row_scale.to(lse.dtype), float("nan")))
+    rows_side = x
+    if x.dtype == torch.float16:
+        rows_side = (x * scale.unsqueeze(1)).to(x.dtype)  # in fp32, rounded once
+        scale = torch.where(ignored, 0.0, torch.where(in_range, 1.0, float("nan"))).to(lse.dtype)
     dw = torch.empty(w.shape, dtype=x.dtype, device=x.device)
     block = chunk_rows(n_vocab, n_rows, x.device, _logit_bytes(x.dtype, logits_dtype))  # the chunks' budget
     for v0 in range(0, n_vocab, block):
         v1 = min(v0 + block, n_vocab)
         logits = _chunk_logits(x, w[v0:v1], None if bias is None else bias[v0:v1], logits_dtype)
         block_grad(logits, labels, scale, lse, v0)
-        torch.mm(logits.to(x.dtype).t(), x, out=dw[v0:v1])
+        torch.mm(logits.to(x.dtype).t(), rows_side, out=dw[v0:v1])
         del logits
     return dw
 
@@ -454,10 +462,11 @@ def _chunked(x, w, bias, labels, ignore_index: int, row_scale, rows_op, *, write
     db = torch.zeros(n_vocab, dtype=act_dtype, device=x.device) if (write_grad and bias_grad) else None
     row_grad = dh is not None or dw is not None or db is not None  # the chunk pass needs s∘G
     # fp16 has little range below 1: s∘G of a "mean" over many tokens falls into its subnormals
-    # and below (s·p < 6e-8 is lost: at 8192 tokens every probability under 5e-4). When the chunk
-    # pass makes only dh, G is rounded unscaled and each dh row is scaled after its GEMM (bf16 has
-    # fp32's range, and dW, db need s∘G: there it stays folded in, as eager's gradient does).
-    scale_after = x.dtype == torch.float16 and dh is not None and dw is None and db is None
+    # and below (s·p < 6e-8 is lost: at 8192 tokens every probability under 5e-4). So in fp16 G is
+    # rounded unscaled, each dh row is scaled after its GEMM and dW takes s on the hidden side,
+    # ``Gᵀ (s∘x)`` (bf16 has fp32's range; db, rare in an lm_head, keeps s folded into G, as
+    # eager's gradient does).
+    scale_after = x.dtype == torch.float16 and row_grad and db is None
     g_scale = torch.ones((), dtype=row_scale.dtype, device=x.device).expand(n_rows) if scale_after else row_scale
     for start in range(0, n_rows, step):
         stop = min(start + step, n_rows)
@@ -473,10 +482,11 @@ def _chunked(x, w, bias, labels, ignore_index: int, row_scale, rows_op, *, write
             if scale_after:
                 dh[start:stop].mul_(row_scale[start:stop].unsqueeze(1))  # in fp32, rounded once
         if dw is not None:
+            rows_side = (x_c * row_scale[start:stop].unsqueeze(1)).to(x.dtype) if scale_after else x_c
             if start == 0:
-                torch.mm(grad.t(), x_c, out=dw)  # the first chunk writes dW: no zero fill
+                torch.mm(grad.t(), rows_side, out=dw)  # the first chunk writes dW: no zero fill
             else:
-                dw.addmm_(grad.t(), x_c)
+                dw.addmm_(grad.t(), rows_side)
         if db is not None:
             db += logits.sum(0, dtype=act_dtype)
         del logits, grad
