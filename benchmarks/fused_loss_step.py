@@ -2,8 +2,9 @@
 logits and through the fused linear cross-entropy: time and extra peak memory, on this device.
 
     python -m benchmarks.fused_loss_step [--vocab 32000] [--hidden 512] [--tokens 1024] [--reps 5]
+                                         [--dtype float32]
 
-The base is a random Llama built in a temporary folder (2 layers, fp32, unquantized), the TGR
+The base is a random Llama built in a temporary folder (2 layers, unquantized, in ``--dtype``), the TGR
 head in mode "head" with the torch backend; only the head trains (the base frozen, as tgr train
 does). Prints one markdown row per variant.
 """
@@ -25,6 +26,7 @@ def main(argv=None) -> None:
     p.add_argument("--hidden", type=int, default=512)
     p.add_argument("--tokens", type=int, default=1024, help="batch of 2 sequences of tokens / 2")
     p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="the base's compute dtype")
     args = p.parse_args(argv)
 
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -36,7 +38,7 @@ def main(argv=None) -> None:
                                      intermediate_size=2 * args.hidden, num_attention_heads=8,
                                      max_position_embeddings=args.tokens)).save_pretrained(folder)
         model = TGRLlamaModel(TGRConfig(base_model_name_or_path=folder, load_in_4bit=False,
-                                        compute_dtype="float32", device="cpu", attention_backend="torch",
+                                        compute_dtype=args.dtype, device="cpu", attention_backend="torch",
                                         temperature_heads=4))
     ids = torch.randint(3, args.vocab, (2, args.tokens // 2), generator=torch.Generator().manual_seed(0))
     batch = dict(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids)
@@ -47,7 +49,7 @@ def main(argv=None) -> None:
         out.loss.backward()
         return out.loss.detach()
 
-    print(f"TGR training step, V = {args.vocab}, hidden {args.hidden}, {args.tokens} tokens, fp32, "
+    print(f"TGR training step, V = {args.vocab}, hidden {args.hidden}, {args.tokens} tokens, {args.dtype}, "
           f"{torch.get_num_threads()} threads\n")
     print("| loss | median time | extra peak memory |\n| --- | ---: | ---: |")
     for name, flag in (("through the logits", True), ("fused linear cross-entropy", False)):
