@@ -73,3 +73,16 @@ def test_the_trainer_asks_for_no_logits(base_dir, monkeypatch):
     assert seen == [False] and torch.isfinite(loss)
     _, outputs = trainer.compute_loss(model, inputs, return_outputs=True)
     assert seen[-1] is True and outputs.logits is not None
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_training_step_benchmark_runs(dtype, capsys):
+    """benchmarks/fused_loss_step.py: a tiny model, one row per loss path, each with a time and
+    a memory figure."""
+    bench = pytest.importorskip("benchmarks.fused_loss_step")
+    bench.main(["--vocab", "300", "--hidden", "64", "--tokens", "32", "--reps", "1", "--dtype", dtype])
+    out = capsys.readouterr().out
+    assert f"32 tokens, {dtype}" in out
+    for name in ("through the logits", "fused linear cross-entropy"):
+        row = next(line for line in out.splitlines() if line.startswith(f"| {name} |"))
+        assert row.split("|")[2].strip().endswith(" ms") and row.split("|")[3].strip().endswith(" MiB"), row
