@@ -129,8 +129,8 @@ def test_weight_dtype_accumulation_matches_float64(dtype, reduction, backend):
 def test_fp16_mean_keeps_small_probabilities(backend, monkeypatch):
     """fp16 "mean" over many tokens with flat softmaxes: s·p (here 1/1843 · 1/8000) lies in fp16's
     subnormals, where eager's gradient loses it (measured: 1.3% relative error of d hidden, 0.7%
-    of dW); the fused op rounds G unscaled, scales d hidden after its GEMM and puts s on the hidden
-    side of dW, in either accumulation. fp16 GEMMs run in fp16 here (on a CPU they would run in
+    of dW); the fused op rounds G unscaled, scales d hidden after its GEMM, puts s on the hidden
+    side of dW, in either accumulation, and takes db as Gᵀ s. fp16 GEMMs run in fp16 here (on a CPU they would run in
     fp32), as on a GPU."""
     monkeypatch.setattr(lce, "cpu_computes_natively", lambda dtype: True)
     # Row chunks of 512 (and vocabulary blocks of 512); the interpreter gets one chunk and one
@@ -143,19 +143,21 @@ def test_fp16_mean_keeps_small_probabilities(backend, monkeypatch):
     n_vocab, hidden_size = 8000, 33
     hidden = torch.randn(2048, hidden_size, device=DEVICE).half()
     weight = (torch.randn(n_vocab, hidden_size, device=DEVICE) / math.sqrt(hidden_size)).half()
+    bias = (torch.randn(n_vocab, device=DEVICE) * 0.1).half()
     labels = torch.randint(0, n_vocab, (2048,), device=DEVICE)
     labels[::10] = -100
 
     def grads(fn, dtype):
-        h, w = (t.to(dtype).clone().requires_grad_() for t in (hidden, weight))
-        fn(h, w).backward()
-        return h.grad.double(), w.grad.double()
+        h, w, b = (t.to(dtype).clone().requires_grad_() for t in (hidden, weight, bias))
+        fn(h, w, b).backward()
+        return h.grad.double(), w.grad.double(), b.grad.double()
 
-    def eager(h, w):
-        return F.cross_entropy(F.linear(h, w), labels)
+    def eager(h, w, b):
+        return F.cross_entropy(F.linear(h, w, b), labels)
 
     def fused(accumulation):
-        return lambda h, w: linear_cross_entropy(h, w, labels, backend=backend, weight_grad_accumulation=accumulation)
+        return lambda h, w, b: linear_cross_entropy(h, w, labels, b, backend=backend,
+                                                    weight_grad_accumulation=accumulation)
 
     truth = grads(eager, torch.float64)
 

@@ -463,10 +463,9 @@ def _chunked(x, w, bias, labels, ignore_index: int, row_scale, rows_op, *, write
     row_grad = dh is not None or dw is not None or db is not None  # the chunk pass needs s∘G
     # fp16 has little range below 1: s∘G of a "mean" over many tokens falls into its subnormals
     # and below (s·p < 6e-8 is lost: at 8192 tokens every probability under 5e-4). So in fp16 G is
-    # rounded unscaled, each dh row is scaled after its GEMM and dW takes s on the hidden side,
-    # ``Gᵀ (s∘x)`` (bf16 has fp32's range; db, rare in an lm_head, keeps s folded into G, as
-    # eager's gradient does).
-    scale_after = x.dtype == torch.float16 and row_grad and db is None
+    # rounded unscaled, each dh row is scaled after its GEMM, dW takes s on the hidden side,
+    # ``Gᵀ (s∘x)``, and db is ``Gᵀ s`` (bf16 has fp32's range: s stays folded into G).
+    scale_after = x.dtype == torch.float16 and row_grad
     g_scale = torch.ones((), dtype=row_scale.dtype, device=x.device).expand(n_rows) if scale_after else row_scale
     for start in range(0, n_rows, step):
         stop = min(start + step, n_rows)
@@ -488,7 +487,10 @@ def _chunked(x, w, bias, labels, ignore_index: int, row_scale, rows_op, *, write
             else:
                 dw.addmm_(grad.t(), rows_side)
         if db is not None:
-            db += logits.sum(0, dtype=act_dtype)
+            if scale_after:
+                db += torch.mv(logits.t(), row_scale[start:stop].to(logits.dtype)).to(act_dtype)
+            else:
+                db += logits.sum(0, dtype=act_dtype)
         del logits, grad
     if by_vocab:
         block_grad = _triton_vocab_block_grad if triton_rows else _torch_vocab_block_grad
