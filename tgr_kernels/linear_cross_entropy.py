@@ -488,7 +488,10 @@ def _chunked(x, w, bias, labels, ignore_index: int, row_scale, rows_op, *, write
                 dw.addmm_(grad.t(), rows_side)
         if db is not None:
             if scale_after:
-                db += torch.mv(logits.t(), row_scale[start:stop].to(logits.dtype)).to(act_dtype)
+                # Gᵀ s with s over its largest entry (s itself may lie below fp16's range)
+                s_c = row_scale[start:stop]
+                peak = s_c.abs().amax().clamp_min(torch.finfo(torch.float32).tiny)
+                db += torch.mv(logits.t(), (s_c / peak).to(logits.dtype)).to(act_dtype) * peak
             else:
                 db += logits.sum(0, dtype=act_dtype)
         del logits, grad
