@@ -391,11 +391,13 @@ def _weight_grad_by_vocab(x, w, bias, labels, ignore_index: int, row_scale, lse,
     n_rows, n_vocab = x.shape[0], w.shape[0]
     ignored = labels == ignore_index
     in_range = (labels >= 0) & (labels < n_vocab)
-    scale = torch.where(ignored, 0.0, torch.where(in_range, row_scale.to(lse.dtype), float("nan")))
+    # Per row: 0 when ignored, NaN for a label outside [0, V) (as in the row pass), else 1.
+    valid = torch.where(ignored, 0.0, torch.where(in_range, 1.0, float("nan"))).to(lse.dtype)
+    scale = torch.where(ignored, 0.0, row_scale.to(lse.dtype) * valid)
     rows_side = x
     if x.dtype == torch.float16:
         rows_side = (x * scale.unsqueeze(1)).to(x.dtype)  # in fp32, rounded once
-        scale = torch.where(ignored, 0.0, torch.where(in_range, 1.0, float("nan"))).to(lse.dtype)
+        scale = valid
     dw = torch.empty(w.shape, dtype=x.dtype, device=x.device)
     block = chunk_rows(n_vocab, n_rows, x.device, _logit_bytes(x.dtype, logits_dtype))  # the chunks' budget
     for v0 in range(0, n_vocab, block):
