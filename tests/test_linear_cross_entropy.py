@@ -30,11 +30,13 @@ H = 33
 
 @pytest.fixture(autouse=True)
 def _small_chunks(monkeypatch):
-    """Chunks of CHUNK rows (and vocabulary blocks of CHUNK columns)."""
+    """Chunks of CHUNK rows (and vocabulary blocks of CHUNK columns); the PyTorch row ops on half
+    logits take fp32 blocks of 1 row at V = 203 and of 3 rows in a vocabulary block of 7."""
     def rows(n_rows, n_vocab, device, logit_bytes):
         return min(CHUNK, n_rows)
 
     monkeypatch.setattr(lce, "chunk_rows", rows)
+    monkeypatch.setattr(lce, "ROW_BLOCK_BYTES_CPU", 100)
 
 
 def make_inputs(lead, dtype, *, bias=True, requires=(True, True, True), n_vocab=V, hidden_size=H,

@@ -79,6 +79,8 @@ def _cpu_flags() -> frozenset:
     return frozenset()
 
 
+# A constant to torch.compile: dynamo traces through functools.cache, and would meet open().
+@torch.compiler.assume_constant_result
 def cpu_computes_natively(dtype: torch.dtype) -> bool:
     """Whether this CPU's GEMMs run ``dtype`` at least as fast as fp32.
 

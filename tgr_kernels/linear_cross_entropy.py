@@ -53,7 +53,8 @@ A chunk holds ``MIN_CHUNK_ROWS`` rows, or more while its logits fit ``CHUNK_BYTE
 (online log-sum-exp over vocabulary blocks, the loss, softmax − onehot in place) is one Triton
 kernel between cuBLAS GEMMs, reading the GEMM's own half-precision logits (rounded once, as
 eager's are) and computing in fp32, and the dW blocks' ``s·G`` is a second, element-wise kernel;
-on a CPU it is PyTorch's in-place log-softmax and element-wise ops on fp32 logits. The kernels
+on a CPU it is PyTorch's in-place log-softmax and element-wise ops, in fp32 on blocks of a few
+rows of the GEMM's half logits (the block stays in the cache; the chunk stays half). The kernels
 have no ``tl.dot`` (the GEMMs are torch's); under the interpreter, whose bf16 stores truncate,
 bf16 logits are made fp32. The Triton path is registered as custom ops
 (``torch.ops.tgr_kernels.linear_cross_entropy_{forward,backward}``) with fake implementations and
@@ -106,8 +107,8 @@ _HALF_DTYPES = (torch.float16, torch.bfloat16)
 # stands for "no ignore index" in the row computations.
 _NO_IGNORE = -(2 ** 63)
 
-# Rows per chunk: at least MIN_CHUNK_ROWS, more while the chunk's logits (fp32, plus the half
-# copies a half GEMM needs) stay within CHUNK_BYTES_*.
+# Rows per chunk: at least MIN_CHUNK_ROWS, more while the chunk's logits (half or fp32, plus the
+# half copy a half GEMM needs of fp32 logits) stay within CHUNK_BYTES_*.
 # - Below ~256 rows the CPU's GEMMs lose speed: measured on this project's AMD EPYC (1 thread,
 #   loaded machine, N = 1024, H = 1024, V = 128256, frozen lm_head, medians of 3): 16-row chunks
 #   14.7 s, 64-row 9.9 s, 256-row 8.7 s, eager 9.3 s. With a trainable lm_head each chunk also
@@ -115,6 +116,12 @@ _NO_IGNORE = -(2 ** 63)
 #   chunks 18.1 s, 512-row 12.6 s, eager 16.0 s.
 # - 256 rows of fp32 logits are 1 KiB × V (125 MiB at V = 128256); eager holds about three
 #   [N, V] buffers, so from N = 1024 tokens the chunk stays under a quarter of eager's memory.
+#   bf16 logits on the CPU (2 bytes a logit, see _logits_dtype), 1024 × 32000 and 1024 × 128256,
+#   frozen and trainable lm_head (quiet machine, medians of 5; time / eager's): 16 MiB and 32 MiB
+#   chunks took the same time within the runs' noise (0.76-0.79× and 0.84-0.87× frozen), and 16
+#   MiB holds 256 rows at V = 32000 (22 MiB peak, 0.11× eager's; 35 MiB with 32 MiB chunks).
+# - The row ops on half logits work in fp32 blocks of ROW_BLOCK_BYTES_CPU that stay in the cache
+#   between their passes: 1, 2 and 4 MiB blocks took the same time; 16 MiB ones up to 5% more.
 # CUDA: a chunk's GEMM fills the GPU at 256 rows, and 256 MiB is small next to the 2 GiB of bf16
 # logits at 8192 × 128256. Each chunk pays the host for a Triton launch (0.07–0.18 ms per launch
 # under cProfile on the H200: benchmarks/results/h200-2026-11-30/host-overhead-after.txt) and two
@@ -123,9 +130,10 @@ _NO_IGNORE = -(2 ** 63)
 # logits, ~0.1 ms of GEMMs at H = 4096) a chunk may hold up to a quarter of the whole logits
 # instead of an eighth.
 MIN_CHUNK_ROWS = 256
-CHUNK_BYTES_CPU = 32 << 20
+CHUNK_BYTES_CPU = 16 << 20
 CHUNK_BYTES_CUDA = 256 << 20
 CHUNK_MIN_BYTES_CUDA = 32 << 20
+ROW_BLOCK_BYTES_CPU = 2 << 20
 
 
 # --------------------------------------------------------------------------------------------
@@ -294,10 +302,31 @@ def _triton_vocab_block_grad(logits, labels, scale, lse, vocab_offset: int) -> N
 # --------------------------------------------------------------------------------------------
 
 
+def _row_blocks(logits: torch.Tensor):
+    """``(start, stop)`` of the blocks of rows in which the PyTorch row ops work on half logits:
+    about ROW_BLOCK_BYTES_CPU of fp32 each; one block while torch.compile traces (its fused
+    kernels need no blocking, and a loop would be unrolled into the graph)."""
+    n_rows, n_vocab = logits.shape
+    step = n_rows if torch.compiler.is_compiling() else max(1, ROW_BLOCK_BYTES_CPU // (4 * n_vocab))
+    return [(start, min(start + step, n_rows)) for start in range(0, n_rows, step)]
+
+
 def _torch_rows(logits, labels, row_scale, ignore_index: int, write_grad: bool,
                 lse_out: torch.Tensor | None = None, loss_out: torch.Tensor | None = None) -> torch.Tensor:
-    """The row kernel's work with PyTorch ops, in place on ``logits`` (fp32 or fp64); each row's
-    log-sum-exp goes to ``lse_out`` and the loss to ``loss_out`` when given."""
+    """The row kernel's work with PyTorch ops, in place on ``logits``; each row's log-sum-exp goes
+    to ``lse_out`` and the loss (fp32, fp64 for fp64 logits) to ``loss_out`` when given. Half
+    logits (the GEMM's own output) are worked on in fp32, a block of rows at a time
+    (:func:`_row_blocks`), and the gradient is written back rounded once, as the Triton kernel
+    does."""
+    if logits.dtype in _HALF_DTYPES:
+        loss = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device) if loss_out is None else loss_out
+        for start, stop in _row_blocks(logits):
+            block = logits[start:stop].float()
+            _torch_rows(block, labels[start:stop], row_scale[start:stop], ignore_index, write_grad,
+                        None if lse_out is None else lse_out[start:stop], loss[start:stop])
+            if write_grad:
+                logits[start:stop].copy_(block)
+        return loss
     n_vocab = logits.shape[1]
     ignored = labels == ignore_index
     in_range = (labels >= 0) & (labels < n_vocab)
@@ -323,11 +352,20 @@ def _torch_rows(logits, labels, row_scale, ignore_index: int, write_grad: bool,
 
 
 def _torch_vocab_block_grad(logits, labels, scale, lse, vocab_offset: int) -> None:
-    """``s∘G`` of one vocabulary block in place, with PyTorch ops (as the Triton kernel)."""
+    """``s∘G`` of one vocabulary block in place, with PyTorch ops (as the Triton kernel); half
+    logits in fp32 blocks of rows, as in :func:`_torch_rows`."""
+    if logits.dtype in _HALF_DTYPES:
+        for start, stop in _row_blocks(logits):
+            block = logits[start:stop].float()
+            _torch_vocab_block_grad(block, labels[start:stop], scale[start:stop], lse[start:stop], vocab_offset)
+            logits[start:stop].copy_(block)
+        return
     logits.sub_(lse.unsqueeze(1)).exp_().mul_(scale.unsqueeze(1))
+    # −s at the label's column where it lies in this block (a scatter of 0 to column 0 elsewhere:
+    # no data-dependent shape, which torch.compile could not trace into a graph).
     hit = (labels >= vocab_offset) & (labels < vocab_offset + logits.shape[1])
-    rows = hit.nonzero().squeeze(1)
-    logits[rows, labels[rows].long() - vocab_offset] -= scale[rows]
+    columns = torch.where(hit, labels - vocab_offset, 0).long().unsqueeze(1)
+    logits.scatter_add_(1, columns, torch.where(hit, -scale, 0.0).to(logits.dtype).unsqueeze(1))
 
 
 # --------------------------------------------------------------------------------------------
@@ -353,13 +391,18 @@ def _gemm_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
     return dtype
 
 
-def _logits_dtype(x_dtype: torch.dtype, triton_rows: bool) -> torch.dtype:
-    """The dtype of the chunks' logits. The Triton row kernels read half logits (the GEMM's own
-    output, rounded once as eager's are) and compute in fp32, which halves the traffic of every
-    pass over them; the PyTorch row ops, and bf16 under the interpreter (whose bf16 stores
-    truncate instead of rounding), take fp32 logits (fp64 for fp64 inputs)."""
-    if triton_rows and x_dtype in _HALF_DTYPES and not (TRITON_INTERPRET and x_dtype == torch.bfloat16):
-        return x_dtype
+def _logits_dtype(x_dtype: torch.dtype, triton_rows: bool, device: torch.device) -> torch.dtype:
+    """The dtype of the chunks' logits. Half logits (the GEMM's own output, rounded once as eager's
+    are) are read by the Triton row kernels and, on a CPU, by the PyTorch row ops, which compute
+    in fp32: a chunk then holds 2 bytes a logit instead of fp32 logits and their half copy for the
+    next GEMM (6), and every pass over it moves half the bytes. The PyTorch row ops on CUDA (whose
+    GEMM writes fp32 itself), and bf16 under the interpreter (whose bf16 stores truncate instead of
+    rounding), take fp32 logits (fp64 for fp64 inputs)."""
+    if x_dtype in _HALF_DTYPES:
+        if triton_rows and not (TRITON_INTERPRET and x_dtype == torch.bfloat16):
+            return x_dtype
+        if not triton_rows and device.type == "cpu":
+            return x_dtype
     return torch.float64 if x_dtype == torch.float64 else torch.float32
 
 
@@ -448,7 +491,7 @@ def _chunked(x, w, bias, labels, ignore_index: int, row_scale, rows_op, *, write
     n_vocab = w.shape[0]
     act_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     triton_rows = rows_op is _triton_rows
-    logits_dtype = _logits_dtype(x.dtype, triton_rows)
+    logits_dtype = _logits_dtype(x.dtype, triton_rows, x.device)
     step = chunk_rows(n_rows, n_vocab, x.device, _logit_bytes(x.dtype, logits_dtype))
     loss = torch.empty(n_rows, dtype=act_dtype, device=x.device)
     # Contiguous whatever x's strides (the custom op's fake implementation promises it).
