@@ -303,69 +303,75 @@ def _triton_vocab_block_grad(logits, labels, scale, lse, vocab_offset: int) -> N
 
 
 def _row_blocks(logits: torch.Tensor):
-    """``(start, stop)`` of the blocks of rows in which the PyTorch row ops work on half logits:
-    about ROW_BLOCK_BYTES_CPU of fp32 each; one block while torch.compile traces (its fused
-    kernels need no blocking, and a loop would be unrolled into the graph)."""
+    """``(start, stop)`` of the blocks of rows in which the PyTorch row ops work: about
+    ROW_BLOCK_BYTES_CPU of fp32 each, so that a block stays in the cache between the passes over
+    it; one block while torch.compile traces (its fused kernels need no blocking, and a loop would
+    be unrolled into the graph)."""
     n_rows, n_vocab = logits.shape
     step = n_rows if torch.compiler.is_compiling() else max(1, ROW_BLOCK_BYTES_CPU // (4 * n_vocab))
     return [(start, min(start + step, n_rows)) for start in range(0, n_rows, step)]
 
 
+def _act_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the row work is done in: fp64 for fp64, else fp32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def _torch_rows(logits, labels, row_scale, ignore_index: int, write_grad: bool,
                 lse_out: torch.Tensor | None = None, loss_out: torch.Tensor | None = None) -> torch.Tensor:
-    """The row kernel's work with PyTorch ops, in place on ``logits``; each row's log-sum-exp goes
-    to ``lse_out`` and the loss (fp32, fp64 for fp64 logits) to ``loss_out`` when given. Half
-    logits (the GEMM's own output) are worked on in fp32, a block of rows at a time
-    (:func:`_row_blocks`), and the gradient is written back rounded once, as the Triton kernel
-    does."""
-    if logits.dtype in _HALF_DTYPES:
-        loss = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device) if loss_out is None else loss_out
-        for start, stop in _row_blocks(logits):
-            block = logits[start:stop].float()
-            _torch_rows(block, labels[start:stop], row_scale[start:stop], ignore_index, write_grad,
-                        None if lse_out is None else lse_out[start:stop], loss[start:stop])
-            if write_grad:
-                logits[start:stop].copy_(block)
-        return loss
-    n_vocab = logits.shape[1]
+    """The row kernel's work with PyTorch ops, in place on ``logits``; returns the per-row loss
+    (fp32, fp64 for fp64 logits; written into ``loss_out`` when given), and each row's log-sum-exp
+    in ``lse_out`` when given. The passes go a block of rows at a time (:func:`_row_blocks`); half
+    logits (the GEMM's own output) are worked on in fp32 and the gradient is written back rounded
+    once, as the Triton kernel does."""
+    n_rows, n_vocab = logits.shape
+    act_dtype = _act_dtype(logits.dtype)
     ignored = labels == ignore_index
     in_range = (labels >= 0) & (labels < n_vocab)
     safe_labels = torch.where(in_range, labels, 0).long().unsqueeze(1)
     if lse_out is not None:
-        z_label = logits.gather(1, safe_labels).squeeze(1)
-    # log_softmax in place (one fused pass of PyTorch's vectorised kernel): z − lse.
-    torch.ops.aten._log_softmax.out(logits, 1, False, out=logits)
-    loss = -logits.gather(1, safe_labels).squeeze(1)
+        z_label = logits.gather(1, safe_labels).squeeze(1).to(act_dtype)
+    if write_grad:
+        scale = torch.where(ignored, 0.0, torch.where(in_range, row_scale.to(act_dtype), float("nan")))
+        label_shift = (-scale * in_range).unsqueeze(1)  # −s at the label's column
+        scale = scale.unsqueeze(1)
+    log_p = torch.empty(n_rows, dtype=act_dtype, device=logits.device)  # log p at the label
+    for start, stop in _row_blocks(logits):
+        block = logits[start:stop]
+        work = block if block.dtype == act_dtype else block.to(act_dtype)
+        # log_softmax in place (one fused pass of PyTorch's vectorised kernel): z − lse.
+        torch.ops.aten._log_softmax.out(work, 1, False, out=work)
+        log_p[start:stop] = work.gather(1, safe_labels[start:stop]).squeeze(1)
+        if write_grad:
+            work.exp_().mul_(scale[start:stop])
+            work.scatter_add_(1, safe_labels[start:stop], label_shift[start:stop])
+            if work is not block:
+                block.copy_(work)
     if lse_out is not None:
         # lse = z − (z − lse) at the label's column (column 0 for other rows): no second pass
         # over the row (a separate logsumexp took longer than the fused log_softmax).
-        lse_out.copy_(z_label + loss)
-    nan = torch.full_like(loss, float("nan"))
-    loss = torch.where(ignored, torch.zeros_like(loss), torch.where(in_range, loss, nan))
-    if loss_out is not None:
-        loss = loss_out.copy_(loss)
-    if write_grad:
-        scale = torch.where(ignored, 0.0, torch.where(in_range, row_scale.to(logits.dtype), float("nan")))
-        logits.exp_().mul_(scale.unsqueeze(1))
-        logits.scatter_add_(1, safe_labels, (-scale * in_range).unsqueeze(1))
-    return loss
+        lse_out.copy_(z_label - log_p)
+    loss = torch.where(ignored, 0.0, torch.where(in_range, -log_p, float("nan")))
+    return loss if loss_out is None else loss_out.copy_(loss)
 
 
 def _torch_vocab_block_grad(logits, labels, scale, lse, vocab_offset: int) -> None:
-    """``s∘G`` of one vocabulary block in place, with PyTorch ops (as the Triton kernel); half
-    logits in fp32 blocks of rows, as in :func:`_torch_rows`."""
-    if logits.dtype in _HALF_DTYPES:
-        for start, stop in _row_blocks(logits):
-            block = logits[start:stop].float()
-            _torch_vocab_block_grad(block, labels[start:stop], scale[start:stop], lse[start:stop], vocab_offset)
-            logits[start:stop].copy_(block)
-        return
-    logits.sub_(lse.unsqueeze(1)).exp_().mul_(scale.unsqueeze(1))
+    """``s∘G`` of one vocabulary block in place, with PyTorch ops (as the Triton kernel), a block
+    of rows at a time as in :func:`_torch_rows` (half logits in fp32)."""
+    act_dtype = _act_dtype(logits.dtype)
     # −s at the label's column where it lies in this block (a scatter of 0 to column 0 elsewhere:
     # no data-dependent shape, which torch.compile could not trace into a graph).
     hit = (labels >= vocab_offset) & (labels < vocab_offset + logits.shape[1])
     columns = torch.where(hit, labels - vocab_offset, 0).long().unsqueeze(1)
-    logits.scatter_add_(1, columns, torch.where(hit, -scale, 0.0).to(logits.dtype).unsqueeze(1))
+    label_shift = torch.where(hit, -scale, 0.0).to(act_dtype).unsqueeze(1)
+    lse, scale = lse.unsqueeze(1), scale.unsqueeze(1)
+    for start, stop in _row_blocks(logits):
+        block = logits[start:stop]
+        work = block if block.dtype == act_dtype else block.to(act_dtype)
+        work.sub_(lse[start:stop]).exp_().mul_(scale[start:stop])
+        work.scatter_add_(1, columns[start:stop], label_shift[start:stop])
+        if work is not block:
+            block.copy_(work)
 
 
 # --------------------------------------------------------------------------------------------
@@ -489,7 +495,7 @@ def _chunked(x, w, bias, labels, ignore_index: int, row_scale, rows_op, *, write
     """
     n_rows = x.shape[0]
     n_vocab = w.shape[0]
-    act_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    act_dtype = _act_dtype(x.dtype)
     triton_rows = rows_op is _triton_rows
     logits_dtype = _logits_dtype(x.dtype, triton_rows, x.device)
     step = chunk_rows(n_rows, n_vocab, x.device, _logit_bytes(x.dtype, logits_dtype))
@@ -562,7 +568,7 @@ def _forward_work(hidden, weight, bias, labels, ignore_index: int, reduction: st
     upstream is per token, so they are recomputed in the backward)."""
     write_grad = hidden_grad or weight_grad or bias_grad
     gemm_dtype = _gemm_dtype(hidden.dtype, hidden.device)
-    act_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    act_dtype = _act_dtype(hidden.dtype)
     x, w = hidden.to(gemm_dtype), weight.to(gemm_dtype)
     n_rows = x.shape[0]
     n_valid = (labels != ignore_index).sum()
@@ -586,7 +592,7 @@ def _recomputed_weight_grads(hidden, weight, bias, labels, grad_loss, ignore_ind
     chunk again (one GEMM), their gradient scaled row by row, then ``Gᵀ h`` and ``Σ G``. Returns
     ``(dW or None, db or None)`` in fp32 (fp64 for fp64 inputs; dW of a half GEMM in its dtype)."""
     gemm_dtype = _gemm_dtype(hidden.dtype, hidden.device)
-    act_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    act_dtype = _act_dtype(hidden.dtype)
     _, _, dw, db = _chunked(
         hidden.to(gemm_dtype), weight.to(gemm_dtype), bias, labels, ignore_index, grad_loss.to(act_dtype),
         rows_op, write_grad=True, hidden_grad=False, weight_grad=weight_grad, bias_grad=bias_grad,
@@ -697,7 +703,7 @@ def linear_cross_entropy_forward(
 
 @linear_cross_entropy_forward.register_fake
 def _(hidden, weight, bias, labels, ignore_index, reduction, hidden_grad, weight_grad, bias_grad, dw_per_chunk):
-    act_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    act_dtype = _act_dtype(hidden.dtype)
     gemm_dtype = _gemm_dtype(hidden.dtype, hidden.device)
     per_token = reduction == "none"
     loss = hidden.new_empty((hidden.shape[0],) if per_token else (), dtype=act_dtype)
@@ -719,14 +725,14 @@ def linear_cross_entropy_backward(
     with _launch_context(hidden):
         dw, db = _recomputed_weight_grads(hidden, weight, bias, labels, grad_loss, ignore_index, _triton_rows,
                                           weight_grad=weight_grad, bias_grad=bias_grad, dw_per_chunk=dw_per_chunk)
-    act_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    act_dtype = _act_dtype(hidden.dtype)
     return (_empty_like_none(grad_loss.new_empty(0, dtype=_weight_grad_dtype(hidden, act_dtype)), dw),
             _empty_like_none(grad_loss.new_empty(0, dtype=act_dtype), db))
 
 
 @linear_cross_entropy_backward.register_fake
 def _(hidden, weight, bias, labels, grad_loss, ignore_index, weight_grad, bias_grad, dw_per_chunk):
-    act_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    act_dtype = _act_dtype(hidden.dtype)
     return (hidden.new_empty(weight.shape if weight_grad else (0,), dtype=_weight_grad_dtype(hidden, act_dtype)),
             hidden.new_empty((weight.shape[0],) if bias_grad else (0,), dtype=act_dtype))
 
