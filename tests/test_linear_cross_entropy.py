@@ -358,6 +358,18 @@ def test_default_chunk_budget(monkeypatch):
     assert lce.chunk_rows(100, 128_256, cpu, 4) == 100
 
 
+def test_row_blocks_cover_the_chunk(monkeypatch):
+    """The PyTorch row ops go blocks of rows of about ROW_BLOCK_BYTES_CPU of fp32 on a CPU, that
+    cover the chunk once, in order; one block on another device (each op would be a launch)."""
+    monkeypatch.undo()
+    blocks = lce._row_blocks(torch.empty(1, 32000, dtype=torch.bfloat16).expand(1000, -1))  # no allocation
+    step = lce.ROW_BLOCK_BYTES_CPU // (4 * 32000)
+    assert blocks[0] == (0, step) and blocks[-1][1] == 1000 and len(blocks) == -(-1000 // step)
+    assert all(a[1] == b[0] for a, b in zip(blocks[:-1], blocks[1:], strict=True))
+    assert lce._row_blocks(torch.empty(3, 10 ** 7, dtype=torch.bfloat16, device="meta")) == [(0, 3)]
+    assert lce._row_blocks(torch.empty(1000, 32000, device="meta")) == [(0, 1000)]
+
+
 def test_cuda_chunk_budget_is_a_fraction_of_the_logits(monkeypatch):
     """On CUDA a chunk holds at most an eighth of the whole logits, or a quarter while that is
     under CHUNK_MIN_BYTES_CUDA (fewer launches where the GEMMs are short), above MIN_CHUNK_ROWS:

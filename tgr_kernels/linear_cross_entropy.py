@@ -303,12 +303,13 @@ def _triton_vocab_block_grad(logits, labels, scale, lse, vocab_offset: int) -> N
 
 
 def _row_blocks(logits: torch.Tensor):
-    """``(start, stop)`` of the blocks of rows in which the PyTorch row ops work: about
+    """``(start, stop)`` of the blocks of rows in which the PyTorch row ops work: on a CPU about
     ROW_BLOCK_BYTES_CPU of fp32 each, so that a block stays in the cache between the passes over
-    it; one block while torch.compile traces (its fused kernels need no blocking, and a loop would
-    be unrolled into the graph)."""
+    it; one block on a GPU (each op is a launch) and while torch.compile traces (its fused kernels
+    need no blocking, and a loop would be unrolled into the graph)."""
     n_rows, n_vocab = logits.shape
-    step = n_rows if torch.compiler.is_compiling() else max(1, ROW_BLOCK_BYTES_CPU // (4 * n_vocab))
+    whole = logits.device.type != "cpu" or torch.compiler.is_compiling()
+    step = n_rows if whole else max(1, ROW_BLOCK_BYTES_CPU // (4 * n_vocab))
     return [(start, min(start + step, n_rows)) for start in range(0, n_rows, step)]
 
 
