@@ -67,8 +67,7 @@ def cpu_name() -> str:
     return platform.processor() or "CPU"
 
 
-@functools.cache
-def _cpu_flags() -> frozenset:
+def _read_cpu_flags() -> frozenset:
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             for line in f:
@@ -79,8 +78,13 @@ def _cpu_flags() -> frozenset:
     return frozenset()
 
 
-# A constant to torch.compile: dynamo traces through functools.cache, and would meet open().
-@torch.compiler.assume_constant_result
+# Read once, at import: torch.compile traces cpu_computes_natively and cannot trace open() (a
+# functools.cache around the read does not stop it: dynamo traces through the cache).
+_CPU_FLAGS = _read_cpu_flags()
+_NATIVE_BF16 = bool({"amx_bf16", "avx512_bf16"} & _CPU_FLAGS)
+_NATIVE_FP16 = "amx_fp16" in _CPU_FLAGS
+
+
 def cpu_computes_natively(dtype: torch.dtype) -> bool:
     """Whether this CPU's GEMMs run ``dtype`` at least as fast as fp32.
 
@@ -89,9 +93,9 @@ def cpu_computes_natively(dtype: torch.dtype) -> bool:
     Where it is not native, the CPU paths compute half-precision inputs in fp32.
     """
     if dtype == torch.bfloat16:
-        return bool({"amx_bf16", "avx512_bf16"} & _cpu_flags())
+        return _NATIVE_BF16
     if dtype == torch.float16:
-        return "amx_fp16" in _cpu_flags()
+        return _NATIVE_FP16
     return True
 
 
