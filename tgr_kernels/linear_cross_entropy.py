@@ -334,8 +334,8 @@ def _torch_rows(logits, labels, row_scale, ignore_index: int, write_grad: bool,
         z_label = logits.gather(1, safe_labels).squeeze(1).to(act_dtype)
     if write_grad:
         scale = torch.where(ignored, 0.0, torch.where(in_range, row_scale.to(act_dtype), float("nan")))
-        label_shift = (-scale * in_range).unsqueeze(1)  # −s at the label's column
         scale = scale.unsqueeze(1)
+        minus_onehot = (-in_range.to(act_dtype)).unsqueeze(1)  # −1 at the label's column
     log_p = torch.empty(n_rows, dtype=act_dtype, device=logits.device)  # log p at the label
     for start, stop in _row_blocks(logits):
         block = logits[start:stop]
@@ -344,10 +344,9 @@ def _torch_rows(logits, labels, row_scale, ignore_index: int, write_grad: bool,
         torch.ops.aten._log_softmax.out(work, 1, False, out=work)
         log_p[start:stop] = work.gather(1, safe_labels[start:stop]).squeeze(1)
         if write_grad:
-            work.exp_().mul_(scale[start:stop])
-            work.scatter_add_(1, safe_labels[start:stop], label_shift[start:stop])
-            if work is not block:
-                block.copy_(work)
+            # s (p − onehot), the product written straight into the logits' dtype (no extra pass)
+            work.exp_().scatter_add_(1, safe_labels[start:stop], minus_onehot[start:stop])
+            torch.mul(work, scale[start:stop], out=block)
     if lse_out is not None:
         # lse = z − (z − lse) at the label's column (column 0 for other rows): no second pass
         # over the row (a separate logsumexp took longer than the fused log_softmax).
@@ -364,15 +363,13 @@ def _torch_vocab_block_grad(logits, labels, scale, lse, vocab_offset: int) -> No
     # no data-dependent shape, which torch.compile could not trace into a graph).
     hit = (labels >= vocab_offset) & (labels < vocab_offset + logits.shape[1])
     columns = torch.where(hit, labels - vocab_offset, 0).long().unsqueeze(1)
-    label_shift = torch.where(hit, -scale, 0.0).to(act_dtype).unsqueeze(1)
+    minus_onehot = (-hit.to(act_dtype)).unsqueeze(1)
     lse, scale = lse.unsqueeze(1), scale.unsqueeze(1)
     for start, stop in _row_blocks(logits):
         block = logits[start:stop]
         work = block if block.dtype == act_dtype else block.to(act_dtype)
-        work.sub_(lse[start:stop]).exp_().mul_(scale[start:stop])
-        work.scatter_add_(1, columns[start:stop], label_shift[start:stop])
-        if work is not block:
-            block.copy_(work)
+        work.sub_(lse[start:stop]).exp_().scatter_add_(1, columns[start:stop], minus_onehot[start:stop])
+        torch.mul(work, scale[start:stop], out=block)  # s (p − onehot) in the logits' dtype
 
 
 # --------------------------------------------------------------------------------------------
