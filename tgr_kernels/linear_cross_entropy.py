@@ -333,8 +333,7 @@ def _torch_rows(logits, labels, row_scale, ignore_index: int, write_grad: bool,
     if lse_out is not None:
         z_label = logits.gather(1, safe_labels).squeeze(1).to(act_dtype)
     if write_grad:
-        scale = torch.where(ignored, 0.0, torch.where(in_range, row_scale.to(act_dtype), float("nan")))
-        scale = scale.unsqueeze(1)
+        scale = torch.where(ignored, 0.0, torch.where(in_range, row_scale.to(act_dtype), float("nan"))).unsqueeze(1)
         minus_onehot = (-in_range.to(act_dtype)).unsqueeze(1)  # −1 at the label's column
     log_p = torch.empty(n_rows, dtype=act_dtype, device=logits.device)  # log p at the label
     for start, stop in _row_blocks(logits):
@@ -407,7 +406,7 @@ def _logits_dtype(x_dtype: torch.dtype, triton_rows: bool, device: torch.device)
             return x_dtype
         if not triton_rows and device.type == "cpu":
             return x_dtype
-    return torch.float64 if x_dtype == torch.float64 else torch.float32
+    return _act_dtype(x_dtype)
 
 
 def _chunk_logits(x_c, w, bias, act_dtype):
@@ -878,7 +877,7 @@ def linear_cross_entropy_ref(hidden, weight, labels, bias=None, *, ignore_index=
     check_linear_cross_entropy_inputs(hidden, weight, labels, bias, ignore_index, reduction)
     dtype = weight.dtype
     if upcast:
-        dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        dtype = _act_dtype(dtype)
     b = None if bias is None else bias.to(dtype)
     logits = F.linear(hidden.to(dtype), weight.to(dtype), b)
     loss = F.cross_entropy(logits.reshape(-1, weight.shape[0]), labels.reshape(-1).long(),
@@ -893,7 +892,7 @@ def linear_log_probs_ref(hidden, weight, targets, bias=None, *, ignore_index: in
     check_linear_cross_entropy_inputs(hidden, weight, targets, bias, ignore_index, "none", labels_name="targets")
     dtype = weight.dtype
     if upcast:
-        dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        dtype = _act_dtype(dtype)
     b = None if bias is None else bias.to(dtype)
     logits = F.linear(hidden.to(dtype), weight.to(dtype), b)
     keep = torch.ones_like(targets, dtype=torch.bool) if ignore_index is None else targets != ignore_index
