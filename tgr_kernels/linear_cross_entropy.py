@@ -159,8 +159,9 @@ def _lce_rows_kernel(
     ``z_i ← s_i · (softmax(z_i) − onehot(y_i))``.
 
     Pass 1 streams the row in BLOCK_V blocks with an online log-sum-exp (per-lane running max m
-    and sum Σ exp(z − m), merged at the end); pass 2 (WRITE_GRAD) rewrites each block as
-    ``s_i · (exp(z − lse) − 1[v = y_i])``. The logits may be fp32 or half (the GEMM's output):
+    and sum Σ exp(z − m), merged at the end into the row's max M and L = log Σ_v exp(z_v − M));
+    ``ℓ_i = L − (z_{i,y_i} − M)``, and pass 2 (WRITE_GRAD) rewrites each block as
+    ``s_i · (exp((z − M) − L) − 1[v = y_i])``. The logits may be fp32 or half (the GEMM's output):
     every operation is in fp32, and the gradient is rounded once, to the logits' dtype, as it is
     stored. An ignored row (y_i = ignore_index) has ℓ_i = 0 and a zero gradient row; a label
     outside [0, V) that is not ignored gives ℓ_i = NaN and a NaN gradient row (its logit is never
@@ -197,11 +198,14 @@ def _lce_rows_kernel(
         lane_sum = lane_sum * tl.exp(lane_max - shift) + tl.exp(z - shift)
         lane_max = new_max
     row_max = tl.max(lane_max, axis=0)
-    lse = row_max + tl.log(tl.sum(lane_sum * tl.exp(lane_max - row_max), axis=0))
-    tl.store(lse_ptr + row, lse)
+    log_sum = tl.log(tl.sum(lane_sum * tl.exp(lane_max - row_max), axis=0))
+    tl.store(lse_ptr + row, row_max + log_sum)
 
+    # The loss and the softmax take z − max first (exact near the max) and then log Σ, as
+    # PyTorch's log_softmax does: through lse = max + log Σ, whose rounding is |lse|·eps, every
+    # probability would carry that absolute error in its exponent (1e-5 relative at |z| ~ 100).
     target = tl.load(row_ptr + tl.where(in_range, label, 0), mask=in_range & ~ignored, other=0.0).to(tl.float32)
-    loss = tl.where(ignored, 0.0, tl.where(in_range, lse - target, float("nan")))
+    loss = tl.where(ignored, 0.0, tl.where(in_range, log_sum - (target - row_max), float("nan")))
     tl.store(loss_ptr + row, loss)
 
     if WRITE_GRAD:
@@ -211,7 +215,7 @@ def _lce_rows_kernel(
             cols = start + columns
             col_mask = cols < n_vocab
             z = tl.load(row_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
-            grad = tl.exp(z - lse) - tl.where(cols == label, 1.0, 0.0)
+            grad = tl.exp((z - row_max) - log_sum) - tl.where(cols == label, 1.0, 0.0)
             tl.store(row_ptr + cols, (grad * scale).to(logits_ptr.dtype.element_ty), mask=col_mask)
 
 
