@@ -583,8 +583,10 @@ def _forward_work(hidden, weight, bias, labels, ignore_index: int, reduction: st
         bias_grad=bias_grad and reduction != "none", dw_per_chunk=dw_per_chunk)
     if reduction == "none":
         return loss, dh, dw, db
-    total = loss.sum()
-    return (total / n_valid.to(act_dtype) if reduction == "mean" else total), dh, dw, db
+    # Summed in fp64 (N values: free), rounded once, as PyTorch's CPU nll_loss accumulates: an fp32
+    # sum of large per-token losses was off by a unit in the last place of the total.
+    total = loss.sum(dtype=torch.float64)
+    return (total / n_valid if reduction == "mean" else total).to(act_dtype), dh, dw, db
 
 
 def _recomputed_weight_grads(hidden, weight, bias, labels, grad_loss, ignore_index: int, rows_op, *,
