@@ -133,6 +133,22 @@ def test_large_fp32_logits_match_float64(backend, reduction):
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", DTYPES[1:], ids=DTYPE_IDS[1:])
+def test_bias_cancelling_a_large_product(backend, dtype):
+    """A constant outlier dimension of the hidden states and a bias that cancels its product: the
+    bias enters before the one rounding of a half GEMM, as in eager's F.linear, also where the
+    chunks take fp32 logits (bf16 under the interpreter; CUDA without fp32-output GEMMs)."""
+    hidden, weight, _, labels = make_inputs((3, 11), torch.float32, bias=False, requires=(False, False, False))
+    hidden[..., 0] = 256.0
+    weight[:, 0] = 1.0 + torch.rand(V, device=hidden.device)
+    hidden, weight = hidden.to(dtype), weight.to(dtype)
+    bias = -(hidden[..., 0].float().mean() * weight[:, 0].float()).to(dtype)
+    for t in (hidden, weight, bias):
+        t.requires_grad_()
+    assert_matches_float64(backend, hidden, weight, bias, labels, "mean")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("dtype", DTYPES[1:], ids=DTYPE_IDS[1:])
 def test_weight_dtype_accumulation_matches_float64(dtype, reduction, backend):

@@ -278,3 +278,20 @@ def test_bf16_projection_under_the_interpreter_is_correct(weight_dtype):
     for name, g, ge, gt, leaf in zip(("dh", "dW", "db"), grads, eager_grads, truth_grads, leaves, strict=True):
         assert g.dtype == leaf.dtype
         assert_parity(name, g, ge, gt, torch.bfloat16)
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_meta_tensors_give_shapes(backend):
+    """Meta tensors (shape inference, models built on the meta device) run through the PyTorch
+    paths: no autocast query on a device type that has none, no value check that reads data."""
+    meta = torch.device("meta")
+    hidden = torch.empty(2, 3, 16, device=meta, dtype=torch.bfloat16)
+    weight, bias = torch.empty(4, 16, device=meta), torch.empty(4, device=meta)
+    assert temperature_projection(hidden, weight, bias, backend=backend).shape == (2, 3, 4)
+    q = torch.empty(1, 2, 5, 8, device=meta)
+    out = temperature_guided_attention(q, q, q, torch.empty(1, 5, device=meta), backend=backend)
+    assert out.shape == (1, 2, 5, 8) and out.device == meta
+    lm_head = torch.empty(50, 16, device=meta, dtype=torch.bfloat16)
+    labels = torch.zeros(2, 3, dtype=torch.long, device=meta)
+    assert tgr_kernels.linear_cross_entropy(hidden, lm_head, labels, backend=backend).shape == ()
+    assert tgr_kernels.linear_log_probs(hidden, lm_head, labels, backend=backend).shape == (2, 3)

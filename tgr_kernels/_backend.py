@@ -5,6 +5,7 @@ when ``TRITON_INTERPRET=1`` was in the environment before triton was first impor
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import platform
 
@@ -28,6 +29,23 @@ def resolve_backend(backend: str, device: torch.device) -> str:
             f"triton is imported; got tensors on {device}. Use backend='torch' on this device."
         )
     return backend
+
+
+def autocast_off(device_type: str):
+    """A context with autocast disabled for ``device_type``; a no-op for meta tensors (shape
+    inference), which have no autocast: ``torch.autocast("meta")`` itself raises. (A plain string
+    test: torch.compile traces it as a constant.)"""
+    if device_type == "meta":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, enabled=False)
+
+
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype autocast casts to on ``device_type``, or None when it is off (always off for meta
+    tensors, which have no autocast: ``torch.is_autocast_enabled("meta")`` raises)."""
+    if device_type == "meta" or not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
 
 
 def next_power_of_2(n: int) -> int:

@@ -155,6 +155,9 @@ def check_projection_inputs(hidden, weight, bias, clamp_min: float, clamp_max: f
         if bias.shape[0] != weight.shape[0]:
             raise ValueError(f"bias must be [{weight.shape[0]}] to match weight {_shape(weight)}, got {_shape(bias)}")
     check_same_device(hidden=hidden, weight=weight, bias=bias)
+    for name, bound in (("clamp_min", clamp_min), ("clamp_max", clamp_max)):
+        if not _is_real(bound):
+            raise TypeError(f"{name} must be a real number (a Python float), got {type(bound).__name__} {bound!r}")
     if not (0.0 <= clamp_min <= clamp_max <= 1.0):
         raise ValueError(f"need 0 <= clamp_min <= clamp_max <= 1, got clamp_min={clamp_min}, clamp_max={clamp_max}")
 

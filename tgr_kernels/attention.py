@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._backend import TRITON_INTERPRET, cpu_computes_natively, resolve_backend
+from ._backend import TRITON_INTERPRET, autocast_dtype, autocast_off, cpu_computes_natively, resolve_backend
 from ._gate import DEFAULT_GSOT_WIDTH, make_gate
 from ._ops import decode_attention, flash_attention, wide_triton_attention
 from ._validation import check_attention_inputs, check_backend
@@ -96,7 +96,7 @@ def temperature_guided_attention(
     causal = args.causal and q.shape[2] > 1
     options = (args.key_padding, args.additive, causal, args.gate, args.scale)
     # The dtypes are decided above; no op inside may be recast by the caller's autocast.
-    with torch.autocast(q.device.type, enabled=False):
+    with autocast_off(q.device.type):
         t_bar = mean_temperature(args.temperature)
         t_bar = t_bar.double() if t_bar.dtype == torch.float64 else t_bar.float()
         if backend == "triton":
@@ -115,10 +115,9 @@ def _same_cast(q, k, v, dtype):
 def _autocast_inputs(q, k, v):
     """Under autocast, attention runs in the autocast dtype, as PyTorch's own attention and
     matmuls do: floating q/k/v (float64 excepted) are cast to it. The temperature stays fp32."""
-    device_type = q.device.type
-    if not torch.is_autocast_enabled(device_type) or q.dtype == torch.float64:
+    dtype = autocast_dtype(q.device.type)
+    if dtype is None or q.dtype == torch.float64:
         return q, k, v
-    dtype = torch.get_autocast_dtype(device_type)
     return (q, k, v) if q.dtype == dtype else _same_cast(q, k, v, dtype)
 
 

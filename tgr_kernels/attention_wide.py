@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from . import _configs, _gate
-from ._backend import new_output, once_differentiable_strict
+from ._backend import autocast_off, new_output, once_differentiable_strict
 from ._gate import gate_rows, gated_lse
 from ._masks import LOG2E, logits_tile, mask_args, online_softmax_step
 from .reference import MASKED_BIAS
@@ -653,7 +653,7 @@ class WideAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, t_bar, key_padding, additive, causal, gate, scale, row_ops, chunk_bytes):
-        with torch.autocast(q.device.type, enabled=False):  # wide_attention calls it only for training
+        with autocast_off(q.device.type):  # wide_attention calls it only for training
             out, lse, scores = wide_forward(q, k, v, t_bar, key_padding, additive, causal, gate,
                                             scale, row_ops, chunk_bytes, keep_scores=True)
         ctx.save_for_backward(q, k, v, t_bar, key_padding, additive, lse, scores)
@@ -706,7 +706,7 @@ def wide_attention(q, k, v, t_bar, key_padding, additive, causal, gate, scale,
     if not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, t_bar))):
         # Inference: no autograd node, and no score buffer kept for a backward that never comes
         # (inside Function.forward grad mode is always off, so only the caller can tell).
-        with torch.autocast(q.device.type, enabled=False):
+        with autocast_off(q.device.type):
             return wide_forward(q, k, v, t_bar, key_padding, additive, causal, gate, scale,
                                 row_ops, chunk_bytes)[0]
     return WideAttentionFunction.apply(q, k, v, t_bar, key_padding, additive, causal, gate, scale,

@@ -83,6 +83,8 @@ import triton.language as tl
 from . import _configs
 from ._backend import (
     TRITON_INTERPRET,
+    autocast_dtype,
+    autocast_off,
     cpu_computes_natively,
     new_output,
     once_differentiable_strict,
@@ -421,11 +423,14 @@ def _chunk_logits(x_c, w, bias, act_dtype):
         return torch.addmm(bias.to(act_dtype), x_c, w.t())
     if x_c.is_cuda and _cuda_mm_has_out_dtype():
         logits = torch.mm(x_c, w.t(), out_dtype=act_dtype)
-    else:
-        logits = torch.mm(x_c, w.t()).to(act_dtype)
-    if bias is not None:
-        logits += bias.to(act_dtype)
-    return logits
+        if bias is not None:
+            logits += bias.to(act_dtype)
+        return logits
+    # A half GEMM rounds its output: the bias (x's dtype) goes inside, before that one rounding,
+    # as in eager's F.linear (added after, a bias that cancels a large product would not).
+    if bias is None:
+        return torch.mm(x_c, w.t()).to(act_dtype)
+    return torch.addmm(bias, x_c, w.t()).to(act_dtype)
 
 
 def _weight_grad_by_vocab(x, w, bias, labels, ignore_index: int, row_scale, lse, logits_dtype, block_grad):
@@ -918,11 +923,10 @@ def _prepare(hidden, weight, labels, bias, ignore_index, reduction, backend, lab
     check_linear_cross_entropy_inputs(hidden, weight, labels, bias, ignore_index, reduction, labels_name)
     check_weight_grad_accumulation(weight_grad_accumulation)
     chosen = resolve_backend(backend, hidden.device)
-    device_type = hidden.device.type
-    if torch.is_autocast_enabled(device_type):
+    dtype = autocast_dtype(hidden.device.type)
+    if dtype is not None:
         # As F.linear under autocast: the GEMMs run in the autocast dtype (the row work and the
         # accumulators stay fp32); autograd casts the gradients back to each input's dtype.
-        dtype = torch.get_autocast_dtype(device_type)
         hidden, weight = hidden.to(dtype), weight.to(dtype)
         bias = None if bias is None else bias.to(dtype)
     _check_dtypes_match(hidden, weight, bias)
@@ -937,7 +941,7 @@ def _prepare(hidden, weight, labels, bias, ignore_index, reduction, backend, lab
 def _fused_loss(hidden, weight, labels, bias, ignore_index, reduction, use_triton, weight_grad_accumulation):
     ignore = _NO_IGNORE if ignore_index is None else ignore_index
     dw_per_chunk = weight_grad_accumulation == "weight-dtype"
-    with torch.autocast(hidden.device.type, enabled=False):
+    with autocast_off(hidden.device.type):
         hidden2d = hidden.reshape(-1, hidden.shape[-1])
         labels1d = labels.reshape(-1).long().contiguous()
         if use_triton:
@@ -993,7 +997,7 @@ def linear_cross_entropy(
     chosen, hidden, weight, bias = _prepare(hidden, weight, labels, bias, ignore_index, reduction, backend, "labels",
                                             weight_grad_accumulation)
     if chosen == "reference":
-        with torch.autocast(hidden.device.type, enabled=False):
+        with autocast_off(hidden.device.type):
             return linear_cross_entropy_ref(hidden, weight, labels, bias, ignore_index=ignore_index,
                                             reduction=reduction, upcast=False)
     return _fused_loss(hidden, weight, labels, bias, ignore_index, reduction, chosen == "triton",
@@ -1021,7 +1025,7 @@ def linear_log_probs(
     chosen, hidden, weight, bias = _prepare(hidden, weight, targets, bias, ignore_index, "none", backend, "targets",
                                             weight_grad_accumulation)
     if chosen == "reference":
-        with torch.autocast(hidden.device.type, enabled=False):
+        with autocast_off(hidden.device.type):
             return linear_log_probs_ref(hidden, weight, targets, bias, ignore_index=ignore_index, upcast=False)
     return -_fused_loss(hidden, weight, targets, bias, ignore_index, "none", chosen == "triton",
                         weight_grad_accumulation)

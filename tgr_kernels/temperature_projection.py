@@ -30,6 +30,7 @@ import triton.language as tl
 from . import _configs
 from ._backend import (
     TRITON_INTERPRET,
+    autocast_off,
     cpu_computes_natively,
     new_output,
     resolve_backend,
@@ -427,9 +428,11 @@ def _torch_projection(hidden, weight, bias, clamp_min, clamp_max):
     else:
         gemm_dtype = torch.float32
     act_dtype = torch.float64 if out_dtype == torch.float64 else torch.float32
-    logits = F.linear(hidden.to(gemm_dtype), weight.to(gemm_dtype)).to(act_dtype)
-    if bias is not None:
-        logits = logits + bias.to(act_dtype)
+    # The bias goes inside the GEMM, before its one rounding, as in eager's F.linear: added after
+    # a half GEMM, the product was rounded first, losing |h·Wᵀ|·2⁻⁹ where the bias cancels a
+    # large product (a constant outlier dimension of the hidden states and a bias that offsets it).
+    b = None if bias is None else bias.to(gemm_dtype)
+    logits = F.linear(hidden.to(gemm_dtype), weight.to(gemm_dtype), b).to(act_dtype)
     return torch.clamp(torch.sigmoid(logits), clamp_min, clamp_max).to(out_dtype)
 
 
@@ -509,7 +512,7 @@ def temperature_projection(
     # Autocast does not change this op: it computes in its inputs' dtypes (fp32 accumulation,
     # fp32 sigmoid) and returns their promoted dtype, so the temperatures of a bf16-autocast
     # model stay as precise as without autocast.
-    with torch.autocast(hidden.device.type, enabled=False):
+    with autocast_off(hidden.device.type):
         if chosen == "torch":
             return _torch_projection(hidden, weight, bias, clamp_min, clamp_max)
         return _triton_projection(hidden, weight, bias, clamp_min, clamp_max)
