@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from helpers import DEVICE, make_inputs, make_mask, rebuild_inputs
-from parity import FLOOR, assert_parity, max_err
+from parity import FLOOR, assert_attention_parity, assert_parity, max_err
 from tgr_kernels import attention_flash, attention_wide
 from tgr_kernels.attention import TemperatureGuidedAttention, temperature_guided_attention
 from tgr_kernels.reference import temperature_guided_attention_ref
@@ -239,6 +239,10 @@ def _good(B=2, H=2, S=5, D=8):
         (lambda a: {**a, "q": torch.randn(0, 2, 5, 8), "k": torch.randn(0, 2, 5, 8), "v": torch.randn(0, 2, 5, 8),
                     "temperature": torch.rand(0, 5)}, ValueError, "empty"),
         (lambda a: {**a, "scale": -1.0}, ValueError, "scale"),
+        (lambda a: {**a, "scale": 1e300}, ValueError, "scale must lie in float32's normal range"),
+        (lambda a: {**a, "scale": 1e-40}, ValueError, "scale must lie in float32's normal range"),
+        (lambda a: {**a, "gsot_threshold": 0.5, "gsot_mode": "soft", "gsot_width": 1e-50}, ValueError,
+         "gsot_width must lie in float32's normal range"),
         (lambda a: {**a, "gsot_threshold": "high"}, TypeError, "gsot_threshold"),
         (lambda a: {**a, "backend": "cuda"}, ValueError, "backend must be one of"),
         (lambda a: {**a, "q": a["q"].double(), "k": a["k"].double(), "v": a["v"].double(), "backend": "triton"},
@@ -292,3 +296,32 @@ def test_wide_path_temperature_gradient_when_the_softmax_saturates(backend, dtyp
     dominates and dS is a tiny difference of nearly equal terms. dt̄ must stay as accurate as
     PyTorch's eager autograd (it lost three digits with Δ = rowsum(dO ∘ O))."""
     check_parity(backend, 1, 1, 128, 128, 1024, "kpm", False, 0.4, True, dtype)
+
+
+@pytest.mark.parametrize("dtype", [F32, F16])
+def test_flash_backward_with_negligible_key_tiles(dtype):
+    """An ALiBi bias (slope 1/2) over 256 keys puts whole tiles of keys 90-130 nats below the row's
+    lse: their weight Σ P is subnormal. The dQ kernel divided by it (1 / w overflowed to inf), and
+    dQ, dt̄ and the head's whole dK came out NaN; such tiles now drop out of its merge."""
+    torch.manual_seed(0)
+    B, H, S_q, S_k, D = 1, 1, 4, 256, 16
+    q, k, v = (torch.randn(B, H, s, D, device=DEVICE).to(dtype).requires_grad_() for s in (S_q, S_k, S_k))
+    temperature = torch.full((B, S_q), 0.9, device=DEVICE, requires_grad=True)
+    distance = (torch.arange(S_q, device=DEVICE)[:, None] + (S_k - S_q) - torch.arange(S_k, device=DEVICE)).abs()
+    alibi = (-0.5 * distance.float()).to(dtype).view(1, 1, S_q, S_k)
+    leaves = [q, k, v, temperature]
+    out = temperature_guided_attention(*leaves, alibi, causal=True, backend="triton")
+    assert_attention_parity(out, leaves, alibi, dict(causal=True), dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("t_dtype", [BF16, F16])
+def test_half_temperature_is_averaged_in_fp32(backend, t_dtype):
+    """A [B, S_q, T] temperature in bf16/fp16 with fp32 q/k/v: t̄ is its mean taken in fp32, as in
+    the reference (averaged in bf16 it was 2e-3 off, and so was the output, against eager's 1.5e-7)."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 16, 32, device=DEVICE, requires_grad=True) for _ in range(3))
+    temperature = (torch.rand(1, 16, 3, device=DEVICE) * 0.98 + 0.01).to(t_dtype).requires_grad_()
+    leaves = [q, k, v, temperature]
+    out = temperature_guided_attention(*leaves, backend=backend)
+    assert_attention_parity(out, leaves, None, {}, F32)

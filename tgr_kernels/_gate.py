@@ -32,6 +32,9 @@ import triton.language as tl
 GSOT_MODES = ("hard", "straight_through", "soft")
 GATE_HARD, GATE_STRAIGHT_THROUGH, GATE_SOFT = range(3)
 DEFAULT_GSOT_WIDTH = 0.05
+# float32's normal range: the gate and the logits' scale are fp32 numbers in the kernels.
+FP32_NORMAL_MIN = torch.finfo(torch.float32).tiny
+FP32_MAX = torch.finfo(torch.float32).max
 
 
 class Gate(NamedTuple):
@@ -58,6 +61,10 @@ def make_gate(threshold, mode: str = "hard", width=DEFAULT_GSOT_WIDTH) -> Gate |
         raise TypeError(f"gsot_width must be a positive finite number, got {width!r}") from None
     if not (width > 0 and math.isfinite(width)):
         raise ValueError(f"gsot_width must be a positive finite number, got {width!r}")
+    if not FP32_NORMAL_MIN <= width <= FP32_MAX:
+        # The kernels compute in fp32: a width that rounds to 0 or inf there made dt̄ NaN.
+        raise ValueError(f"gsot_width must lie in float32's normal range [{FP32_NORMAL_MIN:.3g}, {FP32_MAX:.3g}] "
+                         f"(the gate is computed in float32), got {width!r}")
     if threshold is None:
         return None
     return Gate(float(threshold), GSOT_MODES.index(mode), width)

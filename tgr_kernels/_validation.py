@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._gate import DEFAULT_GSOT_WIDTH, Gate, make_gate
+from ._gate import DEFAULT_GSOT_WIDTH, FP32_MAX, FP32_NORMAL_MIN, Gate, make_gate
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 BACKENDS = ("auto", "triton", "torch", "reference")
@@ -276,6 +276,11 @@ def check_attention_inputs(
         scale = 1.0 / math.sqrt(D)
     elif not _is_real(scale) or not (scale > 0 and math.isfinite(scale)):
         raise ValueError(f"scale must be a positive finite number or None, got {scale!r}")
+    elif not FP32_NORMAL_MIN <= scale <= FP32_MAX:
+        # The kernels scale the logits in fp32: a scale that rounds to 0 or inf there gave
+        # uniform or NaN rows where float64 eager did not.
+        raise ValueError(f"scale must lie in float32's normal range [{FP32_NORMAL_MIN:.3g}, {FP32_MAX:.3g}] "
+                         f"(the kernels scale the logits in float32), got {scale!r}")
     key_padding, additive = _split_mask(attn_mask, B, H, S_q, S_k, checks)
     _run_value_checks(q.device, checks)
     return AttentionInputs(q, k, v, temperature, key_padding, additive, bool(causal), gate, float(scale))

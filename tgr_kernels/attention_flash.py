@@ -52,6 +52,9 @@ from ._gate import gate_rows, gated_lse
 from ._masks import LOG2E, logits_tile, mask_args, online_softmax_step
 
 FLASH_MAX_HEAD_DIM = 256
+# A tile of keys whose share of its row's weight Σ P is below this drops out of the dQ kernel's
+# merge (see there): 2⁻¹⁰⁰, far below what an fp32 sum can see, far above the subnormals.
+NEGLIGIBLE_TILE_WEIGHT = tl.constexpr(2.0 ** -100)
 
 
 @triton.jit
@@ -363,6 +366,10 @@ def _flash_bwd_dq_kernel(
                                 stride_bb, stride_bh, stride_bm, stride_bn, S_q, S_k, D,
                                 HAS_KPM, HAS_BIAS, CAUSAL, PRECISION)
         w_tile = tl.sum(p, 1)
+        # A tile whose weight is negligible (every key ~70 nats or more below the row's lse) is
+        # dropped: 1 / w_tile of a subnormal weight overflowed to inf, and Δ, dt̄, dQ and then the
+        # whole head's dK turned NaN. Its share of the row, < 1e-30, changes no fp32 sum.
+        w_tile = tl.where(w_tile < NEGLIGIBLE_TILE_WEIGHT, 0.0, w_tile)
         inv_tile = 1.0 / tl.where(w_tile == 0.0, 1.0, w_tile)
         mean_dp_tile = tl.sum(p * dp, 1) * inv_tile
         mean_z_tile = tl.sum(p * qk, 1) * inv_tile

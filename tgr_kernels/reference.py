@@ -158,8 +158,8 @@ def attention_ref_checked(args: AttentionInputs, *, upcast: bool) -> torch.Tenso
 
     # GSoT is decided on t̄ in fp32 (fp64 for fp64 temperatures) whatever q's dtype, as every
     # backend does: rounding t̄ to bf16 first would keep rows just below the threshold.
-    t_gate = mean_temperature(args.temperature)
-    t_gate = t_gate.double() if t_gate.dtype == torch.float64 else t_gate.float()
+    t_gate = args.temperature.double() if args.temperature.dtype == torch.float64 else args.temperature.float()
+    t_gate = mean_temperature(t_gate)
     if args.gate is not None:
         out = out * differentiable_gate(t_gate, args.gate)[:, None, :, None].to(out.dtype)
     return out.to(q.dtype)
