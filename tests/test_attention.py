@@ -349,3 +349,17 @@ def test_sdpa_path_frozen_temperature_when_the_softmax_saturates(seed):
     assert_parity("out", out, eager, truth, F32)
     for name, a, e, t in zip("qkv", grads, eager_grads, truth_grads, strict=True):
         assert_parity(f"d{name}", a, e, t, F32)
+
+
+@pytest.mark.parametrize("needs_grad", [True, False], ids=["flash", "decode"])
+def test_float64_temperature_is_gated_in_its_own_precision(needs_grad):
+    """An fp64 temperature 1e-9 below the threshold rounds onto fp32(τ): the Triton kernels, which
+    gate in fp32, kept the row that the reference prunes (an O(1) output error). Its fp32 value
+    now moves one unit to the side its fp64 value is on."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 4, 16, device=DEVICE, requires_grad=needs_grad) for _ in range(3))
+    temperature = torch.tensor([[0.7 - 1e-9, 0.7, 0.9, 0.7 - 1e-9]], dtype=torch.float64, device=DEVICE)
+    out = temperature_guided_attention(q, k, v, temperature, gsot_threshold=0.7, backend="triton")
+    truth = temperature_guided_attention_ref(q.double(), k.double(), v.double(), temperature, gsot_threshold=0.7)
+    assert (out[:, :, [0, 3]] == 0).all() and (out[:, :, [1, 2]] != 0).all()
+    assert max_err(out, truth) < FLOOR[F32]

@@ -18,6 +18,8 @@ Implementations, chosen by ``backend`` and the head dim D:
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -126,8 +128,24 @@ def _autocast_inputs(q, k, v):
     return (q, k, v) if q.dtype == dtype else _same_cast(q, k, v, dtype)
 
 
+def _gated_in_fp32(t_bar: torch.Tensor, gate) -> torch.Tensor:
+    """t̄ for kernels that load it as fp32 and gate it against an fp32 threshold: an fp64 t̄
+    within fp32 rounding of the threshold would land on the other side of it there (0.7 − 1e-9
+    rounds to fp32(0.7): kept, where the reference prunes it). Such a row's fp32 value moves by one
+    unit to the side its fp64 value is on; the gradient passes through unchanged."""
+    if gate is None or t_bar.dtype != torch.float64:
+        return t_bar
+    t32 = t_bar.float()
+    tau = torch.tensor(gate.threshold, dtype=torch.float32, device=t_bar.device)
+    keep = t_bar >= gate.threshold
+    side = torch.where(keep, tau, torch.nextafter(tau, torch.tensor(-math.inf, device=t_bar.device)))
+    fixed = torch.where(keep == (t32 >= tau), t32, side)
+    return t32 + (fixed - t32).detach()
+
+
 def _triton_attention(q, k, v, t_bar, key_padding, additive, *options):
     dtype = q.dtype
+    t_bar = _gated_in_fp32(t_bar, options[1])  # options: causal, gate, scale
     if TRITON_INTERPRET and q.device.type == "cpu" and dtype == torch.bfloat16:
         # The interpreter multiplies bf16 bit patterns in tl.dot (triton-lang/triton#11584):
         # under it, bf16 is computed in fp32 and the output cast back (autograd casts the
