@@ -239,6 +239,8 @@ def _good(B=2, H=2, S=5, D=8):
         (lambda a: {**a, "q": torch.randn(0, 2, 5, 8), "k": torch.randn(0, 2, 5, 8), "v": torch.randn(0, 2, 5, 8),
                     "temperature": torch.rand(0, 5)}, ValueError, "empty"),
         (lambda a: {**a, "scale": -1.0}, ValueError, "scale"),
+        (lambda a: {**a, "attn_mask": torch.zeros(2, 1, 5, 5, requires_grad=True)}, ValueError,
+         "attn_mask requires grad"),
         (lambda a: {**a, "scale": 1e300}, ValueError, "scale must lie in float32's normal range"),
         (lambda a: {**a, "scale": 1e-40}, ValueError, "scale must lie in float32's normal range"),
         (lambda a: {**a, "gsot_threshold": 0.5, "gsot_mode": "soft", "gsot_width": 1e-50}, ValueError,

@@ -90,6 +90,10 @@ def temperature_guided_attention(
     if backend == "triton" and q.dtype == torch.float64:
         raise TypeError("backend='triton' supports float16, bfloat16 and float32 q/k/v, got float64; "
                         "use backend='torch'")
+    if backend != "reference" and torch.is_grad_enabled() and getattr(attn_mask, "requires_grad", False):
+        # The fast paths take the mask as a constant: a learnable bias would silently not learn.
+        raise ValueError(f"attn_mask requires grad, but backend={backend!r} does not differentiate the mask; "
+                         "use backend='reference' for a learnable bias, or pass attn_mask.detach()")
     if backend == "reference":
         return attention_ref_checked(args, upcast=False)
     q, k, v = _autocast_inputs(q, k, v)
