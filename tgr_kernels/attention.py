@@ -31,7 +31,7 @@ from .attention_decode import DECODE_MAX_QUERY_ROWS
 from .attention_flash import FLASH_MAX_HEAD_DIM
 from .attention_sdpa import sdpa_attention
 from .attention_wide import DEFAULT_CHUNK_BYTES, repeat_kv_heads, wide_attention
-from .reference import attention_ref_checked, mean_temperature
+from .reference import attention_ref_checked, mean_temperature_fp32
 
 __all__ = ["temperature_guided_attention", "TemperatureGuidedAttention"]
 
@@ -103,16 +103,10 @@ def temperature_guided_attention(
     options = (args.key_padding, args.additive, causal, args.gate, args.scale)
     # The dtypes are decided above; no op inside may be recast by the caller's autocast.
     with autocast_off(q.device.type):
-        # t̄ averaged in fp32 (fp64 for fp64), as the reference does for fp32 q: a mean over the
-        # temperature heads in bf16 was 2e-3 off, and moved the output as much.
-        t_bar = mean_temperature(_upcast_temperature(args.temperature))
+        t_bar = mean_temperature_fp32(args.temperature)
         if backend == "triton":
             return _triton_attention(q, k, v, t_bar, *options)
         return _torch_attention(q, k, v, t_bar, *options)
-
-
-def _upcast_temperature(temperature: torch.Tensor) -> torch.Tensor:
-    return temperature.double() if temperature.dtype == torch.float64 else temperature.float()
 
 
 def _same_cast(q, k, v, dtype):

@@ -21,6 +21,7 @@ __all__ = [
     "temperature_projection_ref",
     "temperature_guided_attention_ref",
     "mean_temperature",
+    "mean_temperature_fp32",
     "gsot_gate",
     "MASKED_BIAS",
 ]
@@ -69,6 +70,12 @@ def temperature_projection_ref(
 def mean_temperature(temperature: torch.Tensor) -> torch.Tensor:
     """The per-row temperature t̄ ``[B, S_q]``: the mean over temperature heads when 3-D."""
     return temperature.mean(dim=-1) if temperature.dim() == 3 else temperature
+
+
+def mean_temperature_fp32(temperature: torch.Tensor) -> torch.Tensor:
+    """t̄ averaged in fp32 (fp64 for an fp64 temperature) whatever the temperature's dtype: the
+    precision every backend gates and scales with (a mean of bf16 heads taken in bf16 was 2e-3 off)."""
+    return mean_temperature(temperature.double() if temperature.dtype == torch.float64 else temperature.float())
 
 
 def gsot_gate(t_bar: torch.Tensor, threshold: float | None, mode: str = "hard",
@@ -158,8 +165,7 @@ def attention_ref_checked(args: AttentionInputs, *, upcast: bool) -> torch.Tenso
 
     # GSoT is decided on t̄ in fp32 (fp64 for fp64 temperatures) whatever q's dtype, as every
     # backend does: rounding t̄ to bf16 first would keep rows just below the threshold.
-    t_gate = args.temperature.double() if args.temperature.dtype == torch.float64 else args.temperature.float()
-    t_gate = mean_temperature(t_gate)
+    t_gate = mean_temperature_fp32(args.temperature)
     if args.gate is not None:
         out = out * differentiable_gate(t_gate, args.gate)[:, None, :, None].to(out.dtype)
     return out.to(q.dtype)
