@@ -2,11 +2,13 @@
 logits and through the fused linear cross-entropy: time and extra peak memory, on this device.
 
     python -m benchmarks.fused_loss_step [--vocab 32000] [--hidden 512] [--tokens 1024] [--reps 5]
-                                         [--dtype float32]
+                                         [--dtype float32] [--masked-prompt 0.0]
 
 The base is a random Llama built in a temporary folder (2 layers, unquantized, in ``--dtype``), the TGR
 head in mode "head" with the torch backend; only the head trains (the base frozen, as tgr train
-does). Prints one markdown row per variant.
+does). ``--masked-prompt F`` sets the labels of the first F of each sequence to -100, as ``tgr
+train`` masks the question of a question-answer pair (the fused loss leaves those rows out of its
+GEMMs). Prints one markdown row per variant.
 """
 from __future__ import annotations
 
@@ -27,7 +29,11 @@ def main(argv=None) -> None:
     p.add_argument("--tokens", type=int, default=1024, help="batch of 2 sequences of tokens / 2")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="the base's compute dtype")
+    p.add_argument("--masked-prompt", type=float, default=0.0,
+                   help="fraction of each sequence whose labels are -100 (default %(default)s)")
     args = p.parse_args(argv)
+    if not 0.0 <= args.masked_prompt < 1.0:
+        p.error(f"--masked-prompt must be in [0, 1), got {args.masked_prompt}")
 
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -41,7 +47,9 @@ def main(argv=None) -> None:
                                         compute_dtype=args.dtype, device="cpu", attention_backend="torch",
                                         temperature_heads=4))
     ids = torch.randint(3, args.vocab, (2, args.tokens // 2), generator=torch.Generator().manual_seed(0))
-    batch = dict(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids)
+    labels = ids.clone()
+    labels[:, :int(args.masked_prompt * ids.shape[1])] = -100
+    batch = dict(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels)
 
     def step(return_logits):
         model.zero_grad(set_to_none=True)
@@ -50,7 +58,7 @@ def main(argv=None) -> None:
         return out.loss.detach()
 
     print(f"TGR training step, V = {args.vocab}, hidden {args.hidden}, {args.tokens} tokens, {args.dtype}, "
-          f"{torch.get_num_threads()} threads\n")
+          f"{args.masked_prompt:.0%} of each sequence's labels masked, {torch.get_num_threads()} threads\n")
     print("| loss | median time | extra peak memory |\n| --- | ---: | ---: |")
     for name, flag in (("through the logits", True), ("fused linear cross-entropy", False)):
         step(flag)

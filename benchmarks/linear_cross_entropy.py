@@ -18,8 +18,10 @@ and backward (a training step of the loss), per provider:
 Cases (``--tokens``, ``--vocab``, ``--hidden``): by default H = 1024, V in {32000, 128256},
 tokens in {1024, 4096} on a CPU (H = 4096, tokens in {2048, 8192} on a GPU), each with a trainable
 lm_head (dW computed) and a frozen one (the TGR model's: only d hidden). Ten percent of the labels
-are ignored (-100). Every provider's loss and gradients are checked against eager's (relative
-error ‖p − e‖ / ‖e‖ of each, within 1e-3 in fp32, 2e-2 in half precision).
+are ignored (-100) by default (``--ignored``: a masked prompt or padding is more; the fused op
+leaves ignored rows out of its GEMMs, eager and the GEMMs alone compute them). Every provider's
+loss and gradients are checked against eager's (relative error ‖p − e‖ / ‖e‖ of each, within 1e-3
+in fp32, 2e-2 in half precision).
 
 The table's ``H200 floor`` column is the time of the op's GEMMs alone on an H200 at its dense
 peak (``benchmarks/roofline.py``: 989 TFLOP/s bf16/fp16 on tensor cores, 67 TFLOP/s fp32): the
@@ -59,7 +61,7 @@ TRAINABLE_ONLY = ("tgr-torch-dw-per-chunk", "tgr-triton-dw-per-chunk")
 # The yardstick, not a loss: its result is not checked against eager's.
 UNCHECKED = ("gemms",)
 TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 2e-2, torch.float16: 2e-2}
-IGNORED_FRACTION = 0.1
+IGNORED_FRACTION = 0.1  # default of --ignored
 
 
 def eager_loss(hidden, weight, labels):
@@ -123,12 +125,13 @@ def make_providers(device: str) -> dict:
     return out
 
 
-def make_case(tokens: int, hidden_size: int, vocab: int, dtype, device: str, seed: int = 0):
+def make_case(tokens: int, hidden_size: int, vocab: int, dtype, device: str, seed: int = 0,
+              ignored: float = IGNORED_FRACTION):
     generator = torch.Generator(device="cpu").manual_seed(seed)
     hidden = torch.randn(tokens, hidden_size, generator=generator).to(device=device, dtype=dtype)
     weight = (torch.randn(vocab, hidden_size, generator=generator) / hidden_size ** 0.5).to(device=device, dtype=dtype)
     labels = torch.randint(0, vocab, (tokens,), generator=generator)
-    labels[torch.rand(tokens, generator=generator) < IGNORED_FRACTION] = -100
+    labels[torch.rand(tokens, generator=generator) < ignored] = -100
     return hidden, weight, labels.to(device)
 
 
@@ -148,9 +151,10 @@ def _rel_err(a, ref) -> float:
 
 def run_case(args, providers: dict, tokens: int, vocab: int, weight_trainable: bool, emit) -> None:
     device, dtype = args.device, DTYPES[args.dtype]
-    hidden, weight, labels = make_case(tokens, args.hidden, vocab, dtype, device)
+    hidden, weight, labels = make_case(tokens, args.hidden, vocab, dtype, device, ignored=args.ignored)
     shape = dict(op="linear-cross-entropy", tokens=tokens, hidden=args.hidden, vocab=vocab, dtype=args.dtype,
-                 weight="trainable" if weight_trainable else "frozen", mode="full", device=device)
+                 weight="trainable" if weight_trainable else "frozen", mode="full", device=device,
+                 ignored=args.ignored)
     reference = training_step(eager_loss, hidden, weight, labels, weight_trainable)
     jobs, checks = {}, {}
     for name in args.providers:
@@ -191,7 +195,7 @@ def profile_case(args, providers: dict, tokens: int, vocab: int, weight_trainabl
     from torch.profiler import ProfilerActivity, profile
 
     device, dtype = args.device, DTYPES[args.dtype]
-    hidden, weight, labels = make_case(tokens, args.hidden, vocab, dtype, device)
+    hidden, weight, labels = make_case(tokens, args.hidden, vocab, dtype, device, ignored=args.ignored)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     sort_key = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
@@ -247,17 +251,22 @@ def render_table(records: list) -> str:
     # The H200 floor column where a GPU ran: a CPU's times are not read against it.
     on_gpu = any(r["device"] == "cuda" for r in measurements)
     floor_head, floor_rule = (" H200 floor |", "---:|") if on_gpu else ("", "")
-    lines.append(f"| tokens | V | lm_head |{floor_head} " + " | ".join(providers) + " |")
-    lines.append(f"|---:|---:|---|{floor_rule}" + "---|" * len(providers))
+    fractions = sorted({_ignored(r) for r in measurements})
+    # An "ignored" column where the run has several fractions of ignored labels.
+    ignored_head, ignored_rule = (" ignored |", "---:|") if len(fractions) > 1 else ("", "")
+    lines.append(f"| tokens | V | lm_head |{ignored_head}{floor_head} " + " | ".join(providers) + " |")
+    lines.append(f"|---:|---:|---|{ignored_rule}{floor_rule}" + "---|" * len(providers))
     notes: dict = {}
-    keys = sorted({(r["dtype"], r["hidden"], r["tokens"], r["vocab"], r["weight"]) for r in measurements},
-                  key=lambda k: (k[0], k[1], k[4] != "trainable", k[3], k[2]))
+
+    def case(r):
+        return r["dtype"], r["hidden"], r["tokens"], r["vocab"], r["weight"], _ignored(r)
+
+    keys = sorted({case(r) for r in measurements}, key=lambda k: (k[0], k[1], k[4] != "trainable", k[3], k[2], k[5]))
     for key in keys:
-        row = {r["provider"]: r for r in measurements
-               if (r["dtype"], r["hidden"], r["tokens"], r["vocab"], r["weight"]) == key}
+        row = {r["provider"]: r for r in measurements if case(r) == key}
         eager = row.get("eager") if row.get("eager", {}).get("status") == "ok" else None
         gemms = row.get("gemms") if row.get("gemms", {}).get("status") == "ok" else None
-        dtype, hidden, tokens, vocab, weight = key
+        dtype, hidden, tokens, vocab, weight, ignored = key
         floor = gemm_floor_ms(tokens, hidden, vocab, weight == "trainable", dtype)
         cells = []
         for p in providers:
@@ -282,11 +291,12 @@ def render_table(records: list) -> str:
                     text += f" · check {r['check_rel_err']:.0e}" + ("" if r["check_ok"] else " **MISMATCH**")
                 cells.append(text)
         floor_cell = f" {floor:.2f} ms |" if on_gpu else ""
-        lines.append(f"| {tokens} | {vocab} | {weight} |{floor_cell} " + " | ".join(cells) + " |")
+        ignored_cell = f" {ignored:.0%} |" if ignored_head else ""
+        lines.append(f"| {tokens} | {vocab} | {weight} |{ignored_cell}{floor_cell} " + " | ".join(cells) + " |")
     lines.append("")
     hidden_sizes = ", ".join(str(h) for h in sorted({k[1] for k in keys}))
     lines.append(f"dtype {', '.join(sorted({k[0] for k in keys}))}, H = {hidden_sizes}; "
-                 f"{int(IGNORED_FRACTION * 100)}% of the labels ignored.")
+                 f"{' / '.join(f'{f:.0%}' for f in fractions)} of the labels ignored.")
     for reason, index in notes.items():
         lines.append(f"[{index}] {reason}")
     firsts = [f"{r['provider']} {r['tokens']}×{r['vocab']} {r['weight']}: {_fmt_ms(r['first_ms'])}"
@@ -294,6 +304,11 @@ def render_table(records: list) -> str:
     if firsts:
         lines += ["", "First call (compilation included): " + "; ".join(firsts) + "."]
     return "\n".join(lines) + "\n"
+
+
+def _ignored(record) -> float:
+    """The fraction of ignored labels of a record (runs before --ignored existed: the default)."""
+    return record.get("ignored", IGNORED_FRACTION)
 
 
 def parse_args(argv):
@@ -305,6 +320,8 @@ def parse_args(argv):
     p.add_argument("--vocab", type=int, nargs="+", default=[32000, 128256])
     p.add_argument("--weight", nargs="+", default=["trainable", "frozen"], choices=["trainable", "frozen"])
     p.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS)
+    p.add_argument("--ignored", type=float, default=IGNORED_FRACTION,
+                   help="fraction of the labels set to -100 (default %(default)s)")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--quick", action="store_true", help="tiny shapes: a smoke pass")
@@ -312,6 +329,8 @@ def parse_args(argv):
     p.add_argument("--append", action="store_true", help="add to the records already in --out")
     p.add_argument("--profile", action="store_true", help="print one profiled call per case and provider instead")
     args = p.parse_args(argv)
+    if not 0.0 <= args.ignored < 1.0:
+        p.error(f"--ignored must be in [0, 1), got {args.ignored}")
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     on_gpu = args.device == "cuda"

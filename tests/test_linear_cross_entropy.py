@@ -328,13 +328,37 @@ class _CountOps(TorchDispatchMode):
         return out
 
 
+def count_logits(monkeypatch) -> list:
+    """Records the number of logits each chunk's (or vocabulary block's) GEMM makes, on both
+    backends (the Triton path's custom op hides its GEMMs from a dispatch mode)."""
+    made = []
+    chunk_logits = lce._chunk_logits
+
+    def counted(x_c, w, bias, act_dtype):
+        logits = chunk_logits(x_c, w, bias, act_dtype)
+        made.append(logits.numel())
+        return logits
+
+    monkeypatch.setattr(lce, "_chunk_logits", counted)
+    return made
+
+
+def kept_chunks(labels) -> int:
+    """Row chunks of the rows that take part in the GEMMs: the non-ignored ones (make_inputs
+    ignores more than SKIP_IGNORED_MIN_FRACTION of them)."""
+    n_kept = int((labels != -100).sum())
+    assert labels.numel() - n_kept >= labels.numel() * lce.SKIP_IGNORED_MIN_FRACTION
+    return math.ceil(n_kept / CHUNK)
+
+
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_frozen_weight_gets_no_weight_gradient_work(reduction):
-    n_chunks = math.ceil(2 * 19 / CHUNK)
     counts = {}
     for weight_trainable in (False, True):
+        torch.manual_seed(0)
         hidden, weight, b, labels = make_inputs((2, 19), torch.float32, bias=False,
                                                 requires=(True, weight_trainable, False))
+        n_chunks = kept_chunks(labels)
         with _CountOps(V) as mode:
             loss = linear_cross_entropy(hidden, weight, labels, reduction=reduction, backend="torch")
             loss.sum().backward()
@@ -346,17 +370,18 @@ def test_frozen_weight_gets_no_weight_gradient_work(reduction):
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_weight_dtype_accumulation_saves_the_vocabulary_pass(reduction):
+def test_weight_dtype_accumulation_saves_the_vocabulary_pass(reduction, monkeypatch):
     """A trainable half lm_head: "fp32" recomputes the logits by vocabulary blocks for dW (one
     GEMM more than eager, and a [N, block] pass per block); "weight-dtype" adds each chunk's
-    product into dW during the row pass, and dW comes back in the weight's dtype either way."""
-    n_rows = 2 * 19
-    n_chunks = math.ceil(n_rows / CHUNK)
+    product into dW during the row pass, and dW comes back in the weight's dtype either way.
+    bf16 GEMMs as on a GPU or a CPU with bf16 instructions (elsewhere a CPU multiplies in fp32)."""
+    monkeypatch.setattr(lce, "cpu_computes_natively", lambda dtype: True)
     n_blocks = math.ceil(V / CHUNK)  # vocabulary blocks take the row chunks' budget
     counts, grads = {}, {}
     for mode_name in ("fp32", "weight-dtype"):
         torch.manual_seed(0)
         hidden, weight, b, labels = make_inputs((2, 19), torch.bfloat16, bias=False, requires=(True, True, False))
+        n_chunks = kept_chunks(labels)
         with _CountOps(V) as mode:
             loss = linear_cross_entropy(hidden, weight, labels, reduction=reduction, backend="torch",
                                         weight_grad_accumulation=mode_name)
@@ -367,6 +392,62 @@ def test_weight_dtype_accumulation_saves_the_vocabulary_pass(reduction):
     assert counts["weight-dtype"] == (rows_pass + 1) * n_chunks
     assert counts["fp32"] == rows_pass * n_chunks + 2 * n_blocks
     torch.testing.assert_close(grads["weight-dtype"].float(), grads["fp32"].float(), rtol=0.05, atol=2e-3)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_every_row_through_the_gemms_matches_float64(dtype, reduction, backend, monkeypatch):
+    """The ignored rows kept in the GEMMs (below SKIP_IGNORED_MIN_FRACTION of the rows), where
+    the other parity tests leave them out: the same criterion."""
+    monkeypatch.setattr(lce, "SKIP_IGNORED_MIN_FRACTION", 2.0)
+    hidden, weight, b, labels = make_inputs((3, 11) if backend == "torch" else (2, 9), dtype)
+    assert_matches_float64(backend, hidden, weight, b, labels, reduction)
+    made = count_logits(monkeypatch)
+    linear_cross_entropy(hidden, weight, labels, b, reduction=reduction, backend=backend).sum().backward()
+    passes = 2 if reduction == "none" else 1  # "none": dW and db recompute the logits
+    # dW of a half GEMM by vocabulary blocks: every row's logits once more
+    vocab_pass = lce._gemm_dtype(dtype, hidden.device) in (torch.float16, torch.bfloat16)
+    assert sum(made) == (passes + vocab_pass) * labels.numel() * V
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_ignored_rows_get_no_gemm(backend, monkeypatch):
+    """Half the labels ignored (a masked prompt, padding): only the other rows' logits are
+    computed, in the forward and in "none"'s backward; the ignored rows' losses and d hidden are
+    exact zeros, the rest matches the float64 reference."""
+    torch.manual_seed(1)
+    hidden, weight, b, labels = make_inputs((4, 12), torch.float32, ignore_fraction=0.0)
+    labels[:, :6] = -100  # the prompt half of every sequence
+    n_kept = int((labels != -100).sum())
+    made = count_logits(monkeypatch)
+    for reduction in REDUCTIONS:
+        made.clear()
+        loss = linear_cross_entropy(hidden, weight, labels, b, reduction=reduction, backend=backend)
+        loss.sum().backward()
+        passes = 2 if reduction == "none" else 1  # "none": dW and db recompute the logits
+        assert sum(made) == passes * n_kept * V, reduction
+        ignored = labels == -100
+        if reduction == "none":
+            assert torch.equal(loss[ignored], torch.zeros_like(loss[ignored]))
+        assert torch.equal(hidden.grad[ignored], torch.zeros_like(hidden.grad[ignored]))
+        assert hidden.grad[~ignored].abs().amin(-1).gt(0).all()
+        hidden.grad = weight.grad = b.grad = None
+    assert_matches_float64(backend, hidden, weight, b, labels, "none")
+
+
+def test_skipping_ignored_rows_needs_enough_of_them(monkeypatch):
+    """Below SKIP_IGNORED_MIN_FRACTION ignored rows, or with none kept, every row goes through the
+    GEMMs (the gather and the scatter would cost more than they save); no ignore index: no count."""
+    labels = torch.arange(64)
+    assert lce._kept_rows(labels, -100) is None
+    labels[0] = -100  # 1/64 < 1/32
+    assert lce._kept_rows(labels, -100) is None
+    labels[1] = -100
+    assert torch.equal(lce._kept_rows(labels, -100), torch.arange(2, 64))
+    assert lce._kept_rows(torch.full((5,), -100), -100) is None
+    assert lce._kept_rows(labels, lce._NO_IGNORE) is None
+    assert lce._kept_rows(labels.to("meta"), -100) is None
 
 
 def test_logits_never_exist_whole():
