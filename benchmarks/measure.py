@@ -355,11 +355,17 @@ def measure_ceilings(device: str, reps: int = 10) -> list[dict[str, Any]]:
     """The machine's own rates, measured now: dense matmul TFLOP/s and copy GB/s.
 
     GPU: a bf16 (and fp32) 8192³ matmul, a 1 GiB device-to-device copy (bytes read + written).
-    CPU: 2048³ fp32 and bf16 matmuls and a 256 MiB copy: a yardstick for the CPU rows.
+    CPU: 2048³ fp32 and bf16 matmuls and a 256 MiB copy: a yardstick for the CPU rows. A CPU
+    without bf16 instructions emulates bf16 matmuls (minutes for one 2048³ here): fp32 only.
     """
+    from tgr_kernels._backend import cpu_computes_natively
+
     results = []
     n = 8192 if device == "cuda" else 2048
-    for dtype in (torch.bfloat16, torch.float32):
+    dtypes = (torch.bfloat16, torch.float32)
+    if device != "cuda" and not cpu_computes_natively(torch.bfloat16):
+        dtypes = (torch.float32,)
+    for dtype in dtypes:
         # random data: a product of zeros runs faster than real data on some GPUs
         a, b, c = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(3))
         job = Job(prepare=lambda i, a=a, b=b: (a, b), run=lambda ab, c=c: torch.mm(*ab, out=c))
