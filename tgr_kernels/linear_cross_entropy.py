@@ -516,26 +516,15 @@ def _kept_rows(labels: torch.Tensor, ignore_index: int) -> torch.Tensor | None:
     return kept
 
 
-def _chunked(x, w, bias, labels, ignore_index: int, row_scale, rows_op, **flags):
-    """:func:`_chunked_rows` on the rows whose label is not ignored (:func:`_kept_rows`): an
-    ignored row has loss 0 and no gradient, so its logits need no GEMM. The kept rows of x, labels
-    and s are gathered first; the per-row losses and d hidden are scattered back (zeros for the
-    ignored rows); dW and db are sums over the kept rows already."""
-    kept = _kept_rows(labels, ignore_index)
-    if kept is None:
-        return _chunked_rows(x, w, bias, labels, ignore_index, row_scale, rows_op, **flags)
-    loss_kept, dh_kept, dw, db = _chunked_rows(
-        x.index_select(0, kept), w, bias, labels.index_select(0, kept), ignore_index,
-        row_scale.index_select(0, kept), rows_op, **flags)
-    loss = loss_kept.new_zeros(labels.shape[0]).index_copy_(0, kept, loss_kept)
-    dh = None if dh_kept is None else dh_kept.new_zeros(x.shape).index_copy_(0, kept, dh_kept)
-    return loss, dh, dw, db
-
-
-def _chunked_rows(x, w, bias, labels, ignore_index: int, row_scale, rows_op, *, write_grad: bool,
-                  hidden_grad: bool, weight_grad: bool, bias_grad: bool, dw_per_chunk: bool = False):
+def _chunked(x, w, bias, labels, ignore_index: int, row_scale, rows_op, *, write_grad: bool,
+             hidden_grad: bool, weight_grad: bool, bias_grad: bool, dw_per_chunk: bool = False):
     """Loop over row chunks: per-row losses, and (write_grad) ``dh = (s∘G) W``,
     ``dW = (s∘G)ᵀ x``, ``db = Σ s∘G`` for the flags that are set.
+
+    Ignored rows (loss 0, no gradient) are left out of the chunks when :func:`_kept_rows` says so:
+    each chunk gathers its kept rows of x, d hidden is scattered back into a zero-filled ``[N, H]``
+    chunk by chunk, the losses at the end (no [kept, H] copy of x or of d hidden, except the x that
+    dW by vocabulary blocks multiplies in one GEMM).
 
     Args:
         x: ``[N, H]`` in the GEMM dtype; w: ``[V, H]`` in the GEMM dtype; bias: ``[V]`` or None.
@@ -547,15 +536,20 @@ def _chunked_rows(x, w, bias, labels, ignore_index: int, row_scale, rows_op, *, 
     dtype or None)``. dW of half inputs is in x's dtype, by vocabulary blocks
     (:func:`_weight_grad_by_vocab`) or summed over the chunks; of fp32/fp64 inputs in their dtype.
     """
-    n_rows = x.shape[0]
+    kept = _kept_rows(labels, ignore_index)
+    if kept is not None:  # from here on, labels and s of the computed rows only
+        labels, row_scale = labels.index_select(0, kept), row_scale.index_select(0, kept)
+    n_rows = labels.shape[0]
     n_vocab = w.shape[0]
     act_dtype = _act_dtype(x.dtype)
     triton_rows = rows_op is _triton_rows
     logits_dtype = _logits_dtype(x.dtype, triton_rows, x.device)
     step = chunk_rows(n_rows, n_vocab, x.device, _logit_bytes(x.dtype, logits_dtype))
     loss = torch.empty(n_rows, dtype=act_dtype, device=x.device)
-    # Contiguous whatever x's strides (the custom op's fake implementation promises it).
-    dh = torch.empty(x.shape, dtype=x.dtype, device=x.device) if (write_grad and hidden_grad) else None
+    # Contiguous whatever x's strides (the custom op's fake implementation promises it); zeros
+    # where ignored rows are left out.
+    new_dh = torch.empty if kept is None else torch.zeros
+    dh = new_dh(x.shape, dtype=x.dtype, device=x.device) if (write_grad and hidden_grad) else None
     half = x.dtype in _HALF_DTYPES
     by_vocab = write_grad and weight_grad and half and not dw_per_chunk
     lse = torch.empty(n_rows, dtype=act_dtype, device=x.device) if by_vocab else None
@@ -574,7 +568,7 @@ def _chunked_rows(x, w, bias, labels, ignore_index: int, row_scale, rows_op, *, 
     g_scale = torch.ones((), dtype=row_scale.dtype, device=x.device).expand(n_rows) if scale_after else row_scale
     for start in range(0, n_rows, step):
         stop = min(start + step, n_rows)
-        x_c = x[start:stop]
+        x_c = x[start:stop] if kept is None else x.index_select(0, kept[start:stop])
         logits = _chunk_logits(x_c, w, bias, logits_dtype)
         rows_op(logits, labels[start:stop], g_scale[start:stop], ignore_index, row_grad,
                 lse_out=None if lse is None else lse[start:stop], loss_out=loss[start:stop])
@@ -582,9 +576,12 @@ def _chunked_rows(x, w, bias, labels, ignore_index: int, row_scale, rows_op, *, 
             continue
         grad = logits if logits.dtype == x.dtype else logits.to(x.dtype)  # s∘G in the GEMM dtype
         if dh is not None:
-            torch.mm(grad, w, out=dh[start:stop])
+            dh_c = torch.mm(grad, w, out=dh[start:stop]) if kept is None else torch.mm(grad, w)
             if scale_after:
-                dh[start:stop].mul_(row_scale[start:stop].unsqueeze(1))  # in fp32, rounded once
+                dh_c.mul_(row_scale[start:stop].unsqueeze(1))  # in fp32, rounded once
+            if kept is not None:
+                dh.index_copy_(0, kept[start:stop], dh_c)
+            del dh_c
         if dw is not None:
             rows_side = (x_c * row_scale[start:stop].unsqueeze(1)).to(x.dtype) if scale_after else x_c
             if start == 0:
@@ -602,7 +599,10 @@ def _chunked_rows(x, w, bias, labels, ignore_index: int, row_scale, rows_op, *, 
         del logits, grad
     if by_vocab:
         block_grad = _triton_vocab_block_grad if triton_rows else _torch_vocab_block_grad
-        dw = _weight_grad_by_vocab(x, w, bias, labels, ignore_index, row_scale, lse, logits_dtype, block_grad)
+        x_rows = x if kept is None else x.index_select(0, kept)
+        dw = _weight_grad_by_vocab(x_rows, w, bias, labels, ignore_index, row_scale, lse, logits_dtype, block_grad)
+    if kept is not None:
+        loss = loss.new_zeros(x.shape[0]).index_copy_(0, kept, loss)
     return loss, dh, dw, db
 
 
