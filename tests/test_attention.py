@@ -124,6 +124,25 @@ def test_rows_without_visible_keys_are_zero_not_nan(backend, D):
     assert torch.equal(grads[-1][0], torch.zeros_like(grads[-1][0]))
 
 
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("S_q,S_k,D", [(5, 5, 32), (1, 5, 32), (9, 9, 32), (9, 9, 300)])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nan_or_inf_in_a_query_row_gives_that_row_nan(backend, causal, S_q, S_k, D, bad):
+    """A query row holding NaN or ±inf is NaN in the output, as in eager attention, on every
+    path, and the other rows are untouched. PyTorch's CPU SDPA (the torch path of narrow heads,
+    without a mask, at batch 1 and 5 keys; the kernel it picks depends on the sizes) returned a
+    zero row for it: a silent zero where the model had a NaN."""
+    leaves, (q, k, v), temperature = make_inputs(1, 2, S_q, S_k, D, F32, same_qkv=False)
+    q = q.detach().clone()
+    q[0, 1, S_q - 1, 3] = bad
+    out = temperature_guided_attention(q, k, v, temperature, causal=causal and S_q > 1, backend=backend)
+    assert torch.isnan(out[0, 1, S_q - 1]).all()
+    clean = torch.ones(out.shape[:3], dtype=torch.bool, device=out.device)
+    clean[0, 1, S_q - 1] = False
+    assert torch.isfinite(out[clean]).all()
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("D", [16, 264])
 def test_all_rows_pruned_gives_zero_output_and_gradients(backend, D):

@@ -201,6 +201,11 @@ def _sdpa_rows(q, k, v, t_bar, key_padding, additive, causal, gate, scale, row0,
     # Zeroing dead rows unconditionally costs one multiply and no host sync (no dead.any()).
     if dead is not None:
         out = out * torch.broadcast_to(~dead, out.shape[:3])[..., None].to(out.dtype)
+    # PyTorch's CPU SDPA (torch 2.13, fp32 and half, without a mask) returns a zero row for a query
+    # row that holds NaN or ±inf, where eager attention, the reference and the Triton kernels give
+    # NaN: the NaN is put back, so a bad hidden state never turns into a silent zero. One pass
+    # over q and one over the output, no host sync.
+    out = out.masked_fill(~torch.isfinite(q).all(-1, keepdim=True), float("nan"))
     if gate is not None:
         # Autograd gives the learning gates' dt̄ += g'(t̄) · Σ dY ∘ Ô from this product.
         out = out * differentiable_gate(t_rows, gate)[:, None, :, None].to(out.dtype)
