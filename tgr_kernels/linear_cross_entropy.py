@@ -51,8 +51,9 @@ rounding of dW per row chunk instead of one in all (what Liger-Kernel does by de
 Ignored rows (a prompt masked out of the loss, padding) have ℓ_i = 0 and G_i = 0: when they are
 at least ``SKIP_IGNORED_MIN_FRACTION`` of the rows, only the kept rows go through the GEMMs
 (whose work is proportional to the rows): each chunk gathers its kept rows of h and scatters its dh
-rows back into a zero-filled ``[N, H]``, and ℓ is scattered back with zeros. Counting them is one host synchronisation; the op skips it (and keeps every row) where
-one cannot happen: while torch.compile traces, during CUDA graph capture, on meta or fake tensors.
+rows back into a zero-filled ``[N, H]``, and ℓ is scattered back with zeros. Counting them is one
+host synchronisation; the op skips it (and keeps every row) where one cannot happen: while
+torch.compile traces, during CUDA graph capture, on meta or fake tensors.
 
 A chunk holds ``MIN_CHUNK_ROWS`` rows, or more while its logits fit ``CHUNK_BYTES_CPU`` /
 ``CHUNK_BYTES_CUDA`` (see there for the measurements). On CUDA the row work
