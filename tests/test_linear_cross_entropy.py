@@ -436,7 +436,7 @@ def test_ignored_rows_get_no_gemm(backend, monkeypatch):
     assert_matches_float64(backend, hidden, weight, b, labels, "none")
 
 
-def test_skipping_ignored_rows_needs_enough_of_them(monkeypatch):
+def test_skipping_ignored_rows_needs_enough_of_them():
     """Below SKIP_IGNORED_MIN_FRACTION ignored rows, or with none kept, every row goes through the
     GEMMs (the gather and the scatter would cost more than they save); no ignore index: no count."""
     labels = torch.arange(64)
