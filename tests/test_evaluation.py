@@ -210,3 +210,75 @@ def test_target_log_probs_equal_the_log_softmax_of_the_logits(tiny_dir, mode):
     assert (tgr - base).abs().max() > 1e-2  # the two heads are different models here
     with pytest.raises(ValueError, match="head must be 'tgr' or 'base'"):
         model.target_log_probs(ids, mask, head="lm")
+
+
+def _rows_through_lm_head(model, monkeypatch) -> list:
+    """Records the rows of hidden states that each lm_head GEMM takes: the fused op's chunks
+    (``_chunk_logits``) and the lm_head module's own calls (the logits path)."""
+    lce = importlib.import_module("tgr_kernels.linear_cross_entropy")
+    rows = []
+    chunk_logits = lce._chunk_logits
+
+    def counted(x_c, w, bias, act_dtype):
+        rows.append(x_c.shape[0])
+        return chunk_logits(x_c, w, bias, act_dtype)
+
+    monkeypatch.setattr(lce, "_chunk_logits", counted)
+    model.get_output_embeddings().register_forward_hook(
+        lambda module, args, out: rows.append(args[0].numel() // args[0].shape[-1]))
+    return rows
+
+
+@pytest.mark.parametrize("through_logits", [False, True], ids=["fused", "logits"])
+@pytest.mark.parametrize("mode", ["head", "layers"])
+def test_target_log_probs_of_scored_positions_only(tiny_dir, mode, through_logits, monkeypatch):
+    """With ``scored``, the scored positions equal the full result, the others are 0, and only
+    the scored rows go through the lm_head, on the fused path and on the logits path."""
+    model = _tiny_tgr_model(tiny_dir, mode)
+    if through_logits:  # as a 4-bit or adapter-wrapped lm_head
+        monkeypatch.setattr(model, "_fused_loss_applies", lambda: False)
+    ids = torch.randint(3, model.vocab_size, (3, 12))
+    mask = torch.ones_like(ids)
+    mask[2, :4] = 0
+    scored = torch.zeros(3, 11, dtype=torch.bool)
+    scored[0, 5:] = True  # an answer after its prompt
+    scored[1, 2:9] = True  # padding after the answer
+    scored[2, 7:] = True
+    with torch.no_grad():
+        for head in ("tgr", "base"):
+            full = model.target_log_probs(ids, mask, head=head)
+            rows = _rows_through_lm_head(model, monkeypatch)
+            got = model.target_log_probs(ids, mask, head=head, scored=scored)
+            assert got.shape == (3, 11) and got.dtype == torch.float32
+            torch.testing.assert_close(got[scored], full[scored], rtol=1e-5, atol=1e-5, msg=head)
+            assert (got[~scored] == 0).all()
+            assert sum(rows) == int(scored.sum()), (head, rows)
+            model.get_output_embeddings()._forward_hooks.clear()
+    for bad in (scored.long(), scored[:, :-1], "all"):
+        with pytest.raises(ValueError, match="scored must be a bool tensor"):
+            model.target_log_probs(ids, mask, scored=bad)
+
+
+def test_log_probs_fn_with_scored_gets_the_answer_positions(tokenizer):
+    """A log_probs_fn that names ``scored`` gets the answer tokens' positions and may leave the
+    others out; one without it is called as before; both give the same scores."""
+    W, logits_fn = bigram_model(len(tokenizer))
+
+    def full(ids, mask):
+        return torch.log_softmax(W[ids[:, :-1]], -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+
+    seen = []
+
+    def answers_only(ids, mask, *, scored):
+        seen.append(scored.clone())
+        return full(ids, mask).masked_fill(~scored, float("nan"))  # what is not scored must not be read
+
+    pairs = [("Who?", "Someone."), ("What?", "Nothing."), ("Who?", "Other. Someone.")]
+    expected = answer_log_likelihoods(None, tokenizer, pairs, log_probs_fn=full, batch_size=2)
+    got = answer_log_likelihoods(None, tokenizer, pairs, log_probs_fn=answers_only, batch_size=2)
+    assert got == pytest.approx(expected) and all(s == s for s in got)
+    order = sorted(range(len(pairs)), key=lambda i: -len(encode_pair(tokenizer, *pairs[i], 256)[0]))
+    for batch, scored in zip((order[:2], order[2:]), seen, strict=True):
+        for row, i in enumerate(batch):
+            ids, n_prompt = encode_pair(tokenizer, *pairs[i], 256)
+            assert scored[row].nonzero().flatten().tolist() == list(range(n_prompt - 1, len(ids) - 1))

@@ -7,10 +7,14 @@ scored, whatever the tokenizer does at the boundary. Any model can be scored thr
 ``log_probs_fn(input_ids, attention_mask) -> log p(input_ids[:, 1:]) [B, S − 1]``: the TGR head and
 the base model's own head are evaluated with the same protocol, through
 :meth:`tgr.TGRLlamaModel.target_log_probs` (the fused ``tgr_kernels.linear_log_probs``: the
-``[B, S, V]`` logits never exist whole).
+``[B, S, V]`` logits never exist whole). A ``log_probs_fn`` that takes a ``scored`` keyword is given
+the answers' positions, the only ones read, so that it can leave the prompts and the padding out
+of its lm_head (as ``target_log_probs`` does).
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -23,8 +27,9 @@ from .data import DataError, RankingGroup, answer_text, prompt_text, ranking_gro
 logger = logging.getLogger("tgr")
 
 LogitsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-#: ``(input_ids [B, S], attention_mask [B, S]) -> log p(input_ids[:, s + 1] | prefix) [B, S − 1]``.
-LogProbsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+#: ``(input_ids [B, S], attention_mask [B, S]) -> log p(input_ids[:, s + 1] | prefix) [B, S − 1]``;
+#: optionally a keyword ``scored`` (bool ``[B, S − 1]``): only those positions are read.
+LogProbsFn = Callable[..., torch.Tensor]
 
 
 def average_precision(ranked_labels: Sequence[int]) -> float:
@@ -70,6 +75,17 @@ def _target_log_probs_from_logits(logits: torch.Tensor, ids: torch.Tensor) -> to
     return logprobs.gather(-1, ids[:, 1:].to(logprobs.device).unsqueeze(-1)).squeeze(-1)
 
 
+def _takes_scored(log_probs_fn: LogProbsFn) -> bool:
+    """Whether ``log_probs_fn`` names a ``scored`` parameter that can be passed by keyword."""
+    try:
+        parameters = inspect.signature(log_probs_fn).parameters
+    except (TypeError, ValueError):  # a builtin or an object without a signature
+        return False
+    scored = parameters.get("scored")
+    return scored is not None and scored.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                                  inspect.Parameter.KEYWORD_ONLY)
+
+
 @torch.no_grad()
 def answer_log_likelihoods(logits_fn: LogitsFn | None, tokenizer, pairs: Sequence[tuple], *,
                            log_probs_fn: LogProbsFn | None = None, batch_size: int = 8, max_length: int = 256,
@@ -78,9 +94,12 @@ def answer_log_likelihoods(logits_fn: LogitsFn | None, tokenizer, pairs: Sequenc
     ``progress`` shows a progress bar (WikiQA's test split has thousands of candidates).
 
     The model is ``logits_fn`` (its ``[B, S, V]`` logits) or ``log_probs_fn`` (the log-probabilities
-    of the next tokens, e.g. :meth:`tgr.TGRLlamaModel.target_log_probs`: no logits); give one."""
+    of the next tokens, e.g. :meth:`tgr.TGRLlamaModel.target_log_probs`: no logits); give one.
+    A ``log_probs_fn`` with a ``scored`` parameter gets ``scored=`` the bool ``[B, S − 1]`` of the
+    answer tokens' positions, the only ones read."""
     if (logits_fn is None) == (log_probs_fn is None):
         raise ValueError("give exactly one of logits_fn and log_probs_fn")
+    pass_scored = log_probs_fn is not None and _takes_scored(log_probs_fn)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     encoded = [encode_pair(tokenizer, q, a, max_length) for q, a in pairs]
     scores: list[float] = [0.0] * len(encoded)
@@ -92,11 +111,15 @@ def answer_log_likelihoods(logits_fn: LogitsFn | None, tokenizer, pairs: Sequenc
         longest = max(len(encoded[i][0]) for i in idx)
         ids = torch.full((len(idx), longest), pad, dtype=torch.long)
         mask = torch.zeros((len(idx), longest), dtype=torch.long)
+        scored = torch.zeros((len(idx), longest - 1), dtype=torch.bool)
         for row, i in enumerate(idx):
-            seq = encoded[i][0]
+            seq, n_prompt = encoded[i]
             ids[row, :len(seq)] = torch.tensor(seq)
             mask[row, :len(seq)] = 1
-        if log_probs_fn is not None:
+            scored[row, n_prompt - 1:len(seq) - 1] = True
+        if pass_scored:
+            token_lp = log_probs_fn(ids.to(device), mask.to(device), scored=scored.to(device)).float()
+        elif log_probs_fn is not None:
             token_lp = log_probs_fn(ids.to(device), mask.to(device)).float()
         else:
             token_lp = _target_log_probs_from_logits(logits_fn(ids.to(device), mask.to(device)), ids)
@@ -149,8 +172,8 @@ def evaluate_heads(model, tokenizer, rows: Sequence[dict], *, batch_size: int = 
         raise DataError("no question in the data has a correct (label 1) candidate: nothing to rank")
     model.eval()
     kwargs = dict(batch_size=batch_size, device=model.device, progress=progress)
-    tgr = evaluate_ranking(None, tokenizer, groups, log_probs_fn=lambda ids, mask: model.target_log_probs(ids, mask),
+    tgr = evaluate_ranking(None, tokenizer, groups, log_probs_fn=functools.partial(model.target_log_probs, head="tgr"),
                            **kwargs)
     base = evaluate_ranking(None, tokenizer, groups,
-                            log_probs_fn=lambda ids, mask: model.target_log_probs(ids, mask, head="base"), **kwargs)
+                            log_probs_fn=functools.partial(model.target_log_probs, head="base"), **kwargs)
     return {"tgr_head": tgr.as_dict(), "base_head": base.as_dict()}

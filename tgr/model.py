@@ -59,6 +59,7 @@ from .config import (
     _one_line,
     resolve_file,
 )
+from .data import IGNORE_INDEX
 
 __all__ = ["TGRLlamaModel", "TGROutput", "CheckpointError", "WEIGHTS_NAME", "ADAPTER_CONFIG_NAME",
            "ADAPTER_WEIGHTS_NAME", "MODEL_CARD_NAME", "load_base_model", "resolve_device", "resolve_compute_dtype"]
@@ -612,12 +613,12 @@ class TGRLlamaModel(PreTrainedModel, GenerationMixin):
         weight = head.weight
         shift_labels = labels[:, 1:].to(weight.device)
         total = linear_cross_entropy(y[:, :-1].to(weight.dtype), weight, shift_labels, head.bias,
-                                     ignore_index=-100, reduction="sum")
-        count = (shift_labels != -100).sum()
+                                     ignore_index=IGNORE_INDEX, reduction="sum")
+        count = (shift_labels != IGNORE_INDEX).sum()
         return total / count.clamp(min=1)
 
     def target_log_probs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
-                         head: str = "tgr") -> torch.Tensor:
+                         head: str = "tgr", scored: torch.Tensor | None = None) -> torch.Tensor:
         """``log p(input_ids[:, s + 1] | input_ids[:, :s + 1])`` at every position: ``[B, S − 1]``,
         fp32, for scoring candidates (``tgr eval``) without the ``[B, S, V]`` logits.
 
@@ -631,25 +632,47 @@ class TGRLlamaModel(PreTrainedModel, GenerationMixin):
             input_ids: ``[B, S]`` token ids; attention_mask: ``[B, S]`` 1 = real token, or None.
             head: "tgr" (what :meth:`forward`'s logits give) or "base" (the base's own model, as
                 ``base_model(...).logits``: TGR layers off, no TGR head).
+            scored: optional bool ``[B, S − 1]``, the positions whose log-probability is wanted
+                (an answer's, not its prompt's or the padding's). The others are 0 and take no
+                lm_head work: the fused op leaves them out of its GEMMs, the logits path makes
+                logits for the scored rows only. The model itself still runs over every token.
         """
         if head not in ("tgr", "base"):
             raise ValueError(f"head must be 'tgr' or 'base', got {head!r}")
         self._check_inputs(input_ids, attention_mask, None)
+        targets = input_ids[:, 1:]
+        if scored is not None:
+            if not isinstance(scored, torch.Tensor) or scored.dtype != torch.bool or scored.shape != targets.shape:
+                raise ValueError(f"scored must be a bool tensor [B, S - 1] = {tuple(targets.shape)}, got "
+                                 f"{getattr(scored, 'dtype', type(scored).__name__)} "
+                                 f"{tuple(getattr(scored, 'shape', ()))}")
+            scored = scored.to(input_ids.device)
         hf_base = self.hf_base_model
         if head == "tgr":
             y, _, _ = self.tgr_head(self._base_hidden(input_ids, attention_mask), None, attention_mask)
         else:
             with tgr_layers.base_only(hf_base):
                 y = self._base_hidden(input_ids, attention_mask)
-        targets = input_ids[:, 1:]
+        y = y[:, :-1]
         if not self._fused_loss_applies():
-            logits = self.lm_head(y[:, :-1]).float()
-            picked = torch.log_softmax(logits, dim=-1).gather(-1, targets.to(logits.device).unsqueeze(-1))
-            return picked.squeeze(-1)
+            return self._log_probs_through_logits(y, targets, scored)
         lm_head = self.get_output_embeddings()
         weight = lm_head.weight
-        return linear_log_probs(y[:, :-1].to(device=weight.device, dtype=weight.dtype), weight,
-                                targets.to(weight.device), lm_head.bias)
+        if scored is not None:
+            targets = targets.masked_fill(~scored, IGNORE_INDEX)
+        return linear_log_probs(y.to(device=weight.device, dtype=weight.dtype), weight, targets.to(weight.device),
+                                lm_head.bias, ignore_index=None if scored is None else IGNORE_INDEX)
+
+    def _log_probs_through_logits(self, y: torch.Tensor, targets: torch.Tensor,
+                                  scored: torch.Tensor | None) -> torch.Tensor:
+        """:meth:`target_log_probs` through the lm_head's logits (of the scored rows only)."""
+        if scored is None:
+            logits = self.lm_head(y).float()
+            return torch.log_softmax(logits, dim=-1).gather(-1, targets.to(logits.device).unsqueeze(-1)).squeeze(-1)
+        logits = self.lm_head(y[scored]).float()
+        picked = torch.log_softmax(logits, dim=-1).gather(-1, targets[scored].to(logits.device).unsqueeze(-1))
+        out = torch.zeros(targets.shape, dtype=torch.float32, device=logits.device)
+        return out.masked_scatter_(scored.to(logits.device), picked.squeeze(-1))
 
     # ------------------------------------------------------------------------------------------
     # Forward
@@ -1023,8 +1046,8 @@ def _shifted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.
     shift_logits = logits[:, :-1, :].float()
     shift_labels = labels[:, 1:]
     total = F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
-                            ignore_index=-100, reduction="sum")
-    count = (shift_labels != -100).sum()
+                            ignore_index=IGNORE_INDEX, reduction="sum")
+    count = (shift_labels != IGNORE_INDEX).sum()
     return total / count.clamp(min=1)
 
 
