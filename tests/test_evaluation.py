@@ -1,5 +1,6 @@
 """Answer-sentence selection: the log-likelihood scoring, the MAP/MRR metrics and the evaluation of
 both heads (the word-level ``tokenizer`` fixture comes from conftest.py)."""
+import contextlib
 import importlib
 
 import pytest
@@ -212,7 +213,8 @@ def test_target_log_probs_equal_the_log_softmax_of_the_logits(tiny_dir, mode):
         model.target_log_probs(ids, mask, head="lm")
 
 
-def _rows_through_lm_head(model, monkeypatch) -> list:
+@contextlib.contextmanager
+def _rows_through_lm_head(model, monkeypatch):
     """Records the rows of hidden states that each lm_head GEMM takes: the fused op's chunks
     (``_chunk_logits``) and the lm_head module's own calls (the logits path)."""
     lce = importlib.import_module("tgr_kernels.linear_cross_entropy")
@@ -223,10 +225,14 @@ def _rows_through_lm_head(model, monkeypatch) -> list:
         rows.append(x_c.shape[0])
         return chunk_logits(x_c, w, bias, act_dtype)
 
-    monkeypatch.setattr(lce, "_chunk_logits", counted)
-    model.get_output_embeddings().register_forward_hook(
-        lambda module, args, out: rows.append(args[0].numel() // args[0].shape[-1]))
-    return rows
+    with monkeypatch.context() as patch:
+        patch.setattr(lce, "_chunk_logits", counted)
+        hook = model.get_output_embeddings().register_forward_hook(
+            lambda module, args, out: rows.append(args[0].numel() // args[0].shape[-1]))
+        try:
+            yield rows
+        finally:
+            hook.remove()
 
 
 @pytest.mark.parametrize("through_logits", [False, True], ids=["fused", "logits"])
@@ -247,13 +253,12 @@ def test_target_log_probs_of_scored_positions_only(tiny_dir, mode, through_logit
     with torch.no_grad():
         for head in ("tgr", "base"):
             full = model.target_log_probs(ids, mask, head=head)
-            rows = _rows_through_lm_head(model, monkeypatch)
-            got = model.target_log_probs(ids, mask, head=head, scored=scored)
+            with _rows_through_lm_head(model, monkeypatch) as rows:
+                got = model.target_log_probs(ids, mask, head=head, scored=scored)
             assert got.shape == (3, 11) and got.dtype == torch.float32
             torch.testing.assert_close(got[scored], full[scored], rtol=1e-5, atol=1e-5, msg=head)
             assert (got[~scored] == 0).all()
             assert sum(rows) == int(scored.sum()), (head, rows)
-            model.get_output_embeddings()._forward_hooks.clear()
     for bad in (scored.long(), scored[:, :-1], "all"):
         with pytest.raises(ValueError, match="scored must be a bool tensor"):
             model.target_log_probs(ids, mask, scored=bad)
