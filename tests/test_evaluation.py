@@ -193,6 +193,11 @@ def test_evaluate_heads_never_builds_the_logits_and_ranks_as_through_them(tiny_d
     assert 0 < watch.rows <= CHUNK_ROWS  # a batch has 6 × (S − 1) > CHUNK_ROWS rows of logits
     assert results == {name: r.as_dict() for name, r in through_logits.items()}
     assert results["tgr_head"]["questions"] >= 5
+    # Only the answers' tokens go through the lm_head's GEMMs, for each of the two heads.
+    encoded = [encode_pair(tokenizer, g.question, a, 256) for g in groups for a in g.answers]
+    with torch.no_grad(), _rows_through_lm_head(model, monkeypatch) as gemm_rows:
+        evaluate_heads(model, tokenizer, rows, batch_size=6)
+    assert sum(gemm_rows) == 2 * sum(len(ids) - n_prompt for ids, n_prompt in encoded)
 
 
 @pytest.mark.parametrize("mode", ["head", "both", "layers"])
