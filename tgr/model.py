@@ -669,7 +669,7 @@ class TGRLlamaModel(PreTrainedModel, GenerationMixin):
         if scored is None:
             logits = self.lm_head(y).float()
             return torch.log_softmax(logits, dim=-1).gather(-1, targets.to(logits.device).unsqueeze(-1)).squeeze(-1)
-        logits = self.lm_head(y[scored]).float()
+        logits = self.lm_head(y[scored.to(y.device)]).float()
         picked = torch.log_softmax(logits, dim=-1).gather(-1, targets[scored].to(logits.device).unsqueeze(-1))
         out = torch.zeros(targets.shape, dtype=torch.float32, device=logits.device)
         return out.masked_scatter_(scored.to(logits.device), picked.squeeze(-1))
