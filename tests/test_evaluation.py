@@ -91,6 +91,9 @@ class _TwoHeads:
         logits = self._logits(ids, oracle=head == "tgr")
         return torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
 
+    def heads_target_log_probs(self, ids, mask, *, scored=None):
+        return {head: self.target_log_probs(ids, mask, head=head) for head in ("tgr", "base")}
+
 
 def test_evaluate_heads_scores_the_tgr_head_beside_the_base_head(tokenizer):
     rows = [
@@ -292,3 +295,28 @@ def test_log_probs_fn_with_scored_gets_the_answer_positions(tokenizer):
         for row, i in enumerate(batch):
             ids, n_prompt = encode_pair(tokenizer, *pairs[i], 256)
             assert scored[row].nonzero().flatten().tolist() == list(range(n_prompt - 1, len(ids) - 1))
+
+
+@pytest.mark.parametrize("mode", ["head", "both", "layers"])
+def test_both_heads_in_one_pass_equal_each_head_alone(tiny_dir, mode):
+    """heads_target_log_probs gives what target_log_probs gives for each head, with one base run
+    when the base has no TGR layers (mode "head") and two when it has them."""
+    model = _tiny_tgr_model(tiny_dir, mode)
+    ids = torch.randint(3, model.vocab_size, (3, 10))
+    mask = torch.ones_like(ids)
+    mask[2, :4] = 0
+    scored = torch.rand(3, 9, generator=torch.Generator().manual_seed(0)) < 0.6
+    base_runs = []
+    hook = model._decoder().register_forward_hook(lambda *args: base_runs.append(1))
+    try:
+        with torch.no_grad():
+            both = model.heads_target_log_probs(ids, mask, scored=scored)
+            runs = len(base_runs)
+            for head in ("tgr", "base"):
+                alone = model.target_log_probs(ids, mask, head=head, scored=scored)
+                torch.testing.assert_close(both[head], alone, rtol=0, atol=0, msg=head)
+    finally:
+        hook.remove()
+    assert sorted(both) == ["base", "tgr"]
+    assert runs == (1 if mode == "head" else 2)
+    assert (both["tgr"] - both["base"]).abs().max() > 1e-2  # two different models

@@ -13,7 +13,6 @@ of its lm_head (as ``target_log_probs`` does).
 """
 from __future__ import annotations
 
-import functools
 import inspect
 import logging
 from collections.abc import Callable, Sequence
@@ -25,6 +24,9 @@ from tqdm.auto import tqdm
 from .data import DataError, RankingGroup, answer_text, prompt_text, ranking_groups
 
 logger = logging.getLogger("tgr")
+
+#: The most tokens of a (prompt, answer) pair that are scored (see :func:`encode_pair`).
+MAX_LENGTH = 256
 
 LogitsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 #: ``(input_ids [B, S], attention_mask [B, S]) -> log p(input_ids[:, s + 1] | prefix) [B, S − 1]``;
@@ -86,9 +88,14 @@ def _takes_scored(log_probs_fn: LogProbsFn) -> bool:
                                                   inspect.Parameter.KEYWORD_ONLY)
 
 
+#: ``(input_ids, attention_mask, scored) -> {name: log p(input_ids[:, 1:]) [B, S − 1]}``: one or more
+#: models' next-token log-probabilities for a batch (``scored``: the positions read).
+_BatchLogProbs = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], dict]
+
+
 @torch.no_grad()
 def answer_log_likelihoods(logits_fn: LogitsFn | None, tokenizer, pairs: Sequence[tuple], *,
-                           log_probs_fn: LogProbsFn | None = None, batch_size: int = 8, max_length: int = 256,
+                           log_probs_fn: LogProbsFn | None = None, batch_size: int = 8, max_length: int = MAX_LENGTH,
                            device="cpu", per_token: bool = False, progress: bool = False) -> list[float]:
     """``log p(answer | prompt)`` for each (question, answer) pair (or its per-token mean);
     ``progress`` shows a progress bar (WikiQA's test split has thousands of candidates).
@@ -100,9 +107,22 @@ def answer_log_likelihoods(logits_fn: LogitsFn | None, tokenizer, pairs: Sequenc
     if (logits_fn is None) == (log_probs_fn is None):
         raise ValueError("give exactly one of logits_fn and log_probs_fn")
     pass_scored = log_probs_fn is not None and _takes_scored(log_probs_fn)
+
+    def batch_log_probs(ids, mask, scored):
+        if logits_fn is not None:
+            return {"": _target_log_probs_from_logits(logits_fn(ids, mask), ids)}
+        return {"": log_probs_fn(ids, mask, scored=scored) if pass_scored else log_probs_fn(ids, mask)}
+
+    return _answer_scores(batch_log_probs, tokenizer, pairs, batch_size=batch_size, max_length=max_length,
+                          device=device, per_token=per_token, progress=progress)[""]
+
+
+def _answer_scores(batch_log_probs: _BatchLogProbs, tokenizer, pairs: Sequence[tuple], *, batch_size: int,
+                   max_length: int, device, per_token: bool, progress: bool) -> dict[str, list[float]]:
+    """:func:`answer_log_likelihoods` of each model that ``batch_log_probs`` scores: ``{name: scores}``."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     encoded = [encode_pair(tokenizer, q, a, max_length) for q, a in pairs]
-    scores: list[float] = [0.0] * len(encoded)
+    scores: dict[str, list[float]] = {}
     # Longest first: batches of similar lengths waste little padding.
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i][0]))
     for start in tqdm(range(0, len(order), batch_size), desc="scoring candidates", unit="batch",
@@ -117,17 +137,15 @@ def answer_log_likelihoods(logits_fn: LogitsFn | None, tokenizer, pairs: Sequenc
             ids[row, :len(seq)] = torch.tensor(seq)
             mask[row, :len(seq)] = 1
             scored[row, n_prompt - 1:len(seq) - 1] = True
-        if pass_scored:
-            token_lp = log_probs_fn(ids.to(device), mask.to(device), scored=scored.to(device)).float()
-        elif log_probs_fn is not None:
-            token_lp = log_probs_fn(ids.to(device), mask.to(device)).float()
-        else:
-            token_lp = _target_log_probs_from_logits(logits_fn(ids.to(device), mask.to(device)), ids)
-        for row, i in enumerate(idx):
-            seq, n_prompt = encoded[i]
-            answer_lp = token_lp[row, n_prompt - 1:len(seq) - 1]
-            total = answer_lp.sum().item()
-            scores[i] = total / max(1, answer_lp.numel()) if per_token else total
+        per_model = batch_log_probs(ids.to(device), mask.to(device), scored.to(device))
+        for name, token_lp in per_model.items():
+            token_lp = token_lp.float().cpu()
+            model_scores = scores.setdefault(name, [0.0] * len(encoded))
+            for row, i in enumerate(idx):
+                seq, n_prompt = encoded[i]
+                answer_lp = token_lp[row, n_prompt - 1:len(seq) - 1]
+                total = answer_lp.sum().item()
+                model_scores[i] = total / max(1, answer_lp.numel()) if per_token else total
     return scores
 
 
@@ -136,7 +154,11 @@ def evaluate_ranking(logits_fn: LogitsFn | None, tokenizer, groups: Sequence[Ran
     """MAP and MRR over the groups (questions with at least one correct candidate); the model is
     ``logits_fn`` or ``log_probs_fn=`` (see :func:`answer_log_likelihoods`)."""
     pairs = [(g.question, a) for g in groups for a in g.answers]
-    scores = answer_log_likelihoods(logits_fn, tokenizer, pairs, **kwargs)
+    return _ranking(groups, answer_log_likelihoods(logits_fn, tokenizer, pairs, **kwargs))
+
+
+def _ranking(groups: Sequence[RankingGroup], scores: Sequence[float]) -> RankingResult:
+    """MAP and MRR of the groups from their candidates' scores (in the groups' order)."""
     aps, rrs, offset = [], [], 0
     for g in groups:
         s = scores[offset:offset + len(g.answers)]
@@ -146,7 +168,7 @@ def evaluate_ranking(logits_fn: LogitsFn | None, tokenizer, groups: Sequence[Ran
         aps.append(average_precision(ranked))
         rrs.append(reciprocal_rank(ranked))
     n = max(1, len(groups))
-    return RankingResult(sum(aps) / n, sum(rrs) / n, len(groups), len(pairs))
+    return RankingResult(sum(aps) / n, sum(rrs) / n, len(groups), len(scores))
 
 
 def _base_logits(model, ids, mask):
@@ -161,9 +183,10 @@ def _base_logits(model, ids, mask):
 def evaluate_heads(model, tokenizer, rows: Sequence[dict], *, batch_size: int = 8,
                    progress: bool = False) -> dict[str, dict[str, float]]:
     """MAP and MRR of a TGR model's head and of its base's own head, with the same protocol, over
-    the questions of ``rows`` (WikiQA rows) that have a correct candidate. Both are scored by
-    :meth:`tgr.TGRLlamaModel.target_log_probs` from the final hidden states and the lm_head's
-    weight: the ``[B, S, V]`` logits are never built.
+    the questions of ``rows`` (WikiQA rows) that have a correct candidate. Both are scored in one
+    pass over the candidates by :meth:`tgr.TGRLlamaModel.heads_target_log_probs` (the base runs
+    once for both heads when it has no TGR layers) from the final hidden states and the lm_head's
+    weight, the answers' tokens only: the ``[B, S, V]`` logits are never built.
 
     Returns ``{"tgr_head": {...}, "base_head": {...}}`` (see :meth:`RankingResult.as_dict`).
     """
@@ -171,9 +194,10 @@ def evaluate_heads(model, tokenizer, rows: Sequence[dict], *, batch_size: int = 
     if not groups:
         raise DataError("no question in the data has a correct (label 1) candidate: nothing to rank")
     model.eval()
-    kwargs = dict(batch_size=batch_size, device=model.device, progress=progress)
-    tgr = evaluate_ranking(None, tokenizer, groups, log_probs_fn=functools.partial(model.target_log_probs, head="tgr"),
-                           **kwargs)
-    base = evaluate_ranking(None, tokenizer, groups,
-                            log_probs_fn=functools.partial(model.target_log_probs, head="base"), **kwargs)
-    return {"tgr_head": tgr.as_dict(), "base_head": base.as_dict()}
+    pairs = [(g.question, a) for g in groups for a in g.answers]
+    with torch.no_grad():
+        scores = _answer_scores(lambda ids, mask, scored: model.heads_target_log_probs(ids, mask, scored=scored),
+                                tokenizer, pairs, batch_size=batch_size, max_length=MAX_LENGTH, device=model.device,
+                                per_token=False, progress=progress)
+    return {"tgr_head": _ranking(groups, scores["tgr"]).as_dict(),
+            "base_head": _ranking(groups, scores["base"]).as_dict()}

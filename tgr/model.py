@@ -639,6 +639,31 @@ class TGRLlamaModel(PreTrainedModel, GenerationMixin):
         """
         if head not in ("tgr", "base"):
             raise ValueError(f"head must be 'tgr' or 'base', got {head!r}")
+        targets, scored = self._scoring_inputs(input_ids, attention_mask, scored)
+        if head == "tgr":
+            y = self._tgr_head_hidden(self._base_hidden(input_ids, attention_mask), attention_mask)
+        else:
+            with tgr_layers.base_only(self.hf_base_model):
+                y = self._base_hidden(input_ids, attention_mask)
+        return self._log_probs_of_hidden(y, targets, scored)
+
+    def heads_target_log_probs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+                               scored: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """:meth:`target_log_probs` of both heads, ``{"tgr": ..., "base": ...}``, as ``tgr eval``
+        compares them. Without TGR layers in the base (mode "head") the TGR head reads the base's
+        own final hidden state, so the base runs once for both; with them, once with and once
+        without."""
+        targets, scored = self._scoring_inputs(input_ids, attention_mask, scored)
+        hidden = self._base_hidden(input_ids, attention_mask)
+        y_tgr = self._tgr_head_hidden(hidden, attention_mask)
+        if tgr_layers.is_tgr_applied(self.hf_base_model):
+            with tgr_layers.base_only(self.hf_base_model):
+                hidden = self._base_hidden(input_ids, attention_mask)
+        return {"tgr": self._log_probs_of_hidden(y_tgr, targets, scored),
+                "base": self._log_probs_of_hidden(hidden, targets, scored)}
+
+    def _scoring_inputs(self, input_ids, attention_mask, scored):
+        """The checked inputs of :meth:`target_log_probs`: ``(targets [B, S − 1], scored or None)``."""
         self._check_inputs(input_ids, attention_mask, None)
         targets = input_ids[:, 1:]
         if scored is not None:
@@ -647,12 +672,17 @@ class TGRLlamaModel(PreTrainedModel, GenerationMixin):
                                  f"{getattr(scored, 'dtype', type(scored).__name__)} "
                                  f"{tuple(getattr(scored, 'shape', ()))}")
             scored = scored.to(input_ids.device)
-        hf_base = self.hf_base_model
-        if head == "tgr":
-            y, _, _ = self.tgr_head(self._base_hidden(input_ids, attention_mask), None, attention_mask)
-        else:
-            with tgr_layers.base_only(hf_base):
-                y = self._base_hidden(input_ids, attention_mask)
+        return targets, scored
+
+    def _tgr_head_hidden(self, hidden: torch.Tensor, attention_mask) -> torch.Tensor:
+        """The TGR head's output on the base's final hidden state (that state itself in mode "layers")."""
+        y, _, _ = self.tgr_head(hidden, None, attention_mask)
+        return y
+
+    def _log_probs_of_hidden(self, y: torch.Tensor, targets: torch.Tensor,
+                             scored: torch.Tensor | None) -> torch.Tensor:
+        """``log p(targets)`` from the final hidden states ``y [B, S, H]`` (the last position
+        predicts nothing): the fused op, or the lm_head's logits where it does not apply."""
         y = y[:, :-1]
         if not self._fused_loss_applies():
             return self._log_probs_through_logits(y, targets, scored)
