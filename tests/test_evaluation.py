@@ -290,6 +290,7 @@ def test_log_probs_fn_with_scored_gets_the_answer_positions(tokenizer):
     expected = answer_log_likelihoods(None, tokenizer, pairs, log_probs_fn=full, batch_size=2)
     got = answer_log_likelihoods(None, tokenizer, pairs, log_probs_fn=answers_only, batch_size=2)
     assert got == pytest.approx(expected) and all(s == s for s in got)
+    assert answer_log_likelihoods(None, tokenizer, [], log_probs_fn=answers_only) == []
     order = sorted(range(len(pairs)), key=lambda i: -len(encode_pair(tokenizer, *pairs[i], 256)[0]))
     for batch, scored in zip((order[:2], order[2:]), seen, strict=True):
         for row, i in enumerate(batch):

@@ -114,7 +114,7 @@ def answer_log_likelihoods(logits_fn: LogitsFn | None, tokenizer, pairs: Sequenc
         return {"": log_probs_fn(ids, mask, scored=scored) if pass_scored else log_probs_fn(ids, mask)}
 
     return _answer_scores(batch_log_probs, tokenizer, pairs, batch_size=batch_size, max_length=max_length,
-                          device=device, per_token=per_token, progress=progress)[""]
+                          device=device, per_token=per_token, progress=progress).get("", [])
 
 
 def _answer_scores(batch_log_probs: _BatchLogProbs, tokenizer, pairs: Sequence[tuple], *, batch_size: int,
