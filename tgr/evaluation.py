@@ -4,12 +4,13 @@ log-likelihood ``log p(answer | "Q: <question>\\nA:")`` and report MAP and MRR.
 The prompt and the answer are tokenized separately, so the answer's tokens are exactly those
 scored, whatever the tokenizer does at the boundary. Any model can be scored through a
 ``logits_fn(input_ids, attention_mask) -> logits [B, S, V]``, or, without the logits, through a
-``log_probs_fn(input_ids, attention_mask) -> log p(input_ids[:, 1:]) [B, S − 1]``: the TGR head and
-the base model's own head are evaluated with the same protocol, through
-:meth:`tgr.TGRLlamaModel.target_log_probs` (the fused ``tgr_kernels.linear_log_probs``: the
-``[B, S, V]`` logits never exist whole). A ``log_probs_fn`` that takes a ``scored`` keyword is given
-the answers' positions, the only ones read, so that it can leave the prompts and the padding out
-of its lm_head (as ``target_log_probs`` does).
+``log_probs_fn(input_ids, attention_mask) -> log p(input_ids[:, 1:]) [B, S − 1]``. A
+``log_probs_fn`` that takes a ``scored`` keyword is given the answers' positions, the only ones
+read, so that it can leave the prompts and the padding out of its lm_head (as
+:meth:`tgr.TGRLlamaModel.target_log_probs` does). :func:`evaluate_heads` scores the TGR head and the
+base model's own head with the same protocol, in one pass, through
+:meth:`tgr.TGRLlamaModel.heads_target_log_probs` (the fused ``tgr_kernels.linear_log_probs``: the
+``[B, S, V]`` logits never exist whole).
 """
 from __future__ import annotations
 
