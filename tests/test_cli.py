@@ -268,3 +268,68 @@ def test_adapters_of_tgr_train_load_with_peft(trained):
     trained_b = {name: p for name, p in peft_model.named_parameters() if "lora_B" in name}
     assert trained_b and any("k_proj" in name for name in trained_b)
     assert any(p.abs().max() > 0 for p in trained_b.values())  # B starts at zero: these were trained
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["eval", "--batch-size", "0"], "--batch-size: must be a positive integer, got 0"),
+    (["eval", "--num-tgr-heads", "-1"], "--num-tgr-heads: must be a positive integer, got -1"),
+    (["generate", "q", "--temperature-heads", "0"], "--temperature-heads: must be a positive integer, got 0"),
+])
+def test_a_flag_out_of_range_is_an_argparse_error(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv + FAST)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["generate", "q", "--max-new-tokens", "-1"], "--max-new-tokens must be an integer >= 0, got -1"),
+    (["generate", "q", "--temperature", "0"], "--temperature must be a positive number, got 0.0"),
+    (["generate", "q", "--top-p", "0"], "--top-p must be in (0, 1], got 0.0"),
+    (["generate", "q", "--top-k", "-3"], "--top-k must be None or an integer >= 0, got -3"),
+])
+def test_bad_generation_settings_are_one_line_before_the_model_loads(argv, message, capsys, monkeypatch):
+    monkeypatch.setattr("tgr.cli._load", lambda *a, **k: pytest.fail("the model was loaded"))
+    assert main(argv + FAST) == 2
+    err = capsys.readouterr().err
+    assert err == f"tgr generate: error: {message}\n"
+
+
+class _Loading(Exception):
+    """Raised in place of loading the model: the command got past its checks."""
+
+
+def test_greedy_decoding_ignores_the_sampling_settings(monkeypatch):
+    def load(*args, **kwargs):
+        raise _Loading
+    monkeypatch.setattr("tgr.cli._load", load)
+    with pytest.raises(_Loading):
+        main(["generate", "q", "--greedy", "--temperature", "0"] + FAST)
+
+
+@pytest.mark.parametrize("command", ["eval", "generate"])
+def test_an_output_that_is_a_file_is_refused_before_the_model_loads(command, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("tgr.cli._load", lambda *a, **k: pytest.fail("the model was loaded"))
+    taken = tmp_path / "results"
+    taken.write_text("mine")
+    assert main([command, "--output", str(taken)] + (["q"] if command == "generate" else []) + FAST) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err and taken.read_text() == "mine"
+
+
+def test_a_config_that_does_not_fit_the_base_is_one_line(capsys):
+    assert main(["eval", "--num-tgr-heads", "3"] + FAST) == 2  # the demo base's hidden size is 128
+    err = capsys.readouterr().err
+    assert err.startswith("tgr eval: error: TGRConfig.num_tgr_heads=3 must divide hidden_size=")
+    assert err.count("\n") == 1
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--batch-size", "0"], "--per_device_train_batch_size must be a positive integer, got 0"),
+    (["--grad-accum", "0"], "--gradient_accumulation_steps must be a positive integer, got 0"),
+    (["--max_length", "0"], "--max_length must be at least 2"),
+    (["--max_length", "-5"], "--max_length must be at least 2"),
+])
+def test_bad_training_sizes_are_one_line_and_create_nothing(flags, message, tmp_path, capsys):
+    out = tmp_path / "o"
+    assert main(["train", "--output", str(out)] + flags + FAST) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"tgr train: error: {message}") and err.count("\n") == 1 and not out.exists()

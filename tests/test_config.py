@@ -6,7 +6,7 @@ import math
 import pytest
 from transformers import AutoConfig, PretrainedConfig
 
-from tgr import TGRConfig
+from tgr import ConfigError, TGRConfig
 from tgr.config import CONFIG_NAME, LEGACY_CONFIG_NAME, CheckpointError
 
 
@@ -75,10 +75,11 @@ def test_bad_values_name_the_field(field, value, words):
 
 
 def test_cross_field_errors():
-    with pytest.raises(ValueError, match="temperature_clamp_min <= temperature_clamp_max"):
+    with pytest.raises(ConfigError, match="temperature_clamp_min <= temperature_clamp_max"):
         TGRConfig(temperature_clamp_min=0.8, temperature_clamp_max=0.2)
-    with pytest.raises(ValueError, match="num_tgr_heads=5 must divide hidden_size=64"):
+    with pytest.raises(ConfigError, match="num_tgr_heads=5 must divide hidden_size=64"):
         TGRConfig(hidden_size=64, num_tgr_heads=5)
+    assert issubclass(ConfigError, ValueError)  # callers that catch ValueError still do
 
 
 def test_mutation_is_validated_on_use():

@@ -113,6 +113,9 @@ def test_training_examples_end_with_eos_and_can_mask_the_prompt(tokenizer):
     assert masked["labels"][prompt_len:] == masked["input_ids"][prompt_len:]
     (short,) = build_training_examples(ROWS, tokenizer, max_length=4)
     assert len(short["input_ids"]) == 4 and short["input_ids"][-1] == tokenizer.eos_token_id
+    for bad in (1, 0, -5):  # a slice by max_length - 1 would keep the wrong tokens
+        with pytest.raises(ValueError, match="max_length must be an integer >= 2"):
+            build_training_examples(ROWS, tokenizer, max_length=bad)
 
 
 @pytest.mark.parametrize("side", ["right", "left"])

@@ -321,3 +321,68 @@ def test_both_heads_in_one_pass_equal_each_head_alone(tiny_dir, mode):
     assert sorted(both) == ["base", "tgr"]
     assert runs == (1 if mode == "head" else 2)
     assert (both["tgr"] - both["base"]).abs().max() > 1e-2  # two different models
+
+
+def test_a_long_question_loses_its_start_and_the_whole_answer_is_scored(tokenizer, caplog):
+    """A pair over max_length keeps the BOS, the end of the question and every answer token; the
+    bigram model sees only the token before each answer token, so the score is the untruncated one."""
+    W, fn = bigram_model(len(tokenizer))
+    long_question = " ".join(["Who Other"] * 40) + " Who?"
+    pairs = [(long_question, "Someone. Other."), (long_question, "Nothing."), ("Who?", "Other.")]
+    full = answer_log_likelihoods(fn, tokenizer, pairs, max_length=1000)
+    ids, n_prompt = encode_pair(tokenizer, long_question, "Someone. Other.", max_length=24)
+    untruncated, n_full = encode_pair(tokenizer, long_question, "Someone. Other.", max_length=1000)
+    assert len(ids) == 24 and ids[0] == tokenizer.bos_token_id
+    assert ids[n_prompt:] == untruncated[n_full:]  # the whole answer
+    assert ids[1:n_prompt] == untruncated[n_full - n_prompt + 1:n_full]  # the end of the question
+    with caplog.at_level("WARNING", logger="tgr"):
+        cut = answer_log_likelihoods(fn, tokenizer, pairs, max_length=24)
+    assert cut == pytest.approx(full, abs=1e-5)
+    assert "2 of 3 question-answer pairs are longer than 24 tokens" in caplog.text
+    assert "0 of them are answers longer" in caplog.text
+
+
+def test_an_answer_longer_than_max_length_keeps_its_first_tokens_after_the_bos(tokenizer, caplog):
+    W, fn = bigram_model(len(tokenizer))
+    answer = " ".join(["Someone Other"] * 20)
+    ids, n_prompt = encode_pair(tokenizer, "Who?", answer, max_length=10)
+    full, n_full = encode_pair(tokenizer, "Who?", answer, max_length=1000)
+    assert (ids[:n_prompt], ids[n_prompt:]) == ([tokenizer.bos_token_id], full[n_full:n_full + 9])
+    lp = torch.log_softmax(W, -1)
+    expected = sum(lp[ids[i - 1], ids[i]].item() for i in range(1, 10))
+    with caplog.at_level("WARNING", logger="tgr"):
+        assert answer_log_likelihoods(fn, tokenizer, [("Who?", answer)], max_length=10) == pytest.approx(
+            [expected], abs=1e-5)
+    assert "1 of them are answers longer than that, of which the first 9 tokens are scored" in caplog.text
+
+
+def test_pairs_that_fit_are_not_reported(tokenizer, caplog):
+    W, fn = bigram_model(len(tokenizer))
+    pair = ("Who?", "Someone.")
+    exact = len(encode_pair(tokenizer, *pair, 1000)[0])
+    with caplog.at_level("WARNING", logger="tgr"):
+        answer_log_likelihoods(fn, tokenizer, [pair], max_length=exact)
+    assert "longer than" not in caplog.text
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(batch_size=0), "batch_size must be a positive integer"),
+    (dict(batch_size=-1), "batch_size must be a positive integer"),
+    (dict(batch_size=2.0), "batch_size must be a positive integer"),
+    (dict(max_length=1), "max_length must be an integer >= 2"),
+    (dict(max_length=0), "max_length must be an integer >= 2"),
+])
+def test_bad_batch_size_or_max_length_is_a_clear_error(tokenizer, kwargs, message):
+    _, fn = bigram_model(len(tokenizer))
+    with pytest.raises(ValueError, match=message):
+        answer_log_likelihoods(fn, tokenizer, [("Who?", "Someone.")], **kwargs)
+
+
+def test_questions_without_a_correct_candidate_are_left_out_of_the_ranking(tokenizer):
+    _, fn = bigram_model(len(tokenizer))
+    groups = [RankingGroup("1", "Who?", ["Other.", "Someone."], [0, 1]),
+              RankingGroup("2", "What?", ["Nothing.", "Other."], [1, 0])]
+    unanswerable = RankingGroup("3", "Who?", ["Other.", "Nothing."], [0, 0])
+    alone = evaluate_ranking(fn, tokenizer, groups)
+    assert evaluate_ranking(fn, tokenizer, groups[:1] + [unanswerable] + groups[1:]) == alone
+    assert alone.questions == 2 and alone.candidates == 4

@@ -8,6 +8,7 @@ kernels of :mod:`tgr_kernels`.
   mask; ``generate`` samples from the TGR head with KV and hidden-state caches;
   ``save_pretrained`` / ``from_pretrained`` store what TGR trains, not the base.
 - :class:`CheckpointError`: a saved model that is missing or damaged, in one line.
+- :class:`ConfigError`: a TGRConfig field that is invalid or does not fit the base, in one line.
 - :class:`ClampLogits`: the seed's logits clamp, which also removes NaN and ±inf.
 - :func:`apply_tgr` / :func:`remove_tgr`: every-layer TGR on an already-loaded HF causal LM, in
   place (:func:`tgr_layers_disabled` runs a patched model as the unpatched one).
@@ -31,6 +32,7 @@ from ._version import __version__
 _LAZY_NAMES = {
     "TGRConfig": "config",
     "CheckpointError": "config",
+    "ConfigError": "config",
     "TGRLlamaModel": "model",
     "TGROutput": "model",
     "TGRGenerateOutput": "generation",
@@ -52,6 +54,7 @@ MODEL_EXTRA_MODULES = frozenset(
 __all__ = [
     "TGRConfig",
     "CheckpointError",
+    "ConfigError",
     "TGRLlamaModel",
     "TGROutput",
     "TGRGenerateOutput",
@@ -67,7 +70,7 @@ __all__ = [
 
 if TYPE_CHECKING:  # what static checkers and IDEs see; at run time __getattr__ imports these
     from ._tiny import build_tiny_llama, build_tokenizer
-    from .config import CheckpointError, TGRConfig
+    from .config import CheckpointError, ConfigError, TGRConfig
     from .generation import TGRGenerateOutput, generate
     from .layers import apply_tgr, remove_tgr, tgr_layers_disabled
     from .model import TGRLlamaModel, TGROutput

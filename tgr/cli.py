@@ -76,16 +76,28 @@ def _common(parser: argparse.ArgumentParser, output_help: str) -> None:
     g.add_argument("--quiet", action="store_true", help="warnings only, no progress bars")
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (argparse reports a bad one in one line, exit status 2)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
 def _model_flags(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("TGR head (new models; a --checkpoint brings its own)")
-    g.add_argument("--temperature-heads", type=int, default=4, help="temperatures per token (seed demo: 4)")
+    g.add_argument("--temperature-heads", type=_positive_int, default=4, help="temperatures per token (seed demo: 4)")
     g.add_argument("--gsot-threshold", type=float, default=0.4, help="GSoT threshold (default: 0.4)")
     g.add_argument("--no-gsot", action="store_true", help="disable GSoT pruning")
     g.add_argument("--gsot-mode", default=None, choices=["hard", "straight_through", "soft"], help=GSOT_MODE_HELP)
     g.add_argument("--gsot-width", type=float, default=None, help=GSOT_WIDTH_HELP)
     g.add_argument("--seed-attention", action="store_true",
                    help="non-causal TGR attention, exactly the seed's (default: causal)")
-    g.add_argument("--num-tgr-heads", type=int, default=1, help="TGR attention heads (1 = the seed's one wide head)")
+    g.add_argument("--num-tgr-heads", type=_positive_int, default=1,
+                   help="TGR attention heads (1 = the seed's one wide head)")
     g.add_argument("--tgr-layers", default="none", help=TGR_LAYERS_HELP)
     g.add_argument("--tgr-mode", default=None, choices=["head", "layers", "both"], help=TGR_MODE_HELP)
 
@@ -108,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     _model_flags(p)
     p.add_argument("--checkpoint", default=None, help="a trained TGR folder (tgr train's final/)")
     p.add_argument("--split", default="test", help="dataset split (default: test; the sample has one split)")
-    p.add_argument("--batch-size", type=int, default=8, help="candidates scored per batch (default: 8)")
+    p.add_argument("--batch-size", type=_positive_int, default=8, help="candidates scored per batch (default: 8)")
 
     p = sub.add_parser("generate", help="answer questions through the TGR head")
     _common(p, "write generations.jsonl here")
@@ -179,6 +191,8 @@ def parse_training_args(command: str, argv: list[str]) -> tuple[object, dict[str
     ours = {f.name for f in dataclasses.fields(TGRArguments)}
     values = vars(namespace)
     tgr_args = TGRArguments(**{k: v for k, v in values.items() if k in ours})
+    if tgr_args.max_length < 2:
+        raise CommandError(f"--max_length must be at least 2 (a prompt token and the EOS), got {tgr_args.max_length}")
     return tgr_args, {k: v for k, v in values.items() if k not in ours}
 
 
@@ -250,6 +264,7 @@ def _load(args, checkpoint: str | None = None, seed: int = 0):
     import torch
     from transformers import AutoTokenizer
 
+    from .config import ConfigError
     from .model import CheckpointError, TGRLlamaModel
 
     torch.manual_seed(seed)
@@ -262,8 +277,8 @@ def _load(args, checkpoint: str | None = None, seed: int = 0):
         tokenizer = AutoTokenizer.from_pretrained(config.base_model_name_or_path)
         model = (TGRLlamaModel.from_pretrained(checkpoint, config=config) if checkpoint
                  else TGRLlamaModel(config))
-    except CheckpointError as e:  # a damaged saved model: its one line names the file
-        raise CommandError(str(e)) from None
+    except (CheckpointError, ConfigError) as e:  # a damaged saved model, or a config that does not fit
+        raise CommandError(str(e)) from None  # the base (e.g. --num-tgr-heads): its one line names it
     except OSError as e:
         raise CommandError(f"cannot load the base model {config.base_model_name_or_path!r}: {_first_line(e)}") from None
     if tokenizer.pad_token_id is None:
@@ -289,6 +304,17 @@ def _check_output(path: Path, overwrite: bool) -> None:
                            f"pass --overwrite")
 
 
+def _check_results_folder(output: str | None) -> Path | None:
+    """``--output`` of eval and generate: a folder (made if missing) that their results file goes
+    into; a path that is a file is refused before anything is loaded."""
+    if output is None:
+        return None
+    path = Path(output)
+    if path.exists() and not path.is_dir():
+        raise CommandError(f"--output {output!r} is a file, not a folder")
+    return path
+
+
 def _fresh_output(path: Path, overwrite: bool) -> Path:
     """The output folder, emptied with ``overwrite`` (else a folder with checkpoints is resumed)."""
     _check_output(path, overwrite)
@@ -308,6 +334,10 @@ def _training_arguments(args, training: dict[str, object], output: Path):
     """``TrainingArguments`` from the flags; bf16 and use_cpu follow the device unless given."""
     from .train import training_arguments
 
+    for name in ("per_device_train_batch_size", "gradient_accumulation_steps"):
+        value = training.get(name)
+        if value is not None and value < 1:  # TrainingArguments takes them; the data loader fails later
+            raise CommandError(f"--{name} must be a positive integer, got {value}")
     fields = {k: v for k, v in training.items() if not (k in ("bf16", "use_cpu") and v is None)}
     fields["output_dir"] = str(output)
     if args.quiet and fields.get("disable_tqdm") is None:
@@ -369,12 +399,12 @@ def _print_ranking(title: str, results: dict) -> None:
 
 
 def cmd_eval(args) -> dict:
+    out = _check_results_folder(args.output)
     rows = _rows(args, args.split)
     model, tokenizer = _load(args, args.checkpoint, seed=args.seed)
     results = _evaluate(model, tokenizer, rows, args.batch_size, progress=not args.quiet)
     _print_ranking(f"WikiQA answer selection [{args.data or 'sample'}:{args.split}]", results)
-    if args.output:
-        out = Path(args.output)
+    if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         _write_json(out / "results.json", results)
     return results
@@ -395,17 +425,24 @@ def _questions(args) -> list[str]:
 
 
 def cmd_generate(args) -> list[dict]:
+    from .generation import check_generation_settings
     from .pipeline import generate_answers
 
+    out = _check_results_folder(args.output)
     questions = _questions(args)
+    try:  # before the model loads
+        check_generation_settings(max_new_tokens=args.max_new_tokens, do_sample=not args.greedy,
+                                  temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
+    except ValueError as e:  # "top_p must be ..." -> "--top-p must be ..."
+        name, _, rest = _first_line(e).partition(" ")
+        raise CommandError(f"--{name.replace('_', '-')} {rest}") from None
     model, tokenizer = _load(args, args.checkpoint, seed=args.seed)
     answers = generate_answers(model, tokenizer, questions, greedy=args.greedy, max_new_tokens=args.max_new_tokens,
                                temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
     records = [{"question": q, "answer": a} for q, a in zip(questions, answers, strict=True)]
     for r in records:
         print(f"Q: {r['question']}\nA: {r['answer']}\n")
-    if args.output:
-        out = Path(args.output)
+    if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         tmp = out / "generations.jsonl.tmp"
         tmp.write_text("".join(json.dumps(r) + "\n" for r in records))

@@ -57,6 +57,10 @@ _HF_INIT_KWARGS = frozenset({"name_or_path", "output_attentions", "attn_implemen
 _HF_LOADER_KWARGS = ("_from_auto", "_from_pipeline")
 
 
+class ConfigError(ValueError):
+    """A TGRConfig field is invalid, or does not fit the base model; the one-line message names it."""
+
+
 class CheckpointError(ValueError):
     """A saved TGR model (or its config) is missing, unreadable or damaged.
 
@@ -222,11 +226,11 @@ class TGRConfig(PretrainedConfig):
     # ------------------------------------------------------------------------------------
 
     def validate(self) -> TGRConfig:
-        """Raise ``ValueError`` (or ``TypeError``) naming the first invalid field; return self."""
+        """Raise :class:`ConfigError` (a ``ValueError``) naming the first invalid field; return self."""
 
         def bad(name, want):
             value = getattr(self, name)
-            return ValueError(f"TGRConfig.{name} must be {want}, got {value!r}")
+            return ConfigError(f"TGRConfig.{name} must be {want}, got {value!r}")
 
         if not isinstance(self.base_model_name_or_path, (str, os.PathLike)) or not str(self.base_model_name_or_path):
             raise bad("base_model_name_or_path", "a non-empty hub name or folder path")
@@ -246,7 +250,7 @@ class TGRConfig(PretrainedConfig):
             if not (_is_number(value) and 0.0 <= value <= 1.0):
                 raise bad(name, "a number in [0, 1]")
         if self.temperature_clamp_min > self.temperature_clamp_max:
-            raise ValueError(
+            raise ConfigError(
                 f"TGRConfig needs temperature_clamp_min <= temperature_clamp_max, got "
                 f"{self.temperature_clamp_min!r} > {self.temperature_clamp_max!r}"
             )
@@ -265,7 +269,7 @@ class TGRConfig(PretrainedConfig):
         if not (_is_int(self.num_tgr_heads) and self.num_tgr_heads >= 1):
             raise bad("num_tgr_heads", "an integer >= 1")
         if self.hidden_size is not None and self.hidden_size % self.num_tgr_heads:
-            raise ValueError(
+            raise ConfigError(
                 f"TGRConfig.num_tgr_heads={self.num_tgr_heads} must divide hidden_size={self.hidden_size}"
             )
         self._validate_tgr_layers()
@@ -295,26 +299,26 @@ class TGRConfig(PretrainedConfig):
 
     def _validate_tgr_layers(self) -> None:
         if self.tgr_mode not in TGR_MODES:
-            raise ValueError(f"TGRConfig.tgr_mode must be one of {TGR_MODES}, got {self.tgr_mode!r}")
+            raise ConfigError(f"TGRConfig.tgr_mode must be one of {TGR_MODES}, got {self.tgr_mode!r}")
         layers = self.tgr_layers
         if not (layers == "all" or isinstance(layers, list) and layers
                 and all(_is_int(i) and i >= 0 for i in layers) and len(set(layers)) == len(layers)):
-            raise ValueError(f"TGRConfig.tgr_layers must be 'all' or a non-empty list of distinct layer indices "
+            raise ConfigError(f"TGRConfig.tgr_layers must be 'all' or a non-empty list of distinct layer indices "
                              f"(>= 0), got {layers!r}")
         if self.num_hidden_layers is not None and layers != "all" and max(layers) >= self.num_hidden_layers:
-            raise ValueError(f"TGRConfig.tgr_layers={layers} names a layer the base does not have "
+            raise ConfigError(f"TGRConfig.tgr_layers={layers} names a layer the base does not have "
                              f"(num_hidden_layers={self.num_hidden_layers})")
         if self.tgr_mode == "head":
             return
         t_init = self.initial_temperature
         if not (0.0 < t_init < 1.0 and self.temperature_clamp_min <= t_init <= self.temperature_clamp_max):
-            raise ValueError(
+            raise ConfigError(
                 f"TGRConfig.initial_temperature={t_init!r} must lie in (0, 1) and in the clamp range "
                 f"[{self.temperature_clamp_min}, {self.temperature_clamp_max}] with tgr_mode={self.tgr_mode!r}: "
                 f"TGR layers start with every temperature at initial_temperature"
             )
         if self.gsoT_enabled and self.temperature_conf_threshold > t_init:
-            raise ValueError(
+            raise ConfigError(
                 f"TGRConfig.temperature_conf_threshold={self.temperature_conf_threshold!r} must be <= "
                 f"initial_temperature={t_init!r} with tgr_mode={self.tgr_mode!r}, or freshly patched layers "
                 f"would prune every token"

@@ -228,6 +228,8 @@ def build_training_examples(rows: Iterable[dict], tokenizer, max_length: int = 1
     ``mask_prompt``), then truncated to ``max_length`` keeping the EOS. No padding here: the
     collator pads each batch to its own longest example.
     """
+    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
+        raise ValueError(f"max_length must be an integer >= 2 (a prompt token and the EOS), got {max_length!r}")
     if tokenizer.eos_token_id is None:
         raise DataError("the tokenizer has no EOS token; training examples need one to end each answer")
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []

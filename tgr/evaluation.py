@@ -64,12 +64,26 @@ class RankingResult:
 
 
 def encode_pair(tokenizer, question: str, answer: str, max_length: int):
-    """(ids, number of prompt tokens): BOS + prompt + answer, the answer truncated to fit."""
+    """(ids, number of prompt tokens): BOS + prompt + answer in at most ``max_length`` tokens.
+
+    A pair that does not fit loses the start of its question first (the BOS stays, and the end of
+    the question next to the answer): the whole answer is scored as long as it fits beside the BOS
+    or one prompt token. Only an answer longer than that loses its end."""
+    ids, n_prompt, _, _ = _encode_pair(tokenizer, question, answer, max_length)
+    return ids, n_prompt
+
+
+def _encode_pair(tokenizer, question: str, answer: str, max_length: int):
+    """:func:`encode_pair`, and whether it cut the question and the answer."""
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    prompt = bos + tokenizer(prompt_text(question), add_special_tokens=False)["input_ids"]
+    question_ids = tokenizer(prompt_text(question), add_special_tokens=False)["input_ids"]
     answer_ids = tokenizer(answer_text(answer), add_special_tokens=False)["input_ids"]
-    prompt = prompt[-(max_length - 1):]  # keep at least one answer token
-    return (prompt + answer_ids)[:max_length], len(prompt)
+    if len(bos) + len(question_ids) + len(answer_ids) <= max_length:
+        return bos + question_ids + answer_ids, len(bos) + len(question_ids), False, False
+    kept_answer = answer_ids[:max_length - 1]  # the first answer token needs one token before it
+    room = max_length - len(kept_answer) - len(bos)  # for the end of the question
+    prompt = bos + question_ids[len(question_ids) - room:] if room > 0 else bos
+    return prompt + kept_answer, len(prompt), True, len(kept_answer) < len(answer_ids)
 
 
 def _target_log_probs_from_logits(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -121,8 +135,13 @@ def answer_log_likelihoods(logits_fn: LogitsFn | None, tokenizer, pairs: Sequenc
 def _answer_scores(batch_log_probs: _BatchLogProbs, tokenizer, pairs: Sequence[tuple], *, batch_size: int,
                    max_length: int, device, per_token: bool, progress: bool) -> dict[str, list[float]]:
     """:func:`answer_log_likelihoods` of each model that ``batch_log_probs`` scores: ``{name: scores}``."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
+        raise ValueError(f"max_length must be an integer >= 2 (a prompt token and an answer token), got {max_length!r}")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    encoded = [encode_pair(tokenizer, q, a, max_length) for q, a in pairs]
+    encoded = [_encode_pair(tokenizer, q, a, max_length) for q, a in pairs]
+    _warn_truncated(encoded, max_length)
     scores: dict[str, list[float]] = {}
     # Longest first: batches of similar lengths waste little padding.
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i][0]))
@@ -134,7 +153,7 @@ def _answer_scores(batch_log_probs: _BatchLogProbs, tokenizer, pairs: Sequence[t
         mask = torch.zeros((len(idx), longest), dtype=torch.long)
         scored = torch.zeros((len(idx), longest - 1), dtype=torch.bool)
         for row, i in enumerate(idx):
-            seq, n_prompt = encoded[i]
+            seq, n_prompt = encoded[i][:2]
             ids[row, :len(seq)] = torch.tensor(seq)
             mask[row, :len(seq)] = 1
             scored[row, n_prompt - 1:len(seq) - 1] = True
@@ -143,17 +162,29 @@ def _answer_scores(batch_log_probs: _BatchLogProbs, tokenizer, pairs: Sequence[t
             token_lp = token_lp.float().cpu()
             model_scores = scores.setdefault(name, [0.0] * len(encoded))
             for row, i in enumerate(idx):
-                seq, n_prompt = encoded[i]
+                seq, n_prompt = encoded[i][:2]
                 answer_lp = token_lp[row, n_prompt - 1:len(seq) - 1]
                 total = answer_lp.sum().item()
                 model_scores[i] = total / max(1, answer_lp.numel()) if per_token else total
     return scores
 
 
+def _warn_truncated(encoded: Sequence[tuple], max_length: int) -> None:
+    """Log how many pairs did not fit ``max_length`` (see :func:`encode_pair`)."""
+    cut = sum(1 for _, _, cut_question, _ in encoded if cut_question)
+    cut_answers = sum(1 for _, _, _, cut_answer in encoded if cut_answer)
+    if cut:
+        logger.warning("%d of %d question-answer pairs are longer than %d tokens: the start of their question is "
+                       "left out; %d of them are answers longer than that, of which the first %d tokens are scored",
+                       cut, len(encoded), max_length, cut_answers, max_length - 1)
+
+
 def evaluate_ranking(logits_fn: LogitsFn | None, tokenizer, groups: Sequence[RankingGroup],
                      **kwargs) -> RankingResult:
-    """MAP and MRR over the groups (questions with at least one correct candidate); the model is
+    """MAP and MRR over the groups that have a correct candidate (the others are left out, neither
+    scored nor counted, as :func:`tgr.data.ranking_groups` leaves them out); the model is
     ``logits_fn`` or ``log_probs_fn=`` (see :func:`answer_log_likelihoods`)."""
+    groups = [g for g in groups if any(g.labels)]
     pairs = [(g.question, a) for g in groups for a in g.answers]
     return _ranking(groups, answer_log_likelihoods(logits_fn, tokenizer, pairs, **kwargs))
 

@@ -176,6 +176,18 @@ def _check_number(name, value, ok: Callable[[float], bool], want: str):
         raise ValueError(f"{name} must be {want}, got {value!r}")
 
 
+def check_generation_settings(*, max_new_tokens, do_sample: bool, temperature, top_p, top_k) -> None:
+    """Raise ``ValueError`` naming the first invalid setting of :func:`generate` (the sampling ones
+    only matter, and are only checked, when ``do_sample``)."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    if do_sample:
+        _check_number("temperature", temperature, lambda v: v > 0, "a positive number")
+        _check_number("top_p", top_p, lambda v: 0 < v <= 1, "in (0, 1]")
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0):
+            raise ValueError(f"top_k must be None or an integer >= 0, got {top_k!r}")
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -239,13 +251,8 @@ def generate(
                          temperature=temperature, top_p=top_p, top_k=top_k)
     max_new_tokens, do_sample = settings["max_new_tokens"], settings["do_sample"]
     temperature, top_p, top_k = settings["temperature"], settings["top_p"], settings["top_k"]
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
-    if do_sample:
-        _check_number("temperature", temperature, lambda v: v > 0, "a positive number")
-        _check_number("top_p", top_p, lambda v: 0 < v <= 1, "in (0, 1]")
-        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0):
-            raise ValueError(f"top_k must be None or an integer >= 0, got {top_k!r}")
+    check_generation_settings(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
+                              top_p=top_p, top_k=top_k)
 
     device = model.device
     input_ids = input_ids.to(device)

@@ -55,6 +55,7 @@ from . import layers as tgr_layers
 from .config import (
     CONFIG_NAME,
     CheckpointError,
+    ConfigError,
     TGRConfig,
     _one_line,
     resolve_file,
@@ -462,7 +463,7 @@ class TGRLlamaModel(PreTrainedModel, GenerationMixin):
             actual = getattr(base_config, name, None)
             given = getattr(config, name)
             if given is not None and actual is not None and given != actual:
-                raise ValueError(
+                raise ConfigError(
                     f"TGRConfig.{name}={given} but the base {config.base_model_name_or_path!r} has {name}={actual}; "
                     f"leave it None to read it from the base"
                 )
