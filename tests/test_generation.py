@@ -289,3 +289,33 @@ def test_bad_generation_arguments(tiny_base):
             model.generate(ids, **kwargs)
     with pytest.raises(ValueError, match="integer tensor"):
         model.generate(ids.float())
+
+
+def test_prompts_past_the_base_positions_are_warned_about(tiny_base, caplog):
+    model = make_model(tiny_base)
+    ids, mask = prompts(model)
+    positions = model.config.max_position_embeddings
+    with caplog.at_level("WARNING", logger="tgr"):
+        model.generate(ids, attention_mask=mask, max_new_tokens=positions - ids.shape[1], eos_token_id=[])
+    assert "max_position_embeddings" not in caplog.text
+    with caplog.at_level("WARNING", logger="tgr"):
+        model.generate(ids, attention_mask=mask, max_new_tokens=positions - ids.shape[1] + 1, eos_token_id=[])
+    assert f"go past the base's {positions} positions (max_position_embeddings)" in caplog.text
+
+
+def test_generate_answers_in_batches_leaves_the_tokenizer_as_given(tiny_base):
+    from transformers import AutoTokenizer
+
+    from tgr.pipeline import generate_answers
+
+    model = make_model(tiny_base)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_base)
+    questions = ["Who wrote it?", "When?", "Where was the first one built, and by whom?", "Why?", "How many?"]
+    one_batch = generate_answers(model, tokenizer, questions, greedy=True, max_new_tokens=5)
+    assert tokenizer.padding_side == "right"
+    assert generate_answers(model, tokenizer, questions, greedy=True, max_new_tokens=5, batch_size=2) == one_batch
+    tokenizer.pad_token = None  # pads with the EOS then, and is given back without a pad token
+    assert generate_answers(model, tokenizer, questions, greedy=True, max_new_tokens=5, batch_size=3) == one_batch
+    assert tokenizer.pad_token is None and tokenizer.padding_side == "right"
+    with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+        generate_answers(model, tokenizer, questions, batch_size=0)

@@ -133,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=SEED_SAMPLING["top_p"])
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
+    p.add_argument("--batch-size", type=_positive_int, default=16, help="questions generated per batch (default: 16)")
 
     p = sub.add_parser("demo", help="train the TGR head and every-layer TGR, compare them with the base (MAP/MRR) "
                                     "and generate (offline by default; the flags of tgr train)", add_help=False)
@@ -438,7 +439,8 @@ def cmd_generate(args) -> list[dict]:
         raise CommandError(f"--{name.replace('_', '-')} {rest}") from None
     model, tokenizer = _load(args, args.checkpoint, seed=args.seed)
     answers = generate_answers(model, tokenizer, questions, greedy=args.greedy, max_new_tokens=args.max_new_tokens,
-                               temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+                               temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+                               batch_size=args.batch_size, progress=not args.quiet)
     records = [{"question": q, "answer": a} for q, a in zip(questions, answers, strict=True)]
     for r in records:
         print(f"Q: {r['question']}\nA: {r['answer']}\n")

@@ -257,6 +257,11 @@ def generate(
     device = model.device
     input_ids = input_ids.to(device)
     B, S = input_ids.shape
+    positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if isinstance(positions, int) and S + max_new_tokens > positions:
+        logger.warning("prompts of %d tokens plus %d new tokens go past the base's %d positions "
+                       "(max_position_embeddings): the tokens beyond them are out of its training range",
+                       S, max_new_tokens, positions)
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     else:

@@ -114,24 +114,41 @@ class TGRArguments:
 
 def generate_answers(model, tokenizer, questions: list[str], *, greedy: bool = False, max_new_tokens: int = 50,
                      temperature: float = 0.7, top_p: float = 0.9, top_k: int | None = None,
-                     seed: int = 0) -> list[str]:
-    """Answers to ``questions`` (each prompted as ``"Q: <question>\\nA:"``), generated in one
-    left-padded batch through the TGR head with the seed's ``ClampLogits``; sampling by default
-    (the seed's temperature and top-p), ``greedy`` for greedy decoding."""
+                     seed: int = 0, batch_size: int = 16, progress: bool = False) -> list[str]:
+    """Answers to ``questions`` (each prompted as ``"Q: <question>\\nA:"``), generated through the
+    TGR head with the seed's ``ClampLogits`` in left-padded batches of ``batch_size`` questions
+    (``progress``: a progress bar over them); sampling by default (the seed's temperature and
+    top-p), ``greedy`` for greedy decoding. A tokenizer without a pad token pads with its EOS; the
+    tokenizer is left as it was given."""
     import torch
+    from tqdm.auto import tqdm
 
     from .data import prompt_text
     from .processors import ClampLogits
 
-    tokenizer.padding_side = "left"
-    batch = tokenizer([prompt_text(q) for q in questions], return_tensors="pt", padding=True)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if tokenizer.pad_token_id is None and tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has neither a pad nor an EOS token to pad the batched questions with")
+    prompts = [prompt_text(q) for q in questions]
     generator = torch.Generator(device=model.device).manual_seed(seed)
     model.eval()
-    out = model.generate(
-        batch["input_ids"].to(model.device), batch["attention_mask"].to(model.device),
-        max_new_tokens=max_new_tokens, do_sample=not greedy, temperature=temperature, top_p=top_p, top_k=top_k,
-        logits_processor=[ClampLogits(-50.0, 50.0)], eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, generator=generator,
-    )
-    new = out[:, batch["input_ids"].shape[1]:]
-    return [tokenizer.decode(seq, skip_special_tokens=True).strip() for seq in new]
+    answers = []
+    side, pad = tokenizer.padding_side, tokenizer.pad_token
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    try:
+        for start in tqdm(range(0, len(prompts), batch_size), desc="generating", unit="batch", disable=not progress):
+            batch = tokenizer(prompts[start:start + batch_size], return_tensors="pt", padding=True)
+            out = model.generate(
+                batch["input_ids"].to(model.device), batch["attention_mask"].to(model.device),
+                max_new_tokens=max_new_tokens, do_sample=not greedy, temperature=temperature, top_p=top_p,
+                top_k=top_k, logits_processor=[ClampLogits(-50.0, 50.0)], eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id, generator=generator,
+            )
+            new = out[:, batch["input_ids"].shape[1]:]
+            answers += [tokenizer.decode(seq, skip_special_tokens=True).strip() for seq in new]
+    finally:
+        tokenizer.padding_side, tokenizer.pad_token = side, pad
+    return answers
