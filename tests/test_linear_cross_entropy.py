@@ -703,3 +703,70 @@ def test_weight_grad_error_benchmark(monkeypatch):
     assert all(worst > 0 and rel > 0 for _, worst, rel in rows)
     assert rows[1][1] <= 2 * rows[0][1]
     assert "| eager | " in bench.render(rows, "title") and "1.00×" in bench.render(rows, "title")
+
+
+@pytest.mark.parametrize("accumulation", ["fp32", "weight-dtype"])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_fp16_gradients_take_a_loss_scale_past_fp16s_range(backend, accumulation, monkeypatch):
+    """GradScaler starts at a loss scale of 2¹⁶, which is inf in fp16: the saved fp16 d hidden
+    and dW are scaled in fp32, so they come back finite where eager's are (fp16 GEMMs as on a GPU).
+    "mean": d hidden and dW; "none" (small weights, so that eager's d hidden stays in range): d hidden."""
+    monkeypatch.setattr(lce, "cpu_computes_natively", lambda dtype: True)
+    monkeypatch.setattr(lce, "SCALE_BLOCK_ELEMENTS", 5 * H)  # several blocks of rows, the last partial
+    torch.manual_seed(0)
+    hidden, weight, b, labels = make_inputs((3, 13), torch.float32, bias=False)
+    scale = 2.0 ** 16
+    for reduction, wanted in (("mean", (hidden, weight)), ("none", (hidden,))):
+        w = weight if reduction == "mean" else (weight.detach() * 1e-3).requires_grad_()
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = linear_cross_entropy(hidden, w, labels, reduction=reduction, backend=backend,
+                                        weight_grad_accumulation=accumulation)
+            eager = F.cross_entropy(F.linear(hidden, w).reshape(-1, V), labels.reshape(-1),
+                                    reduction=reduction).view_as(loss)
+        upstream = torch.full_like(loss, scale)
+        got = torch.autograd.grad(loss, wanted, upstream)
+        want = torch.autograd.grad(eager, wanted, upstream)
+        for name, g, e in zip(("d hidden", "dW"), got, want, strict=False):
+            assert torch.isfinite(e).all(), f"{reduction} {name}: eager's"
+            assert torch.isfinite(g).all(), f"{reduction} {name}"
+            torch.testing.assert_close(g / scale, e / scale, rtol=2e-2, atol=2e-3, msg=f"{reduction} {name}")
+
+
+@pytest.mark.parametrize("no_grad", [torch.no_grad, torch.inference_mode])
+def test_no_gradient_work_without_grad_mode(no_grad):
+    """Under no_grad or inference_mode, inputs that require a gradient get no gradient work: one
+    GEMM per chunk (the logits), as for inputs that need none (the Triton path's own test:
+    test_triton_no_grad_asks_for_no_gradient)."""
+    hidden, weight, b, labels = make_inputs((2, 19), torch.float32, bias=False)
+    with _CountOps(V) as mode, no_grad():
+        loss = linear_cross_entropy(hidden, weight, labels, backend="torch")
+    assert not loss.requires_grad
+    assert mode.gemms == kept_chunks(labels)
+
+
+def test_autocast_leaves_float64_alone():
+    hidden, weight, b, labels = make_inputs((2, 9), torch.float64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = linear_cross_entropy(hidden, weight, labels, b)
+        eager = F.cross_entropy(F.linear(hidden, weight, b).reshape(-1, V), labels.reshape(-1))
+    assert loss.dtype == eager.dtype == torch.float64
+    torch.testing.assert_close(loss, eager, rtol=1e-12, atol=1e-12)
+
+
+def test_a_0d_hidden_is_a_clear_error():
+    for op in (linear_cross_entropy, linear_log_probs):
+        with pytest.raises(ValueError, match="hidden must be \\[..., H\\] \\(at least one dim\\), got a 0-d"):
+            op(torch.tensor(1.0), torch.randn(V, 1), torch.tensor(0))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_reference_backend_keeps_the_documented_result_dtype_and_no_ignore_index(dtype):
+    hidden, weight, b, labels = make_inputs((2, 7), dtype)
+    labels = labels.clamp(min=0)
+    for ignore_index in (-100, None):
+        loss = linear_cross_entropy(hidden, weight, labels, b, backend="reference", ignore_index=ignore_index)
+        fused = linear_cross_entropy(hidden, weight, labels, b, backend="torch", ignore_index=ignore_index)
+        assert loss.dtype == fused.dtype == torch.float32
+        torch.testing.assert_close(loss, fused, rtol=2e-2, atol=2e-2)
+    log_probs = linear_log_probs(hidden, weight, labels, b, backend="reference")
+    assert log_probs.dtype == torch.float32

@@ -662,9 +662,11 @@ def _scaled(saved, g, dtype, in_place: bool):
     retain_graph), so that the backward needs no second [V, H] (or [N, H]) buffer. A traced
     backward (fake or functional tensor subclasses: torch.compile, AOT tracing) never mutates
     what the forward saved: the partitioner forbids it."""
-    if saved.dtype in _HALF_DTYPES:
+    if saved.dtype == torch.float16:
+        return _scaled_fp16(saved, g, dtype, in_place and type(saved) is torch.Tensor)
+    if saved.dtype == torch.bfloat16:
         # dW by vocabulary blocks is already in the weight's dtype: scale it there, with no fp32
-        # copy of [V, H] (g rounded to it: the result is rounded to it anyway).
+        # copy of [V, H] (g rounded to it: the result is rounded to it anyway; bf16 has fp32's range).
         g = g.to(saved.dtype)
         in_place = in_place and type(saved) is torch.Tensor
         return (saved.mul_(g) if in_place else saved * g).to(dtype)
@@ -673,6 +675,26 @@ def _scaled(saved, g, dtype, in_place: bool):
     if in_place and saved.dtype == torch.promote_types(saved.dtype, g.dtype):
         return saved.mul_(g).to(dtype)
     return (saved * g).to(dtype)
+
+
+# Elements of fp16 [V, H] or [N, H] scaled in fp32 at a time (a 64 MiB fp32 block).
+SCALE_BLOCK_ELEMENTS = 16 << 20
+
+
+def _scaled_fp16(saved, g, dtype, in_place: bool):
+    """``saved · g`` for fp16 ``saved``, multiplied in fp32 a block of rows at a time: g rounded
+    to fp16 would overflow from 65520, and GradScaler's first loss scale is 2¹⁶. (A product that
+    is past fp16's range is inf, as in eager's fp16 gradient.)"""
+    g = g.float()
+    out = saved if in_place else torch.empty_like(saved)
+    rows = max(1, SCALE_BLOCK_ELEMENTS // max(1, saved[0].numel())) if saved.dim() else 1
+    if saved.dim() == 0 or rows >= saved.shape[0]:
+        out.copy_(saved.float() * g)
+    else:
+        for start in range(0, saved.shape[0], rows):
+            block_g = g if g.dim() == 0 else g[start:start + rows]
+            out[start:start + rows].copy_(saved[start:start + rows].float() * block_g)
+    return out.to(dtype)
 
 
 class _LinearCrossEntropyFunction(torch.autograd.Function):
@@ -875,6 +897,8 @@ def check_linear_cross_entropy_inputs(hidden, weight, labels, bias, ignore_index
                                       labels_name: str = "labels") -> None:
     """Shapes, dtypes, devices and options; raises ValueError/TypeError naming the argument."""
     check_tensor("hidden", hidden)
+    if hidden.dim() == 0:
+        raise ValueError("hidden must be [..., H] (at least one dim), got a 0-d tensor")
     check_tensor("weight", weight, dims=(2,))
     check_float("hidden", hidden)
     check_float("weight", weight)
@@ -941,7 +965,7 @@ def linear_cross_entropy_ref(hidden, weight, labels, bias=None, *, ignore_index=
     b = None if bias is None else bias.to(dtype)
     logits = F.linear(hidden.to(dtype), weight.to(dtype), b)
     loss = F.cross_entropy(logits.reshape(-1, weight.shape[0]), labels.reshape(-1).long(),
-                           ignore_index=ignore_index, reduction=reduction)
+                           ignore_index=_NO_IGNORE if ignore_index is None else ignore_index, reduction=reduction)
     return loss.view(labels.shape) if reduction == "none" else loss
 
 
@@ -966,6 +990,10 @@ def check_weight_grad_accumulation(weight_grad_accumulation) -> None:
                          f"got {weight_grad_accumulation!r}")
 
 
+def _autocast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t if t.dtype == torch.float64 else t.to(dtype)
+
+
 def _prepare(hidden, weight, labels, bias, ignore_index, reduction, backend, labels_name, weight_grad_accumulation):
     """Validation, backend choice and autocast, shared by the two ops; returns
     ``(backend, hidden, weight, bias)`` ready for the Function (or the reference)."""
@@ -976,8 +1004,9 @@ def _prepare(hidden, weight, labels, bias, ignore_index, reduction, backend, lab
     if dtype is not None:
         # As F.linear under autocast: the GEMMs run in the autocast dtype (the row work and the
         # accumulators stay fp32); autograd casts the gradients back to each input's dtype.
-        hidden, weight = hidden.to(dtype), weight.to(dtype)
-        bias = None if bias is None else bias.to(dtype)
+        # Autocast leaves float64 tensors as they are.
+        hidden, weight = _autocast(hidden, dtype), _autocast(weight, dtype)
+        bias = None if bias is None else _autocast(bias, dtype)
     _check_dtypes_match(hidden, weight, bias)
     if chosen == "triton" and hidden.dtype == torch.float64:
         if backend == "triton":
@@ -996,6 +1025,9 @@ def _fused_loss(hidden, weight, labels, bias, ignore_index, reduction, use_trito
         if use_triton:
             loss = _triton_fused(hidden2d, weight, bias, labels1d, ignore, reduction, dw_per_chunk)
         else:
+            if not torch.is_grad_enabled():  # needs_input_grad would still ask for the gradients
+                hidden2d, weight = hidden2d.detach(), weight.detach()
+                bias = None if bias is None else bias.detach()
             loss = _LinearCrossEntropyFunction.apply(hidden2d, weight, bias, labels1d, ignore, reduction, dw_per_chunk)
     return loss.view(labels.shape) if reduction == "none" else loss
 
@@ -1046,9 +1078,9 @@ def linear_cross_entropy(
     chosen, hidden, weight, bias = _prepare(hidden, weight, labels, bias, ignore_index, reduction, backend, "labels",
                                             weight_grad_accumulation)
     if chosen == "reference":
-        with autocast_off(hidden.device.type):
+        with autocast_off(hidden.device.type):  # eager's own precision; the documented fp32 result
             return linear_cross_entropy_ref(hidden, weight, labels, bias, ignore_index=ignore_index,
-                                            reduction=reduction, upcast=False)
+                                            reduction=reduction, upcast=False).to(_act_dtype(hidden.dtype))
     return _fused_loss(hidden, weight, labels, bias, ignore_index, reduction, chosen == "triton",
                        weight_grad_accumulation)
 
@@ -1075,7 +1107,8 @@ def linear_log_probs(
                                             weight_grad_accumulation)
     if chosen == "reference":
         with autocast_off(hidden.device.type):
-            return linear_log_probs_ref(hidden, weight, targets, bias, ignore_index=ignore_index, upcast=False)
+            return linear_log_probs_ref(hidden, weight, targets, bias, ignore_index=ignore_index,
+                                        upcast=False).to(_act_dtype(hidden.dtype))
     return -_fused_loss(hidden, weight, targets, bias, ignore_index, "none", chosen == "triton",
                         weight_grad_accumulation)
 
