@@ -446,3 +446,46 @@ def test_evaluation_scores_the_base_head_with_the_layers_off(llama_dir):
         plain = _tgr_model(llama_dir, "head").base_model(input_ids=ids, attention_mask=mask).logits
     assert _rel(patched, plain) > 1e-3  # the trained layers change the base's logits
     assert torch.equal(scored, plain)
+
+
+@pytest.mark.parametrize("mode", ["layers", "both"])
+def test_forward_inside_tgr_layers_disabled_is_the_base(mode, llama_dir):
+    from tgr import tgr_layers_disabled
+
+    model = _tgr_model(llama_dir, mode).eval()
+    ids = torch.randint(3, 256, (2, 7), generator=torch.Generator().manual_seed(0))
+    with tgr_layers_disabled(model.hf_base_model):
+        out = model(ids, labels=ids)
+    assert out.layer_temperatures is None and out.layer_gsot_mask is None and torch.isfinite(out.loss)
+    if mode == "layers":  # no head: the base's own logits
+        torch.testing.assert_close(out.logits, _llama(llama_dir)(ids).logits, rtol=0, atol=1e-5)
+
+
+def test_an_edit_of_the_config_gate_reaches_the_layers(llama_dir, tmp_path):
+    """gsoT_enabled, the threshold and the gate's mode set on model.config after construction
+    act on the layers as on the head, and what is saved is what ran."""
+    from tgr import TGRLlamaModel
+    from tgr.layers import tgr_layer_settings
+
+    model = _tgr_model(llama_dir, "layers", temperature_conf_threshold=0.4)
+    _perturb(model.hf_base_model)
+    model.eval()
+    ids = torch.randint(3, 256, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        gated = model(ids)
+        assert not gated.layer_gsot_mask.all()  # the perturbed temperatures prune some rows
+        model.config.gsoT_enabled = False
+        open_gate = model(ids)
+    assert open_gate.layer_gsot_mask.all()
+    assert (open_gate.logits - gated.logits).abs().max() > 1e-3
+    assert tgr_layer_settings(model.hf_base_model).gsot_threshold is None
+    model.save_pretrained(tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(TGRLlamaModel.from_pretrained(tmp_path)(ids).logits, open_gate.logits)
+
+
+def test_reentrant_checkpointing_is_refused_with_tgr_layers(llama_dir):
+    model = _tgr_model(llama_dir, "layers")
+    with pytest.raises(ValueError, match="use_reentrant=True .* temperature regulariser would get no gradient"):
+        model.activation_checkpointing_enable({"use_reentrant": True})
+    model.activation_checkpointing_enable({"use_reentrant": False})

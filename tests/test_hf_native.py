@@ -254,3 +254,33 @@ def test_missing_folder_or_weights_is_a_checkpoint_error(tiny_base, tmp_path):
     os.remove(tmp_path / "saved" / "model.safetensors")
     with pytest.raises(CheckpointError, match="model.safetensors"):
         TGRLlamaModel.from_pretrained(tmp_path / "saved")
+
+
+def test_generate_honours_max_length_and_refuses_what_it_does_not_do(tiny_base):
+    model = make_model(tiny_base, load_in_4bit=False, gsoT_enabled=False).eval()
+    ids, mask = batch(model)
+    out = model.generate(ids, attention_mask=mask, generation_config=GenerationConfig(max_length=ids.shape[1] + 2),
+                         eos_token_id=[])
+    assert out.shape[1] == ids.shape[1] + 2  # as HF: max_length counts the prompt
+    both = GenerationConfig(max_length=ids.shape[1] + 2, max_new_tokens=4)
+    out = model.generate(ids, attention_mask=mask, generation_config=both, eos_token_id=[])
+    assert out.shape[1] == ids.shape[1] + 4  # max_new_tokens wins
+    for field, value in (("num_beams", 4), ("repetition_penalty", 50.0), ("no_repeat_ngram_size", 1)):
+        with pytest.raises(ValueError, match=f"generate does not implement {field}={value!r}"):
+            model.generate(ids, attention_mask=mask, generation_config=GenerationConfig(**{field: value}))
+
+
+def test_modes_a_model_comes_in(tiny_base, tmp_path):
+    """A new model is in one mode throughout (train, as an nn.Module), base and head alike; a
+    loaded one is in eval mode, as transformers' from_pretrained gives it."""
+    model = make_model(tiny_base, load_in_4bit=False, tgr_mode="both", tgr_layers=[0])
+    assert all(m.training for m in model.modules())
+    model.save_pretrained(tmp_path)
+    for loaded in (TGRLlamaModel.from_pretrained(tmp_path), AutoModelForCausalLM.from_pretrained(tmp_path)):
+        assert not any(m.training for m in loaded.modules())
+
+
+def test_dtype_follows_a_cast(tiny_base):
+    model = make_model(tiny_base, load_in_4bit=False)
+    assert model.dtype == torch.float32
+    assert model.half().dtype == torch.float16

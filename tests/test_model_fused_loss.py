@@ -86,3 +86,16 @@ def test_training_step_benchmark_runs(dtype, capsys):
     for name in ("through the logits", "fused linear cross-entropy"):
         row = next(line for line in out.splitlines() if line.startswith(f"| {name} |"))
         assert row.split("|")[2].strip().endswith(" ms") and row.split("|")[3].strip().endswith(" MiB"), row
+
+
+@pytest.mark.parametrize("mode", ["head", "layers"])
+def test_one_token_sequences_have_no_next_token_loss_on_either_path(base_dir, mode):
+    """Sequences of one token have nothing to predict: lm_loss 0 through the logits and fused
+    (the fused op got an empty hidden and refused it), and the loss still backpropagates."""
+    model = _model(base_dir, mode)
+    ids = torch.randint(3, 256, (2, 1))
+    batch = dict(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids)
+    through_logits, _ = _loss_and_grads(model, batch, return_logits=True)
+    fused, _ = _loss_and_grads(model, batch, return_logits=False)
+    assert through_logits.lm_loss.item() == fused.lm_loss.item() == 0.0
+    torch.testing.assert_close(fused.loss, through_logits.loss)

@@ -155,14 +155,32 @@ def _sample(scores: torch.Tensor, generator: torch.Generator | None) -> torch.Te
 _DEFAULTS = {"max_new_tokens": 20, "do_sample": False, "temperature": 1.0, "top_p": 1.0, "top_k": None}
 
 
+# GenerationConfig fields that change what HF's generate does and that this loop does not
+# implement, with the values that leave them off: a config that sets one is refused, not ignored.
+_UNSUPPORTED = {
+    "num_beams": (1, None), "num_beam_groups": (1, None), "num_return_sequences": (1, None),
+    "penalty_alpha": (None,), "diversity_penalty": (0.0, None), "repetition_penalty": (1.0, None),
+    "encoder_repetition_penalty": (1.0, None), "no_repeat_ngram_size": (0, None),
+    "encoder_no_repeat_ngram_size": (0, None), "min_length": (0, None), "min_new_tokens": (0, None),
+    "bad_words_ids": (None,), "force_words_ids": (None,), "sequence_bias": (None,), "suppress_tokens": (None,),
+    "begin_suppress_tokens": (None,), "forced_bos_token_id": (None,), "forced_eos_token_id": (None,),
+    "typical_p": (1.0, None), "epsilon_cutoff": (0.0, None), "eta_cutoff": (0.0, None), "min_p": (None, 0.0),
+    "exponential_decay_length_penalty": (None,), "guidance_scale": (None, 1.0), "renormalize_logits": (False, None),
+}
+
+
+def _check_supported(generation_config) -> None:
+    """Refuse a GenerationConfig that asks for what this loop does not do (beam search, penalties, ...)."""
+    unsupported = [f"{name}={getattr(generation_config, name)!r}" for name, off in _UNSUPPORTED.items()
+                   if getattr(generation_config, name, None) not in off]
+    if unsupported:
+        raise ValueError(f"generate does not implement {', '.join(unsupported)} of the GenerationConfig (it decodes "
+                         f"greedily or samples with temperature, top-k and top-p); pass such a rule as an HF "
+                         f"logits processor in logits_processor=, or unset it")
+
+
 def _settings(generation_config, **given) -> dict:
     """The sampling settings: each given argument, else the GenerationConfig's value, else the default."""
-    if generation_config is not None:
-        from transformers import GenerationConfig
-
-        if not isinstance(generation_config, GenerationConfig):
-            raise TypeError(f"generation_config must be a transformers GenerationConfig or None, got "
-                            f"{type(generation_config).__name__}")
     out = {}
     for name, value in given.items():
         if value is None and generation_config is not None:
@@ -211,11 +229,13 @@ def generate(
 
     Args:
         model: a :class:`tgr.TGRLlamaModel`.
-        generation_config: an HF ``GenerationConfig`` (or None): its ``max_new_tokens``,
-            ``do_sample``, ``temperature``, ``top_k``, ``top_p``, ``eos_token_id`` and
-            ``pad_token_id`` are the defaults of the arguments below, which override them when
-            given. Without it the defaults are 20 new tokens, greedy, temperature 1, no top-k/top-p,
-            and the model's generation config's EOS and padding.
+        generation_config: an HF ``GenerationConfig`` (or None): its ``max_new_tokens`` (else
+            its ``max_length``, prompt included, when it sets one), ``do_sample``, ``temperature``,
+            ``top_k``, ``top_p``, ``eos_token_id`` and ``pad_token_id`` are the defaults of the
+            arguments below, which override them when given. One that asks for what this loop
+            does not do (beam search, repetition penalties, ...) is a ``ValueError``. Without
+            it the defaults are 20 new tokens, greedy, temperature 1, no top-k/top-p, and the
+            model's generation config's EOS and padding.
         input_ids: ``[B, S]`` prompts; ``attention_mask`` ``[B, S]`` 0/1 marks padding (left
             padding is the usual choice for batched prompts; any side works). Every prompt needs
             at least one real token.
@@ -247,6 +267,17 @@ def generate(
                          f"{getattr(input_ids, 'shape', type(input_ids).__name__)}")
     if input_ids.numel() == 0:
         raise ValueError("input_ids is empty: every prompt needs at least one token")
+    if generation_config is not None:
+        from transformers import GenerationConfig
+
+        if not isinstance(generation_config, GenerationConfig):
+            raise TypeError(f"generation_config must be a transformers GenerationConfig or None, got "
+                            f"{type(generation_config).__name__}")
+        _check_supported(generation_config)
+    if (max_new_tokens is None and generation_config is not None and generation_config.max_new_tokens is None
+            and "max_length" in generation_config.to_diff_dict()):
+        # As HF's generate: a config's max_length counts the prompt (max_new_tokens wins when set).
+        max_new_tokens = max(0, generation_config.max_length - input_ids.shape[1])
     settings = _settings(generation_config, max_new_tokens=max_new_tokens, do_sample=do_sample,
                          temperature=temperature, top_p=top_p, top_k=top_k)
     max_new_tokens, do_sample = settings["max_new_tokens"], settings["do_sample"]

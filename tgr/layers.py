@@ -48,8 +48,8 @@ from tgr_kernels import TemperatureMechanism, temperature_guided_attention
 from .config import DEFAULT_GSOT_MODE, DEFAULT_GSOT_WIDTH, GSOT_MODES
 
 __all__ = ["apply_tgr", "remove_tgr", "is_tgr_applied", "tgr_layer_modules", "tgr_layer_settings",
-           "collect_layer_temperatures", "tgr_layers_disabled", "set_layer_backend", "ATTENTION_NAME", "MECHANISM_NAME",
-           "TGRLayerSettings", "GSOT_MODES"]
+           "collect_layer_temperatures", "tgr_layers_disabled", "set_layer_backend", "set_layer_gate",
+           "ATTENTION_NAME", "MECHANISM_NAME", "TGRLayerSettings", "GSOT_MODES"]
 
 #: The name of the attention implementation (``config._attn_implementation``) of a patched model.
 ATTENTION_NAME = "tgr"
@@ -456,6 +456,24 @@ def set_layer_backend(model: nn.Module, backend: str) -> None:
         getattr(attn, MECHANISM_NAME).backend = backend
         setattr(attn, _OPTIONS_ATTR, dataclasses.replace(getattr(attn, _OPTIONS_ATTR), backend=backend))
     state.settings = dataclasses.replace(state.settings, backend=backend)
+
+
+def set_layer_gate(model: nn.Module, *, gsot_threshold: float | None, gsot_mode: str = DEFAULT_GSOT_MODE,
+                   gsot_width: float = DEFAULT_GSOT_WIDTH) -> None:
+    """Switch the GSoT gate of every TGR layer of ``model`` in place: the threshold τ (None: no
+    pruning), the training-time mode and the learning gates' width, as :func:`apply_tgr` takes them."""
+    state: _PatchState | None = getattr(model, _STATE_ATTR, None)
+    if state is None:
+        raise ValueError("set_layer_gate: the model has no TGR layers (call tgr.apply_tgr first)")
+    current = state.settings
+    settings = _check_settings(max(current.layers) + 1, list(current.layers), current.temperature_heads,
+                               current.clamp, gsot_threshold, current.initial_temperature, current.backend,
+                               gsot_mode, gsot_width)
+    for attn in state.attention_modules:
+        setattr(attn, _OPTIONS_ATTR, dataclasses.replace(
+            getattr(attn, _OPTIONS_ATTR), gsot_threshold=settings.gsot_threshold, gsot_mode=settings.gsot_mode,
+            gsot_width=settings.gsot_width))
+    state.settings = settings
 
 
 def remove_tgr(model: nn.Module) -> nn.Module:

@@ -359,6 +359,7 @@ class TGRLlamaModel(PreTrainedModel, GenerationMixin):
         # post_init collects its direct children's unsplittable modules; with LoRA the base's
         # sit one level further down, inside the PeftModel.
         self._no_split_modules.update(getattr(hf_base, "_no_split_modules", None) or ())
+        self.train()  # one mode for every part (a loaded base comes in eval mode, the head in train)
         logger.info("TGR model ready: %d trainable parameters (%s%s), base frozen",
                     sum(p.numel() for p in self.parameters() if p.requires_grad),
                     {"head": "head", "layers": "TGR layers", "both": "head + TGR layers"}[config.tgr_mode],
@@ -433,8 +434,9 @@ class TGRLlamaModel(PreTrainedModel, GenerationMixin):
 
     @property
     def dtype(self) -> torch.dtype:
-        """The dtype the base computes in (the head's weights are float32 always)."""
-        return self.compute_dtype
+        """The dtype the base computes in now (bitsandbytes' compute dtype for a 4-bit base, else
+        its lm_head's dtype, so a ``.half()`` shows); the head's weights are float32 unless cast."""
+        return _base_compute_dtype(self.hf_base_model)
 
     @property
     def hidden_size(self) -> int:
@@ -483,6 +485,10 @@ class TGRLlamaModel(PreTrainedModel, GenerationMixin):
         ``gradient_checkpointing_enable`` of transformers 5 comes here too.
         """
         hf_base = self.hf_base_model
+        if self.config.tgr_mode != "head" and (activation_checkpointing_kwargs or {}).get("use_reentrant"):
+            raise ValueError("activation checkpointing with use_reentrant=True runs the TGR layers' first forward "
+                             "without autograd, so their temperature regulariser would get no gradient; use "
+                             "use_reentrant=False (the default)")
         hf_base.activation_checkpointing_enable(activation_checkpointing_kwargs, every_n_layers=every_n_layers,
                                                 offload=offload)
         if self.config.lora_r > 0 and hasattr(hf_base, "enable_input_require_grads"):
@@ -508,10 +514,26 @@ class TGRLlamaModel(PreTrainedModel, GenerationMixin):
         if cache is not None:
             kwargs[self._cache_kwarg] = cache
         # A frozen base needs no autograd graph; with LoRA or TGR layers it does while training.
+        if self.config.tgr_mode != "head":
+            self._sync_layer_gate()
         track = torch.is_grad_enabled() and (self.config.lora_r > 0 or self.config.tgr_mode != "head")
         with torch.set_grad_enabled(track):
             out = self._decoder()(**kwargs)
         return out.last_hidden_state
+
+    def _sync_layer_gate(self) -> None:
+        """The TGR layers gate as the config says now, as the head does: an edit of
+        ``model.config.gsoT_enabled``, ``temperature_conf_threshold``, ``gsot_mode`` or
+        ``gsot_width`` after construction reaches them too (and what is saved is what ran)."""
+        settings = tgr_layers.tgr_layer_settings(self.hf_base_model)
+        if settings is None:
+            return
+        config = self.config
+        threshold = config.temperature_conf_threshold if config.gsoT_enabled else None
+        if (settings.gsot_threshold, settings.gsot_mode, settings.gsot_width) != (
+                threshold, config.gsot_mode, config.gsot_width):
+            tgr_layers.set_layer_gate(self.hf_base_model, gsot_threshold=threshold, gsot_mode=config.gsot_mode,
+                                      gsot_width=config.gsot_width)
 
     def _new_base_cache(self):
         from transformers import DynamicCache
@@ -612,6 +634,8 @@ class TGRLlamaModel(PreTrainedModel, GenerationMixin):
         """:func:`_shifted_cross_entropy` of ``lm_head(y)`` without the logits: the fused op."""
         head = self.get_output_embeddings()
         weight = head.weight
+        if y.shape[1] < 2:  # no next token to predict: 0, as through the logits
+            return y[:, :0].float().sum()
         shift_labels = labels[:, 1:].to(weight.device)
         total = linear_cross_entropy(y[:, :-1].to(weight.dtype), weight, shift_labels, head.bias,
                                      ignore_index=IGNORE_INDEX, reduction="sum")
@@ -732,10 +756,11 @@ class TGRLlamaModel(PreTrainedModel, GenerationMixin):
         else:
             with tgr_layers.collect_layer_temperatures(self.hf_base_model) as collected:
                 hidden = self._base_hidden(input_ids, attention_mask, position_ids)
-            layer_temperatures = torch.stack([t.to(self.device) for t in collected])
-            threshold = config.temperature_conf_threshold if config.gsoT_enabled else None
-            layer_gsot_mask = (torch.ones(layer_temperatures.shape[:3], dtype=torch.bool, device=self.device)
-                               if threshold is None else layer_temperatures.detach().mean(-1) >= threshold)
+            if collected:  # none inside tgr_layers_disabled: the base runs as the unpatched one
+                layer_temperatures = torch.stack([t.to(self.device) for t in collected])
+                threshold = config.temperature_conf_threshold if config.gsoT_enabled else None
+                layer_gsot_mask = (torch.ones(layer_temperatures.shape[:3], dtype=torch.bool, device=self.device)
+                                   if threshold is None else layer_temperatures.detach().mean(-1) >= threshold)
         y, temperatures, gsot_mask = self.tgr_head(hidden, None, attention_mask)
         fused = labels is not None and not return_logits and self._fused_loss_applies()
         logits = None if fused else self.lm_head(y)
@@ -749,9 +774,11 @@ class TGRLlamaModel(PreTrainedModel, GenerationMixin):
             mask = None if attention_mask is None else attention_mask.to(self.device)
             # The regularizer of every temperature mechanism (head and layers), each a mean over
             # the real tokens, summed.
-            regularizer = sum(_temperature_regularizer(t, config.initial_temperature, mask)
-                              for t in ([temperatures] if temperatures is not None else [])
-                              + (list(layer_temperatures) if layer_temperatures is not None else []))
+            terms = [_temperature_regularizer(t, config.initial_temperature, mask)
+                     for t in ([temperatures] if temperatures is not None else [])
+                     + (list(layer_temperatures) if layer_temperatures is not None else [])]
+            # None in mode "layers" inside tgr_layers_disabled: the base alone, as unpatched.
+            regularizer = sum(terms) if terms else lm_loss.new_zeros(())
             temperature_loss = config.temperature_regularization_weight * regularizer
             loss = lm_loss + temperature_loss.to(lm_loss.device)
         return TGROutput(loss=loss, logits=logits, temperatures=temperatures, gsot_mask=gsot_mask,
@@ -997,7 +1024,7 @@ class TGRLlamaModel(PreTrainedModel, GenerationMixin):
         model = cls(config) if base is None else cls.from_base(base, config)
         model._load_state(state, weights_file)
         model.name_or_path = path
-        return model
+        return model.eval()  # as transformers' from_pretrained: a loaded model is for inference
 
     def load_weights(self, file: str | os.PathLike) -> None:
         """Load head (and LoRA) tensors from a safetensors file; every one must be present."""
