@@ -384,3 +384,36 @@ def test_float64_temperature_is_gated_in_its_own_precision(needs_grad):
     truth = temperature_guided_attention_ref(q.double(), k.double(), v.double(), temperature, gsot_threshold=0.7)
     assert (out[:, :, [0, 3]] == 0).all() and (out[:, :, [1, 2]] != 0).all()
     assert max_err(out, truth) < FLOOR[F32]
+
+
+@pytest.mark.parametrize("mode", ["hard", "straight_through"])
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_wide_fp16_pruned_row_with_a_large_gradient_stays_finite(backend, mode, monkeypatch):
+    """D > 256 (the wide path) in fp16: the backward's dP = dY Vᵀ is a half GEMM of the ungated
+    dY, which a pruned row's large upstream overflows (300 × D = 78000 > 65504). That row's dS is
+    0 (its P is 0) and the hard gate's zero slope adds nothing, so dq, dk, dv (and dt̄ with the
+    hard gate) are finite and as eager's, which gates dY first. (With the straight-through gate
+    eager's dt̄ is inf there too: the pruned row's gate gradient is that overflowed sum.)"""
+    import tgr_kernels.attention as attention_module
+
+    monkeypatch.setattr(attention_module, "cpu_computes_natively", lambda dtype: True)  # half GEMMs, as on a GPU
+    torch.manual_seed(0)
+    q, k = (torch.randn(1, 1, 4, 260, device=DEVICE) for _ in range(2))
+    v = torch.ones(1, 1, 4, 260, device=DEVICE)
+    t = torch.tensor([[0.9, 0.9, 0.1, 0.9]], device=DEVICE)  # row 2 is pruned (t < 0.4)
+    grad_out = torch.ones(1, 1, 4, 260, device=DEVICE)
+    grad_out[:, :, 2] = 300.0
+    kwargs = dict(gsot_threshold=0.4, gsot_mode=mode)
+
+    def grads(fn, dtype):
+        leaves = [x.to(dtype).requires_grad_() for x in (q, k, v)] + [t.to(
+            torch.float64 if dtype == torch.float64 else torch.float32).requires_grad_()]
+        out = fn(*leaves, **kwargs)
+        return torch.autograd.grad(out, leaves, grad_out.to(out.dtype))
+
+    got = grads(lambda *a, **kw: temperature_guided_attention(*a, backend=backend, **kw), torch.float16)
+    eager = grads(lambda *a, **kw: temperature_guided_attention_ref(*a, upcast=False, **kw), torch.float16)
+    truth = grads(temperature_guided_attention_ref, torch.float64)
+    names = ("dq", "dk", "dv", "dt") if mode == "hard" else ("dq", "dk", "dv")
+    for name, a, e, r in zip(names, got, eager, truth, strict=False):
+        assert_parity(f"{backend} {mode} {name}", a, e, r, torch.float16)

@@ -166,13 +166,16 @@ def _wide_softmax_bwd_kernel(
     # exp2(S − lse_p) is P summed to one, times the gate g when HAS_GATE: then dS, G, the stored P
     # and dt̄'s attention share come out gated, with no register held for g across the loop.
     lse_p = lse + tl.log2(row_sum)
-    dt = tl.zeros([1], dtype=tl.float32)
     if HAS_GATE:
         gate, slope = gate_rows(t_bar, gsot_threshold, gsot_mode, gsot_width)
         lse_p = gated_lse(lse_p, gate)
+    dt = tl.zeros([1], dtype=tl.float32)
+    if HAS_GATE:
         # The gate's own share g'·Δ starts the sum, divided by the scale that multiplies it at the
-        # end: nothing of the gate stays live across the loop (it spilled on sm_90 when it did).
-        dt = slope * delta / scale
+        # end: nothing of the gate stays live across the loop (the gate and its slope spilled on
+        # sm_90 when they did; so did this share, kept apart, 8 B). A zero slope (the hard gate)
+        # adds 0 even where a pruned row's ungated dP overflowed a half GEMM (Δ = inf).
+        dt = tl.where(slope == 0.0, 0.0, slope * delta / scale)
 
     for start in range(0, n_cols, BLOCK_N):
         offs_n = start + offs0
@@ -182,7 +185,8 @@ def _wide_softmax_bwd_kernel(
                            S_q, S_k, HAS_KPM, HAS_BIAS, CAUSAL)
         dp = tl.load(dp_row + offs_n[None, :], mask=col_ok, other=0.0).to(tl.float32)
         p = tl.exp2(s - lse_p[:, None])
-        ds = p * (dp - delta[:, None])
+        # P = 0 (masked, or a pruned row's g = 0) gives dS = 0 even when that dP is inf.
+        ds = tl.where(p > 0.0, p * (dp - delta[:, None]), 0.0)
         dt += tl.sum(ds * z, 1)
         if STORE_P:
             tl.store(z_row + offs_n[None, :], p.to(Z.dtype.element_ty), mask=col_ok)
@@ -284,9 +288,12 @@ def _torch_rows_backward(z, dp, row0, t_bar, key_padding, additive, causal, gate
         # attention share (as the Triton kernel folds g into P); the gate's own g'·Δ is added below.
         p.mul_(_gate.gate_value(t_rows, gate).to(p.dtype)[:, None, :, None])
     ds = dpf.sub_(delta[..., None]).mul_(p)
+    if gate is not None:  # P = 0 (a pruned row) gives dS = 0 even where its ungated dP overflowed
+        ds.masked_fill_(p == 0, 0.0)
     dt_rows = torch.einsum("bhmn,bhmn->bhm", ds, zf) * scale
-    if gate is not None:
-        dt_rows += _gate.gate_slope(t_rows, gate).to(p.dtype)[:, None, :] * delta
+    if gate is not None:  # the hard gate's zero slope adds 0 even where Δ = inf
+        slope = _gate.gate_slope(t_rows, gate).to(p.dtype)[:, None, :]
+        dt_rows += torch.where(slope == 0, 0.0, slope * delta)
     dt[:, :, row0:row0 + M] = dt_rows
     if store_p:
         z.copy_(p)
