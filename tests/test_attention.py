@@ -417,3 +417,18 @@ def test_wide_fp16_pruned_row_with_a_large_gradient_stays_finite(backend, mode, 
     names = ("dq", "dk", "dv", "dt") if mode == "hard" else ("dq", "dk", "dv")
     for name, a, e, r in zip(names, got, eager, truth, strict=False):
         assert_parity(f"{backend} {mode} {name}", a, e, r, torch.float16)
+
+
+def test_auto_takes_float64_to_the_torch_path(monkeypatch):
+    """On CUDA "auto" means Triton, which has no float64 kernels: float64 goes to the PyTorch path
+    (as the projection and the linear cross-entropy do), where an explicit "triton" is an error."""
+    import tgr_kernels.attention as attention_module
+
+    monkeypatch.setattr(attention_module, "resolve_backend", lambda backend, device: "triton")  # as on CUDA
+    q, k, v = (torch.randn(1, 2, 5, 8, dtype=torch.float64) for _ in range(3))
+    t = torch.rand(1, 5, dtype=torch.float64)
+    got = temperature_guided_attention(q, k, v, t, gsot_threshold=0.3, backend="auto")
+    want = temperature_guided_attention_ref(q, k, v, t, gsot_threshold=0.3)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    with pytest.raises(TypeError, match="backend='triton' supports float16, bfloat16 and float32"):
+        temperature_guided_attention(q, k, v, t, backend="triton")

@@ -179,6 +179,9 @@ def test_module_carries_the_gate():
     (dict(gsot_width=0.0), ValueError, "gsot_width"),
     (dict(gsot_width=float("nan")), ValueError, "gsot_width"),
     (dict(gsot_width="wide"), TypeError, "gsot_width"),
+    (dict(gsot_width="0.05"), TypeError, "gsot_width"),  # float() would take it
+    (dict(gsot_width=True), TypeError, "gsot_width"),
+    (dict(gsot_width=torch.tensor(0.05)), TypeError, "gsot_width"),
 ])
 def test_bad_gate_settings_are_named(kwargs, error, match):
     q, k, v, t = (x.detach() for x in _inputs(1, 1, 1, 3, 3, 8, F32))

@@ -55,10 +55,9 @@ def make_gate(threshold, mode: str = "hard", width=DEFAULT_GSOT_WIDTH) -> Gate |
     The threshold is checked by the caller; mode and width here, with errors naming them."""
     if mode not in GSOT_MODES:
         raise ValueError(f"gsot_mode must be one of {', '.join(map(repr, GSOT_MODES))}, got {mode!r}")
-    try:
-        width = float(width)
-    except (TypeError, ValueError):
-        raise TypeError(f"gsot_width must be a positive finite number, got {width!r}") from None
+    if isinstance(width, bool) or not isinstance(width, (int, float)):  # bools, strings, tensors: a mistake
+        raise TypeError(f"gsot_width must be a positive finite number, got {width!r}")
+    width = float(width)
     if not (width > 0 and math.isfinite(width)):
         raise ValueError(f"gsot_width must be a positive finite number, got {width!r}")
     if not FP32_NORMAL_MIN <= width <= FP32_MAX:

@@ -59,8 +59,8 @@ def temperature_guided_attention(
         q: ``[B, H, S_q, D]``; k, v: ``[B, H, S_k, D]``, or ``[B, H_kv, S_k, D]`` with
             ``H % H_kv == 0`` (grouped-query attention: query head h reads k/v head
             ``h // (H / H_kv)``, in place on the flash and SDPA paths; dK/dV have k's shape).
-            float16, bfloat16, float32 (float64 on the "torch" and "reference" backends). The
-            same tensor may be passed for all three.
+            float16, bfloat16, float32 (float64 on the "torch" and "reference" backends, and
+            "auto", which takes the "torch" one for it). The same tensor may be passed for all three.
         temperature: ``[B, S_q]``, or ``[B, S_q, T]`` whose mean over T is used (the seed's form).
         attn_mask: None; a key-padding mask ``[B, S_k]`` (bool or 0/1, true = keep); or an
             additive float mask broadcastable to ``[B, H, S_q, S_k]`` (the seed's
@@ -86,10 +86,12 @@ def temperature_guided_attention(
     check_backend(backend)
     args = check_attention_inputs(q, k, v, temperature, attn_mask, causal, gsot_threshold, scale,
                                   gsot_mode, gsot_width)
-    backend = resolve_backend(backend, q.device)
+    requested, backend = backend, resolve_backend(backend, q.device)
     if backend == "triton" and q.dtype == torch.float64:
-        raise TypeError("backend='triton' supports float16, bfloat16 and float32 q/k/v, got float64; "
-                        "use backend='torch'")
+        if requested == "triton":
+            raise TypeError("backend='triton' supports float16, bfloat16 and float32 q/k/v, got float64; "
+                            "use backend='torch'")
+        backend = "torch"  # "auto": float64 goes to the PyTorch path, as the other ops do
     if backend != "reference" and torch.is_grad_enabled() and getattr(attn_mask, "requires_grad", False):
         # The fast paths take the mask as a constant: a learnable bias would silently not learn.
         raise ValueError(f"attn_mask requires grad, but backend={backend!r} does not differentiate the mask; "
