@@ -298,8 +298,7 @@ def _rows(args, split: str):
 
 def _check_output(path: Path, overwrite: bool) -> None:
     """Refuse a folder that holds someone else's files, before anything is loaded or created."""
-    if path.exists() and not path.is_dir():
-        raise CommandError(f"--output {str(path)!r} is a file, not a folder")
+    _check_results_folder(str(path))
     if path.is_dir() and any(path.iterdir()) and not overwrite and not any(path.glob("checkpoint-*")):
         raise CommandError(f"--output {str(path)!r} exists and is not empty; choose another folder or "
                            f"pass --overwrite")

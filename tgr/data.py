@@ -33,6 +33,13 @@ class DataError(ValueError):
     """A data source that cannot be used as WikiQA, with a message that says why."""
 
 
+def check_int(name: str, value, minimum: int, want: str) -> None:
+    """Raise ``ValueError("{name} must be {want}, got ...")`` unless ``value`` is an int (not a
+    bool) of at least ``minimum``: the size arguments of data, evaluation and generation."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be {want}, got {value!r}")
+
+
 # ----------------------------------------------------------------------------- loading
 def load_wikiqa(source: str | None = None, split: str = "train") -> list[dict]:
     """WikiQA rows as a list of dicts with the five columns, validated.
@@ -228,8 +235,7 @@ def build_training_examples(rows: Iterable[dict], tokenizer, max_length: int = 1
     ``mask_prompt``), then truncated to ``max_length`` keeping the EOS. No padding here: the
     collator pads each batch to its own longest example.
     """
-    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
-        raise ValueError(f"max_length must be an integer >= 2 (a prompt token and the EOS), got {max_length!r}")
+    check_int("max_length", max_length, 2, "an integer >= 2 (a prompt token and the EOS)")
     if tokenizer.eos_token_id is None:
         raise DataError("the tokenizer has no EOS token; training examples need one to end each answer")
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from .data import DataError, RankingGroup, answer_text, prompt_text, ranking_groups
+from .data import DataError, RankingGroup, answer_text, check_int, prompt_text, ranking_groups
 
 logger = logging.getLogger("tgr")
 
@@ -135,10 +135,8 @@ def answer_log_likelihoods(logits_fn: LogitsFn | None, tokenizer, pairs: Sequenc
 def _answer_scores(batch_log_probs: _BatchLogProbs, tokenizer, pairs: Sequence[tuple], *, batch_size: int,
                    max_length: int, device, per_token: bool, progress: bool) -> dict[str, list[float]]:
     """:func:`answer_log_likelihoods` of each model that ``batch_log_probs`` scores: ``{name: scores}``."""
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
-        raise ValueError(f"max_length must be an integer >= 2 (a prompt token and an answer token), got {max_length!r}")
+    check_int("batch_size", batch_size, 1, "a positive integer")
+    check_int("max_length", max_length, 2, "an integer >= 2 (a prompt token and an answer token)")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     encoded = [_encode_pair(tokenizer, q, a, max_length) for q, a in pairs]
     _warn_truncated(encoded, max_length)

@@ -27,6 +27,8 @@ import torch
 from transformers import LogitsProcessorList
 from transformers.utils import ModelOutput
 
+from .data import check_int
+
 __all__ = ["generate", "TGRGenerateOutput", "TGRDecodeState"]
 
 logger = logging.getLogger("tgr")
@@ -197,13 +199,12 @@ def _check_number(name, value, ok: Callable[[float], bool], want: str):
 def check_generation_settings(*, max_new_tokens, do_sample: bool, temperature, top_p, top_k) -> None:
     """Raise ``ValueError`` naming the first invalid setting of :func:`generate` (the sampling ones
     only matter, and are only checked, when ``do_sample``)."""
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    check_int("max_new_tokens", max_new_tokens, 0, "an integer >= 0")
     if do_sample:
         _check_number("temperature", temperature, lambda v: v > 0, "a positive number")
         _check_number("top_p", top_p, lambda v: 0 < v <= 1, "in (0, 1]")
-        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0):
-            raise ValueError(f"top_k must be None or an integer >= 0, got {top_k!r}")
+        if top_k is not None:
+            check_int("top_k", top_k, 0, "None or an integer >= 0")
 
 
 @torch.no_grad()

@@ -343,7 +343,7 @@ class TGRLlamaModel(PreTrainedModel, GenerationMixin):
             tgr_layers.apply_tgr(
                 _unwrap_peft(base), config.tgr_layers, temperature_heads=config.temperature_heads,
                 clamp=(config.temperature_clamp_min, config.temperature_clamp_max),
-                gsot_threshold=config.temperature_conf_threshold if config.gsoT_enabled else None,
+                gsot_threshold=_gsot_threshold(config),
                 initial_temperature=config.initial_temperature, backend=config.attention_backend,
                 gsot_mode=config.gsot_mode, gsot_width=config.gsot_width,
             )
@@ -529,7 +529,7 @@ class TGRLlamaModel(PreTrainedModel, GenerationMixin):
         if settings is None:
             return
         config = self.config
-        threshold = config.temperature_conf_threshold if config.gsoT_enabled else None
+        threshold = _gsot_threshold(config)
         if (settings.gsot_threshold, settings.gsot_mode, settings.gsot_width) != (
                 threshold, config.gsot_mode, config.gsot_width):
             tgr_layers.set_layer_gate(self.hf_base_model, gsot_threshold=threshold, gsot_mode=config.gsot_mode,
@@ -601,7 +601,7 @@ class TGRLlamaModel(PreTrainedModel, GenerationMixin):
         temperatures = self.temperature_mechanisms[0](query_hidden)
         q = self._split_heads(query_hidden)
         kv = q if kv_hidden is None or kv_hidden is query_hidden else self._split_heads(kv_hidden)
-        threshold = config.temperature_conf_threshold if config.gsoT_enabled else None
+        threshold = _gsot_threshold(config)
         out = temperature_guided_attention(
             q, kv, kv, temperatures, self._head_mask(attention_mask, query_hidden.dtype),
             causal=config.causal, gsot_threshold=threshold, backend=config.attention_backend,
@@ -758,7 +758,7 @@ class TGRLlamaModel(PreTrainedModel, GenerationMixin):
                 hidden = self._base_hidden(input_ids, attention_mask, position_ids)
             if collected:  # none inside tgr_layers_disabled: the base runs as the unpatched one
                 layer_temperatures = torch.stack([t.to(self.device) for t in collected])
-                threshold = config.temperature_conf_threshold if config.gsoT_enabled else None
+                threshold = _gsot_threshold(config)
                 layer_gsot_mask = (torch.ones(layer_temperatures.shape[:3], dtype=torch.bool, device=self.device)
                                    if threshold is None else layer_temperatures.detach().mean(-1) >= threshold)
         y, temperatures, gsot_mask = self.tgr_head(hidden, None, attention_mask)
@@ -1097,6 +1097,11 @@ def _ignore_missing_base_keys(module, incompatible_keys):
 def _is_tgr_layer_key(name: str) -> bool:
     """Whether a parameter name of the base belongs to a TGR layer's temperature mechanism."""
     return f".{tgr_layers.MECHANISM_NAME}." in f".{name}"
+
+
+def _gsot_threshold(config: TGRConfig) -> float | None:
+    """The GSoT threshold the head and the layers gate with: None when GSoT is off."""
+    return config.temperature_conf_threshold if config.gsoT_enabled else None
 
 
 def _shifted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -123,11 +123,10 @@ def generate_answers(model, tokenizer, questions: list[str], *, greedy: bool = F
     import torch
     from tqdm.auto import tqdm
 
-    from .data import prompt_text
+    from .data import check_int, prompt_text
     from .processors import ClampLogits
 
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    check_int("batch_size", batch_size, 1, "a positive integer")
     if tokenizer.pad_token_id is None and tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has neither a pad nor an EOS token to pad the batched questions with")
     prompts = [prompt_text(q) for q in questions]

@@ -687,13 +687,10 @@ def _scaled_fp16(saved, g, dtype, in_place: bool):
     is past fp16's range is inf, as in eager's fp16 gradient.)"""
     g = g.float()
     out = saved if in_place else torch.empty_like(saved)
-    rows = max(1, SCALE_BLOCK_ELEMENTS // max(1, saved[0].numel())) if saved.dim() else 1
-    if saved.dim() == 0 or rows >= saved.shape[0]:
-        out.copy_(saved.float() * g)
-    else:
-        for start in range(0, saved.shape[0], rows):
-            block_g = g if g.dim() == 0 else g[start:start + rows]
-            out[start:start + rows].copy_(saved[start:start + rows].float() * block_g)
+    rows = max(1, SCALE_BLOCK_ELEMENTS // max(1, saved[0].numel()))  # saved is dh, dW or db: never 0-d
+    for start in range(0, saved.shape[0], rows):
+        block_g = g if g.dim() == 0 else g[start:start + rows]
+        out[start:start + rows].copy_(saved[start:start + rows].float() * block_g)
     return out.to(dtype)
 
 
