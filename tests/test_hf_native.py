@@ -100,6 +100,20 @@ def test_auto_model_round_trip_is_bitwise(tiny_base, tmp_path):
         AutoModelForCausalLM.from_pretrained(tmp_path / "saved", device_mapp="auto")
 
 
+def test_a_cast_since_loading_is_saved(tiny_base, tmp_path):
+    """``config.compute_dtype`` is what the model was loaded in; a ``.to(dtype)`` since then is
+    written by save_pretrained, so the reload computes as the saved model did, and an "auto"
+    that still holds is kept as "auto"."""
+    model = make_model(tiny_base, load_in_4bit=False, compute_dtype="auto", device="cpu")
+    model.save_pretrained(tmp_path / "auto")
+    assert TGRConfig.from_pretrained(tmp_path / "auto").compute_dtype == "auto"
+    model.to(torch.bfloat16)
+    assert model.compute_dtype == model.dtype == torch.bfloat16 and model.config.compute_dtype == "auto"
+    model.save_pretrained(tmp_path / "cast")
+    loaded = TGRLlamaModel.from_pretrained(tmp_path / "cast")
+    assert loaded.config.compute_dtype == "bfloat16" and loaded.dtype == torch.bfloat16
+
+
 def test_pretrained_model_contract(tiny_base, monkeypatch):
     plain = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32)
     model = make_model(tiny_base, load_in_4bit=False)

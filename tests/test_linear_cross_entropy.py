@@ -770,3 +770,24 @@ def test_reference_backend_keeps_the_documented_result_dtype_and_no_ignore_index
         torch.testing.assert_close(loss, fused, rtol=2e-2, atol=2e-2)
     log_probs = linear_log_probs(hidden, weight, labels, b, backend="reference")
     assert log_probs.dtype == torch.float32
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_none_ignores_a_nonfinite_upstream_gradient_at_ignored_tokens(backend):
+    """Eager's nll_loss writes 0 at ignored tokens whatever their upstream gradient is: an inf or
+    NaN there (a masked per-token loss scaled past range) leaves d hidden's row 0 and dW finite."""
+    torch.manual_seed(0)
+    hidden, weight, b, labels = make_inputs((3, 11), torch.float32)
+    loss = linear_cross_entropy(hidden, weight, labels, b, reduction="none", backend=backend)
+    eager = F.cross_entropy(F.linear(hidden, weight, b).reshape(-1, V), labels.reshape(-1),
+                            reduction="none").view_as(loss)
+    upstream = torch.randn_like(loss)
+    ignored = labels == -100
+    upstream[ignored] = torch.tensor([float("inf"), float("nan"), -float("inf")]).repeat(labels.numel())[
+        :int(ignored.sum())]
+    got = torch.autograd.grad(loss, (hidden, weight, b), upstream)
+    want = torch.autograd.grad(eager, (hidden, weight, b), upstream)
+    for name, g, e in zip(("d hidden", "dW", "db"), got, want, strict=True):
+        assert torch.isfinite(e).all(), f"eager's {name}"
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5, msg=name)
+    assert (got[0][ignored] == 0).all()

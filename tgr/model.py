@@ -81,6 +81,7 @@ _MODEL_CARD_MARK = "<!-- tgr model card -->"
 SEED_MASK_VALUE = -1e4
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
 _BASE_PREFIX = "base_llama_model."
 # Where get_peft_model puts the base's own modules inside the PeftModel.
 _PEFT_PREFIX = "base_model.model."
@@ -308,8 +309,6 @@ class TGRLlamaModel(PreTrainedModel, GenerationMixin):
             device = resolve_device(config)
             dtype = resolve_compute_dtype(config, device)
             base = load_base_model(config, device, dtype)
-        else:
-            dtype = _base_compute_dtype(base)
         self._fill_base_sizes(config, base.config)
         super().__init__(config)
 
@@ -321,7 +320,6 @@ class TGRLlamaModel(PreTrainedModel, GenerationMixin):
         if config.lora_r > 0:
             base = _add_lora(base, config)
         self.base_llama_model = base
-        self.compute_dtype = dtype
         # generate() reads EOS and padding from the base's generation config, as the seed's did.
         self.generation_config = getattr(hf_base, "generation_config", None)
 
@@ -397,7 +395,7 @@ class TGRLlamaModel(PreTrainedModel, GenerationMixin):
         name = getattr(base, "name_or_path", None) or getattr(base.config, "_name_or_path", None)
         if name:
             described["base_model_name_or_path"] = str(name)
-        dtype_name = {v: k for k, v in _DTYPES.items()}.get(_base_compute_dtype(base))
+        dtype_name = _DTYPE_NAMES.get(_base_compute_dtype(base))
         if dtype_name is not None:
             described["compute_dtype"] = dtype_name
         config = (config or TGRConfig()).copy(**{**described, **config_fields})
@@ -437,6 +435,12 @@ class TGRLlamaModel(PreTrainedModel, GenerationMixin):
         """The dtype the base computes in now (bitsandbytes' compute dtype for a 4-bit base, else
         its lm_head's dtype, so a ``.half()`` shows); the head's weights are float32 unless cast."""
         return _base_compute_dtype(self.hf_base_model)
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype the base computes in now (as :attr:`dtype`); ``config.compute_dtype`` is what
+        it was loaded in, and :meth:`save_pretrained` records a cast made since."""
+        return self.dtype
 
     @property
     def hidden_size(self) -> int:
@@ -849,6 +853,15 @@ class TGRLlamaModel(PreTrainedModel, GenerationMixin):
         """What :meth:`save_pretrained` writes: the head's (and LoRA adapters') tensors."""
         return {k: v.detach().contiguous() for k, v in self.state_dict().items()}
 
+    def _cast_since_loading(self) -> dict[str, str]:
+        """``{"compute_dtype": name}`` when the base computes in another dtype than the config
+        resolves to (a ``.half()`` or ``.to(dtype)`` since loading), so a reload computes as this
+        model does; ``{}`` otherwise (an "auto" that still holds stays "auto")."""
+        live = self.dtype
+        if live == resolve_compute_dtype(self.config, self.device) or live not in _DTYPE_NAMES:
+            return {}
+        return {"compute_dtype": _DTYPE_NAMES[live]}
+
     def save_pretrained(self, save_directory: str | os.PathLike, *, state_dict: dict | None = None,
                         is_main_process: bool = True, push_to_hub: bool = False, **kwargs) -> str:
         """Write what TGR trains, the config naming the base, and a model card; never the base.
@@ -889,7 +902,7 @@ class TGRLlamaModel(PreTrainedModel, GenerationMixin):
                 with open(os.path.join(tmp, MODEL_CARD_NAME), "w", encoding="utf-8") as f:
                     f.write(self.model_card())
                 names.append(MODEL_CARD_NAME)
-            config = self.config.copy()
+            config = self.config.copy(**self._cast_since_loading())
             config.architectures = [type(self).__name__]
             config.save_pretrained(tmp)
             names.append(CONFIG_NAME)  # last: the config that describes the other files lands last

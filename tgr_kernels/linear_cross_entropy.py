@@ -694,6 +694,25 @@ def _scaled_fp16(saved, g, dtype, in_place: bool):
     return out.to(dtype)
 
 
+def _save_for_backward(ctx, hidden, weight, bias, labels, ignore_index: int, reduction: str, dw_per_chunk: bool,
+                       dh, dw, db, parameter_grad: bool) -> None:
+    """What both paths' backward reads: the forward's gradients, and for ``"none"`` the labels
+    (to zero the upstream gradient at ignored tokens) and, when dW or db is needed, the inputs
+    that recompute them."""
+    ctx.reduction, ctx.ignore_index, ctx.dw_per_chunk = reduction, ignore_index, dw_per_chunk
+    ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+    per_token = reduction == "none"
+    inputs = (hidden, weight, bias) if per_token and parameter_grad else (None,) * 3
+    ctx.save_for_backward(dh, dw, db, *inputs, labels if per_token else None)
+
+
+def _ignored_zeroed(g: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """The per-token upstream gradient with 0 at ignored tokens, as eager's ``nll_loss`` writes
+    there whatever arrives: an inf or NaN there (a masked loss scaled past range) would otherwise
+    turn the zero row of d hidden, and its share of dW, into NaN."""
+    return g.masked_fill(labels == ignore_index, 0)
+
+
 class _LinearCrossEntropyFunction(torch.autograd.Function):
     """Autograd for the PyTorch path on 2-D inputs (see the module docstring for the math); the
     Triton path is the custom op ``tgr_kernels::linear_cross_entropy_forward`` below."""
@@ -704,10 +723,8 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
         loss, dh, dw, db = _forward_work(hidden, weight, bias, labels, ignore_index, reduction, _torch_rows,
                                          hidden_grad=hidden_grad, weight_grad=weight_grad, bias_grad=bias_grad,
                                          dw_per_chunk=dw_per_chunk)
-        ctx.reduction, ctx.ignore_index, ctx.dw_per_chunk = reduction, ignore_index, dw_per_chunk
-        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
-        recompute = reduction == "none" and (weight_grad or bias_grad)
-        ctx.save_for_backward(dh, dw, db, *((hidden, weight, bias, labels) if recompute else (None,) * 4))
+        _save_for_backward(ctx, hidden, weight, bias, labels, ignore_index, reduction, dw_per_chunk,
+                           dh, dw, db, weight_grad or bias_grad)
         return loss
 
     @staticmethod
@@ -726,7 +743,7 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
             if bias_grad:
                 grad_bias = _scaled(db, grad_loss, bias_dtype, in_place)
             return grad_hidden, grad_weight, grad_bias, None, None, None, None
-        g = grad_loss.reshape(-1)
+        g = _ignored_zeroed(grad_loss.reshape(-1), labels, ctx.ignore_index)
         if hidden_grad:
             grad_hidden = _scaled(dh, g.unsqueeze(1), hidden_dtype, in_place)
         if weight_grad or bias_grad:
@@ -819,10 +836,8 @@ def _triton_setup_context(ctx, inputs, output):
     # The gradients kept for the backward are outputs of the op; without this, autograd would
     # hand the backward a zero tensor for each (a second dW: +1 GiB at 128256 × 4096 in bf16).
     ctx.set_materialize_grads(False)
-    ctx.reduction, ctx.ignore_index, ctx.dw_per_chunk = reduction, ignore_index, dw_per_chunk
-    ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
-    recompute = reduction == "none" and (weight_grad or bias_grad)
-    ctx.save_for_backward(dh, dw, db, *((hidden, weight, bias, labels) if recompute else (None,) * 4))
+    _save_for_backward(ctx, hidden, weight, bias, labels, ignore_index, reduction, dw_per_chunk,
+                       dh, dw, db, weight_grad or bias_grad)
 
 
 @once_differentiable_strict("linear_cross_entropy (Triton path)")
@@ -845,7 +860,7 @@ def _triton_backward(ctx, grad_loss, grad_dh, grad_dw, grad_db):
         if bias_grad and db.numel() > 0:
             grad_bias = _scaled(db, grad_loss, bias_dtype, in_place)
         return (grad_hidden, grad_weight, grad_bias) + nones
-    g = grad_loss.reshape(-1)
+    g = _ignored_zeroed(grad_loss.reshape(-1), labels, ctx.ignore_index)
     if hidden_grad:
         grad_hidden = _scaled(dh, g.unsqueeze(1), hidden_dtype, in_place)
     if (weight_grad or bias_grad) and hidden is not None:
