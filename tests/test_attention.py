@@ -386,14 +386,16 @@ def test_float64_temperature_is_gated_in_its_own_precision(needs_grad):
     assert max_err(out, truth) < FLOOR[F32]
 
 
-@pytest.mark.parametrize("mode", ["hard", "straight_through"])
+@pytest.mark.parametrize("mode", ["hard", "straight_through", "soft"])
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 def test_wide_fp16_pruned_row_with_a_large_gradient_stays_finite(backend, mode, monkeypatch):
-    """D > 256 (the wide path) in fp16: the backward's dP = dY Vᵀ is a half GEMM of the ungated
-    dY, which a pruned row's large upstream overflows (300 × D = 78000 > 65504). That row's dS is
-    0 (its P is 0) and the hard gate's zero slope adds nothing, so dq, dk, dv (and dt̄ with the
-    hard gate) are finite and as eager's, which gates dY first. (With the straight-through gate
-    eager's dt̄ is inf there too: the pruned row's gate gradient is that overflowed sum.)"""
+    """D > 256 (the wide path) in fp16: the backward's dP = dY Vᵀ is a half GEMM, which a pruned
+    row's large upstream overflows when it is ungated (300 × D = 78000 > 65504). With the hard and
+    straight-through gates that row's dS is 0 (its P is 0) and the hard gate's zero slope adds
+    nothing; the soft gate (g = σ(−6) there, not 0) scales dY before the GEMM, as eager does. So
+    dq, dk, dv (and dt̄, but for the straight-through gate) are finite and as eager's. (With the
+    straight-through gate eager's dt̄ is inf too: the pruned row's gate gradient is that
+    overflowed sum.)"""
     import tgr_kernels.attention as attention_module
 
     monkeypatch.setattr(attention_module, "cpu_computes_natively", lambda dtype: True)  # half GEMMs, as on a GPU
@@ -414,7 +416,7 @@ def test_wide_fp16_pruned_row_with_a_large_gradient_stays_finite(backend, mode, 
     got = grads(lambda *a, **kw: temperature_guided_attention(*a, backend=backend, **kw), torch.float16)
     eager = grads(lambda *a, **kw: temperature_guided_attention_ref(*a, upcast=False, **kw), torch.float16)
     truth = grads(temperature_guided_attention_ref, torch.float64)
-    names = ("dq", "dk", "dv", "dt") if mode == "hard" else ("dq", "dk", "dv")
+    names = ("dq", "dk", "dv") if mode == "straight_through" else ("dq", "dk", "dv", "dt")
     for name, a, e, r in zip(names, got, eager, truth, strict=False):
         assert_parity(f"{backend} {mode} {name}", a, e, r, torch.float16)
 

@@ -59,6 +59,22 @@ def test_demo_in_head_mode_skips_the_every_layer_run(tmp_path):
     assert not (out / "every-layer").exists()
 
 
+@pytest.mark.parametrize("held_out_labels", [[0], []])
+def test_demo_data_without_a_rankable_held_out_question_is_refused_before_training(tmp_path, capsys,
+                                                                                  held_out_labels):
+    """The demo ranks held-out questions after training: with no correct candidate among them (or
+    no held-out question at all) it failed only after both training runs."""
+    rows = tmp_path / "rows.jsonl"
+    labelled = [("q1", 1), ("q1", 0)] + [("q2", label) for label in held_out_labels]
+    rows.write_text("".join(json.dumps({"question_id": q, "question": "Who?", "document_title": "t",
+                                        "answer": "Someone.", "label": label}) + "\n" for q, label in labelled))
+    out = tmp_path / "o"
+    assert main(["demo", "--data", str(rows), "--output", str(out), "--max-steps", "1"] + FAST) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("tgr demo: error: the demo holds out") and err.count("\n") == 1
+    assert not out.exists()
+
+
 def test_train_resumes_then_eval_and_generate_use_the_checkpoint(tmp_path, capsys):
     out = tmp_path / "run"
     base = ["train", "--output", str(out), "--save-steps", "2", "--batch-size", "2"] + FAST
@@ -75,6 +91,30 @@ def test_train_resumes_then_eval_and_generate_use_the_checkpoint(tmp_path, capsy
                  str(tmp_path / "gen"), "How many legs does a spider have?"] + FAST) == 0
     (record,) = [json.loads(line) for line in (tmp_path / "gen" / "generations.jsonl").read_text().splitlines()]
     assert record["question"] == "How many legs does a spider have?"
+
+
+@pytest.mark.parametrize("flags", [["--temperature-heads", "8"], ["--tgr-layers", "all", "--tgr-mode", "both"],
+                                   ["--lora-r", "2"]])
+def test_resuming_a_checkpoint_of_another_model_is_one_line(tmp_path, capsys, flags):
+    """A rerun into the same folder resumes; with another model the Trainer failed on a size or an
+    optimizer mismatch, with a traceback, after the model had loaded."""
+    out = tmp_path / "run"
+    base = ["train", "--output", str(out), "--save-steps", "1", "--batch-size", "2"] + FAST
+    assert main(base + ["--max-steps", "1"]) == 0
+    capsys.readouterr()
+    assert main(base + ["--max-steps", "2"] + flags) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"tgr train: error: cannot resume from {str(out / 'checkpoint-1')!r}: it holds another")
+    assert err.count("\n") == 1
+
+
+def test_resuming_from_a_folder_that_is_no_checkpoint_is_one_line(tmp_path, capsys):
+    nowhere = str(tmp_path / "nowhere")
+    argv = ["train", "--output", str(tmp_path / "o"), "--max-steps", "1", "--resume_from_checkpoint", nowhere]
+    assert main(argv + FAST) == 2
+    err = capsys.readouterr().err
+    assert err == f"tgr train: error: cannot resume from {nowhere!r}: no model.safetensors there, not a checkpoint " \
+                  f"of a TGR run\n"
 
 
 @pytest.mark.parametrize(
@@ -165,6 +205,14 @@ def test_bad_training_flags_are_one_line_and_create_nothing(tmp_path, capsys):
     assert main(["train", "--output", str(out), "--fp16", "--bf16", "--use_cpu"] + FAST) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("tgr train: error:") and not out.exists()
+
+
+def test_label_smoothing_is_one_line_and_creates_nothing(tmp_path, capsys):
+    out = tmp_path / "o"
+    assert main(["train", "--output", str(out), "--label_smoothing_factor", "0.1"] + FAST) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("tgr train: error: label_smoothing_factor=0.1 is not supported")
+    assert err.count("\n") == 1 and not out.exists()
 
 
 def test_data_without_a_correct_pair_is_refused_before_anything_is_created(tmp_path, capsys):
@@ -333,3 +381,15 @@ def test_bad_training_sizes_are_one_line_and_create_nothing(flags, message, tmp_
     assert main(["train", "--output", str(out)] + flags + FAST) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"tgr train: error: {message}") and err.count("\n") == 1 and not out.exists()
+
+
+@pytest.mark.parametrize("flags", [
+    ["--eval_strategy", "steps"],
+    ["--eval_strategy", "epoch", "--save_strategy", "epoch", "--load_best_model_at_end"],
+])
+def test_evaluation_during_training_is_one_line_and_creates_nothing(tmp_path, capsys, flags):
+    out = tmp_path / "o"
+    assert main(["train", "--output", str(out)] + flags + FAST) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"tgr train: error: --eval_strategy {flags[1]} needs an evaluation set")
+    assert err.count("\n") == 1 and not out.exists()

@@ -455,6 +455,24 @@ def test_save_load_round_trip(tiny_base, tmp_path, heads):
         assert torch.allclose(other(ids, attention_mask=mask).logits[mask.bool()], before[mask.bool()], atol=1e-4)
 
 
+def test_a_base_in_a_relative_folder_loads_from_any_working_directory(tiny_base, tmp_path, monkeypatch):
+    """config.json named the base by the relative path it was given: from another working directory
+    from_pretrained looked for it there (or on the hub)."""
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.chdir(os.path.dirname(tiny_base))
+    relative = os.path.basename(tiny_base)
+    new = make_model(relative, attention_backend="torch")
+    wrapped = TGRLlamaModel.from_base(AutoModelForCausalLM.from_pretrained(relative, dtype=torch.float32),
+                                      temperature_heads=4, attention_backend="torch")
+    paths = [model.save_pretrained(tmp_path / name) for model, name in ((new, "new"), (wrapped, "wrapped"))]
+    monkeypatch.chdir(tmp_path)
+    for path in paths:
+        loaded = TGRLlamaModel.from_pretrained(path)
+        assert os.path.samefile(loaded.config.base_model_name_or_path, tiny_base)
+        assert os.path.isabs(loaded.config.base_model_name_or_path)
+
+
 def test_save_replaces_atomically_and_keeps_other_files(tiny_base, tmp_path, monkeypatch):
     import tgr.model as model_module
 

@@ -7,8 +7,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from tgr import TGRConfig, TGRLlamaModel, build_tiny_llama  # noqa: E402
-from tgr.data import IGNORE_INDEX, PaddingCollator  # noqa: E402
-from tgr.train import TRAINING_DEFAULTS, TGRTrainer, token_counts, training_arguments  # noqa: E402
+from tgr.data import IGNORE_INDEX, DataError, PaddingCollator  # noqa: E402
+from tgr.train import TRAINING_DEFAULTS, TGRTrainer, token_counts, train, training_arguments  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +72,14 @@ def test_accumulated_micro_batches_give_the_loss_and_gradients_of_one_batch(mode
     assert float(full.temperature_loss) > 0.1 * float(full.lm_loss)  # both parts matter
 
 
+def test_label_smoothing_is_refused_not_ignored(model, tmp_path):
+    """TGRTrainer computes the model's own loss, so the Trainer's label smoother never ran: a
+    label_smoothing_factor left the loss as it was, without a word."""
+    args = training_arguments(tmp_path, device="cpu", label_smoothing_factor=0.1, disable_tqdm=True)
+    with pytest.raises(ValueError, match="label_smoothing_factor=0.1 is not supported"):
+        TGRTrainer(model=model, args=args, train_dataset=_examples(), data_collator=PaddingCollator(pad_token_id=0))
+
+
 def test_training_arguments_carry_tgr_defaults_and_accept_any_field(tmp_path):
     args = training_arguments(tmp_path, device="cpu", optim="adafactor", lr_scheduler_type="constant")
     assert (args.learning_rate, args.per_device_train_batch_size, args.num_train_epochs) == (1e-3, 4, 1.0)
@@ -82,3 +90,18 @@ def test_training_arguments_carry_tgr_defaults_and_accept_any_field(tmp_path):
     assert str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)) == "constant"
     assert training_arguments(tmp_path, device="cpu", learning_rate=0.5).learning_rate == 0.5
     assert set(TRAINING_DEFAULTS) <= set(type(args).__dataclass_fields__)
+
+
+@pytest.mark.parametrize("max_steps", [-1, 2])
+def test_a_batch_larger_than_the_data_with_drop_last_is_refused(model, tmp_path, max_steps):
+    """The data loader of 3 examples in batches of 8 with drop_last is empty: the Trainer failed on
+    max_steps (without it) or trained 0 steps and saved the untrained head (with it)."""
+    from tgr._tiny import build_tokenizer
+
+    rows = [{"question_id": str(i), "question": "Why is the sky blue?", "document_title": "t",
+             "answer": "Air scatters blue light.", "label": 1} for i in range(3)]
+    args = training_arguments(tmp_path, device="cpu", per_device_train_batch_size=8, dataloader_drop_last=True,
+                              max_steps=max_steps, disable_tqdm=True)
+    with pytest.raises(DataError, match="3 training example.s. do not fill one batch of 8"):
+        train(model, build_tokenizer(256), rows, args, final_dir=tmp_path / "final")
+    assert not (tmp_path / "final").exists()

@@ -332,7 +332,7 @@ def _write_json(path: Path, data) -> None:
 
 def _training_arguments(args, training: dict[str, object], output: Path):
     """``TrainingArguments`` from the flags; bf16 and use_cpu follow the device unless given."""
-    from .train import training_arguments
+    from .train import check_training_arguments, training_arguments
 
     for name in ("per_device_train_batch_size", "gradient_accumulation_steps"):
         value = training.get(name)
@@ -344,7 +344,9 @@ def _training_arguments(args, training: dict[str, object], output: Path):
         fields["disable_tqdm"] = True
     device = args.device or ("cpu" if fields.get("use_cpu") else None)
     try:
-        return training_arguments(device=device, **fields)
+        training_args = training_arguments(device=device, **fields)
+        check_training_arguments(training_args)  # e.g. label smoothing, which TGR's loss does not do
+        return training_args
     except (TypeError, ValueError) as e:  # TrainingArguments' own checks of the flags
         raise CommandError(_first_line(e)) from None
 
@@ -352,6 +354,7 @@ def _training_arguments(args, training: dict[str, object], output: Path):
 # ----------------------------------------------------------------------------- commands
 def cmd_train(args, training: dict[str, object], split_rows=None) -> dict:
     """``tgr train``: ``args`` are TGRArguments, ``training`` the TrainingArguments fields."""
+    from .config import CheckpointError
     from .data import DataError
     from .train import train
 
@@ -363,6 +366,9 @@ def cmd_train(args, training: dict[str, object], split_rows=None) -> dict:
     out = Path(training["output_dir"])
     _check_output(out, args.overwrite)
     training_args = _training_arguments(args, training, out)
+    if training_args.eval_strategy != "no":  # the Trainer would refuse it once the model had loaded
+        raise CommandError(f"--eval_strategy {getattr(training_args.eval_strategy, 'value', '')} needs an evaluation "
+                           f"set, which tgr train does not make: leave it no and rank with tgr eval")
     if training_args.use_cpu and not args.device:
         args.device = "cpu"  # --use_cpu: the model too
     model, tokenizer = _load(args, seed=training_args.seed)
@@ -372,7 +378,7 @@ def cmd_train(args, training: dict[str, object], split_rows=None) -> dict:
     try:
         result, _ = train(model, tokenizer, rows, training_args, max_length=args.max_length,
                           mask_prompt=args.mask_prompt, final_dir=final)
-    except DataError as e:  # e.g. no correct pairs to train on
+    except (DataError, CheckpointError) as e:  # e.g. no correct pairs, a checkpoint of another model
         raise CommandError(str(e)) from None
     summary = {"train_loss": result.training_loss, "steps": result.global_step,
                "seconds": round(time.time() - start, 1), "final": str(final)}
@@ -484,7 +490,7 @@ def cmd_demo(args, training: dict[str, object]) -> dict:
     The head run is the seed's (``--tgr-mode head``) and writes into the output folder; the
     every-layer run (``--tgr-layers``, default all; ``--tgr-mode both`` keeps a head there too)
     into its ``every-layer/`` subfolder."""
-    from .data import split_by_question
+    from .data import ranking_groups, split_by_question
     from .pipeline import generate_answers, tgr_mode_fields
 
     start = time.time()
@@ -499,6 +505,10 @@ def cmd_demo(args, training: dict[str, object]) -> dict:
         except ValueError as e:
             raise CommandError(str(e)) from None
     train_rows, held_out = split_by_question(rows)
+    if not ranking_groups(held_out):  # else the ranking fails after the training
+        raise CommandError(f"the demo holds out the last quarter of the questions for ranking, and none of them "
+                           f"({len({r['question_id'] for r in held_out})} questions) has a correct (label 1) "
+                           f"candidate: give data with more questions that have one")
     print(f"tgr demo: base {args.model or 'embedded demo Llama'}, data {args.data or 'project sample'}: "
           f"{len(train_rows)} training rows, {len(held_out)} held-out rows -> {out}")
     head_args = dataclasses.replace(args, tgr_mode="head", tgr_layers="none")

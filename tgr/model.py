@@ -305,6 +305,11 @@ class TGRLlamaModel(PreTrainedModel, GenerationMixin):
         if not isinstance(config, TGRConfig):
             raise TypeError(f"TGRLlamaModel needs a TGRConfig, got {type(config).__name__}")
         config = config.copy()  # validated, and not shared with the caller
+        base_path = config.base_model_name_or_path
+        if not os.path.isabs(base_path) and os.path.isdir(base_path):
+            # A base folder relative to the working directory: config.json names the base, and a
+            # saved model must load from any working directory.
+            config.base_model_name_or_path = os.path.abspath(base_path)
         if base is None:
             device = resolve_device(config)
             dtype = resolve_compute_dtype(config, device)

@@ -23,7 +23,7 @@ import torch
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
-from .data import IGNORE_INDEX, PaddingCollator, build_training_examples
+from .data import IGNORE_INDEX, DataError, PaddingCollator, build_training_examples
 
 logger = logging.getLogger("tgr")
 
@@ -74,6 +74,15 @@ def training_arguments(output_dir: str | os.PathLike | None = None, *,
     return TrainingArguments(**kwargs)
 
 
+def check_training_arguments(args: TrainingArguments) -> None:
+    """Refuse the ``TrainingArguments`` that :class:`TGRTrainer` cannot honour, rather than ignore them."""
+    if args.label_smoothing_factor:
+        # The Trainer smooths the logits' loss in its compute_loss, which TGRTrainer replaces: the
+        # model's loss (fused cross-entropy + temperature regulariser) has no smoothing.
+        raise ValueError(f"label_smoothing_factor={args.label_smoothing_factor:g} is not supported: the TGR model's "
+                         f"loss has no label smoothing; leave it 0")
+
+
 class TGRTrainer(Trainer):
     """Trainer whose loss under gradient accumulation is the loss of one big batch, and that also
     logs the temperature statistics and the GSoT pruning rate.
@@ -91,6 +100,7 @@ class TGRTrainer(Trainer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        check_training_arguments(self.args)
         # Token weighting needs each replica's own counts, which DataParallel (several GPUs in one
         # process) does not give: there the Trainer's default, the mean of the micro-batch means.
         self._token_weighted = self.args.n_gpu <= 1
@@ -221,6 +231,26 @@ def step_statistics(temperatures: torch.Tensor, gsot_mask: torch.Tensor, lm_loss
     }
 
 
+def check_resumable(model, checkpoint: str | os.PathLike) -> None:
+    """A :class:`~tgr.config.CheckpointError` (one line) unless ``checkpoint`` holds a tensor of the
+    same shape for every one of ``model``'s (and no other): the Trainer loads it non-strictly and then
+    fails on a size or an optimizer mismatch, or a missing folder, with a traceback."""
+    from .config import CheckpointError
+    from .model import WEIGHTS_NAME, _read_weights
+
+    file = os.path.join(os.fspath(checkpoint), WEIGHTS_NAME)
+    if not os.path.isfile(file):
+        raise CheckpointError(f"cannot resume from {os.fspath(checkpoint)!r}: no {WEIGHTS_NAME} there, not a "
+                              f"checkpoint of a TGR run")
+    saved = {k: tuple(v.shape) for k, v in _read_weights(file).items()}
+    own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if saved != own:
+        differ = sorted(k for k in saved.keys() | own.keys() if saved.get(k) != own.get(k))
+        raise CheckpointError(f"cannot resume from {os.fspath(checkpoint)!r}: it holds another TGR model (other "
+                              f"temperature heads, TGR layers or LoRA: {len(differ)} tensor(s) differ, e.g. "
+                              f"{differ[0]}); train into another output folder, or start over (tgr train --overwrite)")
+
+
 def train(model, tokenizer, rows: list[dict], args: TrainingArguments, *, max_length: int = 192,
           mask_prompt: bool = False, resume: bool = True, final_dir: str | os.PathLike | None = None):
     """Train ``model``'s trainable parameters on the correct pairs of ``rows``; returns the
@@ -231,6 +261,12 @@ def train(model, tokenizer, rows: list[dict], args: TrainingArguments, *, max_le
     where the trained model and the tokenizer are saved at the end (by the main process).
     """
     examples = build_training_examples(rows, tokenizer, max_length, mask_prompt)
+    per_process = -(-len(examples) // max(1, args.world_size))  # each process's share, rounded up
+    if args.dataloader_drop_last and per_process < args.train_batch_size:
+        # The data loader would be empty: the Trainer fails on max_steps, or trains 0 steps with one.
+        raise DataError(f"{len(examples)} training example(s) do not fill one batch of {args.train_batch_size} "
+                        f"with dataloader_drop_last: nothing to train on; lower the batch size or leave out "
+                        f"dataloader_drop_last")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = next(p for p in model.parameters() if p.requires_grad).device
     trainer = TGRTrainer(
@@ -243,6 +279,7 @@ def train(model, tokenizer, rows: list[dict], args: TrainingArguments, *, max_le
     if checkpoint is None and resume and os.path.isdir(args.output_dir):
         checkpoint = get_last_checkpoint(args.output_dir)
     if checkpoint:
+        check_resumable(model, checkpoint)
         logger.info("resuming from %s", checkpoint)
     logger.info("training on %d examples (batch %d x %d accumulated, lr %g, optimizer %s, schedule %s)",
                 len(examples), args.per_device_train_batch_size, args.gradient_accumulation_steps,

@@ -18,6 +18,9 @@ passes (a model in eval mode should use "hard" there: the caller's choice).
 The gate's gradient into t̄ is ``dt̄_i += g'(t̄_i) · Σ_h Σ_d dY_hid Ô_hid``. ``Σ_d dY ∘ Ô`` is
 ``Δ_i = Σ_j P_ij dP_ij`` with ``dP = dY Vᵀ`` taken before gating: the kernels' backward sums it
 anyway, so the kernels take the ungated dY and apply g (and g') themselves, in their epilogues.
+(The wide path's soft gate is the exception: its dP is a library GEMM, in fp16 for fp16 inputs,
+so dY is gated before it, as eager's order, and its row kernel adds ``(1 − g)/ε · Δ``, which is
+``g' · Δ̂`` of the ungated Δ̂ = Δ / g.)
 A pruned row's Ô is never stored: the backward recomputes what it needs from P.
 """
 from __future__ import annotations

@@ -11,7 +11,8 @@ Forward, per chunk of query rows: ``Z = Q_c Kᵀ`` (GEMM), then the row kernel t
 into ``P = g ∘ softmax(t̄·scale·Z + m)`` (g: the GSoT gate, ``_gate``) and saves each row's
 log-sum-exp; ``O_c = P V`` (GEMM).
 
-Backward, per chunk, from the ungated dY: ``Z = Q_c Kᵀ`` (or the forward's, kept when the
+Backward, per chunk, from the ungated dY (the soft gate's gated, see the backward row kernel):
+``Z = Q_c Kᵀ`` (or the forward's, kept when the
 problem is one chunk) and ``dP = dY_c Vᵀ`` (GEMMs); the row kernel recomputes
 ``P = exp(S − lse)``, sums ``Δ_i = Σ_j P_ij dP_ij`` (= Σ_d dY ∘ Ô, which the gate's gradient
 needs), stores g ∘ P into Z's buffer, turns dP in place into ``G = g·t̄·scale·dS`` with
@@ -131,9 +132,11 @@ def _wide_softmax_bwd_kernel(
     rounding of lse): when the softmax saturates, dS is a tiny difference of nearly equal terms,
     and only consistent operands let them cancel. LSE: fp32 [B, H, S_q].
     DT: fp32 [B, H, S_q], receives ``scale · Σ_j dS_ij Z_ij`` (masked entries have P = 0, so
-    the −inf logits never enter). With HAS_GATE, dP comes from the ungated dY: the stored P and G
-    and the attention's share of dt̄ are multiplied by the row's gate g (through P), and dt̄ gains
-    ``g'(t̄) · Δ`` (``_gate``). Grid: (B * H * M,).
+    the −inf logits never enter). With HAS_GATE, dP comes from the ungated dY (hard and
+    straight-through gates): the stored P and G and the attention's share of dt̄ are multiplied
+    by the row's gate g (through P), and dt̄ gains ``g'(t̄) · Δ`` (``_gate``); for the soft gate dP
+    comes from the gated dY, P stays ungated and dt̄ gains ``(1 − g)/ε · Δ``, the same
+    ``g'(t̄) · Δ̂`` of the ungated Δ̂ = Δ / g. Grid: (B * H * M,).
     """
     r = tl.program_id(0)
     bh = r // M
@@ -168,7 +171,11 @@ def _wide_softmax_bwd_kernel(
     lse_p = lse + tl.log2(row_sum)
     if HAS_GATE:
         gate, slope = gate_rows(t_bar, gsot_threshold, gsot_mode, gsot_width)
-        lse_p = gated_lse(lse_p, gate)
+        # The soft gate's dY came gated (wide_backward): dP and Δ carry g already, P stays ungated,
+        # and the gate's share g'·Δ̂ is (1 − g)/ε · Δ (σ' = σ(1 − σ)), with no division by g.
+        soft = gsot_mode == 2  # 2: GATE_SOFT
+        lse_p = gated_lse(lse_p, tl.where(soft, 1.0, gate))
+        slope = tl.where(soft, (1.0 - gate) * tl.fdiv(1.0, gsot_width), slope)
     dt = tl.zeros([1], dtype=tl.float32)
     if HAS_GATE:
         # The gate's own share g'·Δ starts the sum, divided by the scale that multiplies it at the
@@ -283,16 +290,19 @@ def _torch_rows_backward(z, dp, row0, t_bar, key_padding, additive, causal, gate
     # Δ from the same P and dP that form dS (see _wide_softmax_bwd_kernel for why).
     delta = torch.einsum("bhmn,bhmn->bhm", p, dpf)
     t_rows = t_bar[:, row0:row0 + M]
-    if gate is not None:
+    soft = gate is not None and gate.mode == _gate.GATE_SOFT
+    if gate is not None and not soft:
         # dP came from the ungated dY: P gated from here on gates dS, G, the stored P and dt̄'s
         # attention share (as the Triton kernel folds g into P); the gate's own g'·Δ is added below.
+        # (The soft gate's dY came gated: dP and Δ carry g, P stays as it is.)
         p.mul_(_gate.gate_value(t_rows, gate).to(p.dtype)[:, None, :, None])
     ds = dpf.sub_(delta[..., None]).mul_(p)
     if gate is not None:  # P = 0 (a pruned row) gives dS = 0 even where its ungated dP overflowed
         ds.masked_fill_(p == 0, 0.0)
     dt_rows = torch.einsum("bhmn,bhmn->bhm", ds, zf) * scale
     if gate is not None:  # the hard gate's zero slope adds 0 even where Δ = inf
-        slope = _gate.gate_slope(t_rows, gate).to(p.dtype)[:, None, :]
+        slope = _gate.gate_slope(t_rows, gate) if not soft else _soft_slope_over_gate(t_rows, gate)
+        slope = slope.to(p.dtype)[:, None, :]
         dt_rows += torch.where(slope == 0, 0.0, slope * delta)
     dt[:, :, row0:row0 + M] = dt_rows
     if store_p:
@@ -301,6 +311,24 @@ def _torch_rows_backward(z, dp, row0, t_bar, key_padding, additive, causal, gate
         ds.mul_((t_rows * scale)[:, None, :, None])
         if ds is not dp:
             dp.copy_(ds)
+
+
+def _soft_slope_over_gate(t_rows: torch.Tensor, gate) -> torch.Tensor:
+    """``g'/g = (1 − g)/ε`` of the soft gate: its share of dt̄ from the gated Δ = g·Δ̂."""
+    return (1 - _gate.gate_value(t_rows, gate)) / gate.width
+
+
+def _soft_gated(grad_out: torch.Tensor, t_bar: torch.Tensor, gate) -> torch.Tensor:
+    """``g_i · dY_i`` for the soft gate, multiplied in fp32 (fp64 for fp64) one batch element at
+    a time and rounded once to dY's dtype. Eager's order: a pruned row's small g keeps dP = (g·dY) Vᵀ in a
+    half GEMM's range where the ungated product would overflow (hard and straight-through gates
+    need no such care: their pruned rows have P = 0, and their dS is set to 0)."""
+    dtype = torch.promote_types(grad_out.dtype, torch.float32)
+    g = _gate.gate_value(t_bar, gate).to(dtype)
+    out = torch.empty_like(grad_out)
+    for b in range(grad_out.shape[0]):
+        out[b] = grad_out[b].to(dtype) * g[b][None, :, None]
+    return out
 
 
 _ROW_OPS = {
@@ -509,6 +537,8 @@ def wide_backward(q, k, v, t_bar, key_padding, additive, causal, gate, scale, ro
     B, H, S_q, D = q.shape
     S_k = k.shape[2]
     rows_backward = _ROW_OPS[row_ops][1]
+    if gate is not None and gate.mode == _gate.GATE_SOFT:
+        grad_out = _soft_gated(grad_out, t_bar, gate)  # the row ops know the soft gate's dY is gated
     stats = _stats_dtype(q)
     dt = new_output((B, H, S_q), stats, q.device)
     chunks = _row_chunks(q, k, causal, row_ops, chunk_bytes)
