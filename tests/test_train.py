@@ -105,3 +105,19 @@ def test_a_batch_larger_than_the_data_with_drop_last_is_refused(model, tmp_path,
     with pytest.raises(DataError, match="3 training example.s. do not fill one batch of 8"):
         train(model, build_tokenizer(256), rows, args, final_dir=tmp_path / "final")
     assert not (tmp_path / "final").exists()
+
+
+def test_a_model_with_nothing_to_train_is_a_clear_error(model, tmp_path):
+    """Every parameter frozen: a ValueError that says so (it was a bare StopIteration)."""
+    from tgr._tiny import build_tokenizer
+
+    rows = [{"question_id": "1", "question": "Why?", "document_title": "t", "answer": "Because.", "label": 1}]
+    frozen = {p: p.requires_grad for p in model.parameters()}
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        with pytest.raises(ValueError, match="has no trainable parameter"):
+            train(model, build_tokenizer(256), rows, training_arguments(tmp_path, device="cpu", disable_tqdm=True))
+    finally:
+        for p, flag in frozen.items():
+            p.requires_grad_(flag)

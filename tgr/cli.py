@@ -1,6 +1,6 @@
 """The ``tgr`` command: train, eval, generate, demo and bench.
 
-    tgr demo                                   # offline, embedded model and sample, a few minutes on a CPU
+    tgr demo                                   # offline, embedded model and sample, seconds on a CPU
     tgr train --model meta-llama/Llama-2-7b-hf --data microsoft/wiki_qa --output runs/llama
     tgr eval  --checkpoint runs/llama/final --data microsoft/wiki_qa --split test
     tgr generate --checkpoint runs/llama/final "When was Abraham Lincoln born?"
@@ -177,6 +177,10 @@ def build_training_parser(command: str = "train"):
             action.help = "train on the CPU; tgr's default (None): on when --device is cpu or there is no GPU"
         elif action.dest == "output_dir" and action.option_strings[0] == "--output_dir":
             action.help = "training folder: checkpoints, logs and final/ (a rerun resumes from its checkpoints)"
+        elif command == "demo" and action.dest == "tgr_layers":
+            # The demo's every-layer run: none (the default) trains every layer there too.
+            action.help = ("decoder layers of the demo's every-layer run: all (none, the default, means all too) or "
+                           "indices such as 0,2,5; --tgr-mode head skips that run")
     short = parser.add_argument_group("short names")
     for flag, (dest, kind) in SHORT_TRAINING_FLAGS.items():
         short.add_argument(flag, dest=dest, type=kind, default=argparse.SUPPRESS, help=f"same as --{dest}")
@@ -470,7 +474,7 @@ def _print_demo_ranking(title: str, results: dict) -> None:
             print(f"  {name:12s} {results[key]['map']:7.4f} {results[key]['mrr']:7.4f}")
 
 
-def _evaluate_tgr_model(model, tokenizer, rows, batch_size: int) -> dict:
+def _evaluate_tgr_model(model, tokenizer, rows, batch_size: int, progress: bool = False) -> dict:
     """MAP and MRR of a TGR model's own predictions (its base's are scored by :func:`_evaluate`),
     scored through ``target_log_probs``: the [B, S, V] logits are never built."""
     from .data import ranking_groups
@@ -478,7 +482,7 @@ def _evaluate_tgr_model(model, tokenizer, rows, batch_size: int) -> dict:
 
     model.eval()
     result = evaluate_ranking(None, tokenizer, ranking_groups(rows), log_probs_fn=model.target_log_probs,
-                              batch_size=batch_size, device=model.device)
+                              batch_size=batch_size, device=model.device, progress=progress)
     return result.as_dict()
 
 
@@ -517,20 +521,21 @@ def cmd_demo(args, training: dict[str, object]) -> dict:
     results = {"train": trained["summary"]}
     splits = {"training questions": train_rows, "held-out questions": held_out}
     for name, part in splits.items():
-        results[name] = _evaluate(model, tokenizer, part, batch_size=8)
+        results[name] = _evaluate(model, tokenizer, part, batch_size=8, progress=not args.quiet)
     if layer_mode is not None:
         layer_args = dataclasses.replace(args, tgr_mode=layer_mode, tgr_layers=layer_choice)
         layer_training = dict(training, output_dir=str(out / "every-layer"))
         layer_run = cmd_train(layer_args, layer_training, split_rows=train_rows)
         results["train_layers"] = dict(layer_run["summary"], tgr_mode=layer_mode, tgr_layers=layer_choice)
         for name, part in splits.items():
-            results[name]["tgr_layers"] = _evaluate_tgr_model(layer_run["model"], layer_run["tokenizer"], part, 8)
+            results[name]["tgr_layers"] = _evaluate_tgr_model(layer_run["model"], layer_run["tokenizer"], part, 8,
+                                                              progress=not args.quiet)
         del layer_run
     for name in splits:
         _print_demo_ranking(f"WikiQA answer selection, {name}", results[name])
     questions = sorted({r["question"] for r in held_out})[:2] + sorted({r["question"] for r in train_rows})[:2]
     seed = int(training.get("seed", 0))
-    answers = generate_answers(model, tokenizer, questions, seed=seed, **{
+    answers = generate_answers(model, tokenizer, questions, seed=seed, progress=not args.quiet, **{
         k: v for k, v in SEED_SAMPLING.items() if k not in ("do_sample",)})
     results["generations"] = [{"question": q, "answer": a} for q, a in zip(questions, answers, strict=True)]
     print("\nGenerations through the TGR head (seed sampling: T=0.7, top-p 0.9, ClampLogits):")

@@ -268,7 +268,11 @@ def train(model, tokenizer, rows: list[dict], args: TrainingArguments, *, max_le
                         f"with dataloader_drop_last: nothing to train on; lower the batch size or leave out "
                         f"dataloader_drop_last")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    device = next(p for p in model.parameters() if p.requires_grad).device
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not trainable:
+        raise ValueError(f"{type(model).__name__} has no trainable parameter (every one has requires_grad=False): "
+                         f"nothing to train")
+    device = trainable[0].device
     trainer = TGRTrainer(
         model=model,
         args=args,
