@@ -6,8 +6,8 @@ Examples::
     python -m benchmarks --suite attention-wide --seq-lens 512 2048 --modes forward full
     python -m benchmarks --device cuda --dtype bfloat16 --out benchmarks/results/h200-2026-11-30
 
-Writes into ``--out``: ``records.jsonl`` (one JSON record per measurement, the schema of
-DESIGN.md), ``table.md`` (also printed) and one PNG per op and dtype. ``--append`` adds to the
+Writes into ``--out``: ``records.jsonl`` (one JSON record per measurement, the schema in
+benchmarks/README.md), ``table.md`` (also printed) and one PNG per op and dtype. ``--append`` adds to the
 records already there. See benchmarks/README.md for the conditions every number is taken under.
 """
 from __future__ import annotations

@@ -71,6 +71,10 @@ def run_one(placement: str, mode: str, train_rows, held_out, work: Path, **setti
     seconds = time.time() - start
     history = json.loads((output / "trainer_state.json").read_text())["log_history"]
     curve = curve_from_log_history(history, placement)
+    if not curve:  # every figure of the record is over the logged points
+        raise SystemExit(f"gsot_curves: the {placement}-{mode} run logged no loss ({trained['summary']['steps']} "
+                         f"steps, --logging-steps {settings['logging_steps']}): lower --logging-steps or train "
+                         f"longer")
     model, tokenizer = trained["model"], trained["tokenizer"]
     try:
         if placement == "head":

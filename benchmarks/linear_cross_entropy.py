@@ -312,7 +312,9 @@ def _ignored(record) -> float:
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m benchmarks.linear_cross_entropy", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.linear_cross_entropy", description=__doc__.split("\n\n")[0],
+                                epilog="python -m benchmarks.linear_cross_entropy --table DIR: rebuild DIR/table.md "
+                                       "from DIR/records.jsonl (no measurement)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--dtype", default=None, choices=list(DTYPES), help="default: bfloat16 on a GPU, float32 on a CPU")
     p.add_argument("--hidden", type=int, default=None, help="H (default 1024 on a CPU, 4096 on a GPU)")
@@ -345,6 +347,8 @@ def parse_args(argv):
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--table"]:
+        if len(argv) != 2:
+            raise SystemExit("usage: python -m benchmarks.linear_cross_entropy --table DIR")
         print(rebuild_table(argv[1]))
         return 0
     args = parse_args(argv)

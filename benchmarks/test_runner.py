@@ -15,7 +15,7 @@ from benchmarks.report import load_records, render_markdown
 from benchmarks.suite_ops import check_providers, run_case
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# DESIGN.md, "Benchmarks: one schema"
+# The fields every record carries (benchmarks/README.md, "Records")
 SCHEMA = ["op", "provider", "mode", "seq_len", "batch", "dtype", "device_name", "median_ms", "p20_ms", "p80_ms",
           "peak_mib", "versions", "date"]
 

@@ -1,4 +1,4 @@
-"""The parity criterion shared by the kernel tests (DESIGN.md, "how close is close").
+"""The parity criterion shared by the kernel tests ("how close is close").
 
 A fast path's error against the float64 truth must be at most twice the error of PyTorch's own
 eager op in the same precision, plus a floor per dtype. Errors are max-abs differences.

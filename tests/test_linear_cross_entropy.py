@@ -1,6 +1,6 @@
 """Parity and behaviour tests for the fused linear cross-entropy and target log-probabilities.
 
-Criterion (DESIGN.md, tests/parity.py): against a float64 reference, the op's max abs error is at
+Criterion (tests/parity.py): against a float64 reference, the op's max abs error is at
 most 2x the error of PyTorch's eager ``F.linear`` + ``F.cross_entropy`` in the same precision,
 plus a floor per dtype; loss, per-token losses, d hidden, dW and db, random upstream gradients.
 The chunk budget is shrunk so that every test runs several row chunks, the last one partial.

@@ -1,6 +1,6 @@
 """Parity and behaviour tests for the temperature projection (TTM) op and its module.
 
-Criterion (DESIGN.md): against a float64 reference, a backend's max abs error must be at most
+Criterion (tests/parity.py): against a float64 reference, a backend's max abs error must be at most
 2x the error of PyTorch's eager op in the same low precision, plus a floor per dtype.
 """
 import importlib

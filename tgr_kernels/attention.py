@@ -1,6 +1,6 @@
 """Temperature-guided attention with GSoT: the public op, its backend dispatch and its module.
 
-Math (per query row i; see DESIGN.md for the backward)::
+Math (per query row i; the backward of each path is in attention_flash.py and attention_wide.py)::
 
     S_ij = t̄_i · scale · (q_i·k_j) + m_ij,   P = softmax_j(S),   Y_i = g_i · (P V)_i
 
