@@ -113,6 +113,7 @@ def test_training_examples_end_with_eos_and_can_mask_the_prompt(tokenizer):
     assert masked["labels"][prompt_len:] == masked["input_ids"][prompt_len:]
     (short,) = build_training_examples(ROWS, tokenizer, max_length=4)
     assert len(short["input_ids"]) == 4 and short["input_ids"][-1] == tokenizer.eos_token_id
+    assert short["input_ids"][0] == tokenizer.bos_token_id  # the question's start went, not the answer
     for bad in (1, 0, -5):  # a slice by max_length - 1 would keep the wrong tokens
         with pytest.raises(ValueError, match="max_length must be an integer >= 2"):
             build_training_examples(ROWS, tokenizer, max_length=bad)
@@ -192,3 +193,23 @@ def test_loading_writes_nothing_beside_the_data(tmp_path):
     _write(path, ROWS, "jsonl")
     assert load_wikiqa(str(path)) == ROWS
     assert [p.name for p in tmp_path.iterdir()] == ["wiki.jsonl"]
+
+
+def test_a_long_question_loses_its_start_and_the_answer_is_trained_whole(tokenizer, caplog):
+    """As evaluation cuts a pair: the start of the question goes first (the BOS stays), so with
+    ``mask_prompt`` a long question still leaves the whole answer and its EOS to train on (it left
+    the EOS alone); an answer that alone does not fit loses its end and the EOS."""
+    long_question = " ".join(["Who"] * 40) + "?"
+    rows = [dict(ROWS[0], question=long_question)]
+    answer = tokenizer(" Someone.", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    with caplog.at_level("WARNING", logger="tgr"):
+        (ex,) = build_training_examples(rows, tokenizer, max_length=12, mask_prompt=True)
+    assert len(ex["input_ids"]) == 12 and ex["input_ids"][0] == tokenizer.bos_token_id
+    assert ex["input_ids"][-len(answer):] == answer
+    assert ex["labels"] == [IGNORE_INDEX] * (12 - len(answer)) + answer
+    assert "1 of 1 training pairs are longer than 12 tokens: 1 lost the start of their question" in caplog.text
+
+    long_answer = dict(ROWS[0], answer=" ".join(["someone"] * 30))
+    (cut,) = build_training_examples([long_answer], tokenizer, max_length=12)
+    assert len(cut["input_ids"]) == 12 and tokenizer.eos_token_id not in cut["input_ids"]
+    assert cut["input_ids"][0] == tokenizer.bos_token_id and cut["labels"] == cut["input_ids"]

@@ -227,32 +227,56 @@ def answer_text(answer: str) -> str:
     return f" {answer.strip()}"
 
 
+def fit_pair(prefix: list[int], question_ids: list[int], answer_ids: list[int],
+             budget: int) -> tuple[list[int], list[int]]:
+    """``(prompt, answer)`` ids of at most ``budget`` tokens together, ``prompt = prefix + question``.
+
+    A pair that does not fit loses the start of its question first (``prefix``, the BOS, stays, and
+    so does the end of the question next to the answer): the whole answer is kept as long as it
+    fits beside the prefix or one question token. Only an answer longer than that loses its end.
+    Training and evaluation cut the same way."""
+    if len(prefix) + len(question_ids) + len(answer_ids) <= budget:
+        return prefix + question_ids, answer_ids
+    kept_answer = answer_ids[:budget - 1]  # the first answer token needs one token before it
+    room = budget - len(kept_answer) - len(prefix)  # for the end of the question
+    prompt = prefix + question_ids[len(question_ids) - room:] if room > 0 else list(prefix)
+    return prompt, kept_answer
+
+
 def build_training_examples(rows: Iterable[dict], tokenizer, max_length: int = 192,
                             mask_prompt: bool = False) -> list[dict[str, list[int]]]:
     """Tokenized ``Q: ...\\nA: <answer><eos>`` examples from the correct (label 1) pairs.
 
     The prompt and the answer are tokenized separately (so the prompt can be masked with
-    ``mask_prompt``), then truncated to ``max_length`` keeping the EOS. No padding here: the
-    collator pads each batch to its own longest example.
+    ``mask_prompt``). A pair longer than ``max_length`` is cut as :func:`fit_pair` cuts it, with
+    the EOS as the answer's last token: the start of the question goes first, so the answer is
+    trained on whole (with ``mask_prompt`` a long question once left only the EOS to train on);
+    an answer that alone does not fit loses its end and the EOS (no stop taught mid-sentence).
+    The number of cut pairs is logged. No padding here: the collator pads each batch to its own
+    longest example.
     """
     check_int("max_length", max_length, 2, "an integer >= 2 (a prompt token and the EOS)")
     if tokenizer.eos_token_id is None:
         raise DataError("the tokenizer has no EOS token; training examples need one to end each answer")
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    examples = []
+    examples, cut_questions, cut_answers = [], 0, 0
     for row in rows:
         if row["label"] != 1:
             continue
-        prompt = bos + tokenizer(prompt_text(row["question"]), add_special_tokens=False)["input_ids"]
-        answer = tokenizer(answer_text(row["answer"]), add_special_tokens=False)["input_ids"]
-        ids = (prompt + answer)[: max_length - 1] + [tokenizer.eos_token_id]
-        labels = list(ids)
-        if mask_prompt:
-            n = min(len(prompt), len(ids) - 1)
-            labels[:n] = [IGNORE_INDEX] * n
+        question = tokenizer(prompt_text(row["question"]), add_special_tokens=False)["input_ids"]
+        answer = tokenizer(answer_text(row["answer"]), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        prompt, kept = fit_pair(bos, question, answer, max_length)
+        cut_questions += len(prompt) < len(bos) + len(question)
+        cut_answers += len(kept) < len(answer)
+        ids = prompt + kept
+        labels = [IGNORE_INDEX] * len(prompt) + kept if mask_prompt else list(ids)
         examples.append({"input_ids": ids, "labels": labels})
     if not examples:
         raise DataError("no correct (label 1) question-answer pairs to train on")
+    if cut_questions or cut_answers:
+        logger.warning("%d of %d training pairs are longer than %d tokens: %d lost the start of their question, "
+                       "%d answers their end (and the EOS)", max(cut_questions, cut_answers), len(examples),
+                       max_length, cut_questions, cut_answers)
     return examples
 
 

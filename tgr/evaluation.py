@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from .data import DataError, RankingGroup, answer_text, check_int, prompt_text, ranking_groups
+from .data import DataError, RankingGroup, answer_text, check_int, fit_pair, prompt_text, ranking_groups
 
 logger = logging.getLogger("tgr")
 
@@ -78,12 +78,9 @@ def _encode_pair(tokenizer, question: str, answer: str, max_length: int):
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     question_ids = tokenizer(prompt_text(question), add_special_tokens=False)["input_ids"]
     answer_ids = tokenizer(answer_text(answer), add_special_tokens=False)["input_ids"]
-    if len(bos) + len(question_ids) + len(answer_ids) <= max_length:
-        return bos + question_ids + answer_ids, len(bos) + len(question_ids), False, False
-    kept_answer = answer_ids[:max_length - 1]  # the first answer token needs one token before it
-    room = max_length - len(kept_answer) - len(bos)  # for the end of the question
-    prompt = bos + question_ids[len(question_ids) - room:] if room > 0 else bos
-    return prompt + kept_answer, len(prompt), True, len(kept_answer) < len(answer_ids)
+    prompt, kept_answer = fit_pair(bos, question_ids, answer_ids, max_length)
+    return (prompt + kept_answer, len(prompt), len(prompt) < len(bos) + len(question_ids),
+            len(kept_answer) < len(answer_ids))
 
 
 def _target_log_probs_from_logits(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -169,7 +166,7 @@ def _answer_scores(batch_log_probs: _BatchLogProbs, tokenizer, pairs: Sequence[t
 
 def _warn_truncated(encoded: Sequence[tuple], max_length: int) -> None:
     """Log how many pairs did not fit ``max_length`` (see :func:`encode_pair`)."""
-    cut = sum(1 for _, _, cut_question, _ in encoded if cut_question)
+    cut = sum(1 for _, _, cut_question, cut_answer in encoded if cut_question or cut_answer)
     cut_answers = sum(1 for _, _, _, cut_answer in encoded if cut_answer)
     if cut:
         logger.warning("%d of %d question-answer pairs are longer than %d tokens: the start of their question is "
