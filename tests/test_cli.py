@@ -93,6 +93,21 @@ def test_train_resumes_then_eval_and_generate_use_the_checkpoint(tmp_path, capsy
     assert record["question"] == "How many legs does a spider have?"
 
 
+def test_resuming_with_other_settings_says_which(tmp_path, capsys, caplog):
+    """Same tensors, another GSoT threshold: the run resumes (a schedule may mean it) and says what
+    changed, rather than going on silently with the checkpoint's weights under new settings."""
+    out = tmp_path / "run"
+    base = ["train", "--output", str(out), "--save-steps", "1", "--batch-size", "2"] + FAST
+    assert main(base + ["--max-steps", "1"]) == 0
+    with caplog.at_level("WARNING", logger="tgr"):
+        assert main(base + ["--max-steps", "2", "--gsot-threshold", "0.3"]) == 0
+    assert "whose TGR settings differ from this run's: temperature_conf_threshold 0.4 -> 0.3" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="tgr"):
+        assert main(base + ["--max-steps", "3", "--gsot-threshold", "0.3"]) == 0
+    assert "settings differ" not in caplog.text
+
+
 @pytest.mark.parametrize("flags", [["--temperature-heads", "8"], ["--tgr-layers", "all", "--tgr-mode", "both"],
                                    ["--lora-r", "2"]])
 def test_resuming_a_checkpoint_of_another_model_is_one_line(tmp_path, capsys, flags):

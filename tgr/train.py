@@ -249,6 +249,35 @@ def check_resumable(model, checkpoint: str | os.PathLike) -> None:
         raise CheckpointError(f"cannot resume from {os.fspath(checkpoint)!r}: it holds another TGR model (other "
                               f"temperature heads, TGR layers or LoRA: {len(differ)} tensor(s) differ, e.g. "
                               f"{differ[0]}); train into another output folder, or start over (tgr train --overwrite)")
+    _warn_changed_settings(model, checkpoint)
+
+
+# Fields whose change between a checkpoint and the resuming run does not change the model trained.
+_RUN_ONLY_FIELDS = ("attention_backend", "device", "compute_dtype")
+
+
+def _warn_changed_settings(model, checkpoint: str | os.PathLike) -> None:
+    """Log the TGR settings that differ between ``checkpoint``'s config and ``model``'s: a rerun
+    with, say, another GSoT threshold resumes with the checkpoint's weights under the new
+    settings, which may be meant (a schedule) or not (the wrong output folder)."""
+    from .config import TGRConfig
+
+    try:
+        saved = TGRConfig.from_pretrained(os.fspath(checkpoint))
+    except (OSError, ValueError):  # no readable config: the tensors were checked, nothing to compare
+        return
+    changed = []
+    for name in TGRConfig.tgr_field_names():
+        before, now = getattr(saved, name), getattr(model.config, name)
+        if name in _RUN_ONLY_FIELDS or before == now:
+            continue
+        if name == "base_model_name_or_path" and os.path.isdir(before) and os.path.isdir(now) \
+                and os.path.samefile(before, now):
+            continue
+        changed.append(f"{name} {before!r} -> {now!r}")
+    if changed:
+        logger.warning("resuming from %s, whose TGR settings differ from this run's: %s; the run goes on with this "
+                       "run's settings and the checkpoint's weights", os.fspath(checkpoint), "; ".join(changed))
 
 
 def train(model, tokenizer, rows: list[dict], args: TrainingArguments, *, max_length: int = 192,
