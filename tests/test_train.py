@@ -121,3 +121,16 @@ def test_a_model_with_nothing_to_train_is_a_clear_error(model, tmp_path):
     finally:
         for p, flag in frozen.items():
             p.requires_grad_(flag)
+
+
+def test_evaluation_batches_stay_out_of_the_training_statistics(model, tmp_path):
+    """With an eval_dataset, evaluate()'s batches went into the temperature statistics that the
+    next training log line reports."""
+    args = training_arguments(tmp_path, device="cpu", disable_tqdm=True, per_device_eval_batch_size=2)
+    trainer = TGRTrainer(model=model, args=args, train_dataset=_examples(), eval_dataset=_examples(),
+                         data_collator=PaddingCollator(pad_token_id=0))
+    metrics = trainer.evaluate()
+    assert "eval_loss" in metrics and trainer._tgr_count == 0 and not trainer._tgr_sums
+    model.train()
+    trainer.compute_loss(model, PaddingCollator(pad_token_id=0)(_examples()[:2]))
+    assert trainer._tgr_count == 1

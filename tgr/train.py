@@ -144,7 +144,8 @@ class TGRTrainer(Trainer):
         # Training needs no logits: the loss comes from the fused linear cross-entropy, and the
         # [B, S, V] logits never exist whole. Evaluation (return_outputs) keeps them.
         outputs = model(**inputs, return_logits=return_outputs or "labels" not in inputs)
-        self._track(outputs, inputs.get("attention_mask"))
+        if model.training:  # the logged statistics are the training steps' (not an eval_dataset's)
+            self._track(outputs, inputs.get("attention_mask"))
         loss = outputs.loss
         totals = self._accumulated_tokens
         # Evaluation (model.eval()) and calls outside the training loop keep the plain mean.
