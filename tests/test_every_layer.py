@@ -118,6 +118,26 @@ def test_disabled_tgr_layers_run_the_unpatched_model(llama_dir):
         assert torch.equal(model(ids).logits, patched)
 
 
+def test_remove_tgr_inside_tgr_layers_disabled_restores_the_model(llama_dir):
+    """Leaving the block after remove_tgr must not switch the unpatched model to the "tgr" attention."""
+    from transformers import AutoModelForCausalLM
+
+    from tgr.layers import tgr_layers_disabled
+
+    model = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32, attn_implementation="eager").eval()
+    ids = torch.randint(4, 190, (1, 6), generator=torch.Generator().manual_seed(16))
+    with torch.no_grad():
+        before = model(ids).logits
+    apply_tgr(model)
+    with tgr_layers_disabled(model):
+        remove_tgr(model)
+    assert model.config._attn_implementation == "eager" and not is_tgr_applied(model)
+    apply_tgr(model)
+    _perturb(model)
+    with tgr_layers_disabled(model), torch.no_grad():
+        assert torch.equal(model(ids).logits, before)
+
+
 def test_remove_tgr_restores_the_model_exactly(llama_dir):
     model = _llama(llama_dir)
     ids = torch.randint(4, 190, (2, 10), generator=torch.Generator().manual_seed(3))
@@ -247,6 +267,25 @@ def test_query_heads_not_a_multiple_of_kv_heads_is_refused(llama_dir):
     model.config.num_key_value_heads = 3  # 4 query heads
     fingerprint = _patch_fingerprint(model)
     with pytest.raises(ValueError, match="multiple of the key/value heads"):
+        apply_tgr(model)
+    assert _patch_fingerprint(model) == fingerprint and not is_tgr_applied(model)
+
+
+@pytest.mark.parametrize("family", ["gpt_oss", "gemma2"])
+def test_attention_sinks_and_soft_capping_are_refused_before_anything_changes(family):
+    """GPT-OSS's sinks and Gemma2's soft-capping change the softmax; the "tgr" function has neither."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM, GptOssConfig, GptOssForCausalLM
+
+    sizes = dict(vocab_size=100, hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=16)
+    if family == "gpt_oss":
+        model = GptOssForCausalLM(GptOssConfig(**sizes, num_local_experts=2, num_experts_per_tok=1))
+        match = "attention sinks"
+    else:
+        model = Gemma2ForCausalLM(Gemma2Config(**sizes))
+        match = "soft-caps"
+    fingerprint = _patch_fingerprint(model)
+    with pytest.raises(ValueError, match=match):
         apply_tgr(model)
     assert _patch_fingerprint(model) == fingerprint and not is_tgr_applied(model)
 
@@ -459,6 +498,47 @@ def test_forward_inside_tgr_layers_disabled_is_the_base(mode, llama_dir):
     assert out.layer_temperatures is None and out.layer_gsot_mask is None and torch.isfinite(out.loss)
     if mode == "layers":  # no head: the base's own logits
         torch.testing.assert_close(out.logits, _llama(llama_dir)(ids).logits, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["layers", "both"])
+def test_tgr_layers_disabled_and_base_only_take_the_tgr_model(mode, llama_dir):
+    """Given the TGR model itself, the blocks turn off its base's TGR layers (not: 'no TGR layers', nor
+    a block that silently leaves them on)."""
+    from tgr import tgr_layers_disabled
+    from tgr.layers import base_only
+
+    model = _tgr_model(llama_dir, mode).eval()
+    _perturb(model.hf_base_model, scale=8.0)
+    ids = torch.randint(3, 256, (2, 7), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        patched = model(ids).logits
+        with tgr_layers_disabled(model.hf_base_model):
+            expected = model(ids).logits
+        assert not torch.equal(patched, expected)
+        for block in (tgr_layers_disabled, base_only):
+            with block(model) as inside:
+                assert inside is model
+                assert torch.equal(model(ids).logits, expected)
+            assert torch.equal(model(ids).logits, patched)
+
+
+def test_a_base_the_layers_refuse_is_left_as_it_came_with_lora(llama_dir):
+    """from_base with LoRA and TGR layers on a base apply_tgr refuses: the error comes before LoRA
+    (or freezing) changes the caller's base, so fixing the cause and retrying works."""
+    from tgr import TGRLlamaModel
+
+    base = _llama(llama_dir)
+    for layer in base.model.layers:
+        layer.self_attn.attention_dropout = 0.1
+    modules = [name for name, _ in base.named_modules()]
+    with pytest.raises(ValueError, match="attention_dropout"):
+        TGRLlamaModel.from_base(base, tgr_mode="layers", lora_r=4, attention_backend="torch")
+    assert [name for name, _ in base.named_modules()] == modules and not hasattr(base, "peft_config")
+    assert all(param.requires_grad for param in base.parameters())
+    for layer in base.model.layers:
+        layer.self_attn.attention_dropout = 0.0
+    model = TGRLlamaModel.from_base(base, tgr_mode="layers", lora_r=4, attention_backend="torch")
+    assert sorted(tgr_layer_modules(model.hf_base_model)) == [0, 1]
 
 
 def test_an_edit_of_the_config_gate_reaches_the_layers(llama_dir, tmp_path):

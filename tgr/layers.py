@@ -142,6 +142,8 @@ def tgr_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Ten
                          f"attention_dropout to 0")
     if kwargs.get("softcap") is not None:
         raise ValueError("TGR attention does not support logit soft-capping (softcap)")
+    if kwargs.get("s_aux") is not None or kwargs.get("sinks") is not None:
+        raise ValueError("TGR attention does not support attention sinks (s_aux / sinks)")
     if kwargs.get("output_attentions", False):
         raise ValueError("TGR attention does not return attention weights (output_attentions=True)")
     H_q, H_kv = query.shape[1], key.shape[1]
@@ -283,6 +285,12 @@ def _check_heads(attn: nn.Module, index: int) -> None:
     if dropout:
         raise ValueError(f"apply_tgr: layer {index} has attention_dropout={dropout}; TGR attention has no "
                          f"attention dropout (set config.attention_dropout = 0 before applying)")
+    # What such attention adds to the softmax, the "tgr" function would drop: refused, not ignored.
+    if getattr(attn, "sinks", None) is not None:
+        raise ValueError(f"apply_tgr: layer {index} has attention sinks (GPT-OSS style); TGR attention has none")
+    if getattr(attn, "attn_logit_softcapping", None) is not None:
+        raise ValueError(f"apply_tgr: layer {index} soft-caps its attention logits (attn_logit_softcapping="
+                         f"{attn.attn_logit_softcapping}); TGR attention does not")
 
 
 def _module_device(module: nn.Module) -> torch.device:
@@ -294,6 +302,14 @@ def _module_device(module: nn.Module) -> torch.device:
 # ----------------------------------------------------------------------------------------------
 # The public functions
 # ----------------------------------------------------------------------------------------------
+
+
+def _patched_model(model: nn.Module) -> nn.Module:
+    """Where the TGR layers of ``model`` are: a :class:`tgr.TGRLlamaModel` stands for its base."""
+    base = getattr(model, "hf_base_model", None)
+    if getattr(model, _STATE_ATTR, None) is None and isinstance(base, nn.Module):
+        return base
+    return model
 
 
 def is_tgr_applied(model: nn.Module) -> bool:
@@ -308,6 +324,21 @@ def tgr_layer_modules(model: nn.Module) -> dict[int, TemperatureMechanism]:
         return {}
     return {i: getattr(attn, MECHANISM_NAME) for i, attn in zip(state.settings.layers, state.attention_modules,
                                                                    strict=True)}
+
+
+def _checked(model: nn.Module, layers, **options) -> tuple[TGRLayerSettings, list[nn.Module]]:
+    """What :func:`apply_tgr` checks before it changes anything (``options``: its keyword
+    arguments): the settings and the attention modules to patch."""
+    layer_list = _decoder_layers(model)
+    if is_tgr_applied(model):
+        raise ValueError("apply_tgr: the model already has TGR layers; call tgr.remove_tgr(model) first")
+    settings = _check_settings(len(layer_list), layers, **options)
+    modules = [_attention_module(layer_list[i], i) for i in settings.layers]
+    for i, attn in zip(settings.layers, modules, strict=True):
+        if hasattr(attn, MECHANISM_NAME):
+            raise ValueError(f"apply_tgr: the attention module of layer {i} already has a {MECHANISM_NAME}")
+        _check_heads(attn, i)
+    return settings, modules
 
 
 def apply_tgr(model: nn.Module, layers: str | Sequence[int] = "all", *, temperature_heads: int = 8,
@@ -344,16 +375,9 @@ def apply_tgr(model: nn.Module, layers: str | Sequence[int] = "all", *, temperat
     model already patched, query heads not a multiple of the key/value heads, a bad option) are a
     ``TypeError`` or ``ValueError`` raised before anything changes.
     """
-    layer_list = _decoder_layers(model)
-    if is_tgr_applied(model):
-        raise ValueError("apply_tgr: the model already has TGR layers; call tgr.remove_tgr(model) first")
-    settings = _check_settings(len(layer_list), layers, temperature_heads, clamp, gsot_threshold,
-                               initial_temperature, backend, gsot_mode, gsot_width)
-    modules = [_attention_module(layer_list[i], i) for i in settings.layers]
-    for i, attn in zip(settings.layers, modules, strict=True):
-        if hasattr(attn, MECHANISM_NAME):
-            raise ValueError(f"apply_tgr: the attention module of layer {i} already has a {MECHANISM_NAME}")
-        _check_heads(attn, i)
+    settings, modules = _checked(model, layers, temperature_heads=temperature_heads, clamp=clamp,
+                                 gsot_threshold=gsot_threshold, initial_temperature=initial_temperature,
+                                 backend=backend, gsot_mode=gsot_mode, gsot_width=gsot_width)
     hidden_size = model.config.hidden_size if hasattr(model.config, "hidden_size") else None
     if not isinstance(hidden_size, int):
         hidden_size = model.get_input_embeddings().weight.shape[-1]
@@ -406,7 +430,7 @@ def collect_layer_temperatures(model: nn.Module) -> Iterator[list[torch.Tensor]]
     every patched layer that runs are appended to the list it yields, in call order (layer
     order for one forward). For the regularizer of a training loss and for statistics; the
     temperatures that activation checkpointing recomputes in the backward are not collected."""
-    state: _PatchState | None = getattr(model, _STATE_ATTR, None)
+    state: _PatchState | None = getattr(_patched_model(model), _STATE_ATTR, None)
     if state is None:
         raise ValueError("collect_layer_temperatures: the model has no TGR layers (call tgr.apply_tgr first)")
     collected: list[torch.Tensor] = []
@@ -421,8 +445,10 @@ def collect_layer_temperatures(model: nn.Module) -> Iterator[list[torch.Tensor]]
 def tgr_layers_disabled(model: nn.Module) -> Iterator[nn.Module]:
     """Within the block, a patched model runs as the unpatched one (its original attention
     implementation, no temperatures): the base's own scores beside the TGR layers', without
-    removing and re-creating the mechanisms."""
-    state: _PatchState | None = getattr(model, _STATE_ATTR, None)
+    removing and re-creating the mechanisms. ``model`` may be a :class:`tgr.TGRLlamaModel`
+    (its base's layers)."""
+    patched = _patched_model(model)
+    state: _PatchState | None = getattr(patched, _STATE_ATTR, None)
     if state is None:
         raise ValueError("tgr_layers_disabled: the model has no TGR layers (call tgr.apply_tgr first)")
     if not state.enabled:  # nested
@@ -430,18 +456,19 @@ def tgr_layers_disabled(model: nn.Module) -> Iterator[nn.Module]:
         return
     state.enabled = False
     if state.original_attn_implementation is not None:
-        model.set_attn_implementation(state.original_attn_implementation)
+        patched.set_attn_implementation(state.original_attn_implementation)
     try:
         yield model
     finally:
-        model.set_attn_implementation(ATTENTION_NAME)
         state.enabled = True
+        if getattr(patched, _STATE_ATTR, None) is state:  # not removed by remove_tgr within the block
+            patched.set_attn_implementation(ATTENTION_NAME)
 
 
 def base_only(model: nn.Module):
     """:func:`tgr_layers_disabled` when ``model`` has TGR layers, else a block that changes
     nothing: the base's own model either way."""
-    return tgr_layers_disabled(model) if is_tgr_applied(model) else nullcontext(model)
+    return tgr_layers_disabled(model) if is_tgr_applied(_patched_model(model)) else nullcontext(model)
 
 
 def set_layer_backend(model: nn.Module, backend: str) -> None:

@@ -317,6 +317,15 @@ class TGRLlamaModel(PreTrainedModel, GenerationMixin):
         self._fill_base_sizes(config, base.config)
         super().__init__(config)
 
+        layer_options = dict(
+            temperature_heads=config.temperature_heads,
+            clamp=(config.temperature_clamp_min, config.temperature_clamp_max),
+            gsot_threshold=_gsot_threshold(config), initial_temperature=config.initial_temperature,
+            backend=config.attention_backend, gsot_mode=config.gsot_mode, gsot_width=config.gsot_width,
+        )
+        if config.tgr_mode != "head":
+            # A base the TGR layers refuse is refused before anything (freezing, LoRA) changes it.
+            tgr_layers._checked(base, config.tgr_layers, **layer_options)
         for param in base.parameters():
             param.requires_grad_(False)
         _keep_cpu_4bit_weights_unpacked(base)
@@ -343,13 +352,7 @@ class TGRLlamaModel(PreTrainedModel, GenerationMixin):
         if config.tgr_mode != "head":
             # After LoRA: peft's recipe freezes every parameter it finds, and its target names
             # must not meet the mechanisms' projections.
-            tgr_layers.apply_tgr(
-                _unwrap_peft(base), config.tgr_layers, temperature_heads=config.temperature_heads,
-                clamp=(config.temperature_clamp_min, config.temperature_clamp_max),
-                gsot_threshold=_gsot_threshold(config),
-                initial_temperature=config.initial_temperature, backend=config.attention_backend,
-                gsot_mode=config.gsot_mode, gsot_width=config.gsot_width,
-            )
+            tgr_layers.apply_tgr(_unwrap_peft(base), config.tgr_layers, **layer_options)
 
         decoder = self._decoder()
         params = inspect.signature(decoder.forward).parameters
