@@ -165,3 +165,31 @@ def test_trainer_checkpoints_resume_the_adapters(tiny_base, tmp_path):
     # The checkpoint's adapters load with peft alone.
     base = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32)
     PeftModel.from_pretrained(base, str(checkpoint))
+
+
+def test_an_adapter_on_the_temperature_projection_takes_effect():
+    """peft's "all-linear" LoRA wraps a TemperatureMechanism's proj too: the mechanism runs the
+    wrapped projection (the fused op read proj.weight, and the adapter did nothing)."""
+    from tgr_kernels import TemperatureMechanism
+
+    class Holder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mechanism = TemperatureMechanism(16, 4, backend="torch")
+
+        def forward(self, x):
+            return self.mechanism(x)
+
+    torch.manual_seed(0)
+    holder = Holder()
+    x = torch.randn(2, 5, 16)
+    before = holder(x)
+    wrapped = peft.get_peft_model(holder, peft.LoraConfig(r=2, target_modules=["proj"]))
+    lora = wrapped.base_model.model.mechanism.proj
+    torch.nn.init.normal_(lora.lora_B["default"].weight)
+    got = wrapped(x)
+    expected = torch.sigmoid(lora(x)).clamp(0.01, 0.99)
+    assert not torch.allclose(got, before)
+    torch.testing.assert_close(got, expected)
+    got.sum().backward()
+    assert lora.lora_B["default"].weight.grad is not None

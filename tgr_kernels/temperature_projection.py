@@ -555,6 +555,11 @@ class TemperatureMechanism(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """``[..., hidden_size]`` → temperatures ``[..., temperature_heads]``."""
+        if type(self.proj) is not nn.Linear:
+            # An adapter wraps or replaces proj (peft's LoRA with target_modules="all-linear", say):
+            # its forward is the projection, which the fused op, reading proj.weight, would bypass.
+            logits = self.proj(hidden_states)
+            return torch.sigmoid(logits.float()).clamp(self.clamp_min, self.clamp_max).to(logits.dtype)
         return temperature_projection(
             hidden_states, self.proj.weight, self.proj.bias, self.clamp_min, self.clamp_max,
             backend=self.backend,
