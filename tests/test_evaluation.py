@@ -221,6 +221,21 @@ def test_target_log_probs_equal_the_log_softmax_of_the_logits(tiny_dir, mode):
         model.target_log_probs(ids, mask, head="lm")
 
 
+@pytest.mark.parametrize("through_logits", [False, True], ids=["fused", "logits"])
+def test_target_log_probs_of_one_token_sequences_are_empty(tiny_dir, through_logits, monkeypatch):
+    """One token predicts nothing: ``[B, S - 1] = [B, 0]`` on both paths, not an error from the fused op."""
+    model = _tiny_tgr_model(tiny_dir, "head")
+    if through_logits:
+        monkeypatch.setattr(model, "_fused_loss_applies", lambda: False)
+    ids = torch.randint(3, model.vocab_size, (2, 1))
+    with torch.no_grad():
+        for head in ("tgr", "base"):
+            got = model.target_log_probs(ids, head=head)
+            assert got.shape == (2, 0) and got.dtype == torch.float32, head
+        both = model.heads_target_log_probs(ids, scored=torch.zeros(2, 0, dtype=torch.bool))
+    assert {k: v.shape for k, v in both.items()} == {"tgr": (2, 0), "base": (2, 0)}
+
+
 @contextlib.contextmanager
 def _rows_through_lm_head(model, monkeypatch):
     """Records the rows of hidden states that each lm_head GEMM takes: the fused op's chunks

@@ -144,6 +144,22 @@ def test_any_padding_side(tiny_base):
     assert torch.equal(alone[:, 6:], left[1:, 10:])
 
 
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_right_padded_prompt_is_continued_from_its_last_real_token(tiny_base, use_cache):
+    """The first new token of a right-padded row comes from its last real token's logits, not the padding's."""
+    model = make_model(tiny_base, causal=True)
+    ids, mask = prompts(model, left_pad=(0, 4))
+    right_ids, right_mask = ids.clone(), mask.clone()
+    right_ids[1] = torch.cat([ids[1, 4:], ids[1, :4]])
+    right_mask[1] = torch.cat([mask[1, 4:], mask[1, :4]])
+    right = model.generate(right_ids, attention_mask=right_mask, max_new_tokens=3, eos_token_id=[],
+                           use_cache=use_cache, output_scores=True)
+    alone = model.generate(ids[1:, 4:], max_new_tokens=3, eos_token_id=[], use_cache=use_cache, output_scores=True)
+    for step in range(3):
+        assert torch.allclose(right.logits[step][1], alone.logits[step][0], atol=1e-5, rtol=1e-5), step
+    assert torch.equal(right.sequences[1, 10:], alone.sequences[0, 6:])
+
+
 # ----------------------------------------------------------------------------------------------
 # Logits processors
 # ----------------------------------------------------------------------------------------------

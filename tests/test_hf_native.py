@@ -4,6 +4,7 @@ is, a model card, one-line errors for damaged or unreachable saved models, and g
 GenerationConfig objects."""
 import json
 import os
+import re
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -279,8 +280,9 @@ def test_generate_honours_max_length_and_refuses_what_it_does_not_do(tiny_base):
     both = GenerationConfig(max_length=ids.shape[1] + 2, max_new_tokens=4)
     out = model.generate(ids, attention_mask=mask, generation_config=both, eos_token_id=[])
     assert out.shape[1] == ids.shape[1] + 4  # max_new_tokens wins
-    for field, value in (("num_beams", 4), ("repetition_penalty", 50.0), ("no_repeat_ngram_size", 1)):
-        with pytest.raises(ValueError, match=f"generate does not implement {field}={value!r}"):
+    for field, value in (("num_beams", 4), ("repetition_penalty", 50.0), ("no_repeat_ngram_size", 1),
+                         ("top_h", 0.5), ("stop_strings", ["."]), ("max_time", 1.0), ("dola_layers", "high")):
+        with pytest.raises(ValueError, match=re.escape(f"generate does not implement {field}={value!r}")):
             model.generate(ids, attention_mask=mask, generation_config=GenerationConfig(**{field: value}))
 
 

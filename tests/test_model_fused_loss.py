@@ -52,6 +52,18 @@ def test_fused_loss_equals_the_loss_through_logits(base_dir, mode):
         torch.testing.assert_close(fused_grads[name], g, rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_int32_labels_on_both_paths_and_float_labels_refused(base_dir):
+    """Labels of any integer dtype give the same loss through the logits as through the fused op;
+    float labels are a ValueError naming them on both paths, not an error from inside the loss."""
+    model = _model(base_dir, "head")
+    ids = torch.randint(3, 256, (2, 9))
+    expected = model(ids, labels=ids).loss
+    for return_logits in (True, False):
+        torch.testing.assert_close(model(ids, labels=ids.int(), return_logits=return_logits).loss, expected)
+        with pytest.raises(ValueError, match="labels must be an integer tensor"):
+            model(ids, labels=ids.float(), return_logits=return_logits)
+
+
 def test_the_trainer_asks_for_no_logits(base_dir, monkeypatch):
     from tgr.train import TGRTrainer
 

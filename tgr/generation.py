@@ -67,10 +67,16 @@ def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(dim=-1) - 1).clamp(min=0)
 
 
+def _last_real(attention_mask: torch.Tensor) -> torch.Tensor:
+    """``[B]`` the index of each row's last real token: the last column with left padding, an
+    earlier one with right padding (the token whose logits predict the first new token)."""
+    return attention_mask.shape[1] - 1 - attention_mask.flip(-1).argmax(dim=-1)
+
+
 def prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, capacity: int):
     """Run the prompt through the base (filling its KV cache) and the TGR head's last row.
 
-    Returns ``(logits [B, V] of the last position, TGRDecodeState)``.
+    Returns ``(logits [B, V] of each row's last real token, TGRDecodeState)``.
     """
     B, S = input_ids.shape
     positions = _positions(attention_mask)
@@ -79,7 +85,8 @@ def prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, capaci
     buffer = hidden.new_empty((B, max(capacity, S), hidden.shape[-1]))
     buffer[:, :S] = hidden
     state = TGRDecodeState(cache, buffer, S, positions[:, -1:])
-    return _last_logits(model, state, hidden[:, -1:], attention_mask), state
+    query = hidden[torch.arange(B, device=hidden.device), _last_real(attention_mask).to(hidden.device)]
+    return _last_logits(model, state, query[:, None], attention_mask), state
 
 
 def decode_step(model, state: TGRDecodeState, next_tokens: torch.Tensor, attention_mask: torch.Tensor):
@@ -168,6 +175,8 @@ _UNSUPPORTED = {
     "begin_suppress_tokens": (None,), "forced_bos_token_id": (None,), "forced_eos_token_id": (None,),
     "typical_p": (1.0, None), "epsilon_cutoff": (0.0, None), "eta_cutoff": (0.0, None), "min_p": (None, 0.0),
     "exponential_decay_length_penalty": (None,), "guidance_scale": (None, 1.0), "renormalize_logits": (False, None),
+    "top_h": (None,), "watermarking_config": (None,), "dola_layers": (None,), "constraints": (None,),
+    "token_healing": (False, None), "stop_strings": (None,), "max_time": (None,),
 }
 
 
@@ -177,8 +186,8 @@ def _check_supported(generation_config) -> None:
                    if getattr(generation_config, name, None) not in off]
     if unsupported:
         raise ValueError(f"generate does not implement {', '.join(unsupported)} of the GenerationConfig (it decodes "
-                         f"greedily or samples with temperature, top-k and top-p); pass such a rule as an HF "
-                         f"logits processor in logits_processor=, or unset it")
+                         f"greedily or samples with temperature, top-k and top-p, and stops at EOS or max_new_tokens); "
+                         f"pass a rule on the logits as an HF logits processor in logits_processor=, or unset it")
 
 
 def _settings(generation_config, **given) -> dict:
@@ -329,7 +338,8 @@ def generate(
     for _ in range(max_new_tokens):
         if not use_cache:
             out = model(tokens, attention_mask=mask, position_ids=_positions(mask))
-            logits = out.logits[:, -1].float()
+            logits = out.logits[torch.arange(B, device=out.logits.device), _last_real(mask).to(out.logits.device)]
+            logits = logits.float()
         elif state is None:
             logits, state = prefill(model, tokens, mask, S + max_new_tokens)
         else:

@@ -721,6 +721,8 @@ class TGRLlamaModel(PreTrainedModel, GenerationMixin):
         """``log p(targets)`` from the final hidden states ``y [B, S, H]`` (the last position
         predicts nothing): the fused op, or the lm_head's logits where it does not apply."""
         y = y[:, :-1]
+        if y.shape[1] == 0:  # one token per sequence: nothing to predict, [B, 0] as through the logits
+            return y[..., 0].float()
         if not self._fused_loss_applies():
             return self._log_probs_through_logits(y, targets, scored)
         lm_head = self.get_output_embeddings()
@@ -808,6 +810,8 @@ class TGRLlamaModel(PreTrainedModel, GenerationMixin):
             if t is not None and tuple(t.shape) != tuple(input_ids.shape):
                 raise ValueError(f"{name} must have the shape of input_ids {tuple(input_ids.shape)}, "
                                  f"got {tuple(t.shape)}")
+        if labels is not None and (labels.dtype.is_floating_point or labels.dtype == torch.bool):
+            raise ValueError(f"labels must be an integer tensor of token ids (-100 ignored), got {labels.dtype}")
 
     # ------------------------------------------------------------------------------------------
     # Generation
@@ -1128,7 +1132,7 @@ def _gsot_threshold(config: TGRConfig) -> float | None:
 def _shifted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy over labels != −100 (0 when there are none)."""
     shift_logits = logits[:, :-1, :].float()
-    shift_labels = labels[:, 1:]
+    shift_labels = labels[:, 1:].long()  # int32 labels too, as the fused loss takes them
     total = F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
                             ignore_index=IGNORE_INDEX, reduction="sum")
     count = (shift_labels != IGNORE_INDEX).sum()
