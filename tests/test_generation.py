@@ -295,6 +295,7 @@ def test_bad_generation_arguments(tiny_base):
         (dict(do_sample=True, top_p=0.0), "top_p"),
         (dict(do_sample=True, top_k=-2), "top_k"),
         (dict(attention_mask=mask[:, 1:]), "attention_mask must have the shape"),
+        (dict(attention_mask=mask.tolist()), "attention_mask must be a tensor"),
         (dict(attention_mask=torch.zeros_like(mask)), "at least one real token"),
         (dict(eos_token_id="</s>"), "eos_token_id"),
         (dict(logits_processor=[1]), "callable"),

@@ -306,6 +306,8 @@ def generate(
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     else:
+        if not isinstance(attention_mask, torch.Tensor):
+            raise TypeError(f"attention_mask must be a tensor [B, S] (or None), got {type(attention_mask).__name__}")
         if tuple(attention_mask.shape) != (B, S):
             raise ValueError(f"attention_mask must have the shape of input_ids {(B, S)}, "
                              f"got {tuple(attention_mask.shape)}")
