@@ -42,6 +42,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import shlex
 import sys
@@ -62,6 +63,8 @@ TRAINABLE_ONLY = ("tgr-torch-dw-per-chunk", "tgr-triton-dw-per-chunk")
 UNCHECKED = ("gemms",)
 TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 2e-2, torch.float16: 2e-2}
 IGNORED_FRACTION = 0.1  # default of --ignored
+# The other fused losses' distributions: their versions go into the run's record and the table.
+COMPARED_PACKAGES = ("liger-kernel", "cut-cross-entropy")
 
 
 def eager_loss(hidden, weight, labels):
@@ -146,16 +149,21 @@ def training_step(fn, hidden, weight, labels, weight_trainable: bool):
 
 def _rel_err(a, ref) -> float:
     a, ref = a.double(), ref.double()
+    if not bool(torch.isfinite(a).all()):
+        return math.inf  # NaN would slip through max() and the comparison with the tolerance
     return ((a - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
 def run_case(args, providers: dict, tokens: int, vocab: int, weight_trainable: bool, emit) -> None:
     device, dtype = args.device, DTYPES[args.dtype]
+    if "torch-compile" in args.providers:
+        # One compiled function serves every case: past dynamo's recompile limit (8 graphs: shape and
+        # lm_head) the later cases would run eager under its name. Each case compiles afresh.
+        torch._dynamo.reset()
     hidden, weight, labels = make_case(tokens, args.hidden, vocab, dtype, device, ignored=args.ignored)
     shape = dict(op="linear-cross-entropy", tokens=tokens, hidden=args.hidden, vocab=vocab, dtype=args.dtype,
                  weight="trainable" if weight_trainable else "frozen", mode="full", device=device,
                  ignored=args.ignored)
-    reference = training_step(eager_loss, hidden, weight, labels, weight_trainable)
     jobs, checks = {}, {}
     for name in args.providers:
         fn, reason = providers[name]
@@ -164,22 +172,26 @@ def run_case(args, providers: dict, tokens: int, vocab: int, weight_trainable: b
         if fn is None:
             emit(dict(shape, kind="measurement", provider=name, status="n/a", reason=reason))
             continue
-        try:
-            got = training_step(fn, hidden, weight, labels, weight_trainable)
-            if name in UNCHECKED:
-                checks[name] = dict(check_rel_err=None, check_tol=None, check_ok=None)
-            else:
-                errors = [_rel_err(a, r) for a, r in zip(got, reference, strict=True) if r is not None]
-                checks[name] = dict(check_rel_err=max(errors), check_tol=TOLERANCE[dtype],
-                                    check_ok=max(errors) <= TOLERANCE[dtype])
-            del got
-        except Exception as exc:  # a provider that cannot run this case: reported, not fatal
-            emit(dict(shape, kind="measurement", provider=name, status="n/a", reason=measure.describe_error(exc)))
-            continue
         jobs[name] = measure.Job(prepare=lambda i: None,
                                  run=lambda _, fn=fn: training_step(fn, hidden, weight, labels, weight_trainable))
-    del reference
+    # Timed before the check, so that each provider's first call (first_ms) holds its compilation.
     measure.time_interleaved(jobs, device, reps=args.reps, warmup=args.warmup)
+    reference = training_step(eager_loss, hidden, weight, labels, weight_trainable)
+    for name, job in jobs.items():
+        if job.error is not None:
+            continue
+        if name in UNCHECKED:
+            checks[name] = dict(check_rel_err=None, check_tol=None, check_ok=None)
+            continue
+        try:
+            got = job.run(None)
+            errors = [_rel_err(a, r) for a, r in zip(got, reference, strict=True) if r is not None]
+            worst = math.inf if any(math.isnan(e) for e in errors) else max(errors)
+            checks[name] = dict(check_rel_err=worst, check_tol=TOLERANCE[dtype], check_ok=worst <= TOLERANCE[dtype])
+            del got
+        except Exception as exc:  # a provider that cannot run this case: reported, not fatal
+            job.error = measure.describe_error(exc)
+    del reference
     for name, job in jobs.items():
         if job.error is not None:
             emit(dict(shape, kind="measurement", provider=name, status="n/a", reason=job.error))
@@ -236,9 +248,11 @@ def render_table(records: list) -> str:
     runs = [r for r in records if r.get("kind") == "run"]
     lines = ["# Fused linear cross-entropy: forward + backward", ""]
     for run in runs:
+        others = "".join(f", {name} {run['versions'][name]}" for name in COMPARED_PACKAGES
+                         if run["versions"].get(name))
         lines.append(f"- **{run['device_name']}** ({run['device']}, {run['torch_threads']} torch threads, "
                      f"{run['cpu_cores']} cores); torch {run['versions']['torch']}, tgr {run['versions']['tgr']} "
-                     f"(git {run['versions']['git']}); {run['date']}, load average {run['load_avg_1m']} → "
+                     f"(git {run['versions']['git']}){others}; {run['date']}, load average {run['load_avg_1m']} → "
                      f"{run.get('load_avg_end', '?')}: `{run['command']}`")
     lines += ["", "Cells: median time (p20–p80) · time / eager's · extra peak memory of one call (gradients "
               "included) · peak / eager's (· time / H200 floor, on a GPU) · time / the measured GEMMs'. Targets: "
@@ -367,6 +381,7 @@ def main(argv=None) -> int:
             records = [json.loads(line) for line in f if line.strip()]
     run = dict(kind="run", command="python -m benchmarks.linear_cross_entropy " + shlex.join(argv),
                **measure.environment(args.device))
+    run["versions"].update({name: measure._version(name) for name in COMPARED_PACKAGES})  # what they measured
     records.append(run)
     if path:
         # Each record is written as soon as it is taken: a long run that is stopped keeps its rows.

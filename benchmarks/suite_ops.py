@@ -174,14 +174,18 @@ def run_case(case: Case, provider_names: list[str], modes: list[str], reps: int,
 
     # The check runs after the timing, so that each mode's first call (``first_ms``) holds the
     # compilation; a provider is timed even when it fails the check, and its records say so.
+    # Each mode's records are checked on the call it timed: forward (no_grad, where the ops take other
+    # paths than with autograd) on its output alone, backward and full with the gradients.
     if check and fns:
-        try:
-            checks = check_providers(case, fns, x0, with_grads=any(m != "forward" for m in modes))
-        except Exception as exc:  # e.g. no memory for the float32 reference: say so, keep the times
-            checks = {name: {"ok": None, "rel_err": None, "tol": None,
-                             "what": f"check failed: {describe_error(exc)}"} for name in fns}
+        checks = {}
+        for with_grads in sorted({m != "forward" for m in modes}):
+            try:
+                checks[with_grads] = check_providers(case, fns, x0, with_grads=with_grads)
+            except Exception as exc:  # e.g. no memory for the float32 reference: say so, keep the times
+                checks[with_grads] = {name: {"ok": None, "rel_err": None, "tol": None,
+                                             "what": f"check failed: {describe_error(exc)}"} for name in fns}
         for rec in records:
-            chk = checks.get(rec["provider"])
+            chk = checks[rec["mode"] != "forward"].get(rec["provider"])
             if chk is not None and rec["status"] == "ok":
                 rec.update(check_ok=chk["ok"], check_rel_err=chk["rel_err"], check_tol=chk["tol"],
                            check_what=chk["what"])

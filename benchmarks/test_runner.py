@@ -239,3 +239,23 @@ def test_records_are_json_lines(quick_run):
     with open(out / "records.jsonl", encoding="utf-8") as f:
         for line in f:
             json.loads(line)
+
+
+def test_check_flags_a_wrong_inference_path(monkeypatch):
+    """The forward cells time a no_grad call (tgr's ops skip the custom op there, the decode kernels run):
+    a provider wrong only without autograd is MISMATCH in forward, even when the run has a backward mode."""
+    build = ATTENTION_PROVIDERS["tgr-torch"].build
+
+    def wrong_without_grad(case):
+        fn = build(case)
+        return lambda x: fn(x) if torch.is_grad_enabled() else fn(x) * 0
+
+    monkeypatch.setitem(ATTENTION_PROVIDERS, "tgr-triton", Provider("tgr-triton", wrong_without_grad))
+    records = []
+    run_case(_tiny_case(), ["eager-seed", "tgr-triton"], ["forward", "full"], reps=1, warmup=1, check=True,
+             emit=records.append)
+    by = {(r["provider"], r["mode"]): r for r in records}
+    assert by[("eager-seed", "forward")]["check_ok"] is True and by[("eager-seed", "full")]["check_ok"] is True
+    assert by[("tgr-triton", "forward")]["check_ok"] is False, by[("tgr-triton", "forward")]
+    assert by[("tgr-triton", "full")]["check_ok"] is True
+    assert by[("tgr-triton", "forward")]["check_what"] == "output"

@@ -66,12 +66,17 @@ def measure_errors(tokens: int, vocab: int, hidden: int, dtype, chunk_counts) ->
     default_chunk_rows = lce.chunk_rows
     try:
         for k in chunk_counts:
-            rows_per_chunk = math.ceil(tokens / k)
-            lce.chunk_rows = lambda n_rows, n_vocab, device, logit_bytes, r=rows_per_chunk: min(r, n_rows)
-            rows.append(errors(f"weight-dtype, {math.ceil(tokens / rows_per_chunk)} chunks", weight_grad(
-                lambda a, b: linear_cross_entropy(a, b, labels, backend="torch",
-                                                  weight_grad_accumulation="weight-dtype"),
-                h, w, dtype)))
+            chunked = []  # the rows the op splits: the ignored ones are left out first
+
+            def k_chunks(n_rows, n_vocab, device, logit_bytes, k=k, chunked=chunked):
+                chunked.append((n_rows, math.ceil(n_rows / k)))
+                return math.ceil(n_rows / k)
+
+            lce.chunk_rows = k_chunks
+            grad = weight_grad(lambda a, b: linear_cross_entropy(a, b, labels, backend="torch",
+                                                                 weight_grad_accumulation="weight-dtype"), h, w, dtype)
+            n_rows, per_chunk = chunked[0]
+            rows.append(errors(f"weight-dtype, {math.ceil(n_rows / per_chunk)} chunks", grad))
     finally:
         lce.chunk_rows = default_chunk_rows
     return rows

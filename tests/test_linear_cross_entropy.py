@@ -791,3 +791,120 @@ def test_none_ignores_a_nonfinite_upstream_gradient_at_ignored_tokens(backend):
         assert torch.isfinite(e).all(), f"eager's {name}"
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5, msg=name)
     assert (got[0][ignored] == 0).all()
+
+
+def test_benchmark_check_flags_a_nan_gradient():
+    """benchmarks/linear_cross_entropy.py: a provider with the right loss and a NaN d hidden fails its
+    check (max() of [finite, NaN, ...] is the finite entry: it passed)."""
+    import argparse
+
+    bench = pytest.importorskip("benchmarks.linear_cross_entropy")
+
+    class NanGrad(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, h):
+            return h.view_as(h)
+
+        @staticmethod
+        def backward(ctx, g):
+            return torch.full_like(g, float("nan"))
+
+    def nan_dh(h, w, y):
+        return bench.eager_loss(NanGrad.apply(h), w, y)
+
+    args = argparse.Namespace(device="cpu", dtype="float32", hidden=16, ignored=0.1, providers=["eager", "tgr-torch"],
+                              reps=1, warmup=1)
+    records = []
+    bench.run_case(args, {"eager": (bench.eager_loss, None), "tgr-torch": (nan_dh, None)}, 32, 50, True,
+                   records.append)
+    by = {r["provider"]: r for r in records}
+    assert by["eager"]["check_ok"] is True
+    assert by["tgr-torch"]["check_ok"] is False and by["tgr-torch"]["check_rel_err"] == math.inf
+    assert "**MISMATCH**" in bench.render_table(records)
+
+
+def test_benchmark_first_call_holds_the_compilation():
+    """benchmarks/linear_cross_entropy.py: first_ms ("First call (compilation included)" in the table) is
+    the provider's first call; the check ran it before the timing, so a compile was never in it."""
+    import argparse
+    import time
+
+    bench = pytest.importorskip("benchmarks.linear_cross_entropy")
+    calls = []
+
+    def compiles_on_first_call(h, w, y):  # stands for torch.compile: slow once, then fast
+        if not calls:
+            time.sleep(0.5)
+        calls.append(1)
+        return bench.eager_loss(h, w, y)
+
+    args = argparse.Namespace(device="cpu", dtype="float32", hidden=16, ignored=0.1, providers=["torch-compile"],
+                              reps=2, warmup=1)
+    records = []
+    bench.run_case(args, {"torch-compile": (compiles_on_first_call, None)}, 32, 50, True, records.append)
+    (rec,) = records
+    assert rec["status"] == "ok" and rec["check_ok"] is True
+    assert rec["first_ms"] >= 500 > rec["median_ms"], rec
+
+
+def test_benchmark_torch_compile_compiles_every_case(monkeypatch):
+    """benchmarks/linear_cross_entropy.py: one torch.compile(eager_loss) serves every case; past dynamo's
+    recompile limit (8 by default: 9 cases) the next case ran eager, reported as torch-compile."""
+    import argparse
+    import shutil
+
+    import torch._dynamo.utils
+
+    bench = pytest.importorskip("benchmarks.linear_cross_entropy")
+    if not (shutil.which("g++") or shutil.which("c++")):
+        pytest.skip("torch.compile on CPU needs a C++ compiler")
+    limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+    monkeypatch.setattr(torch._dynamo.config, limit, 1)  # the 2nd case stands for the 9th
+    torch._dynamo.reset()
+    providers = {"torch-compile": bench.make_providers("cpu")["torch-compile"]}
+    args = argparse.Namespace(device="cpu", dtype="float32", hidden=16, ignored=0.1, providers=["torch-compile"],
+                              reps=1, warmup=1)
+    for tokens in (16, 24):
+        before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        bench.run_case(args, providers, tokens, 50, True, lambda rec: None)
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > before, tokens
+
+
+def test_benchmark_records_the_versions_of_the_compared_losses(tmp_path, monkeypatch):
+    """benchmarks/linear_cross_entropy.py: a run against Liger-Kernel and cut-cross-entropy names their
+    versions (in its record and the table), as it does torch's."""
+    import json
+
+    bench = pytest.importorskip("benchmarks.linear_cross_entropy")
+    from benchmarks import measure
+
+    fake = {"liger-kernel": "0.6.9", "cut-cross-entropy": "25.1.1"}
+    real = measure._version
+    monkeypatch.setattr(measure, "_version", lambda dist: fake.get(dist) or real(dist))
+    bench.main(["--quick", "--providers", "eager", "--weight", "frozen", "--reps", "1", "--out", str(tmp_path)])
+    with open(tmp_path / "records.jsonl", encoding="utf-8") as f:
+        (run,) = [r for r in map(json.loads, f) if r["kind"] == "run"]
+    assert {k: run["versions"].get(k) for k in fake} == fake
+    table = (tmp_path / "table.md").read_text()
+    assert "liger-kernel 0.6.9" in table and "cut-cross-entropy 25.1.1" in table
+
+
+def test_weight_grad_error_benchmark_sums_the_chunks_it_names():
+    """benchmarks/weight_grad_error.py: a row "weight-dtype, k chunks" sums dW over k chunk GEMMs (the
+    op leaves the ignored 10% of the rows out before chunking: k chunks of tokens / k rows were fewer)."""
+    bench = pytest.importorskip("benchmarks.weight_grad_error")
+    calls = []
+    real = lce._chunk_logits
+
+    def counting(*args):
+        calls.append(args[0].shape[0])
+        return real(*args)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(lce, "_chunk_logits", counting)
+        bench.measure_errors(640, 64, 16, torch.bfloat16, [])
+        fp32_calls = len(calls)  # the fp32 row's
+        for k in (16, 64):
+            calls.clear()
+            rows = bench.measure_errors(640, 64, 16, torch.bfloat16, [k])
+            assert rows[-1][0] == f"weight-dtype, {len(calls) - fp32_calls} chunks" == f"weight-dtype, {k} chunks"
