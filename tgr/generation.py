@@ -67,10 +67,11 @@ def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(dim=-1) - 1).clamp(min=0)
 
 
-def _last_real(attention_mask: torch.Tensor) -> torch.Tensor:
-    """``[B]`` the index of each row's last real token: the last column with left padding, an
-    earlier one with right padding (the token whose logits predict the first new token)."""
-    return attention_mask.shape[1] - 1 - attention_mask.flip(-1).argmax(dim=-1)
+def _at_last_real(t: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """``t [B, S, ...]`` at each row's last real token, ``[B, ...]``: the last column with left
+    padding, an earlier one with right padding (the token whose logits predict the first new token)."""
+    last = attention_mask.shape[1] - 1 - attention_mask.flip(-1).argmax(dim=-1)
+    return t[torch.arange(t.shape[0], device=t.device), last.to(t.device)]
 
 
 def prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, capacity: int):
@@ -85,8 +86,7 @@ def prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, capaci
     buffer = hidden.new_empty((B, max(capacity, S), hidden.shape[-1]))
     buffer[:, :S] = hidden
     state = TGRDecodeState(cache, buffer, S, positions[:, -1:])
-    query = hidden[torch.arange(B, device=hidden.device), _last_real(attention_mask).to(hidden.device)]
-    return _last_logits(model, state, query[:, None], attention_mask), state
+    return _last_logits(model, state, _at_last_real(hidden, attention_mask)[:, None], attention_mask), state
 
 
 def decode_step(model, state: TGRDecodeState, next_tokens: torch.Tensor, attention_mask: torch.Tensor):
@@ -340,8 +340,7 @@ def generate(
     for _ in range(max_new_tokens):
         if not use_cache:
             out = model(tokens, attention_mask=mask, position_ids=_positions(mask))
-            logits = out.logits[torch.arange(B, device=out.logits.device), _last_real(mask).to(out.logits.device)]
-            logits = logits.float()
+            logits = _at_last_real(out.logits, mask).float()
         elif state is None:
             logits, state = prefill(model, tokens, mask, S + max_new_tokens)
         else:
