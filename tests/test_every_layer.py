@@ -290,6 +290,22 @@ def test_attention_sinks_and_soft_capping_are_refused_before_anything_changes(fa
     assert _patch_fingerprint(model) == fingerprint and not is_tgr_applied(model)
 
 
+def test_value_heads_of_another_size_are_refused_before_anything_changes():
+    """DeepSeek-V3's latent attention has values narrower than its queries: refused by apply_tgr,
+    not at the first forward after patching."""
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    config = DeepseekV3Config(vocab_size=64, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=None,
+                              kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8,
+                              n_routed_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1)
+    model = DeepseekV3ForCausalLM(config)
+    fingerprint = _patch_fingerprint(model)
+    with pytest.raises(ValueError, match="value heads of size 8 and query/key heads of size 16"):
+        apply_tgr(model, temperature_heads=4)
+    assert _patch_fingerprint(model) == fingerprint and not is_tgr_applied(model)
+
+
 def test_applying_twice_is_refused_and_removing_an_unpatched_model_too(llama_dir):
     model = _llama(llama_dir)
     fingerprint = _patch_fingerprint(model)

@@ -291,6 +291,12 @@ def _check_heads(attn: nn.Module, index: int) -> None:
     if getattr(attn, "attn_logit_softcapping", None) is not None:
         raise ValueError(f"apply_tgr: layer {index} soft-caps its attention logits (attn_logit_softcapping="
                          f"{attn.attn_logit_softcapping}); TGR attention does not")
+    # Multi-head latent attention (DeepSeek-V2/V3 and their kin) reads values narrower than its
+    # queries and keys; the op takes one head size for q, k and v.
+    qk_dim, v_dim = getattr(attn, "qk_head_dim", None), getattr(attn, "v_head_dim", None)
+    if isinstance(qk_dim, int) and isinstance(v_dim, int) and qk_dim != v_dim:
+        raise ValueError(f"apply_tgr: layer {index} has value heads of size {v_dim} and query/key heads of size "
+                         f"{qk_dim} (multi-head latent attention); TGR attention needs one head size for all three")
 
 
 def _module_device(module: nn.Module) -> torch.device:
@@ -372,7 +378,8 @@ def apply_tgr(model: nn.Module, layers: str | Sequence[int] = "all", *, temperat
         gsot_width: ε > 0 of the learning gates, in temperature units.
 
     Returns ``model``. Errors (a model whose attention does not go through the interface, a
-    model already patched, query heads not a multiple of the key/value heads, a bad option) are a
+    model already patched, query heads not a multiple of the key/value heads, attention sinks,
+    logit soft-capping, value heads of another size than the query heads, a bad option) are a
     ``TypeError`` or ``ValueError`` raised before anything changes.
     """
     settings, modules = _checked(model, layers, temperature_heads=temperature_heads, clamp=clamp,
