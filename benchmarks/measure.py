@@ -402,6 +402,12 @@ def _cpu_name() -> str:
     return cpu_name()
 
 
+def _usable_cpu_cores() -> int:
+    from tgr_kernels._backend import usable_cpu_cores  # here: importing tgr_kernels imports triton
+
+    return usable_cpu_cores()
+
+
 def _git_commit() -> str | None:
     try:
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -441,7 +447,7 @@ def environment(device: str) -> dict[str, Any]:
     env = {
         "device": device,
         "device_name": torch.cuda.get_device_name() if device == "cuda" else _cpu_name(),
-        "cpu_cores": os.cpu_count(),
+        "cpu_cores": _usable_cpu_cores(),
         "torch_threads": torch.get_num_threads(),
         "cache_mib": round(cache_bytes(device) / MiB, 1),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),

@@ -259,3 +259,10 @@ def test_check_flags_a_wrong_inference_path(monkeypatch):
     assert by[("tgr-triton", "forward")]["check_ok"] is False, by[("tgr-triton", "forward")]
     assert by[("tgr-triton", "full")]["check_ok"] is True
     assert by[("tgr-triton", "forward")]["check_what"] == "output"
+
+
+def test_environment_counts_the_cores_this_process_may_use(monkeypatch):
+    """A container or taskset limits the cores; os.cpu_count() reports the host's."""
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
+    assert measure.environment("cpu")["cpu_cores"] == 3

@@ -11,7 +11,6 @@ imported); their speed there means nothing, so only the PyTorch paths are timed.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 
@@ -23,6 +22,7 @@ if __name__ == "__main__":
     rerun_with_interpreter("tgr_kernels", sys.argv[1:])
 
 from tgr_kernels import temperature_guided_attention, temperature_projection  # noqa: E402
+from tgr_kernels._backend import usable_cpu_cores  # noqa: E402
 from tgr_kernels.reference import temperature_guided_attention_ref, temperature_projection_ref  # noqa: E402
 
 
@@ -126,7 +126,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
-    print(f"tgr_kernels report on {name} ({os.cpu_count()} CPU cores), torch {torch.__version__}, "
+    print(f"tgr_kernels report on {name} ({usable_cpu_cores()} CPU cores), torch {torch.__version__}, "
           f"{time.strftime('%Y-%m-%d %H:%M')}")
     torch.backends.cuda.matmul.allow_tf32 = False
     ok = parity_report(device, ["triton", "torch"])

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import platform
 
 import torch
@@ -83,6 +84,15 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or "CPU"
+
+
+def usable_cpu_cores() -> int:
+    """The cores this process may run on: a container or ``taskset`` limits them, while
+    ``os.cpu_count()`` counts the host's."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # no affinity call on this platform
+        return os.cpu_count() or 1
 
 
 def _read_cpu_flags() -> frozenset:

@@ -55,7 +55,7 @@ import triton  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
 from . import _configs, attention_decode, attention_flash, attention_wide  # noqa: E402
-from ._backend import TRITON_INTERPRET, cpu_name, triton_dot_precision  # noqa: E402
+from ._backend import TRITON_INTERPRET, cpu_name, triton_dot_precision, usable_cpu_cores  # noqa: E402
 from ._gate import GATE_STRAIGHT_THROUGH, Gate  # noqa: E402
 
 # The package exports a function of the same name, so fetch the module itself.
@@ -884,7 +884,8 @@ def collect(families: Sequence[str], arches: Sequence[str], full: bool) -> list[
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tgr_kernels.aot", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=DEFAULT_OUT, help=f"directory for table.md and records.json ({DEFAULT_OUT})")
-    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compile processes (default: all cores)")
+    parser.add_argument("--jobs", type=int, default=usable_cpu_cores(),
+                        help="compile processes (default: all usable cores)")
     parser.add_argument("--arch", action="append", choices=list(ARCHES), help="a target (default: all)")
     parser.add_argument("--family", action="append", choices=list(FAMILY_LAUNCHES),
                         help="a kernel family (default: all)")
@@ -902,7 +903,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     times = [r["compile_s"] for r in records if not r["shared_compile"]]
     meta = dict(
         date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        machine=f"{cpu_name()} ({os.cpu_count()} cores), {platform.system()}",
+        machine=f"{cpu_name()} ({usable_cpu_cores()} cores), {platform.system()}",
         triton=triton.__version__, ptxas=ptxas_version(), torch=torch.__version__,
         launches=len(launches), compiles=len(times), jobs=max(1, args.jobs),
         wall_s=time.perf_counter() - started,
