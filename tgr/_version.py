@@ -3,4 +3,4 @@
 ``tgr.__version__``, ``tgr_kernels.__version__`` and the package metadata (``pyproject.toml``)
 all read it from here. It imports nothing, so reading it costs no torch or triton import.
 """
-__version__ = "0.1.0"
+__version__ = "0.2.0"

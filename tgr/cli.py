@@ -226,27 +226,65 @@ def _check_model_path(model: str) -> str:
         if not os.path.isfile(os.path.join(model, "config.json")):
             raise CommandError(f"--model {model!r} is a folder without a config.json: not a model")
         return model
-    if model.startswith((".", "/", "~")) or os.path.exists(model):
+    if os.path.exists(model):
+        raise CommandError(f"--model {model!r} is a file, not a model folder or hub name")
+    if model.startswith((".", "/", "~")):
         raise CommandError(f"--model {model!r} does not exist")
     return model  # a hub name
+
+
+def _check_device(device: str | None) -> None:
+    """``--device``: a device string torch parses, and CUDA only where there is one (else the
+    base's loader or TrainingArguments fails deep inside with a traceback)."""
+    if device is None:
+        return
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise CommandError(f"--device {device!r} is not a device: use cpu, cuda or cuda:N") from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise CommandError(f"--device {device}: CUDA is not available on this machine (use --device cpu)")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise CommandError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+
+
+def _demo_base_moved(base: str) -> bool:
+    """A saved demo run names the embedded base by its absolute path in the tgr install that trained
+    it; that path is gone once tgr is reinstalled elsewhere or the clone moves."""
+    return (os.path.isabs(base) and not os.path.isdir(base)
+            and Path(base).parts[-3:] == ("tgr", "resources", "demo-llama"))
 
 
 def _config(args, checkpoint: str | None = None):
     """The TGRConfig of a saved model (``checkpoint``) or of a new head from the flags."""
     from .config import CONFIG_NAME, LEGACY_CONFIG_NAME, CheckpointError, TGRConfig
 
+    _check_device(args.device)
     overrides = dict(attention_backend=args.backend, device=args.device)
     if args.model:
         overrides["base_model_name_or_path"] = _check_model_path(args.model)
     if args.no_4bit:
         overrides["load_in_4bit"] = False
     if checkpoint:
+        if not os.path.isdir(checkpoint):  # hub ids too: the command reads local folders only
+            raise CommandError(f"--checkpoint {checkpoint!r} is not a folder here: give a folder that tgr train "
+                               f"saved (its final/ or a checkpoint-N)")
         if not any(os.path.isfile(os.path.join(checkpoint, name)) for name in (CONFIG_NAME, LEGACY_CONFIG_NAME)):
             raise CommandError(f"--checkpoint {checkpoint!r} holds no {CONFIG_NAME}: not a saved TGR model")
         try:
-            return TGRConfig.from_pretrained(checkpoint, **overrides)
+            config = TGRConfig.from_pretrained(checkpoint, **overrides)
         except CheckpointError as e:
             raise CommandError(str(e)) from None
+        base = config.base_model_name_or_path
+        if not args.model and _demo_base_moved(base):
+            return config.copy(base_model_name_or_path=DEMO_MODEL)  # the embedded base of this install
+        if not args.model and os.path.isabs(base) and not os.path.isdir(base):
+            raise CommandError(f"--checkpoint {checkpoint!r} names the base {base!r}, which does not exist: "
+                               f"give its new location with --model")
+        return config
     overrides.setdefault("base_model_name_or_path", DEMO_MODEL)
     lora = {name: getattr(args, name) for name in ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")
             if hasattr(args, name)}  # tgr train's flags; eval and generate load trained adapters
@@ -338,10 +376,16 @@ def _training_arguments(args, training: dict[str, object], output: Path):
     """``TrainingArguments`` from the flags; bf16 and use_cpu follow the device unless given."""
     from .train import check_training_arguments, training_arguments
 
+    _check_device(args.device)
     for name in ("per_device_train_batch_size", "gradient_accumulation_steps"):
         value = training.get(name)
         if value is not None and value < 1:  # TrainingArguments takes them; the data loader fails later
             raise CommandError(f"--{name} must be a positive integer, got {value}")
+    max_steps, epochs = training.get("max_steps", -1), training.get("num_train_epochs", 1.0)
+    if max_steps == 0:  # the Trainer would run one step
+        raise CommandError("--max_steps must be a positive integer (or -1: train --num_train_epochs), got 0")
+    if max_steps < 0 and epochs is not None and not epochs > 0:  # the Trainer would run no step, and save
+        raise CommandError(f"--num_train_epochs must be positive (or give --max_steps), got {epochs:g}")
     fields = {k: v for k, v in training.items() if not (k in ("bf16", "use_cpu") and v is None)}
     fields["output_dir"] = str(output)
     if args.quiet and fields.get("disable_tqdm") is None:
@@ -360,7 +404,7 @@ def cmd_train(args, training: dict[str, object], split_rows=None) -> dict:
     """``tgr train``: ``args`` are TGRArguments, ``training`` the TrainingArguments fields."""
     from .config import CheckpointError
     from .data import DataError
-    from .train import train
+    from .train import check_resumable, train
 
     # Check the data, the flags and the model before creating anything, so a bad input leaves
     # nothing behind.
@@ -376,6 +420,11 @@ def cmd_train(args, training: dict[str, object], split_rows=None) -> dict:
     if training_args.use_cpu and not args.device:
         args.device = "cpu"  # --use_cpu: the model too
     model, tokenizer = _load(args, seed=training_args.seed)
+    if training_args.resume_from_checkpoint:  # before the output folder is made
+        try:
+            check_resumable(model, training_args.resume_from_checkpoint, warn=False)
+        except CheckpointError as e:
+            raise CommandError(str(e)) from None
     _fresh_output(out, args.overwrite)
     start = time.time()
     final = out / "final"

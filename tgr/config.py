@@ -400,6 +400,12 @@ class TGRConfig(PretrainedConfig):
         if not isinstance(data, dict):
             raise CheckpointError(f"the TGR config {path!r} is damaged: it holds a JSON "
                                   f"{type(data).__name__}, not an object")
+        model_type = data.get("model_type")
+        tgr_keys = {"base_model_name_or_path", "temperature_heads", "temperature_conf_threshold", "gsoT_enabled"}
+        if isinstance(model_type, str) and model_type != cls.model_type and not tgr_keys & data.keys():
+            # e.g. a base model's own folder given as the TGR model (seed-era dumps have TGR fields)
+            raise CheckpointError(f"{path!r} is the config of a {model_type!r} model, not of a saved TGR model: "
+                                  f"a base model is TGRConfig.base_model_name_or_path (tgr: --model)")
         try:
             return cls.from_dict(data, **overrides)
         except (TypeError, ValueError) as err:

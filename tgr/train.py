@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 from transformers import Trainer, TrainingArguments
+from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import get_last_checkpoint
 
 from .data import IGNORE_INDEX, DataError, PaddingCollator, build_training_examples
@@ -232,7 +233,7 @@ def step_statistics(temperatures: torch.Tensor, gsot_mask: torch.Tensor, lm_loss
     }
 
 
-def check_resumable(model, checkpoint: str | os.PathLike) -> None:
+def check_resumable(model, checkpoint: str | os.PathLike, warn: bool = True) -> None:
     """A :class:`~tgr.config.CheckpointError` (one line) unless ``checkpoint`` holds a tensor of the
     same shape for every one of ``model``'s (and no other): the Trainer loads it non-strictly and then
     fails on a size or an optimizer mismatch, or a missing folder, with a traceback."""
@@ -243,6 +244,10 @@ def check_resumable(model, checkpoint: str | os.PathLike) -> None:
     if not os.path.isfile(file):
         raise CheckpointError(f"cannot resume from {os.fspath(checkpoint)!r}: no {WEIGHTS_NAME} there, not a "
                               f"checkpoint of a TGR run")
+    if not os.path.isfile(os.path.join(os.fspath(checkpoint), TRAINER_STATE_NAME)):
+        # e.g. final/: the Trainer would fail on the missing file with a traceback
+        raise CheckpointError(f"cannot resume from {os.fspath(checkpoint)!r}: no {TRAINER_STATE_NAME} there, a saved "
+                              f"model rather than a Trainer checkpoint (checkpoint-N)")
     saved = {k: tuple(v.shape) for k, v in _read_weights(file).items()}
     own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     if saved != own:
@@ -250,7 +255,8 @@ def check_resumable(model, checkpoint: str | os.PathLike) -> None:
         raise CheckpointError(f"cannot resume from {os.fspath(checkpoint)!r}: it holds another TGR model (other "
                               f"temperature heads, TGR layers or LoRA: {len(differ)} tensor(s) differ, e.g. "
                               f"{differ[0]}); train into another output folder, or start over (tgr train --overwrite)")
-    _warn_changed_settings(model, checkpoint)
+    if warn:
+        _warn_changed_settings(model, checkpoint)
 
 
 # Fields whose change between a checkpoint and the resuming run does not change the model trained.
