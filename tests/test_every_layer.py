@@ -585,3 +585,53 @@ def test_reentrant_checkpointing_is_refused_with_tgr_layers(llama_dir):
     with pytest.raises(ValueError, match="use_reentrant=True .* temperature regulariser would get no gradient"):
         model.activation_checkpointing_enable({"use_reentrant": True})
     model.activation_checkpointing_enable({"use_reentrant": False})
+
+
+def test_a_patched_fp32_model_trains_under_bf16_autocast(llama_dir):
+    """Trainer(bf16=True) on an fp32 model runs it under autocast: q and k come out of RoPE in
+    fp32 (fp32 cos/sin), v in bf16. The unpatched model's sdpa casts them; so must the "tgr" one."""
+    import copy
+
+    from tgr.layers import tgr_layers_disabled
+
+    base = _llama(llama_dir).train()
+    model = copy.deepcopy(base)
+    apply_tgr(model, backend="torch", temperature_heads=2)
+    _perturb(model)
+    ids = torch.randint(0, 100, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(input_ids=ids, labels=ids).loss
+        with tgr_layers_disabled(model):
+            off = model(input_ids=ids, labels=ids).loss
+        ref = base(input_ids=ids, labels=ids).loss
+    loss.backward()
+    assert torch.isfinite(loss) and torch.allclose(off, ref, atol=1e-2)
+    grads = [m.proj.weight.grad for m in tgr_layer_modules(model).values()]
+    assert all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
+
+
+def test_collect_layer_temperatures_leaves_out_the_checkpointing_recomputation(llama_dir):
+    """As its docstring says: a backward run inside the block, whose activation checkpointing
+    recomputes every layer's forward, appends nothing (one entry per patched layer per forward)."""
+    from tgr.layers import collect_layer_temperatures
+
+    model = apply_tgr(_llama(llama_dir).train(), backend="torch", temperature_heads=2)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ids = torch.randint(0, 100, (2, 6), generator=torch.Generator().manual_seed(0))
+    with collect_layer_temperatures(model) as collected:
+        loss = model(input_ids=ids, labels=ids).loss
+        assert len(collected) == 2
+        (loss + sum(t.mean() for t in collected)).backward()
+        assert len(collected) == 2
+    assert all(m.proj.weight.grad is not None for m in tgr_layer_modules(model).values())
+
+
+def test_set_layer_gate_keeps_the_mode_and_width_it_is_not_given(llama_dir):
+    from tgr.layers import set_layer_gate, tgr_layer_settings
+
+    model = apply_tgr(_llama(llama_dir), backend="torch", temperature_heads=2, gsot_mode="soft", gsot_width=0.02)
+    set_layer_gate(model, gsot_threshold=0.3)
+    settings = tgr_layer_settings(model)
+    assert (settings.gsot_threshold, settings.gsot_mode, settings.gsot_width) == (0.3, "soft", 0.02)
+    set_layer_gate(model, gsot_threshold=None, gsot_mode="hard")
+    assert (tgr_layer_settings(model).gsot_mode, tgr_layer_settings(model).gsot_width) == ("hard", 0.02)

@@ -195,7 +195,10 @@ def _stash_temperatures(state: _PatchState, module: nn.Module, args: tuple, kwar
     mechanism = getattr(module, MECHANISM_NAME)
     temperatures = mechanism(hidden.to(mechanism.proj.weight.device))
     module.__dict__[_PENDING_ATTR] = temperatures
-    if state.collector is not None:
+    # Not the recomputation of activation checkpointing, which runs inside the backward (the
+    # autograd engine's graph task): that forward was collected when it first ran. (A compiled
+    # forward recomputes in its own graph, without this hook; dynamo folds is_compiling().)
+    if state.collector is not None and (torch.compiler.is_compiling() or torch._C._current_graph_task_id() == -1):
         state.collector.append(temperatures)
 
 
@@ -492,14 +495,17 @@ def set_layer_backend(model: nn.Module, backend: str) -> None:
     state.settings = dataclasses.replace(state.settings, backend=backend)
 
 
-def set_layer_gate(model: nn.Module, *, gsot_threshold: float | None, gsot_mode: str = DEFAULT_GSOT_MODE,
-                   gsot_width: float = DEFAULT_GSOT_WIDTH) -> None:
+def set_layer_gate(model: nn.Module, *, gsot_threshold: float | None, gsot_mode: str | None = None,
+                   gsot_width: float | None = None) -> None:
     """Switch the GSoT gate of every TGR layer of ``model`` in place: the threshold τ (None: no
-    pruning), the training-time mode and the learning gates' width, as :func:`apply_tgr` takes them."""
+    pruning), the training-time mode and the learning gates' width, as :func:`apply_tgr` takes them;
+    a mode or width not given keeps the layers' current one."""
     state: _PatchState | None = getattr(model, _STATE_ATTR, None)
     if state is None:
         raise ValueError("set_layer_gate: the model has no TGR layers (call tgr.apply_tgr first)")
     current = state.settings
+    gsot_mode = current.gsot_mode if gsot_mode is None else gsot_mode
+    gsot_width = current.gsot_width if gsot_width is None else gsot_width
     settings = _check_settings(max(current.layers) + 1, list(current.layers), current.temperature_heads,
                                current.clamp, gsot_threshold, current.initial_temperature, current.backend,
                                gsot_mode, gsot_width)

@@ -84,6 +84,7 @@ def temperature_guided_attention(
         Differentiable in q, k, v and temperature; gradients that are not needed are not computed.
     """
     check_backend(backend)
+    q, k, v = _autocast_mixed_inputs(q, k, v)
     args = check_attention_inputs(q, k, v, temperature, attn_mask, causal, gsot_threshold, scale,
                                   gsot_mode, gsot_width)
     requested, backend = backend, resolve_backend(backend, q.device)
@@ -117,6 +118,18 @@ def _same_cast(q, k, v, dtype):
     kc = qc if k is q else k.to(dtype)
     vc = qc if v is q else (kc if v is k else v.to(dtype))
     return qc, kc, vc
+
+
+def _autocast_mixed_inputs(q, k, v):
+    """Under autocast, q/k/v of different floating dtypes (a model's fp32 RoPE'd q and k beside
+    its autocast-dtype v) are cast to the autocast dtype, as PyTorch's attention casts them,
+    before the inputs are checked; anything else is left to the checks."""
+    autocastable = (torch.float16, torch.bfloat16, torch.float32)
+    if not all(isinstance(t, torch.Tensor) and t.dtype in autocastable for t in (q, k, v)) \
+            or q.dtype == k.dtype == v.dtype:
+        return q, k, v
+    dtype = autocast_dtype(q.device.type)
+    return (q, k, v) if dtype is None else _same_cast(q, k, v, dtype)
 
 
 def _autocast_inputs(q, k, v):
