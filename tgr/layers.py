@@ -20,7 +20,8 @@ forward with a sigmoid's slope ``σ'((t̄ − τ)/ε)/ε`` in the backward ("str
 
 Identity at start: ``W = 0`` and ``b = logit(t_init)`` give ``t = t_init`` for every token, so
 the multiplier ``t̄ / t_init`` is exactly 1 and, with ``τ ≤ t_init``, no row is pruned: a freshly
-patched model computes what the unpatched one does. (The seed's raw multiplier ``t̄`` would halve
+patched model computes what the unpatched one does (except with the "soft" gate in train mode,
+which scales every row by ``σ((t_init − τ)/ε)``, 0.88 at the defaults). (The seed's raw multiplier ``t̄`` would halve
 every layer's logits of a pretrained model at ``t_init = 0.5``.) The kernels receive the
 temperature ``t / t_init``, the threshold ``τ / t_init`` and the width ``ε / t_init`` (the gate
 of ``t̄ / t_init`` against ``τ / t_init`` is then the gate of ``t̄`` against ``τ``, slope included).
@@ -362,7 +363,8 @@ def apply_tgr(model: nn.Module, layers: str | Sequence[int] = "all", *, temperat
     ``t̄ / initial_temperature`` and GSoT zeroes the attention output of rows with
     ``t̄ < gsot_threshold``. The projection starts at weight 0 and bias
     ``logit(initial_temperature)``: every temperature is ``initial_temperature``, the multiplier
-    is 1 and nothing is pruned, so the patched model starts as the unpatched one.
+    is 1 and nothing is pruned, so the patched model starts as the unpatched one (in train mode
+    with ``gsot_mode="soft"``, every row is scaled by ``σ((t_init − τ)/ε)`` instead).
 
     Args:
         model: a transformers causal LM (``LlamaForCausalLM``, ``MistralForCausalLM``,
