@@ -143,6 +143,23 @@ def test_nan_or_inf_in_a_query_row_gives_that_row_nan(backend, causal, S_q, S_k,
     assert torch.isfinite(out[clean]).all()
 
 
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+@pytest.mark.parametrize("mode", ["hard", "straight_through"])
+@pytest.mark.parametrize("needs_grad", [False, True], ids=["decode", "flash"])
+def test_nan_query_row_stays_nan_when_gsot_prunes_it(backend, mode, needs_grad):
+    """A pruned row holding NaN is NaN, as eager's 0 · NaN: the decode kernel, which reads no key
+    for a pruned row, returned a zero row there (the flash and torch paths gave NaN)."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, S, 16, generator=g).to(DEVICE) for S in (3, 40, 40))
+    q[0, 1, 0, 3] = float("nan")
+    temperature = torch.tensor([[0.1, 0.9, 0.9]], device=DEVICE)  # row 0 pruned at 0.5
+    with torch.set_grad_enabled(needs_grad):
+        out = temperature_guided_attention(q.requires_grad_(needs_grad), k, v, temperature, backend=backend,
+                                           gsot_threshold=0.5, gsot_mode=mode)
+    assert torch.isnan(out[0, 1, 0]).all()
+    assert (out[0, 0, 0] == 0).all() and torch.isfinite(out[:, :, 1:]).all()
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("D", [16, 264])
 def test_all_rows_pruned_gives_zero_output_and_gradients(backend, D):

@@ -102,6 +102,52 @@ def test_compiled_value_check_still_fires():
         compiled(q, k, v, torch.rand(2, 8, device=DEVICE), mask)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_compiled_op_recompiles_for_a_new_length(backend):
+    """A second length recompiles the graph with dynamic sequence dims: the value checks'
+    assertion messages must not format those symbolic shapes (a graph break, an error under
+    fullgraph), and the check still fires for a later length."""
+    torch._dynamo.reset()
+
+    def fn(q, k, v, t, mask):
+        return temperature_guided_attention(q, k, v, t, mask, causal=True, gsot_threshold=0.4, backend=backend)
+
+    def inputs(S):
+        q, k, v = (torch.randn(1, 2, S, 16, device=DEVICE) for _ in range(3))
+        return q, k, v, torch.rand(1, S, device=DEVICE) + 0.2, torch.zeros(1, 1, 1, S, device=DEVICE)
+
+    compiled = torch.compile(fn, fullgraph=True, backend="eager")
+    with tgr_kernels.value_checks("async"):
+        for S in (3, 5, 6):
+            args = inputs(S)
+            torch.testing.assert_close(compiled(*args), fn(*args))
+        if DEVICE == "cpu":  # on a GPU the assertion surfaces only at the next sync
+            q, k, v, t, mask = inputs(7)
+            t[0, 2] = float("nan")
+            with pytest.raises(RuntimeError, match="temperature"):
+                compiled(q, k, v, t, mask)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_fullgraph_compile_with_dynamic_shapes(backend):
+    """``dynamic=True`` makes Python floats (the gate's width, τ, scale) SymFloats: the input
+    checks must not hand them to ``math.isfinite``/``math.isnan`` (a graph break)."""
+    torch._dynamo.reset()
+
+    def fn(q, k, v, t):
+        return temperature_guided_attention(q, k, v, t, causal=True, gsot_threshold=0.4, gsot_mode="soft",
+                                            scale=0.3, backend=backend)
+
+    compiled = torch.compile(fn, fullgraph=True, dynamic=True, backend="eager")
+    for S in (3, 5):
+        q, k, v = (torch.randn(1, 2, S, 16, device=DEVICE, requires_grad=True) for _ in range(3))
+        t = (torch.rand(1, S, device=DEVICE) + 0.2).requires_grad_()
+        out, grads, grad_out = _run(lambda *a: compiled(*a[:4]), [q, k, v, t], None)
+        out_e, grads_e, _ = _run(lambda *a: fn(*a[:4]), [q, k, v, t], None, grad_out)
+        for got, want in [(out, out_e)] + list(zip(grads, grads_e, strict=True)):
+            torch.testing.assert_close(got, want)
+
+
 # ----------------------------------------------------------------------------- custom ops
 _opcheck = opcheck_with_fake_outputs
 

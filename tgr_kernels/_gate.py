@@ -25,7 +25,6 @@ A pruned row's Ô is never stored: the backward recomputes what it needs from P.
 """
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
@@ -53,6 +52,15 @@ class Gate(NamedTuple):
         return self.mode != GATE_HARD
 
 
+def is_finite_number(x) -> bool:
+    """``math.isfinite`` by comparisons only: under ``torch.compile(dynamic=True)`` a Python float
+    argument or global is a SymFloat, which ``math.isfinite`` cannot take (a graph break, an error
+    under fullgraph). ``inf − inf`` and NaN compare unequal to 0 (``float`` first: NumPy would
+    warn on ``inf − inf``)."""
+    x = float(x)
+    return x - x == 0
+
+
 def make_gate(threshold, mode: str = "hard", width=DEFAULT_GSOT_WIDTH) -> Gate | None:
     """The Gate for a user's ``gsot_threshold`` / ``gsot_mode`` / ``gsot_width`` (None: no GSoT).
     The threshold is checked by the caller; mode and width here, with errors naming them."""
@@ -61,7 +69,7 @@ def make_gate(threshold, mode: str = "hard", width=DEFAULT_GSOT_WIDTH) -> Gate |
     if isinstance(width, bool) or not isinstance(width, (int, float)):  # bools, strings, tensors: a mistake
         raise TypeError(f"gsot_width must be a positive finite number, got {width!r}")
     width = float(width)
-    if not (width > 0 and math.isfinite(width)):
+    if not (width > 0 and is_finite_number(width)):
         raise ValueError(f"gsot_width must be a positive finite number, got {width!r}")
     if not FP32_NORMAL_MIN <= width <= FP32_MAX:
         # The kernels compute in fp32: a width that rounds to 0 or inf there made dt̄ NaN.

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._gate import DEFAULT_GSOT_WIDTH, FP32_MAX, FP32_NORMAL_MIN, Gate, make_gate
+from ._gate import DEFAULT_GSOT_WIDTH, FP32_MAX, FP32_NORMAL_MIN, Gate, is_finite_number, make_gate
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 BACKENDS = ("auto", "triton", "torch", "reference")
@@ -104,6 +104,11 @@ def _text(message) -> str:
 
 
 def _shape(t: torch.Tensor) -> str:
+    if _is_compiling():
+        # A traced assertion's message is a constant of the graph: a dynamic dim (a SymInt after a
+        # recompile for a new length) cannot be formatted into it (str() of it breaks the graph),
+        # and the graph serves other lengths too. Only the rank is shown there.
+        return "[" + ", ".join("?" for _ in range(t.dim())) + "]"
     return "[" + ", ".join(str(s) for s in t.shape) + "]"
 
 
@@ -268,13 +273,13 @@ def check_attention_inputs(
 
     # Python and NumPy numbers alike (np.float32 is a numbers.Real, not a float).
     if gsot_threshold is not None:
-        if not _is_real(gsot_threshold) or math.isnan(gsot_threshold):
+        if not _is_real(gsot_threshold) or gsot_threshold != gsot_threshold:  # NaN (SymFloat-safe)
             raise TypeError(f"gsot_threshold must be a number or None, got {gsot_threshold!r}")
         gsot_threshold = float(gsot_threshold)
     gate = make_gate(gsot_threshold, gsot_mode, gsot_width)
     if scale is None:
         scale = 1.0 / math.sqrt(D)
-    elif not _is_real(scale) or not (scale > 0 and math.isfinite(scale)):
+    elif not _is_real(scale) or not (scale > 0 and is_finite_number(scale)):
         raise ValueError(f"scale must be a positive finite number or None, got {scale!r}")
     elif not FP32_NORMAL_MIN <= scale <= FP32_MAX:
         # The kernels scale the logits in fp32: a scale that rounds to 0 or inf there gave

@@ -102,7 +102,9 @@ def temperature_guided_attention(
     q, k, v = _autocast_inputs(q, k, v)
     # One query row, aligned bottom-right, sees every key: causality hides nothing there, and
     # dropping it spares the backends a causal mask of S_q != S_k (the torch path builds it densely).
-    causal = args.causal and q.shape[2] > 1
+    causal = args.causal
+    if q.shape[2] == 1:  # a branch, not ``and``: under dynamic shapes the test is a SymBool
+        causal = False
     options = (args.key_padding, args.additive, causal, args.gate, args.scale)
     # The dtypes are decided above; no op inside may be recast by the caller's autocast.
     with autocast_off(q.device.type):
