@@ -336,3 +336,27 @@ def test_generate_answers_in_batches_leaves_the_tokenizer_as_given(tiny_base):
     assert tokenizer.pad_token is None and tokenizer.padding_side == "right"
     with pytest.raises(ValueError, match="batch_size must be a positive integer"):
         generate_answers(model, tokenizer, questions, batch_size=0)
+
+
+def test_one_nan_logit_does_not_make_sampling_greedy():
+    """NaN counts as probability 0 for that token only: the row's other tokens are still sampled
+    (before, one NaN made the row's softmax NaN and sampling fell back to the argmax)."""
+    from tgr.generation import _sample
+
+    scores = torch.zeros(1, 8)
+    scores[0, 7] = math.nan
+    g = torch.Generator().manual_seed(0)
+    drawn = torch.stack([_sample(scores, g) for _ in range(200)]).flatten()
+    assert (drawn != 7).all() and len(drawn.unique()) == 7
+    all_nan = torch.full((2, 8), math.nan)
+    assert torch.equal(_sample(all_nan, g), torch.zeros(2, dtype=torch.long))  # no finite score: greedy
+
+
+def test_clamp_logits_bounds_past_the_scores_dtype():
+    """Finite bounds that the scores' dtype cannot hold clamp to its extremes, never raise."""
+    scores = torch.tensor([[math.nan, math.inf, -math.inf, 3.5]])
+    out = ClampLogits(-1e39, 1e39)(None, scores)
+    big = torch.finfo(torch.float32).max
+    assert torch.equal(out, torch.tensor([[-big, big, -big, 3.5]]))
+    half = ClampLogits(-1e5, 1e5)(None, scores.half())
+    assert torch.isfinite(half).all() and half[0, 3] == 3.5

@@ -300,3 +300,33 @@ def test_dtype_follows_a_cast(tiny_base):
     model = make_model(tiny_base, load_in_4bit=False)
     assert model.dtype == torch.float32
     assert model.half().dtype == torch.float16
+
+
+
+def test_generation_config_return_dict_in_generate_is_honoured(tiny_base):
+    model = make_model(tiny_base, load_in_4bit=False, gsoT_enabled=False).eval()
+    ids, mask = batch(model)
+    out = model.generate(ids, attention_mask=mask, eos_token_id=[],
+                         generation_config=GenerationConfig(max_new_tokens=2, return_dict_in_generate=True,
+                                                            output_scores=True))
+    assert out.sequences.shape[1] == ids.shape[1] + 2 and len(out.scores) == 2
+    plain = model.generate(ids, attention_mask=mask, eos_token_id=[], output_scores=False,
+                           generation_config=GenerationConfig(max_new_tokens=2, return_dict_in_generate=True))
+    assert isinstance(plain, torch.Tensor) and torch.equal(plain, out.sequences)  # the argument wins
+
+
+@pytest.mark.parametrize("field", ["remove_invalid_values", "output_attentions", "output_hidden_states"])
+def test_generation_config_fields_it_cannot_honour_are_refused(tiny_base, field):
+    model = make_model(tiny_base, load_in_4bit=False, gsoT_enabled=False).eval()
+    ids, mask = batch(model)
+    with pytest.raises(ValueError, match=re.escape(f"generate does not implement {field}=True")):
+        model.generate(ids, attention_mask=mask, generation_config=GenerationConfig(**{field: True}))
+
+
+def test_generation_config_max_length_the_prompt_fills_is_an_error(tiny_base):
+    """As HF: a max_length the prompt already fills is an error, not a silently empty generation."""
+    model = make_model(tiny_base, load_in_4bit=False, gsoT_enabled=False).eval()
+    ids, mask = batch(model)
+    for max_length in (ids.shape[1], ids.shape[1] - 3):
+        with pytest.raises(ValueError, match="max_length"):
+            model.generate(ids, attention_mask=mask, generation_config=GenerationConfig(max_length=max_length))

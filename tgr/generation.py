@@ -152,7 +152,9 @@ def _safe_argmax(scores: torch.Tensor) -> torch.Tensor:
 def _sample(scores: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """Multinomial sampling that never fails: NaN counts as probability 0, and a row with no
     finite score falls back to greedy."""
-    probs = torch.softmax(scores.float(), dim=-1)
+    # NaN -> -inf before the softmax: one NaN would otherwise make the whole row's softmax NaN
+    # (and the row greedy), not just that token's probability 0.
+    probs = torch.softmax(torch.nan_to_num(scores.float(), nan=-math.inf), dim=-1)
     probs = torch.nan_to_num(probs, nan=0.0, posinf=0.0, neginf=0.0)
     dead = probs.sum(dim=-1) <= 0
     if bool(dead.any()):
@@ -177,6 +179,7 @@ _UNSUPPORTED = {
     "exponential_decay_length_penalty": (None,), "guidance_scale": (None, 1.0), "renormalize_logits": (False, None),
     "top_h": (None,), "watermarking_config": (None,), "dola_layers": (None,), "constraints": (None,),
     "token_healing": (False, None), "stop_strings": (None,), "max_time": (None,),
+    "remove_invalid_values": (False, None), "output_attentions": (False, None), "output_hidden_states": (False, None),
 }
 
 
@@ -233,7 +236,7 @@ def generate(
     pad_token_id: int | None = None,
     use_cache: bool = True,
     generator: torch.Generator | None = None,
-    output_scores: bool = False,
+    output_scores: bool | None = None,
 ):
     """Generate up to ``max_new_tokens`` tokens per prompt from the TGR head's logits.
 
@@ -263,7 +266,8 @@ def generate(
         use_cache: incremental decoding (default). False recomputes the full forward for every
             new token: slow, for checking.
         generator: a ``torch.Generator`` for reproducible sampling.
-        output_scores: return a :class:`TGRGenerateOutput` with the per-step scores and raw logits.
+        output_scores: return a :class:`TGRGenerateOutput` with the per-step scores and raw logits
+            (None: as the GenerationConfig's ``return_dict_in_generate``, else False).
 
     Returns:
         ``[B, S + n]`` token ids (prompt, then the n <= max_new_tokens new tokens), or a
@@ -286,8 +290,14 @@ def generate(
         _check_supported(generation_config)
     if (max_new_tokens is None and generation_config is not None and generation_config.max_new_tokens is None
             and "max_length" in generation_config.to_diff_dict()):
-        # As HF's generate: a config's max_length counts the prompt (max_new_tokens wins when set).
-        max_new_tokens = max(0, generation_config.max_length - input_ids.shape[1])
+        # As HF's generate: a config's max_length counts the prompt (max_new_tokens wins when set),
+        # and one that leaves no room for a new token is an error, not an empty generation.
+        if generation_config.max_length <= input_ids.shape[1]:
+            raise ValueError(f"the GenerationConfig's max_length={generation_config.max_length} counts the prompt, "
+                             f"which has {input_ids.shape[1]} tokens: no room for a new one (set max_new_tokens)")
+        max_new_tokens = generation_config.max_length - input_ids.shape[1]
+    if output_scores is None:  # as HF: a config's return_dict_in_generate asks for the output object
+        output_scores = bool(generation_config is not None and generation_config.return_dict_in_generate)
     settings = _settings(generation_config, max_new_tokens=max_new_tokens, do_sample=do_sample,
                          temperature=temperature, top_p=top_p, top_k=top_k)
     max_new_tokens, do_sample = settings["max_new_tokens"], settings["do_sample"]

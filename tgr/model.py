@@ -821,7 +821,8 @@ class TGRLlamaModel(PreTrainedModel, GenerationMixin):
                  generation_config=None, max_new_tokens: int | None = None, do_sample: bool | None = None,
                  temperature: float | None = None, top_p: float | None = None, top_k: int | None = None,
                  logits_processor=None, eos_token_id=None, pad_token_id: int | None = None,
-                 use_cache: bool = True, generator: torch.Generator | None = None, output_scores: bool = False):
+                 use_cache: bool = True, generator: torch.Generator | None = None,
+                 output_scores: bool | None = None):
         """Generate from the TGR head's logits, incrementally (base KV cache + hidden-state cache).
 
         Returns ``[B, S + n]`` token ids. See :func:`tgr.generation.generate` for the arguments

@@ -35,8 +35,12 @@ class ClampLogits(LogitsProcessor):
         self.max_value = float(max_value)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
-        scores = torch.nan_to_num(scores, nan=self.min_value, posinf=self.max_value, neginf=self.min_value)
-        return scores.clamp(self.min_value, self.max_value)
+        lo, hi = self.min_value, self.max_value
+        if scores.is_floating_point():  # bounds past the dtype's range are its extremes (finite)
+            info = torch.finfo(scores.dtype)
+            lo, hi = min(max(lo, info.min), info.max), max(min(hi, info.max), info.min)
+        scores = torch.nan_to_num(scores, nan=lo, posinf=hi, neginf=lo)
+        return scores.clamp(lo, hi)
 
     def __repr__(self) -> str:
         return f"ClampLogits(min_value={self.min_value}, max_value={self.max_value})"
