@@ -56,6 +56,21 @@ def test_folder_picks_the_split_files(tmp_path):
     assert load_wikiqa(str(tmp_path), split="test") == ROWS[2:]
 
 
+def test_a_folder_never_mixes_other_splits_into_the_one_asked_for(tmp_path):
+    """Files that name their split after a prefix (wiki_qa-test.jsonl) are that split's; a folder whose
+    files name other splits only is an error, not all of them read together (training data in a test)."""
+    _write(tmp_path / "wiki_qa-train.jsonl", ROWS[:2], "jsonl")
+    _write(tmp_path / "wiki_qa-test.jsonl", ROWS[2:], "jsonl")
+    assert load_wikiqa(str(tmp_path), split="test") == ROWS[2:]
+    assert load_wikiqa(str(tmp_path), split="train") == ROWS[:2]
+    with pytest.raises(DataError, match="no file for split 'validation'"):
+        load_wikiqa(str(tmp_path), split="validation")
+    other = tmp_path / "unnamed"
+    other.mkdir()
+    _write(other / "wikiqa.jsonl", ROWS, "jsonl")  # no file names a split: all of them, as before
+    assert load_wikiqa(str(other), split="test") == ROWS
+
+
 def test_the_shipped_sample_is_a_meaningful_ranking_set():
     rows = load_wikiqa(None)
     assert SAMPLE_PATH.stat().st_size < 100_000
@@ -65,6 +80,17 @@ def test_the_shipped_sample_is_a_meaningful_ranking_set():
         assert sum(g.labels) == 1 and len(g.labels) >= 3
     # The correct answer's position varies, so candidate order carries no signal.
     assert len({g.labels.index(1) for g in groups}) > 1
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
+def test_integral_float_labels_are_labels(tmp_path, fmt):
+    """A float label column (1.0 / 0.0, as pandas writes an int column that had a gap) is 0/1 labels."""
+    path = tmp_path / f"wiki.{fmt}"
+    _write(path, [{**r, "label": float(r["label"])} for r in ROWS], fmt)
+    assert load_wikiqa(str(path)) == ROWS
+    _write(path, [{**ROWS[0], "label": 0.5}], fmt)
+    with pytest.raises(DataError, match="labels must be 0 or 1"):
+        load_wikiqa(str(path))
 
 
 @pytest.mark.parametrize(

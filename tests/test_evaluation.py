@@ -63,6 +63,18 @@ def test_an_oracle_ranks_perfectly_and_a_constant_model_worst(tokenizer):
     assert worst.mrr == pytest.approx(0.5)  # ties with a shorter-or-equal wrong answer rank last
 
 
+def test_a_nan_score_ranks_last_whatever_the_order_of_the_rows(caplog):
+    """A NaN compares neither above nor below any score: sorted() left it where its row was, so the
+    metric depended on the order of the file (a NaN-scored correct answer listed first ranked first)."""
+    from tgr.evaluation import _ranking
+
+    nan = float("nan")
+    first = _ranking([RankingGroup("1", "Who?", ["a", "b", "c"], [1, 0, 0])], [nan, -1.0, -2.0])
+    last = _ranking([RankingGroup("1", "Who?", ["b", "c", "a"], [0, 0, 1])], [-1.0, -2.0, nan])
+    assert first.mrr == last.mrr == pytest.approx(1 / 3) and first.map == last.map == pytest.approx(1 / 3)
+    assert "1 of 3 candidates scored NaN" in caplog.text
+
+
 class _TwoHeads:
     """A stand-in for a TGR model: an oracle TGR head over a base head that scores every token alike."""
 
@@ -201,6 +213,21 @@ def test_evaluate_heads_never_builds_the_logits_and_ranks_as_through_them(tiny_d
     with torch.no_grad(), _rows_through_lm_head(model, monkeypatch) as gemm_rows:
         evaluate_heads(model, tokenizer, rows, batch_size=6)
     assert sum(gemm_rows) == 2 * sum(len(ids) - n_prompt for ids, n_prompt in encoded)
+
+
+def test_evaluate_heads_leaves_a_model_in_training_in_training(tiny_dir):
+    """Evaluating in the middle of a training loop scores in eval mode (hard GSoT gate), then gives the
+    model back in train mode: left in eval mode, the next steps would train with the hard gate."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dir)
+    model = _tiny_tgr_model(tiny_dir, "head")
+    rows = load_wikiqa()[:8]
+    expected = evaluate_heads(model, tokenizer, rows)  # from eval mode: stays in eval mode
+    assert not model.training
+    model.train()
+    assert evaluate_heads(model, tokenizer, rows) == expected  # scored in eval mode all the same
+    assert model.training and all(m.training for m in model.modules())
 
 
 @pytest.mark.parametrize("mode", ["head", "both", "layers"])

@@ -193,3 +193,32 @@ def test_an_adapter_on_the_temperature_projection_takes_effect():
     torch.testing.assert_close(got, expected)
     got.sum().backward()
     assert lora.lora_B["default"].weight.grad is not None
+
+
+@pytest.mark.parametrize("mode", ["head", "layers"])
+def test_the_base_head_that_eval_scores_is_the_base_without_its_adapters(tiny_base, mode):
+    """tgr eval's "base_head" is the baseline: the base as loaded, not the base with the LoRA adapters
+    that TGR trained (through the TGR head's loss)."""
+    from tgr.evaluation import _base_logits
+
+    model = make_model(tiny_base, tgr_mode=mode)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)  # adapters away from their zero start, as after training
+    model.eval()
+    plain = AutoModelForCausalLM.from_pretrained(tiny_base).eval()
+    ids, mask, _ = batch(model)
+    mask = torch.ones_like(mask)
+    with torch.no_grad():
+        expected = torch.log_softmax(plain(input_ids=ids).logits[:, :-1].float(), -1)
+        expected = expected.gather(-1, ids[:, 1:, None]).squeeze(-1)
+        both = model.heads_target_log_probs(ids, mask)
+        alone = model.target_log_probs(ids, mask, head="base")
+        through_logits = _base_logits(model, ids, mask)
+        adapted = model.base_model(input_ids=ids).logits  # the adapters are on again afterwards
+    torch.testing.assert_close(both["base"], expected, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(alone, expected, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(through_logits, plain(input_ids=ids).logits, atol=1e-4, rtol=1e-4)
+    assert (adapted - plain(input_ids=ids).logits).abs().max() > 1e-2
+    assert (both["tgr"] - both["base"]).abs().max() > 1e-3

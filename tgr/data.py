@@ -15,6 +15,7 @@ import contextlib
 import csv
 import logging
 import os
+import re
 import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -45,8 +46,9 @@ def load_wikiqa(source: str | None = None, split: str = "train") -> list[dict]:
     """WikiQA rows as a list of dicts with the five columns, validated.
 
     ``source``: None (the project's sample), a local file (.json, .jsonl, .csv, .tsv, .parquet),
-    a local folder (its files whose name starts with ``split``, or all data files when none
-    does), or a hub dataset name such as ``microsoft/wiki_qa``.
+    a local folder (its files whose name starts with ``split`` or holds it as a word, as
+    ``wiki_qa-test.jsonl``; all its data files when none names any split; an error when files
+    name other splits only), or a hub dataset name such as ``microsoft/wiki_qa``.
     """
     if source is None or source == "sample":
         rows, where = _read_file(SAMPLE_PATH), str(SAMPLE_PATH)
@@ -69,11 +71,33 @@ def _read_local(path: Path, split: str) -> list[dict]:
     files = sorted(p for p in path.iterdir() if p.suffix in LOCAL_SUFFIXES)
     if not files:
         raise DataError(f"folder {path} holds no data file ({', '.join(LOCAL_SUFFIXES)})")
-    chosen = [p for p in files if p.name.startswith(split)] or files
+    chosen = [p for p in files if _names_split(p, split)]
+    if not chosen:
+        # All the files only when none of them names a split: a folder of train and test files
+        # without one of the split asked for must not be read whole (training data in a test).
+        named = [p.name for p in files if set(_split_words(p)) & set(SPLIT_NAMES)]
+        if named:
+            raise DataError(f"folder {path} has no file for split {split!r} (its files name other splits: "
+                            f"{', '.join(named)}); give the split's name with --split, or the file itself")
+        chosen = files
     rows: list[dict] = []
     for p in chosen:
         rows.extend(_read_file(p))
     return rows
+
+
+#: Split names that a data file's name can carry (``train.jsonl``, ``wiki_qa-test.parquet``).
+SPLIT_NAMES = ("train", "training", "validation", "valid", "dev", "test")
+
+
+def _split_words(path: Path) -> list[str]:
+    """The words of a data file's name without its suffix: ``wiki_qa-test.jsonl`` -> wiki, qa, test."""
+    return re.split(r"[^0-9a-z]+", path.stem.lower())
+
+
+def _names_split(path: Path, split: str) -> bool:
+    """Whether a data file's name starts with ``split`` or holds it as a word (``wikiqa-test.tsv``)."""
+    return path.name.lower().startswith(split.lower()) or split.lower() in _split_words(path)
 
 
 def _read_file(path: Path) -> list[dict]:
@@ -204,11 +228,12 @@ def validate_rows(rows: Sequence[dict], where: str) -> list[dict]:
         if absent:
             raise DataError(f"{where}: row {i} has no {', '.join(absent)}")
         label = row["label"]
-        try:
-            label_int = int(str(label).strip())
+        try:  # 1, "1", " 1 ", 1.0 (a float column, e.g. written by pandas) and "1.0"; not True or 0.5
+            number = None if isinstance(label, bool) else float(str(label).strip())
         except ValueError:
-            label_int = None
-        if label_int not in (0, 1) or (isinstance(label, float) and label != label_int):
+            number = None
+        label_int = int(number) if number is not None and number.is_integer() else None
+        if label_int not in (0, 1):
             bad.append((i, label))
             continue
         clean.append({c: (label_int if c == "label" else str(row[c])) for c in COLUMNS})

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -186,11 +187,16 @@ def evaluate_ranking(logits_fn: LogitsFn | None, tokenizer, groups: Sequence[Ran
 
 def _ranking(groups: Sequence[RankingGroup], scores: Sequence[float]) -> RankingResult:
     """MAP and MRR of the groups from their candidates' scores (in the groups' order)."""
+    not_a_number = sum(1 for x in scores if math.isnan(x))
+    if not_a_number:
+        logger.warning("%d of %d candidates scored NaN (the model's log-probabilities are not finite): they are "
+                       "ranked last, below every other candidate of their question", not_a_number, len(scores))
     aps, rrs, offset = [], [], 0
     for g in groups:
-        s = scores[offset:offset + len(g.answers)]
+        s = [-math.inf if math.isnan(x) else x for x in scores[offset:offset + len(g.answers)]]
         offset += len(g.answers)
         # Ties are broken against the correct answer, so a constant model scores as badly as possible.
+        # (A NaN would compare neither above nor below anything: its place would be its row's.)
         ranked = [label for _, label in sorted(zip(s, g.labels, strict=True), key=lambda x: (-x[0], x[1]))]
         aps.append(average_precision(ranked))
         rrs.append(reciprocal_rank(ranked))
@@ -199,11 +205,13 @@ def _ranking(groups: Sequence[RankingGroup], scores: Sequence[float]) -> Ranking
 
 
 def _base_logits(model, ids, mask):
-    """The base's own logits: with every-layer TGR applied to the base, run as unpatched (what
-    ``model.target_log_probs(ids, mask, head="base")`` scores without them)."""
+    """The base's own logits: with every-layer TGR applied to the base, run as unpatched, and with
+    LoRA, without its adapters (what ``model.target_log_probs(ids, mask, head="base")`` scores)."""
     from .layers import base_only
 
-    with base_only(getattr(model, "hf_base_model", model.base_model)):
+    block = model._base_only() if callable(getattr(model, "_base_only", None)) else base_only(
+        getattr(model, "hf_base_model", model.base_model))
+    with block:
         return model.base_model(input_ids=ids, attention_mask=mask).logits
 
 
@@ -212,19 +220,25 @@ def evaluate_heads(model, tokenizer, rows: Sequence[dict], *, batch_size: int = 
     """MAP and MRR of a TGR model's head and of its base's own head, with the same protocol, over
     the questions of ``rows`` (WikiQA rows) that have a correct candidate. Both are scored in one
     pass over the candidates by :meth:`tgr.TGRLlamaModel.heads_target_log_probs` (the base runs
-    once for both heads when it has no TGR layers) from the final hidden states and the lm_head's
+    once for both heads when it has no TGR layers or LoRA) from the final hidden states and the lm_head's
     weight, the answers' tokens only: the ``[B, S, V]`` logits are never built.
 
-    Returns ``{"tgr_head": {...}, "base_head": {...}}`` (see :meth:`RankingResult.as_dict`).
+    Returns ``{"tgr_head": {...}, "base_head": {...}}`` (see :meth:`RankingResult.as_dict`). The
+    model is scored in eval mode (the GSoT gate hard, no dropout) and left in the mode it was in.
     """
     groups = ranking_groups(rows)
     if not groups:
         raise DataError("no question in the data has a correct (label 1) candidate: nothing to rank")
+    was_training = getattr(model, "training", False)
     model.eval()
     pairs = [(g.question, a) for g in groups for a in g.answers]
-    with torch.no_grad():
-        scores = _answer_scores(lambda ids, mask, scored: model.heads_target_log_probs(ids, mask, scored=scored),
-                                tokenizer, pairs, batch_size=batch_size, max_length=MAX_LENGTH, device=model.device,
-                                per_token=False, progress=progress)
+    try:
+        with torch.no_grad():
+            scores = _answer_scores(lambda ids, mask, scored: model.heads_target_log_probs(ids, mask, scored=scored),
+                                    tokenizer, pairs, batch_size=batch_size, max_length=MAX_LENGTH,
+                                    device=model.device, per_token=False, progress=progress)
+    finally:
+        if was_training:  # a model in training stays so: its GSoT gate and dropout as they were
+            model.train()
     return {"tgr_head": _ranking(groups, scores["tgr"]).as_dict(),
             "base_head": _ranking(groups, scores["base"]).as_dict()}

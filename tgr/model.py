@@ -28,6 +28,7 @@ format, so ``PeftModel.from_pretrained(base, folder)`` loads them without tgr.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import os
@@ -667,8 +668,8 @@ class TGRLlamaModel(PreTrainedModel, GenerationMixin):
 
         Args:
             input_ids: ``[B, S]`` token ids; attention_mask: ``[B, S]`` 1 = real token, or None.
-            head: "tgr" (what :meth:`forward`'s logits give) or "base" (the base's own model, as
-                ``base_model(...).logits``: TGR layers off, no TGR head).
+            head: "tgr" (what :meth:`forward`'s logits give) or "base" (the base's own model as
+                loaded: TGR layers off, LoRA adapters off, no TGR head).
             scored: optional bool ``[B, S − 1]``, the positions whose log-probability is wanted
                 (an answer's, not its prompt's or the padding's). The others are 0 and take no
                 lm_head work: the fused op leaves them out of its GEMMs, the logits path makes
@@ -680,24 +681,37 @@ class TGRLlamaModel(PreTrainedModel, GenerationMixin):
         if head == "tgr":
             y = self._tgr_head_hidden(self._base_hidden(input_ids, attention_mask), attention_mask)
         else:
-            with tgr_layers.base_only(self.hf_base_model):
+            with self._base_only():
                 y = self._base_hidden(input_ids, attention_mask)
         return self._log_probs_of_hidden(y, targets, scored)
 
     def heads_target_log_probs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                                scored: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """:meth:`target_log_probs` of both heads, ``{"tgr": ..., "base": ...}``, as ``tgr eval``
-        compares them. Without TGR layers in the base (mode "head") the TGR head reads the base's
-        own final hidden state, so the base runs once for both; with them, once with and once
-        without."""
+        compares them. Without TGR layers in the base (mode "head") and without LoRA the TGR head
+        reads the base's own final hidden state, so the base runs once for both; with them, once
+        with and once without (the "base" is the base as loaded)."""
         targets, scored = self._scoring_inputs(input_ids, attention_mask, scored)
         hidden = self._base_hidden(input_ids, attention_mask)
         y_tgr = self._tgr_head_hidden(hidden, attention_mask)
-        if tgr_layers.is_tgr_applied(self.hf_base_model):
-            with tgr_layers.base_only(self.hf_base_model):
+        if tgr_layers.is_tgr_applied(self.hf_base_model) or self._has_adapters():
+            with self._base_only():
                 hidden = self._base_hidden(input_ids, attention_mask)
         return {"tgr": self._log_probs_of_hidden(y_tgr, targets, scored),
                 "base": self._log_probs_of_hidden(hidden, targets, scored)}
+
+    def _has_adapters(self) -> bool:
+        return self.config.lora_r > 0 and callable(getattr(self.base_llama_model, "disable_adapter", None))
+
+    @contextlib.contextmanager
+    def _base_only(self):
+        """A block in which the base runs as it was loaded: its TGR layers off and, with LoRA, its
+        adapters off (they are trained with the TGR loss, so they are not the base's)."""
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(tgr_layers.base_only(self.hf_base_model))
+            if self._has_adapters():
+                stack.enter_context(self.base_llama_model.disable_adapter())
+            yield self
 
     def _scoring_inputs(self, input_ids, attention_mask, scored):
         """The checked inputs of :meth:`target_log_probs`: ``(targets [B, S − 1], scored or None)``."""
