@@ -107,6 +107,13 @@ def _decode_split_kernel(
         # gate, mode 2, prunes nothing: σ(u) > 0.)
         pruned = (tl.max(t_bar, 0) < gsot_threshold) & (gsot_mode != 2)
         end = tl.where(pruned, start, end)
+        # ... but a NaN/±inf in its query row stays NaN, as eager's 0 · NaN and the flash kernel's
+        # gated output: the chunk's partial starts (and, with no key read, stays) m = 0, l = 1,
+        # A = Σ_d q_d · 0, which is 0 or NaN, and the combine's gate 0 keeps it so. (Set before
+        # the loop, so nothing of it is live across the loop: after it, 8 B spilled.)
+        acc = tl.where(pruned, acc + tl.sum(q * 0.0, 0), acc)
+        l_i = tl.where(pruned, 1.0, l_i)
+        m_i = tl.where(pruned, 0.0, m_i)
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + offs_n0
         kv_mask = (offs_n[:, None] < S_k) & d_ok[None, :]
@@ -122,14 +129,6 @@ def _decode_split_kernel(
         acc = acc * alpha + tl.sum(tl.sum(p, 0)[:, None] * v, 0)
         m_i = m_new
 
-    if HAS_GATE:
-        # ... but a NaN/±inf in its query row stays NaN, as eager's 0 · NaN and the flash kernel's
-        # gated output: the chunk's partial is (m = 0, l = 1, A = Σ_d q_d · 0), which is 0 or NaN,
-        # and the combine's gate 0 keeps it so.
-        probe = tl.sum(q * 0.0, 0)
-        acc = tl.where(pruned, acc + probe, acc)
-        l_i = tl.where(pruned, 1.0, l_i)
-        m_i = tl.where(pruned, 0.0, m_i)
     part = row.to(tl.int64) * num_splits + split
     tl.store(ACC_PART + part * D + offs_d, acc, mask=d_ok)
     tl.store(M_PART + part + tl.arange(0, 1), m_i)
