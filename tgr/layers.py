@@ -173,7 +173,9 @@ def tgr_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Ten
     threshold = None if options.gsot_threshold is None else options.gsot_threshold / t_init
     # The gate stays hard at inference: the learning gates are for training only.
     gsot_mode = options.gsot_mode if module.training else "hard"
-    temperature = temperature.to(query.device)
+    # Divided in fp32 (fp64 kept): a bf16/fp16 mechanism's t / t_init rounded to its dtype would
+    # move rows across the threshold (GSoT decides on the fp32 mean, as ``layer_gsot_mask`` does).
+    temperature = temperature.to(device=query.device, dtype=torch.promote_types(temperature.dtype, torch.float32))
     out = temperature_guided_attention(
         query, key, value, temperature / t_init, mask, causal=causal, gsot_threshold=threshold,
         scale=scaling, backend=options.backend, gsot_mode=gsot_mode, gsot_width=options.gsot_width / t_init,

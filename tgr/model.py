@@ -108,7 +108,8 @@ class TGROutput(ModelOutput):
     Attributes:
         loss: ``lm_loss + temperature_loss`` when labels are given.
         logits: ``[B, S, V]`` from the base's lm_head applied to the TGR output.
-        temperatures: ``[B, S, T]`` float32 token temperatures.
+        temperatures: ``[B, S, T]`` float32 token temperatures (in the head's dtype when the head
+            was cast, e.g. by ``model.to(torch.bfloat16)``; GSoT still decides on their fp32 mean).
         gsot_mask: ``[B, S]`` bool, True where a token's mean temperature is at least the GSoT
             threshold (its TGR output is kept); all True when GSoT is disabled.
         lm_loss: the cross-entropy part of the loss.
@@ -624,7 +625,7 @@ class TGRLlamaModel(PreTrainedModel, GenerationMixin):
         if threshold is None:
             gsot_mask = torch.ones(temperatures.shape[:2], dtype=torch.bool, device=temperatures.device)
         else:
-            gsot_mask = temperatures.detach().mean(dim=-1) >= threshold
+            gsot_mask = _mean_temperature_fp32(temperatures) >= threshold
         return self._merge_heads(out), temperatures, gsot_mask
 
     def lm_head(self, y: torch.Tensor) -> torch.Tensor:
@@ -788,7 +789,7 @@ class TGRLlamaModel(PreTrainedModel, GenerationMixin):
                 layer_temperatures = torch.stack([t.to(self.device) for t in collected])
                 threshold = _gsot_threshold(config)
                 layer_gsot_mask = (torch.ones(layer_temperatures.shape[:3], dtype=torch.bool, device=self.device)
-                                   if threshold is None else layer_temperatures.detach().mean(-1) >= threshold)
+                                   if threshold is None else _mean_temperature_fp32(layer_temperatures) >= threshold)
         y, temperatures, gsot_mask = self.tgr_head(hidden, None, attention_mask)
         fused = labels is not None and not return_logits and self._fused_loss_applies()
         logits = None if fused else self.lm_head(y)
@@ -1142,6 +1143,14 @@ def _is_tgr_layer_key(name: str) -> bool:
 def _gsot_threshold(config: TGRConfig) -> float | None:
     """The GSoT threshold the head and the layers gate with: None when GSoT is off."""
     return config.temperature_conf_threshold if config.gsoT_enabled else None
+
+
+def _mean_temperature_fp32(temperatures: torch.Tensor) -> torch.Tensor:
+    """The mean over the temperature heads (last dim) in fp32 (fp64 for fp64), detached: GSoT is
+    decided on it on every backend, so a bf16/fp16 head (a model cast with ``.to``) reports in
+    ``gsot_mask`` the rows the kernels prune, not a comparison rounded to the half dtype."""
+    t = temperatures.detach()
+    return (t if t.dtype == torch.float64 else t.float()).mean(dim=-1)
 
 
 def _shifted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
