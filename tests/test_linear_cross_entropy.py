@@ -910,3 +910,31 @@ def test_weight_grad_error_benchmark_sums_the_chunks_it_names():
             calls.clear()
             rows = bench.measure_errors(640, 64, 16, torch.bfloat16, [k])
             assert rows[-1][0] == f"weight-dtype, {len(calls) - fp32_calls} chunks" == f"weight-dtype, {k} chunks"
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("labels_dtype, value, ignore_index", [
+    (torch.uint8, 246, -10),     # -10 is 246 in uint8 (V = 203)
+    (torch.int16, -100, 65436),  # 65436 is -100 in int16
+    (torch.int8, -56, 200),      # 200 is -56 in int8
+])
+def test_narrow_label_dtype_out_of_range_label_is_not_taken_for_ignored(backend, labels_dtype, value, ignore_index):
+    """Labels are compared with ignore_index in int64, as the ops read them: in the labels' own
+    dtype the ignore_index wrapped around, so an out-of-range label passed the check as
+    "ignored" and the op, which did not ignore it, returned a NaN loss."""
+    hidden, weight = torch.randn(4, H, device=DEVICE), torch.randn(V, H, device=DEVICE)
+    labels = torch.tensor([1, 2, value, 3], dtype=labels_dtype, device=DEVICE)
+    value_check_mode = "sync"
+    with value_checks(value_check_mode), pytest.raises(ValueError, match=rf"labels\[2\] = {value} is outside"):
+        linear_cross_entropy(hidden, weight, labels, ignore_index=ignore_index, backend=backend)
+    with value_checks(value_check_mode), pytest.raises(ValueError, match=rf"targets\[2\] = {value} is outside"):
+        linear_log_probs(hidden, weight, labels, ignore_index=ignore_index, backend=backend)
+
+
+@pytest.mark.parametrize("ignore_index", [-100.0, "pad", True])
+def test_module_checks_ignore_index_at_construction(ignore_index):
+    """As reduction, backend and weight_grad_accumulation are: a bad ignore_index is a TypeError
+    when the module is built, not at its first forward."""
+    with pytest.raises(TypeError, match="ignore_index must be an int"):
+        LinearCrossEntropy(ignore_index=ignore_index)
+    LinearCrossEntropy(ignore_index=None)

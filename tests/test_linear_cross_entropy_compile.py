@@ -238,3 +238,29 @@ def test_opcheck_linear_cross_entropy_backward(dtype, weight_grad, bias_grad, pe
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_fullgraph_compile_triton_inductor_cuda(reduction):
     _assert_compiled_equals_eager(_loss_fn("triton", reduction), "inductor", exact=False)
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_fullgraph_compile_with_a_changing_ignore_index(backend, mode):
+    """A second ignore_index recompiles with it as a SymInt (so does ``dynamic=True`` from the
+    start): the label check's assertion message must not format it (BUILD_STRING of a SymInt
+    is a graph break, an error under fullgraph)."""
+    def fn(hidden, weight, labels, ignore_index):
+        return linear_cross_entropy(hidden, weight, labels, ignore_index=ignore_index, backend=backend)
+
+    with tgr_kernels.value_checks(mode):
+        for dynamic in (None, True):
+            torch._dynamo.reset()
+            compiled = torch.compile(fn, fullgraph=True, dynamic=dynamic, backend="eager")
+            for ignore_index in (-100, 3, 5):
+                hidden = torch.randn(6, H, device=DEVICE)
+                weight = torch.randn(V, H, device=DEVICE)
+                labels = torch.randint(0, V, (6,), device=DEVICE)
+                labels[0] = ignore_index
+                torch.testing.assert_close(compiled(hidden, weight, labels, ignore_index),
+                                           fn(hidden, weight, labels, ignore_index))
+            if DEVICE == "cpu":  # on a GPU the assertion surfaces only at the next sync
+                labels[1] = V + 2
+                with pytest.raises(RuntimeError, match="labels has a value outside"):
+                    compiled(hidden, weight, labels, 7)

@@ -444,3 +444,15 @@ def test_cuda_frozen_bf16_base_fp32_head():
                                        requires=(False, True, True))
     got = assert_matches_float64("triton", hidden, weight, bias, (0.01, 0.99))
     assert got[0].dtype == torch.float32 and got[1] is None
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_vmap_runs_the_op_not_the_launcher(backend):
+    """Under torch.func.vmap the inputs are BatchedTensors: a call that needs no gradient ran the
+    Triton launcher directly on them ("Cannot access storage of BatchedTensorImpl"); it must run
+    the custom op, which vmap knows how to batch, and give the per-sample results."""
+    weight, bias = torch.randn(4, 33, device=DEVICE), torch.randn(4, device=DEVICE)
+    hidden = torch.randn(3, 5, 33, device=DEVICE)
+    got = torch.func.vmap(lambda h: temperature_projection(h, weight, bias, 0.1, 0.9, backend=backend))(hidden)
+    want = torch.stack([temperature_projection(h, weight, bias, 0.1, 0.9, backend="torch") for h in hidden])
+    torch.testing.assert_close(got, want)

@@ -58,8 +58,11 @@ _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 def _runs_directly(*tensors: Optional[torch.Tensor]) -> bool:
     """Whether a call may skip the custom op and run its launcher directly: eager (neither
     torch.compile nor export is tracing, no dispatch mode is active), plain tensors (no fake or
-    functional subclasses), and no gradient to track."""
-    if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
+    functional subclasses), and no gradient to track. Under a torch.func transform (vmap, grad,
+    ...) the tensors are functorch wrappers whose storage a launcher cannot read: the op, which
+    the transforms know how to run, is called."""
+    if (torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None
+            or torch._C._are_functorch_transforms_active()):
         return False
     grad = torch.is_grad_enabled()
     return not any(t is not None and (type(t) not in _PLAIN_TENSORS or (grad and t.requires_grad))

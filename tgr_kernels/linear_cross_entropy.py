@@ -98,7 +98,15 @@ from ._backend import (
     resolve_backend,
 )
 from ._ops import _launch_context
-from ._validation import _effective_mode, _shape, check_backend, check_float, check_same_device, check_tensor
+from ._validation import (
+    _effective_mode,
+    _is_compiling,
+    _shape,
+    check_backend,
+    check_float,
+    check_same_device,
+    check_tensor,
+)
 
 __all__ = [
     "linear_cross_entropy",
@@ -948,11 +956,21 @@ def check_label_values(labels, n_vocab: int, ignore_index, labels_name: str = "l
     mode = _effective_mode(labels.device)
     if mode == "off":
         return
+    # In int64, as the ops read the labels (``labels.long()``): compared in a narrower dtype,
+    # ignore_index wraps around (-100 is 156 in uint8), so an out-of-range label passed as
+    # "ignored" here and gave a NaN loss there.
+    labels = labels.long()
     bad = (labels < 0) | (labels >= n_vocab)
     if ignore_index is not None:
         bad &= labels != ignore_index
-    allowed = f"[0, {n_vocab}) (V = weight.shape[0])" + (
-        "" if ignore_index is None else f" and not ignore_index={ignore_index}")
+    if _is_compiling():
+        # A traced assertion's message is a constant of the graph: V and ignore_index may be
+        # SymInts there (dynamic=True, or a recompile for a new ignore_index), which an f-string
+        # cannot format (a graph break, an error under fullgraph).
+        allowed = "[0, V) (V = weight.shape[0])" + ("" if ignore_index is None else " and not ignore_index")
+    else:
+        allowed = f"[0, {n_vocab}) (V = weight.shape[0])" + (
+            "" if ignore_index is None else f" and not ignore_index={ignore_index}")
     if mode == "async":
         torch._assert_async(~bad.any(), f"{labels_name} has a value outside {allowed}")
         return
@@ -1141,6 +1159,8 @@ class LinearCrossEntropy(nn.Module):
         if reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
         check_weight_grad_accumulation(weight_grad_accumulation)
+        if ignore_index is not None and (not isinstance(ignore_index, int) or isinstance(ignore_index, bool)):
+            raise TypeError(f"ignore_index must be an int or None, got {ignore_index!r}")
         self.ignore_index, self.reduction, self.backend = ignore_index, reduction, backend
         self.weight_grad_accumulation = weight_grad_accumulation
 
