@@ -407,6 +407,11 @@ def test_module_rejects_bad_arguments():
         TemperatureMechanism(8, 2, backend="fast")
     with pytest.raises(ValueError, match="clamp_min"):
         TemperatureMechanism(8, 2, 0.7, 0.3)
+    # A tensor bound passed the range check and failed only at the first forward.
+    with pytest.raises(TypeError, match="clamp_max must be a real number"):
+        TemperatureMechanism(8, 2, 0.1, torch.tensor(0.9))
+    with pytest.raises(TypeError, match="clamp_min must be a real number"):
+        TemperatureMechanism(8, 2, True, 0.9)
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch", "auto"])

@@ -160,6 +160,11 @@ def check_projection_inputs(hidden, weight, bias, clamp_min: float, clamp_max: f
         if bias.shape[0] != weight.shape[0]:
             raise ValueError(f"bias must be [{weight.shape[0]}] to match weight {_shape(weight)}, got {_shape(bias)}")
     check_same_device(hidden=hidden, weight=weight, bias=bias)
+    check_clamp_bounds(clamp_min, clamp_max)
+
+
+def check_clamp_bounds(clamp_min, clamp_max) -> None:
+    """The temperature's clamp bounds: real numbers with ``0 <= clamp_min <= clamp_max <= 1``."""
     for name, bound in (("clamp_min", clamp_min), ("clamp_max", clamp_max)):
         if not _is_real(bound):
             raise TypeError(f"{name} must be a real number (a Python float), got {type(bound).__name__} {bound!r}")

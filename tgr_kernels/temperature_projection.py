@@ -36,7 +36,7 @@ from ._backend import (
     resolve_backend,
     triton_dot_precision,
 )
-from ._validation import check_backend, check_projection_inputs
+from ._validation import check_backend, check_clamp_bounds, check_projection_inputs
 from .reference import temperature_projection_ref
 
 __all__ = ["temperature_projection", "TemperatureMechanism"]
@@ -542,10 +542,7 @@ class TemperatureMechanism(nn.Module):
     ):
         super().__init__()
         check_backend(backend)
-        if not (0.0 <= clamp_min <= clamp_max <= 1.0):
-            raise ValueError(
-                f"need 0 <= clamp_min <= clamp_max <= 1, got clamp_min={clamp_min}, clamp_max={clamp_max}"
-            )
+        check_clamp_bounds(clamp_min, clamp_max)  # here, not at the first forward
         self.hidden_size = hidden_size
         self.temperature_heads = temperature_heads
         self.clamp_min = clamp_min
