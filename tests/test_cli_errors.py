@@ -133,3 +133,11 @@ def test_the_version_is_not_the_one_of_the_legacy_format(tmp_path):
     TGRConfig(base_model_name_or_path="some/base").save_pretrained(tmp_path)
     stamped = json.loads((tmp_path / "config.json").read_text())["tgr_version"]
     assert Version(stamped) >= Version("0.2")
+
+
+def test_generate_refuses_data(capsys):
+    # generate reads its questions from the arguments or --file; a --data was accepted and ignored.
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", "q", "--data", "rows.jsonl"] + FAST)
+    assert exit_info.value.code == 2
+    assert "unrecognized arguments: --data" in capsys.readouterr().err

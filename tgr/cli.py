@@ -59,14 +59,17 @@ class CommandError(Exception):
 
 
 # ----------------------------------------------------------------------------- arguments
-def _common(parser: argparse.ArgumentParser, output_help: str) -> None:
+def _common(parser: argparse.ArgumentParser, output_help: str, *, data: bool = True) -> None:
+    """The flags shared by the commands; ``data=False`` for one that reads no dataset (generate),
+    so that a ``--data`` given to it is refused, not ignored."""
     g = parser.add_argument_group("shared")
     g.add_argument("--model", default=None,
                    help="base model: hub name (e.g. meta-llama/Llama-2-7b-hf) or local folder "
                         "(default: the embedded demo Llama)")
-    g.add_argument("--data", default=None,
-                   help="WikiQA: hub dataset (e.g. microsoft/wiki_qa) or a local .jsonl/.json/.csv/.tsv/.parquet "
-                        "file or folder in its schema (default: the project's sample)")
+    if data:
+        g.add_argument("--data", default=None,
+                       help="WikiQA: hub dataset (e.g. microsoft/wiki_qa) or a local .jsonl/.json/.csv/.tsv/.parquet "
+                            "file or folder in its schema (default: the project's sample)")
     g.add_argument("--output", default=None, help=output_help)
     g.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: CUDA when present)")
     g.add_argument("--backend", default="auto", choices=["auto", "triton", "torch", "reference"],
@@ -123,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive_int, default=8, help="candidates scored per batch (default: 8)")
 
     p = sub.add_parser("generate", help="answer questions through the TGR head")
-    _common(p, "write generations.jsonl here")
+    _common(p, "write generations.jsonl here", data=False)  # questions come as arguments or --file
     _model_flags(p)
     p.add_argument("questions", nargs="*", help="questions (each becomes 'Q: <question>\\nA:')")
     p.add_argument("--file", default=None, help="a text file with one question per line")
