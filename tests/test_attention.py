@@ -451,3 +451,24 @@ def test_auto_takes_float64_to_the_torch_path(monkeypatch):
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     with pytest.raises(TypeError, match="backend='triton' supports float16, bfloat16 and float32"):
         temperature_guided_attention(q, k, v, t, backend="triton")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton", "reference"])
+@pytest.mark.parametrize("s_q", [3, 19])  # the decode kernels' rows, then the flash kernels'
+def test_vmap_gives_the_per_sample_results(backend, s_q):
+    """Under torch.func.vmap the value checks read BatchedTensors on the host ("Cannot access data
+    pointer of Tensor that doesn't have storage"), on every backend: they are skipped there, and
+    the op gives what a loop over the samples gives."""
+    gen = torch.Generator().manual_seed(5)
+    q = torch.randn(3, 1, 2, s_q, 8, generator=gen).to(DEVICE)
+    kv = torch.randn(3, 1, 2, 21, 8, generator=gen).to(DEVICE)
+    t = torch.rand(3, 1, s_q, 2, generator=gen).to(DEVICE)
+    keep = torch.ones(3, 1, 21, dtype=torch.bool, device=DEVICE)
+    keep[:, :, -4:] = False
+
+    def attend(q, kv, t, keep):
+        return temperature_guided_attention(q, kv, kv, t, keep, causal=True, gsot_threshold=0.4, backend=backend)
+
+    got = torch.func.vmap(attend)(q, kv, t, keep)
+    want = torch.stack([attend(*sample) for sample in zip(q, kv, t, keep, strict=True)])
+    torch.testing.assert_close(got, want)

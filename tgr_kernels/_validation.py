@@ -84,9 +84,10 @@ def _run_value_checks(device: torch.device, checks: list[tuple[object, object]])
     """``checks``: (zero-arg function returning a bool tensor that is True when the values are
     bad, message or zero-arg function making it). Evaluated according to the value-check mode;
     "sync" copies every flag to the host in one transfer. Messages are made only when needed:
-    formatting them on every call showed in a decoding step's host time."""
+    formatting them on every call showed in a decoding step's host time. Under a torch.func
+    transform (vmap) nothing is checked: the flags are batched tensors, which have no host value."""
     mode = _effective_mode(device)
-    if mode == "off" or not checks:
+    if mode == "off" or not checks or torch._C._are_functorch_transforms_active():
         return
     bad = [bad_fn() for bad_fn, _ in checks]
     if mode == "async":
