@@ -938,3 +938,19 @@ def test_module_checks_ignore_index_at_construction(ignore_index):
     with pytest.raises(TypeError, match="ignore_index must be an int"):
         LinearCrossEntropy(ignore_index=ignore_index)
     LinearCrossEntropy(ignore_index=None)
+
+
+def test_vmap_of_the_triton_path_gives_the_per_sample_losses():
+    """The label check read a BatchedTensor's values under torch.func.vmap (a data-dependent branch
+    that vmap refuses); it is skipped there, as the attention op's value checks are."""
+    gen = torch.Generator().manual_seed(3)
+    hidden = torch.randn(3, 5, 16, generator=gen).to(DEVICE)
+    weight = torch.randn(37, 16, generator=gen).to(DEVICE)
+    labels = torch.randint(0, 37, (3, 5), generator=gen).to(DEVICE)
+    labels[0, 1] = -100
+
+    def loss(h, y):
+        return linear_cross_entropy(h, weight, y, reduction="none", backend="triton")
+
+    got = torch.func.vmap(loss)(hidden, labels)
+    torch.testing.assert_close(got, torch.stack([loss(h, y) for h, y in zip(hidden, labels, strict=True)]))

@@ -70,6 +70,8 @@ def _is_compiling() -> bool:
 
 
 def _effective_mode(device: torch.device) -> str:
+    if torch._C._are_functorch_transforms_active():
+        return "off"  # vmap's batched tensors have no host value (nor a data-dependent branch)
     mode = _value_check_mode
     if mode == "auto":
         if device.type != "cpu":
@@ -85,9 +87,9 @@ def _run_value_checks(device: torch.device, checks: list[tuple[object, object]])
     bad, message or zero-arg function making it). Evaluated according to the value-check mode;
     "sync" copies every flag to the host in one transfer. Messages are made only when needed:
     formatting them on every call showed in a decoding step's host time. Under a torch.func
-    transform (vmap) nothing is checked: the flags are batched tensors, which have no host value."""
+    transform (vmap) nothing is checked (``_effective_mode``)."""
     mode = _effective_mode(device)
-    if mode == "off" or not checks or torch._C._are_functorch_transforms_active():
+    if mode == "off" or not checks:
         return
     bad = [bad_fn() for bad_fn, _ in checks]
     if mode == "async":
