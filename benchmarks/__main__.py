@@ -98,8 +98,13 @@ def parse_args(argv):
     args.dtypes = [DTYPES[d] for d in (args.dtype or (["bfloat16"] if gpu else ["float32"]))]
     args.causal = args.causal or ("on" if args.quick else "both")
     args.causal_values = {"off": [False], "on": [True], "both": [False, True]}[args.causal]
-    args.reps = args.reps or (3 if args.quick else 30 if gpu else 10)
-    args.warmup = args.warmup or (1 if args.quick else 5 if gpu else 2)
+    if args.reps is not None and args.reps < 1:
+        p.error(f"--reps must be at least 1, got {args.reps}")
+    if args.warmup is not None and args.warmup < 0:
+        p.error(f"--warmup must not be negative, got {args.warmup}")
+    # `is None`, not `or`: --warmup 0 is a choice (the first call, recorded as first_ms, is the only untimed one)
+    args.reps = args.reps if args.reps is not None else (3 if args.quick else 30 if gpu else 10)
+    args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 5 if gpu else 2)
     default_lens = cases.QUICK_SEQ_LENS if args.quick else cases.DEFAULT_SEQ_LENS
     args.seq_lens_for = lambda op: args.seq_lens or default_lens
     if args.out is None:

@@ -18,6 +18,7 @@ Writes ``records.jsonl`` (one run a line, appended as each run ends), ``table.md
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import platform
 import tempfile
@@ -26,7 +27,7 @@ from pathlib import Path
 
 GATE_MODES = ("hard", "straight_through", "soft", "none")
 PLACEMENTS = ("head", "layers")
-DEFAULT_OUT = Path(__file__).parent / "results" / "gsot-curves-cpu-2026-11-30"
+RESULTS = Path(__file__).parent / "results"
 #: Logged points averaged for the "final" loss and pruned fraction: one logged point is the
 #: mean of ``logging_steps`` steps, and a few of them smooth out the batch-to-batch noise.
 FINAL_WINDOW = 5
@@ -34,6 +35,22 @@ FINAL_WINDOW = 5
 REFERENCE_EPOCHS = 200
 PRUNED_KEY = {"head": "gsot_pruned", "layers": "layer_gsot_pruned"}
 COLORS = {"hard": "tab:red", "straight_through": "tab:blue", "soft": "tab:green", "none": "tab:gray"}
+
+
+def default_out(device: str) -> Path:
+    """The results folder of a run on ``device`` today: ``results/gsot-curves-<cpu|cuda>-<date>``,
+    named like every other run's (never an earlier run's folder, whose records a run replaces)."""
+    kind = "cpu" if str(device).split(":")[0] == "cpu" else "cuda"
+    return RESULTS / f"gsot-curves-{kind}-{datetime.date.today().isoformat()}"
+
+
+def device_label(device: str) -> str:
+    """The device a run trained on, as its record and table name it."""
+    if str(device).split(":")[0] == "cpu":
+        return f"cpu ({platform.processor() or platform.machine()})"
+    import torch
+
+    return torch.cuda.get_device_name(torch.device(device))
 
 
 def train_flags(placement: str, mode: str, *, epochs: float, lr: float, threshold: float, logging_steps: int,
@@ -96,7 +113,7 @@ def run_one(placement: str, mode: str, train_rows, held_out, work: Path, **setti
         "mean_loss": round(sum(p["loss"] for p in curve) / len(curve), 4),
         "max_pruned": max(p["pruned"] for p in curve),
         "held_out": held, "curve": curve,
-        "device": f"cpu ({platform.processor() or platform.machine()})", "date": time.strftime("%Y-%m-%d"),
+        "device": device_label(settings["device"]), "date": time.strftime("%Y-%m-%d"),
     }
 
 
@@ -199,7 +216,8 @@ def report(out: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.gsot_curves", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"results folder (default: {DEFAULT_OUT})")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="results folder (default: benchmarks/results/gsot-curves-<cpu|cuda>-<today>)")
     parser.add_argument("--epochs", type=float, default=float(REFERENCE_EPOCHS),
                         help="epochs per run (default: 200, the reference run's)")
     parser.add_argument("--lr", type=float, default=5e-3, help="learning rate (default: 5e-3)")
@@ -210,10 +228,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--placements", nargs="+", choices=PLACEMENTS, default=list(PLACEMENTS))
     parser.add_argument("--report-only", action="store_true", help="rebuild table.md and the plot from records.jsonl")
     args = parser.parse_args(argv)
-    out = args.out
     if args.report_only:
-        report(out)
+        if args.out is None:
+            parser.error("--report-only needs --out FOLDER (the run's folder)")
+        report(args.out)
         return 0
+    out = args.out or default_out(args.device)
 
     import logging
 

@@ -266,3 +266,32 @@ def test_environment_counts_the_cores_this_process_may_use(monkeypatch):
     monkeypatch.setattr(os, "cpu_count", lambda: 64)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
     assert measure.environment("cpu")["cpu_cores"] == 3
+
+
+def test_gsot_curves_default_folder_is_the_runs_own_not_an_earlier_runs():
+    """Without --out a gsot_curves run writes into a folder named by its device and today's date, as
+    every run is (benchmarks/README.md, "Results"): it once defaulted to the committed
+    gsot-curves-cpu-2026-11-30/, whose records a run empties first, whatever the device or the day."""
+    import datetime
+
+    from benchmarks import gsot_curves
+
+    today = datetime.date.today().isoformat()
+    assert gsot_curves.default_out("cpu") == gsot_curves.RESULTS / f"gsot-curves-cpu-{today}"
+    assert gsot_curves.default_out("cuda:1").name == f"gsot-curves-cuda-{today}"
+    assert gsot_curves.device_label("cpu").startswith("cpu")
+    with pytest.raises(SystemExit):  # --report-only names the folder to rebuild
+        gsot_curves.main(["--report-only"])
+
+
+def test_warmup_zero_is_kept_and_bad_counts_are_refused():
+    """``--warmup 0`` was read as "not given" (``args.warmup or default``): the run made 2 warm-up
+    calls on a CPU and its table said so; ``--reps 0`` likewise became 10."""
+    from benchmarks.__main__ import parse_args
+
+    args = parse_args(["--device", "cpu", "--warmup", "0", "--out", "unused"])
+    assert args.warmup == 0 and args.reps == 10
+    assert parse_args(["--device", "cpu", "--quick", "--out", "unused"]).warmup == 1
+    for bad in (["--reps", "0"], ["--warmup", "-1"]):
+        with pytest.raises(SystemExit):
+            parse_args(["--device", "cpu", "--out", "unused", *bad])

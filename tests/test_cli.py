@@ -215,6 +215,19 @@ def test_train_help_lists_training_arguments_with_tgr_defaults(capsys):
     assert "(default: 0.001)" in text and "(default: 200)" in text  # tgr's, not transformers' 5e-05 and 500
 
 
+def test_train_help_states_each_default_once(capsys):
+    """A tgr flag whose help says its default got a second, contradicting one from transformers'
+    formatter: ``--model ... (default: the embedded demo Llama) (default: None)``."""
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: the embedded demo Llama) (default: None)" not in text
+    assert "(default: CUDA when present) (default: None)" not in text
+    assert "(default: TGRConfig's, straight_through) (default: None)" not in text
+    assert "(default: causal) (default: False)" not in text
+    assert "(default: group_by_length)" in text  # tgr's own default of a TrainingArguments flag stays shown
+
+
 def test_bad_training_flags_are_one_line_and_create_nothing(tmp_path, capsys):
     out = tmp_path / "o"
     assert main(["train", "--output", str(out), "--fp16", "--bf16", "--use_cpu"] + FAST) == 2

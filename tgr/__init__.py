@@ -7,12 +7,16 @@ kernels of :mod:`tgr_kernels`.
   temperature-guided attention, GSoT); ``forward`` gives loss, logits, temperatures and the GSoT
   mask; ``generate`` samples from the TGR head with KV and hidden-state caches;
   ``save_pretrained`` / ``from_pretrained`` store what TGR trains, not the base.
+- :class:`TGROutput`: what ``TGRLlamaModel.forward`` returns; :class:`TGRGenerateOutput`: what
+  :func:`generate` (the loop behind ``TGRLlamaModel.generate``) returns with ``output_scores=True`` (or
+  a ``GenerationConfig`` with ``return_dict_in_generate``).
 - :class:`CheckpointError`: a saved model that is missing or damaged, in one line.
 - :class:`ConfigError`: a TGRConfig field that is invalid or does not fit the base, in one line.
 - :class:`ClampLogits`: the seed's logits clamp, which also removes NaN and ±inf.
 - :func:`apply_tgr` / :func:`remove_tgr`: every-layer TGR on an already-loaded HF causal LM, in
   place (:func:`tgr_layers_disabled` runs a patched model as the unpatched one).
-- :func:`build_tiny_llama`: a tiny random Llama and an offline tokenizer in a folder.
+- :func:`build_tiny_llama`: a tiny random Llama and an offline tokenizer in a folder
+  (:func:`build_tokenizer`: that tokenizer alone).
 
 The names are imported on first use (PEP 562), so ``import tgr`` and the ``tgr`` command's help
 need only the base install; the model, training and generation need the ``model`` extra

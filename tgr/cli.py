@@ -148,6 +148,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _DefaultsOnceHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """HfArgumentParser's formatter, except that a flag whose help already says its default (tgr's
+    ``(default: the embedded demo Llama)``, ``(default: TGRConfig's, straight_through)``) does not
+    get a second, contradicting ``(default: None)``."""
+
+    def _get_help_string(self, action):
+        if "(default:" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_training_parser(command: str = "train"):
     """``HfArgumentParser`` over :class:`tgr.pipeline.TGRArguments` and ``TrainingArguments``, with
     tgr's defaults (``tgr.train.TRAINING_DEFAULTS``; ``tgr demo``'s own for a short run) and the
@@ -169,6 +180,7 @@ def build_training_parser(command: str = "train"):
     parser = HfArgumentParser((TGRArguments, TrainingArguments), prog=f"tgr {command}", description=description,
                               usage="%(prog)s [--model MODEL] [--data DATA] [--output DIR] [tgr and TrainingArguments "
                                     "flags, below]", allow_abbrev=False)
+    parser.formatter_class = _DefaultsOnceHelpFormatter
     defaults = dict(TRAINING_DEFAULTS, **(DEMO_TRAINING_DEFAULTS if command == "demo" else {}))
     defaults["output_dir"] = time.strftime("outputs/demo-%Y%m%d-%H%M%S") if command == "demo" else "outputs/train"
     # bf16 and use_cpu follow the device unless given (None: decided in cmd_train).

@@ -10,9 +10,11 @@ Public ops (each with a PyTorch reference in ``tgr_kernels.reference``):
   ``CE(hidden @ W.T + b, labels)`` and per-token ``log p(target)`` in row chunks, without the
   ``[tokens × vocab]`` logits (references beside them in ``linear_cross_entropy``).
 
-and their modules :class:`TemperatureMechanism` and :class:`TemperatureGuidedAttention`.
+and their modules :class:`TemperatureMechanism`, :class:`TemperatureGuidedAttention` and
+:class:`LinearCrossEntropy`.
 
-Checks on input values (NaN/±inf) follow :func:`set_value_checks` / :func:`value_checks`: by
+Checks on input values (NaN/±inf) follow :func:`set_value_checks` / :func:`value_checks`
+(:func:`get_value_checks` reads the mode): by
 default they run on CPU tensors and are skipped on CUDA tensors, where each would be a host sync.
 The Triton paths are the custom ops ``torch.ops.tgr_kernels.*``, which torch.compile treats as
 opaque ops with their backward.

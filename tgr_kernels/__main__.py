@@ -121,8 +121,8 @@ def speed_report(device: str, backends, seq_len: int, reps: int) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tgr_kernels", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seq-len", type=int, default=512, help="sequence length of the speed part")
-    parser.add_argument("--reps", type=int, default=5, help="timed repetitions per measurement")
+    parser.add_argument("--seq-len", type=int, default=512, help="sequence length of the speed part (default: 512)")
+    parser.add_argument("--reps", type=int, default=5, help="timed repetitions per measurement (default: 5)")
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
