@@ -63,7 +63,8 @@ def parse_args(argv):
                    help=f"default {cases.DEFAULT_SEQ_LENS} ({cases.QUICK_SEQ_LENS} with --quick; e2e: [512]; "
                         + "; ".join(f"{op}: {full} ({quick} with --quick)"
                                     for op, (full, quick) in cases.OP_SEQ_LENS.items()) + ")")
-    p.add_argument("--modes", nargs="+", default=list(cases.MODES), choices=cases.MODES, help="default: all three")
+    p.add_argument("--modes", nargs="+", default=list(cases.MODES), choices=cases.MODES,
+                   help="default: all three (e2e: full = the training step, forward = generation)")
     p.add_argument("--causal", choices=["off", "on", "both"], help="attention only (default: both; on with --quick)")
     p.add_argument("--mask", default="padding", choices=["padding", "none"],
                    help="key-padding mask on the attention inputs: the last S/8 keys of the last row (default)")

@@ -184,7 +184,7 @@ else  # dry run: the same steps, tiny: one mode, and no torch.compile/FlexAttent
     GQA_PROVIDERS=()
     WIDE_S=(64)
     PROJ_S=(64)
-    E2E=()
+    E2E=(--modes forward full)  # both e2e rows: the train step (full) and generation (forward)
     E2E_LIMIT=150  # two small models' Python on a shared CPU
     DET_REPS=2
     LCE=(--quick --reps 1 --providers gemms eager tgr-torch tgr-torch-dw-per-chunk)

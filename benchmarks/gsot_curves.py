@@ -44,15 +44,6 @@ def default_out(device: str) -> Path:
     return RESULTS / f"gsot-curves-{kind}-{datetime.date.today().isoformat()}"
 
 
-def device_label(device: str) -> str:
-    """The device a run trained on, as its record and table name it."""
-    if str(device).split(":")[0] == "cpu":
-        return f"cpu ({platform.processor() or platform.machine()})"
-    import torch
-
-    return torch.cuda.get_device_name(torch.device(device))
-
-
 def train_flags(placement: str, mode: str, *, epochs: float, lr: float, threshold: float, logging_steps: int,
                 output: Path, device: str) -> list[str]:
     """The ``tgr train`` command line of one run."""
@@ -115,6 +106,15 @@ def run_one(placement: str, mode: str, train_rows, held_out, work: Path, **setti
         "held_out": held, "curve": curve,
         "device": device_label(settings["device"]), "date": time.strftime("%Y-%m-%d"),
     }
+
+
+def device_label(device: str) -> str:
+    """The device the runs trained on, for the table: the GPU's name, or the CPU's."""
+    import torch
+
+    if str(device).startswith("cuda") and torch.cuda.is_available():
+        return f"{device} ({torch.cuda.get_device_name(torch.device(device))})"
+    return f"{device} ({platform.processor() or platform.machine()})"
 
 
 def read_records(path: Path) -> list[dict]:

@@ -333,14 +333,15 @@ def parse_args(argv):
     p.add_argument("--dtype", default=None, choices=list(DTYPES), help="default: bfloat16 on a GPU, float32 on a CPU")
     p.add_argument("--hidden", type=int, default=None, help="H (default 1024 on a CPU, 4096 on a GPU)")
     p.add_argument("--tokens", type=int, nargs="+", default=None, help="default 1024 4096 (CPU), 2048 8192 (GPU)")
-    p.add_argument("--vocab", type=int, nargs="+", default=[32000, 128256])
+    p.add_argument("--vocab", type=int, nargs="+", default=None, help="default 32000 128256")
     p.add_argument("--weight", nargs="+", default=["trainable", "frozen"], choices=["trainable", "frozen"])
     p.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS)
     p.add_argument("--ignored", type=float, default=IGNORED_FRACTION,
                    help="fraction of the labels set to -100 (default %(default)s)")
-    p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--quick", action="store_true", help="tiny shapes: a smoke pass")
+    p.add_argument("--reps", type=int, default=None, help="default 3 (2 with --quick)")
+    p.add_argument("--warmup", type=int, default=None, help="default 1")
+    p.add_argument("--quick", action="store_true",
+                   help="tiny shapes (H = 64, 96 tokens, V = 1000, 2 repetitions) where not given: a smoke pass")
     p.add_argument("--out", default=None, help="folder for records.jsonl and table.md")
     p.add_argument("--append", action="store_true", help="add to the records already in --out")
     p.add_argument("--profile", action="store_true", help="print one profiled call per case and provider instead")
@@ -351,10 +352,13 @@ def parse_args(argv):
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     on_gpu = args.device == "cuda"
     args.dtype = args.dtype or ("bfloat16" if on_gpu else "float32")
-    args.hidden = args.hidden or (4096 if on_gpu else 1024)
-    args.tokens = args.tokens or ([2048, 8192] if on_gpu else [1024, 4096])
-    if args.quick:
-        args.hidden, args.tokens, args.vocab, args.reps, args.warmup = 64, [96], [1000], 2, 1
+    # --quick shrinks what is not given; an explicit flag wins over it
+    quick = args.quick
+    args.hidden = args.hidden or (64 if quick else 4096 if on_gpu else 1024)
+    args.tokens = args.tokens or ([96] if quick else [2048, 8192] if on_gpu else [1024, 4096])
+    args.vocab = args.vocab or ([1000] if quick else [32000, 128256])
+    args.reps = args.reps if args.reps is not None else (2 if quick else 3)
+    args.warmup = args.warmup if args.warmup is not None else 1
     return args
 
 

@@ -54,6 +54,7 @@ from .measure import Job, describe_error, peak_memory_mib, summarize, time_inter
 
 BACKENDS = {"eager-seed": "reference", "tgr-torch": "torch", "tgr-triton": "triton"}
 NEW_TOKENS, QUICK_NEW_TOKENS = 32, 4
+E2E_MODES = ("full", "forward")  # the training step, the generation
 CHECK_FLOOR = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 1e-2}
 
 
@@ -196,6 +197,8 @@ def _measure_layers(model, providers, shape, S, new_tokens, dtype, args, emit):
             "trainable": "all parameters"}
     for op, mode, fn in (("e2e-layers-train-step", "full", train_step),
                          ("e2e-layers-generate", "forward", generate)):
+        if mode not in args.modes:  # --modes: full is the train step, forward the generation
+            continue
         model.train(op.endswith("train-step"))
         jobs = {name: Job(prepare=lambda i: None, run=patched(enabled[name], fn)) for name in providers}
         time_interleaved(jobs, device, args.reps, args.warmup)
@@ -241,6 +244,9 @@ def run(args, emit, deadline: float | None) -> list[str]:
     """The e2e rows: the TGR head's (providers eager-seed, tgr-torch, tgr-triton) and every-layer
     TGR's (base-sdpa, tgr-layers), each when one of its providers is asked for."""
     skipped = []
+    if not any(m in E2E_MODES for m in args.modes):
+        print(f"  e2e: none of the modes {args.modes} applies (it has {list(E2E_MODES)})")
+        return skipped
     if any(p in BACKENDS for p in args.providers):
         skipped += run_head(args, emit, deadline)
     if any(p in LAYER_PROVIDERS for p in args.providers):
@@ -327,6 +333,8 @@ def _measure(model, providers, shape, S, new_tokens, dtype, args, emit):
         except Exception as exc:
             losses[name] = describe_error(exc)
     for op, mode, fn in (("e2e-train-step", "full", train_step), ("e2e-generate", "forward", generate)):
+        if mode not in args.modes:  # --modes: full is the train step, forward the generation
+            continue
         jobs = {name: Job(prepare=lambda i: None, run=with_backend(backend, fn)) for name, backend in live.items()}
         time_interleaved(jobs, device, args.reps, args.warmup)
         for name in providers:

@@ -295,3 +295,47 @@ def test_warmup_zero_is_kept_and_bad_counts_are_refused():
     for bad in (["--reps", "0"], ["--warmup", "-1"]):
         with pytest.raises(SystemExit):
             parse_args(["--device", "cpu", "--out", "unused", *bad])
+
+
+@pytest.mark.skipif(not _tgr_importable(), reason="the e2e suite needs tgr's model extra")
+def test_e2e_honours_modes():
+    """--modes forward: the e2e suites time generation alone (their forward), no training step (full);
+    a mode they do not have builds no model."""
+    import argparse
+
+    from benchmarks import suite_e2e
+
+    args = argparse.Namespace(device="cpu", quick=True, seq_lens=[16], dtypes=[torch.float32], reps=1, warmup=1,
+                              providers=["eager-seed", "base-sdpa", "tgr-layers"], triton_interpret=False,
+                              modes=["forward"])
+    records = []
+    suite_e2e.run(args, records.append, None)
+    assert {r["op"] for r in records} == {"e2e-generate", "e2e-layers-generate"}, {r["op"] for r in records}
+    assert {r["mode"] for r in records} == {"forward"}
+    records.clear()
+    suite_e2e.run(argparse.Namespace(**{**vars(args), "modes": ["backward"]}), records.append, None)
+    assert records == []
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter's dry run of the sanitized program")
+def test_sanitized_program_runs_the_decode_and_fused_loss_kernels(monkeypatch):
+    """benchmarks/sanitize_kernels.py is what compute-sanitizer watches, "every Triton kernel": the split-KV
+    decode kernels (no gradient) and the fused linear cross-entropy's kernels were never launched."""
+    import importlib
+
+    from benchmarks import sanitize_kernels
+
+    decode = importlib.import_module("tgr_kernels.attention_decode")
+    lce = importlib.import_module("tgr_kernels.linear_cross_entropy")
+    ran = set()
+
+    def spy(name, fn):
+        def wrapped(*args, **kwargs):
+            ran.add(name)
+            return fn(*args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(decode, "decode_forward", spy("decode", decode.decode_forward))
+    monkeypatch.setattr(lce, "_triton_rows", spy("linear-cross-entropy", lce._triton_rows))
+    sanitize_kernels.main()
+    assert ran == {"decode", "linear-cross-entropy"}

@@ -82,11 +82,20 @@ def measure_errors(tokens: int, vocab: int, hidden: int, dtype, chunk_counts) ->
     return rows
 
 
-def render(rows: list, title: str) -> str:
+def computes_in_fp32(dtype) -> bool:
+    """Whether the torch backend multiplies ``dtype`` in fp32 on this CPU (no native instructions
+    for it: ``_gemm_dtype``): its dW is then an fp32 sum whatever ``weight_grad_accumulation``."""
+    lce = importlib.import_module("tgr_kernels.linear_cross_entropy")
+    return lce._gemm_dtype(dtype, torch.device("cpu")) != dtype
+
+
+def render(rows: list, title: str, note: str | None = None) -> str:
     eager_max = rows[0][1]
     lines = [title, "", "| dW summed | max abs error | / eager's | relative norm error |",
              "| --- | ---: | ---: | ---: |"]
     lines += [f"| {name} | {worst:.3e} | {worst / eager_max:.2f}× | {rel:.3e} |" for name, worst, rel in rows]
+    if note:
+        lines += ["", note]
     return "\n".join(lines) + "\n"
 
 
@@ -98,8 +107,13 @@ def main(argv=None) -> None:
     p.add_argument("--dtype", default="bfloat16", choices=list(DTYPES))
     p.add_argument("--chunks", type=int, nargs="+", default=[4, 16, 64])
     args = p.parse_args(argv)
-    rows = measure_errors(args.tokens, args.vocab, args.hidden, DTYPES[args.dtype], args.chunks)
-    print(render(rows, f"dW error, {args.dtype}, tokens {args.tokens}, V {args.vocab}, H {args.hidden}"))
+    dtype = DTYPES[args.dtype]
+    rows = measure_errors(args.tokens, args.vocab, args.hidden, dtype, args.chunks)
+    note = None
+    if computes_in_fp32(dtype):
+        note = (f"Note: this CPU has no native {args.dtype} GEMMs, so the fused op computes in fp32 here: its dW "
+                f"is an fp32 sum in every row, and the weight-dtype rows measure no {args.dtype} rounding.")
+    print(render(rows, f"dW error, {args.dtype}, tokens {args.tokens}, V {args.vocab}, H {args.hidden}", note))
 
 
 if __name__ == "__main__":

@@ -310,3 +310,32 @@ def test_the_default_gate_is_the_same_everywhere():
     assert (params["gsot_mode"].default, params["gsot_width"].default) == (DEFAULT_GSOT_MODE, DEFAULT_GSOT_WIDTH)
     assert f"TGRConfig's, {DEFAULT_GSOT_MODE})" in GSOT_MODE_HELP
     assert f"TGRConfig's, {DEFAULT_GSOT_WIDTH:g})" in GSOT_WIDTH_HELP
+
+
+def test_gsot_curves_record_names_the_device_the_runs_trained_on(tmp_path, monkeypatch):
+    """benchmarks/gsot_curves.py: a run with --device cuda was recorded (and tabled) as "cpu (...)"."""
+    import pathlib
+    import types
+
+    import tgr.cli
+
+    curves = pytest.importorskip("benchmarks.gsot_curves")
+
+    def fake_parse(command, flags):
+        return pathlib.Path(flags[flags.index("--output") + 1]), {}
+
+    def fake_train(output, training, split_rows=None):
+        output.mkdir(parents=True)
+        history = [{"step": 1, "epoch": 1.0, "loss": 2.0}]
+        (output / "trainer_state.json").write_text(json.dumps({"log_history": history}))
+        model = types.SimpleNamespace(config=types.SimpleNamespace(gsot_width=0.05))
+        return {"summary": {"steps": 1, "train_loss": 2.0}, "model": model, "tokenizer": None}
+
+    scores = {"map": 0.5, "mrr": 0.5}
+    monkeypatch.setattr(tgr.cli, "parse_training_args", fake_parse)
+    monkeypatch.setattr(tgr.cli, "cmd_train", fake_train)
+    monkeypatch.setattr(tgr.cli, "_evaluate", lambda *a, **k: {"tgr_head": scores, "base_head": scores})
+    for device in ("cuda:0", "cpu"):
+        record = curves.run_one("head", "hard", [], [], tmp_path / device, epochs=1, lr=1e-3, threshold=0.4,
+                                logging_steps=1, device=device)
+        assert record["device"].startswith(f"{device} ("), record["device"]

@@ -912,6 +912,30 @@ def test_weight_grad_error_benchmark_sums_the_chunks_it_names():
             assert rows[-1][0] == f"weight-dtype, {len(calls) - fp32_calls} chunks" == f"weight-dtype, {k} chunks"
 
 
+def test_benchmark_quick_keeps_the_flags_given():
+    """benchmarks/linear_cross_entropy.py: --quick shrinks what is not given; it replaced --reps, --tokens,
+    --vocab and --hidden given with it (gpu_run.sh's dry run asked for --quick --reps 1 and got 2)."""
+    bench = pytest.importorskip("benchmarks.linear_cross_entropy")
+    args = bench.parse_args(["--quick", "--device", "cpu", "--reps", "1", "--warmup", "0", "--tokens", "256",
+                             "--vocab", "500", "--hidden", "32"])
+    assert (args.reps, args.warmup, args.tokens, args.vocab, args.hidden) == (1, 0, [256], [500], 32)
+    quick = bench.parse_args(["--quick", "--device", "cpu"])
+    assert (quick.reps, quick.warmup, quick.tokens, quick.vocab, quick.hidden) == (2, 1, [96], [1000], 64)
+    full = bench.parse_args(["--device", "cpu"])
+    assert (full.reps, full.warmup, full.tokens, full.vocab, full.hidden) == (3, 1, [1024, 4096], [32000, 128256], 1024)
+
+
+def test_weight_grad_error_says_when_the_dtype_runs_in_fp32(monkeypatch, capsys):
+    """benchmarks/weight_grad_error.py: on a CPU without native bf16 GEMMs the fused op computes in fp32,
+    so the "weight-dtype, k chunks" rows are fp32 sums (the same numbers as the fp32 row): the table says so."""
+    bench = pytest.importorskip("benchmarks.weight_grad_error")
+    for native in (False, True):
+        monkeypatch.setattr(lce, "cpu_computes_natively", lambda dtype, native=native: native)
+        bench.main(["--tokens", "64", "--vocab", "50", "--hidden", "16", "--chunks", "2"])
+        out = capsys.readouterr().out
+        assert ("no native bfloat16 GEMMs" in out) is (not native), out
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("labels_dtype, value, ignore_index", [
     (torch.uint8, 246, -10),     # -10 is 246 in uint8 (V = 203)
