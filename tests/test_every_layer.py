@@ -635,3 +635,39 @@ def test_set_layer_gate_keeps_the_mode_and_width_it_is_not_given(llama_dir):
     assert (settings.gsot_threshold, settings.gsot_mode, settings.gsot_width) == (0.3, "soft", 0.02)
     set_layer_gate(model, gsot_threshold=None, gsot_mode="hard")
     assert (tgr_layer_settings(model).gsot_mode, tgr_layer_settings(model).gsot_width) == ("hard", 0.02)
+
+
+@pytest.mark.parametrize("mode", ["layers", "both"])
+def test_layer_helpers_look_through_a_tgr_model_to_its_base(mode, llama_dir, tmp_path):
+    """is_tgr_applied, tgr_layer_modules and tgr_layer_settings of the TGR model are its base's (they said
+    False, {} and None), as tgr_layers_disabled and base_only already took it; remove_tgr removes the
+    base's layers in mode "both" (the model becomes the head-only one, and saves and loads as one) and
+    refuses mode "layers", which would be left with no TGR, before anything changes."""
+    from tgr import TGRLlamaModel
+    from tgr.layers import tgr_layer_settings
+
+    model = _tgr_model(llama_dir, mode, tgr_layers=[1]).eval()
+    base = model.hf_base_model
+    assert is_tgr_applied(model) and is_tgr_applied(base)
+    assert tgr_layer_modules(model) == tgr_layer_modules(base) and list(tgr_layer_modules(model)) == [1]
+    assert tgr_layer_settings(model) == tgr_layer_settings(base) and tgr_layer_settings(model).layers == (1,)
+    with pytest.raises(TypeError, match="from its config"):
+        apply_tgr(model)
+    ids = torch.randint(3, 256, (2, 7), generator=torch.Generator().manual_seed(3))
+    if mode == "layers":
+        with pytest.raises(ValueError, match="tgr_layers_disabled"):
+            remove_tgr(model)
+        assert is_tgr_applied(model) and model.config.tgr_mode == "layers"
+        return
+    with torch.no_grad():
+        head_only = model(ids).logits  # a fresh layer is the identity: the head on the base's hidden states
+    assert remove_tgr(model) is model
+    assert not is_tgr_applied(model) and not is_tgr_applied(base) and tgr_layer_modules(model) == {}
+    assert model.config.tgr_mode == "head" and base.config._attn_implementation != ATTENTION_NAME
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, head_only, rtol=0, atol=1e-5)
+    model.save_pretrained(tmp_path / "saved")
+    loaded = TGRLlamaModel.from_pretrained(tmp_path / "saved")
+    assert loaded.config.tgr_mode == "head" and not is_tgr_applied(loaded)
+    with pytest.raises(ValueError, match="no TGR layers"):
+        remove_tgr(model)

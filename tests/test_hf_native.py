@@ -5,6 +5,7 @@ GenerationConfig objects."""
 import json
 import os
 import re
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -113,6 +114,42 @@ def test_a_cast_since_loading_is_saved(tiny_base, tmp_path):
     model.save_pretrained(tmp_path / "cast")
     loaded = TGRLlamaModel.from_pretrained(tmp_path / "cast")
     assert loaded.config.compute_dtype == "bfloat16" and loaded.dtype == torch.bfloat16
+
+
+def test_a_model_saved_after_a_cast_reloads_bitwise(tiny_base, tmp_path):
+    """After model.to(torch.bfloat16) the head, TGR layers and adapters compute in bf16; the reload
+    rebuilt them in fp32 (a new model's dtype), so its logits differed from the saved model's. (The
+    base is loaded in bf16 here, and its rotary buffers are put back in fp32 after the cast: in
+    transformers itself a cast base differs from one loaded in bf16, whose inv_freq stays fp32.)"""
+    model = make_model(tiny_base, load_in_4bit=False, device="cpu", compute_dtype="bfloat16", tgr_mode="both",
+                       tgr_layers=[1], lora_r=4)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    rotary = model.hf_base_model.model.rotary_emb
+    buffers = {name: buffer.clone() for name, buffer in rotary.named_buffers()}
+    model.eval().to(torch.bfloat16)
+    for name, buffer in buffers.items():  # transformers' cast rounds them, its bf16 load does not
+        setattr(rotary, name, buffer)
+    ids, mask = batch(model)
+    before = logits(model, ids, mask)
+    dtypes = {k: v.dtype for k, v in model.state_dict().items()}
+    assert set(dtypes.values()) == {torch.bfloat16}
+    model.save_pretrained(tmp_path / "cast")
+    for loaded in (TGRLlamaModel.from_pretrained(tmp_path / "cast"),
+                   AutoModelForCausalLM.from_pretrained(tmp_path / "cast")):
+        assert {k: v.dtype for k, v in loaded.state_dict().items()} == dtypes
+        assert torch.equal(logits(loaded, ids, mask), before)
+    # Asked to compute in another dtype, the reload builds its head as a new model's (fp32).
+    fp32 = TGRLlamaModel.from_pretrained(tmp_path / "cast", compute_dtype="float32")
+    assert all(v.dtype == torch.float32 for v in fp32.state_dict().values())
+    # Cast from fp32 after loading: the reload computes in bf16, the TGR parts included.
+    model = make_model(tiny_base, load_in_4bit=False, device="cpu", compute_dtype="float32").to(torch.bfloat16)
+    model.save_pretrained(tmp_path / "from32")
+    loaded = TGRLlamaModel.from_pretrained(tmp_path / "from32")
+    assert all(v.dtype == torch.bfloat16 for v in loaded.state_dict().values())
 
 
 def test_pretrained_model_contract(tiny_base, monkeypatch):
@@ -232,9 +269,55 @@ def test_hub_errors_are_one_line(tiny_base):
         TGRLlamaModel.from_pretrained("someone/no-such-tgr-model")
     assert "\n" not in str(err.value) and "someone/no-such-tgr-model" in str(err.value)
     model = make_model(tiny_base, load_in_4bit=False)
-    with pytest.raises(OSError) as err:
+    with pytest.raises(CheckpointError) as err:  # README: a hub that cannot be reached is a CheckpointError
         model.push_to_hub("someone/tgr-test")
     assert "\n" not in str(err.value) and "someone/tgr-test" in str(err.value)
+
+
+def test_push_to_hub_uploads_the_saved_files_and_a_failure_is_one_checkpoint_error(tiny_base, monkeypatch):
+    """With huggingface_hub's calls mocked: what is uploaded is what save_pretrained writes, with the
+    commit arguments; a network failure at either call is a one-line CheckpointError (it was an
+    OSError), and keyword arguments push_to_hub does not use are refused, not swallowed."""
+    import huggingface_hub
+
+    model = make_model(tiny_base, load_in_4bit=False)
+    calls = []
+
+    class FakeApi:
+        def __init__(self, token=None):
+            calls.append(("init", token))
+
+        def create_repo(self, repo_id, private=None, exist_ok=False):
+            calls.append(("create", repo_id, private))
+            return type("Repo", (), {"repo_id": repo_id})()
+
+        def upload_folder(self, repo_id, folder_path, **kwargs):
+            calls.append(("upload", repo_id, sorted(os.listdir(folder_path)), kwargs["commit_message"],
+                          kwargs["commit_description"]))
+            return "commit-url"
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    assert model.push_to_hub("me/tgr", token="tok", private=True, commit_description="why",
+                             max_shard_size="5GB") == "commit-url"
+    assert calls == [("init", "tok"), ("create", "me/tgr", True),
+                     ("upload", "me/tgr", ["README.md", "config.json", "model.safetensors"], "Upload TGR model", "why")]
+    with pytest.raises(TypeError, match="unexpected argument.*use_temp_dir"):
+        model.push_to_hub("me/tgr", use_temp_dir=True)
+    # save_pretrained(push_to_hub=True) passes transformers' hub arguments on (create_pr was refused).
+    calls.clear()
+    with tempfile.TemporaryDirectory() as folder:
+        model.save_pretrained(os.path.join(folder, "tgr-run"), push_to_hub=True, create_pr=True,
+                              commit_description="d")
+    assert calls[1] == ("create", "tgr-run", None) and calls[2][-1] == "d"
+
+    for failing in ("create_repo", "upload_folder"):
+        def fail(*args, **kwargs):
+            raise ConnectionError("Max retries exceeded with url: /api/repos/create\n(Caused by NameResolutionError)")
+
+        monkeypatch.setattr(FakeApi, failing, fail)
+        with pytest.raises(CheckpointError) as err:
+            model.push_to_hub("me/tgr")
+        assert "\n" not in str(err.value) and "me/tgr" in str(err.value) and "Max retries" in str(err.value)
 
 
 def _damage(file, how):

@@ -222,3 +222,45 @@ def test_the_base_head_that_eval_scores_is_the_base_without_its_adapters(tiny_ba
     torch.testing.assert_close(through_logits, plain(input_ids=ids).logits, atol=1e-4, rtol=1e-4)
     assert (adapted - plain(input_ids=ids).logits).abs().max() > 1e-2
     assert (both["tgr"] - both["base"]).abs().max() > 1e-3
+
+
+def test_a_given_state_dict_is_what_the_peft_files_hold_too(tiny_base, tmp_path):
+    """save_pretrained(state_dict=...) (as Trainer passes it) wrote the given adapters into
+    model.safetensors but the live ones into adapter_model.safetensors: tgr and peft loaded different
+    adapters from one folder."""
+    from peft import PeftModel
+
+    model = make_model(tiny_base)
+    train(model)
+    given = {k: v + 0.25 if "lora_" in k else v for k, v in model.state_dict().items()}
+    path = model.save_pretrained(tmp_path / "saved", state_dict=given)
+    by_tgr = dict(TGRLlamaModel.from_pretrained(path).named_parameters())
+    fresh = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32)
+    by_peft = dict(PeftModel.from_pretrained(fresh, path).named_parameters())
+    lora_keys = [k for k in given if "lora_" in k]
+    assert lora_keys
+    for key in lora_keys:
+        assert torch.equal(by_tgr[key], given[key]), key
+        assert torch.equal(by_peft[key.removeprefix("base_llama_model.")], given[key]), key
+    with pytest.raises(ValueError, match="variant"):
+        model.save_pretrained(tmp_path / "variant", variant="fp16")
+
+
+def test_a_failed_load_onto_a_given_base_gives_the_base_back_as_it_came(tiny_base, tmp_path):
+    """from_pretrained(folder, base=base) whose weights do not fit left the caller's base frozen, with
+    TGR layers and LoRA adapters in it: passing it again failed ('already has TGR layers')."""
+    from tgr.layers import is_tgr_applied
+
+    model = make_model(tiny_base, tgr_mode="both", tgr_layers=[1])
+    train(model)
+    path = model.save_pretrained(tmp_path / "saved")
+    base = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32)
+    names = [n for n, _ in base.named_parameters()]
+    with pytest.raises(ValueError, match="do not fit"):
+        TGRLlamaModel.from_pretrained(path, base=base, temperature_heads=3)
+    assert not is_tgr_applied(base) and not hasattr(base, "peft_config")
+    assert [n for n, _ in base.named_parameters()] == names and all(p.requires_grad for p in base.parameters())
+    ids, mask, _ = batch(model)
+    loaded = TGRLlamaModel.from_pretrained(path, base=base)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids, attention_mask=mask).logits, model(ids, attention_mask=mask).logits)

@@ -217,6 +217,9 @@ def _decoder_layers(model: nn.Module) -> nn.ModuleList:
     if not isinstance(model, PreTrainedModel):
         raise TypeError(f"apply_tgr: model must be a transformers PreTrainedModel (a causal LM such as "
                         f"LlamaForCausalLM), got {type(model).__name__}")
+    if isinstance(getattr(model, "hf_base_model", None), nn.Module):  # a TGRLlamaModel
+        raise TypeError("apply_tgr: a TGRLlamaModel gets its TGR layers from its config (TGRConfig(tgr_mode='layers' "
+                        "or 'both', tgr_layers=...)), not from apply_tgr")
     if not getattr(model, "_supports_attention_backend", False):
         raise TypeError(f"apply_tgr: {type(model).__name__}'s attention does not go through transformers' "
                         f"AttentionInterface, so a 'tgr' attention cannot be plugged in")
@@ -325,13 +328,15 @@ def _patched_model(model: nn.Module) -> nn.Module:
 
 
 def is_tgr_applied(model: nn.Module) -> bool:
-    """Whether :func:`apply_tgr` patched ``model`` (and :func:`remove_tgr` has not undone it)."""
-    return getattr(model, _STATE_ATTR, None) is not None
+    """Whether :func:`apply_tgr` patched ``model`` (and :func:`remove_tgr` has not undone it); for a
+    :class:`tgr.TGRLlamaModel`, whether its base has TGR layers."""
+    return getattr(_patched_model(model), _STATE_ATTR, None) is not None
 
 
 def tgr_layer_modules(model: nn.Module) -> dict[int, TemperatureMechanism]:
-    """The temperature mechanisms of a patched model, by layer index."""
-    state = getattr(model, _STATE_ATTR, None)
+    """The temperature mechanisms of a patched model (or of a :class:`tgr.TGRLlamaModel`'s base),
+    by layer index."""
+    state = getattr(_patched_model(model), _STATE_ATTR, None)
     if state is None:
         return {}
     return {i: getattr(attn, MECHANISM_NAME) for i, attn in zip(state.settings.layers, state.attention_modules,
@@ -433,8 +438,9 @@ def _undo(model: nn.Module, state: _PatchState) -> None:
 
 
 def tgr_layer_settings(model: nn.Module) -> TGRLayerSettings | None:
-    """What :func:`apply_tgr` was called with on ``model``; None when it is not patched."""
-    state = getattr(model, _STATE_ATTR, None)
+    """What :func:`apply_tgr` was called with on ``model`` (or on a :class:`tgr.TGRLlamaModel`'s
+    base); None when it is not patched."""
+    state = getattr(_patched_model(model), _STATE_ATTR, None)
     return None if state is None else state.settings
 
 
@@ -523,11 +529,20 @@ def set_layer_gate(model: nn.Module, *, gsot_threshold: float | None, gsot_mode:
 def remove_tgr(model: nn.Module) -> nn.Module:
     """Undo :func:`apply_tgr`: the temperature mechanisms and hooks are removed and the model's
     original attention implementation restored; its outputs are again the unpatched model's.
-    Returns ``model``. A model that is not patched is a ``ValueError``."""
-    state: _PatchState | None = getattr(model, _STATE_ATTR, None)
+    Returns ``model``. A model that is not patched is a ``ValueError``.
+
+    A :class:`tgr.TGRLlamaModel` in ``tgr_mode="both"`` loses its base's TGR layers and becomes the
+    head-only model (its config's ``tgr_mode`` becomes "head", so it saves and loads as one); in
+    mode "layers", which has no head, that would leave no TGR at all: a ``ValueError`` (run it
+    without them inside :func:`tgr_layers_disabled`)."""
+    patched = _patched_model(model)
+    state: _PatchState | None = getattr(patched, _STATE_ATTR, None)
     if state is None:
         raise ValueError("remove_tgr: the model has no TGR layers (apply_tgr was not called on it, or they were "
                          "removed already)")
+    if patched is not model:  # a TGRLlamaModel: its config records the layers, and must follow
+        model._remove_tgr_layers()
+        return model
     _undo(model, state)
     del model.__dict__[_STATE_ATTR]
     return model

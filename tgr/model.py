@@ -468,6 +468,16 @@ class TGRLlamaModel(PreTrainedModel, GenerationMixin):
         if self.config.tgr_mode != "head":
             tgr_layers.set_layer_backend(self.hf_base_model, backend)
 
+    def _remove_tgr_layers(self) -> None:
+        """:func:`tgr.remove_tgr` of this model: its base's TGR layers go, and mode "both" becomes
+        "head"; mode "layers" (no head) is refused before anything changes."""
+        if self.config.tgr_mode == "layers":
+            raise ValueError("remove_tgr: this TGRLlamaModel has tgr_mode='layers' and no TGR head, so removing its "
+                             "TGR layers would leave no TGR at all; run it without them inside "
+                             "tgr.tgr_layers_disabled(model), or use its base (model.hf_base_model)")
+        tgr_layers.remove_tgr(self.hf_base_model)
+        self.config = self.config.copy(tgr_mode="head")
+
     def _decoder(self) -> nn.Module:
         base = self.hf_base_model
         decoder = getattr(base, getattr(base, "base_model_prefix", "model"), None)
@@ -906,9 +916,13 @@ class TGRLlamaModel(PreTrainedModel, GenerationMixin):
         ``state_dict`` (as HF Trainer passes it) replaces :meth:`state_dict`; a process other than
         the main one (``is_main_process=False``) writes nothing. Returns the folder's path.
         """
-        unknown = sorted(set(kwargs) - set(_HF_SAVE_KWARGS) - {"repo_id", "commit_message", "private"})
+        hub_kwargs = ("repo_id", "commit_message", "commit_description", "private", "create_pr")
+        unknown = sorted(set(kwargs) - set(_HF_SAVE_KWARGS) - set(hub_kwargs))
         if unknown:
             raise TypeError(f"TGRLlamaModel.save_pretrained got unexpected argument(s): {', '.join(unknown)}")
+        if kwargs.get("variant") is not None:
+            raise ValueError(f"TGRLlamaModel.save_pretrained writes one {WEIGHTS_NAME} and from_pretrained reads it: "
+                             f"variant={kwargs['variant']!r} is not supported")
         target = os.path.abspath(os.fspath(save_directory))
         if not is_main_process:
             return target
@@ -923,7 +937,10 @@ class TGRLlamaModel(PreTrainedModel, GenerationMixin):
             save_file(tensors, os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt"})
             names = [WEIGHTS_NAME]
             if self.config.lora_r > 0:
-                self.base_llama_model.save_pretrained(tmp, safe_serialization=True)
+                # peft's files hold the adapters of the state dict written above (a given one too).
+                adapters = {k[len(_BASE_PREFIX):]: v for k, v in tensors.items()
+                            if k.startswith(_BASE_PREFIX) and "lora_" in k}
+                self.base_llama_model.save_pretrained(tmp, safe_serialization=True, state_dict=adapters)
                 names += [ADAPTER_WEIGHTS_NAME, ADAPTER_CONFIG_NAME]
             card = os.path.join(target, MODEL_CARD_NAME)
             if not os.path.exists(card) or _is_tgr_model_card(card):
@@ -953,7 +970,9 @@ class TGRLlamaModel(PreTrainedModel, GenerationMixin):
         logger.info("saved TGR head (%d tensors) to %s", len(tensors), target)
         if push_to_hub:
             self.push_to_hub(kwargs.get("repo_id") or os.path.basename(target), token=kwargs.get("token"),
-                             commit_message=kwargs.get("commit_message"), private=kwargs.get("private"))
+                             commit_message=kwargs.get("commit_message"), private=kwargs.get("private"),
+                             commit_description=kwargs.get("commit_description"),
+                             create_pr=bool(kwargs.get("create_pr", False)))
         return target
 
     def model_card(self) -> str:
@@ -995,23 +1014,32 @@ class TGRLlamaModel(PreTrainedModel, GenerationMixin):
 
     def push_to_hub(self, repo_id: str, *, commit_message: str | None = None, private: bool | None = None,
                     token: str | bool | None = None, revision: str | None = None,
-                    create_pr: bool = False, **kwargs) -> Any:
+                    create_pr: bool = False, commit_description: str | None = None,
+                    max_shard_size: int | str | None = None, **kwargs) -> Any:
         """Upload what :meth:`save_pretrained` writes (head, adapters, config, model card) to a hub
-        repository, created if needed. A hub that cannot be reached is an ``OSError`` with a
-        one-line message."""
+        repository, created if needed. A hub that cannot be reached (or refuses the upload) is a
+        :class:`CheckpointError` with a one-line message naming the repository.
+
+        ``max_shard_size`` is accepted as transformers' ``push_to_hub`` takes it and changes
+        nothing: the few tensors TGR saves are one file. Other keyword arguments are a ``TypeError``.
+        """
+        if kwargs:
+            raise TypeError(f"TGRLlamaModel.push_to_hub got unexpected argument(s): {', '.join(sorted(kwargs))}")
         from huggingface_hub import HfApi
 
         if not isinstance(repo_id, str) or not repo_id:
             raise ValueError(f"push_to_hub needs a repository id such as 'user/tgr-llama', got {repo_id!r}")
-        api = HfApi(token=token)
         with tempfile.TemporaryDirectory() as folder:
             self.save_pretrained(folder)
             try:
+                api = HfApi(token=token)
                 repo = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
                 return api.upload_folder(repo_id=repo, folder_path=folder, revision=revision, create_pr=create_pr,
-                                         commit_message=commit_message or "Upload TGR model")
+                                         commit_message=commit_message or "Upload TGR model",
+                                         commit_description=commit_description)
             except Exception as err:  # offline, no token, no access, ...: one line, not a traceback
-                raise OSError(f"cannot push to the Hugging Face hub repository {repo_id!r}: {_one_line(err)}") from None
+                raise CheckpointError(f"cannot push to the Hugging Face hub repository {repo_id!r}: "
+                                      f"{_one_line(err)}") from None
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *model_args,
@@ -1062,10 +1090,46 @@ class TGRLlamaModel(PreTrainedModel, GenerationMixin):
             config = config.copy(**overrides)
         weights_file = resolve_file(path, WEIGHTS_NAME, **hub)
         state = _read_weights(weights_file)  # before the base loads: a damaged file fails fast
-        model = cls(config) if base is None else cls.from_base(base, config)
-        model._load_state(state, weights_file)
+        if base is None:
+            model = cls(config)
+            model._load_state(state, weights_file)
+        else:
+            trainable = [p.requires_grad for p in base.parameters()]
+            model = cls.from_base(base, config)
+            try:
+                model._load_state(state, weights_file)
+            except BaseException:
+                # The caller's base is theirs: give it back without the TGR layers, adapters and
+                # freezing that wrapping it put in, so that it can be passed again.
+                model._unwrap_base(trainable)
+                raise
+        model._keep_a_cast_of_the_saved_model(state)
         model.name_or_path = path
         return model.eval()  # as transformers' from_pretrained: a loaded model is for inference
+
+    def _unwrap_base(self, trainable: list[bool]) -> None:
+        """Undo what wrapping did to a base the caller passed in: its TGR layers, its LoRA adapters
+        (peft's ``unload``) and the freezing (``trainable``: each parameter's ``requires_grad``
+        before). What peft's ``prepare_model_for_kbit_training`` did to a 4-bit base stays."""
+        hf_base = self.hf_base_model
+        if tgr_layers.is_tgr_applied(hf_base):
+            tgr_layers.remove_tgr(hf_base)
+        if self._has_adapters():
+            hf_base = self.base_llama_model.unload()
+        for param, flag in zip(hf_base.parameters(), trainable, strict=False):
+            param.requires_grad_(flag)
+
+    def _keep_a_cast_of_the_saved_model(self, state: dict[str, torch.Tensor]) -> None:
+        """A model saved after a cast (``model.to(torch.bfloat16)``) held its head, TGR layers and
+        adapters in the dtype it computed in, which ``compute_dtype`` now records: they get that
+        dtype back, so the reload computes as the saved model did (not in fp32, as a new model's
+        head does). Tensors in another dtype than the one the model computes in are left as built."""
+        live = self.dtype
+        params = dict(self.named_parameters())
+        for key, value in state.items():
+            param = params.get(key)
+            if param is not None and value.dtype == live != param.dtype and value.is_floating_point():
+                param.data = param.data.to(live)
 
     def load_weights(self, file: str | os.PathLike) -> None:
         """Load head (and LoRA) tensors from a safetensors file; every one must be present."""
