@@ -413,3 +413,15 @@ def test_generation_config_max_length_the_prompt_fills_is_an_error(tiny_base):
     for max_length in (ids.shape[1], ids.shape[1] - 3):
         with pytest.raises(ValueError, match="max_length"):
             model.generate(ids, attention_mask=mask, generation_config=GenerationConfig(max_length=max_length))
+
+
+def test_a_new_saved_folder_has_the_mode_os_makedirs_gives(tiny_base, tmp_path):
+    """The folder is written as a temporary one and renamed into place; mkdtemp makes it 0700, so a
+    saved model was unreadable to anyone else on a shared machine (os.makedirs gives 0777 less the umask)."""
+    model = make_model(tiny_base, load_in_4bit=False)
+    previous = os.umask(0o022)
+    try:
+        path = model.save_pretrained(tmp_path / "saved")
+    finally:
+        os.umask(previous)
+    assert os.stat(path).st_mode & 0o777 == 0o755

@@ -956,6 +956,9 @@ class TGRLlamaModel(PreTrainedModel, GenerationMixin):
             if not os.path.exists(target):
                 for extra in set(os.listdir(tmp)) - set(names):  # what peft writes besides its files
                     os.remove(os.path.join(tmp, extra))
+                # mkdtemp makes the folder 0700: give it the mode os.makedirs would (0777 less the
+                # umask), so that a saved model is as readable as transformers' own saves.
+                os.chmod(tmp, 0o777 & ~_umask())
                 os.rename(tmp, target)  # the whole folder appears at once
             else:
                 for name in names:
@@ -1177,6 +1180,12 @@ def _rename_legacy_lora_keys(state: dict[str, torch.Tensor], own: dict[str, torc
                 key = new
         renamed[key] = value
     return renamed
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the umask sets it: set it back at once
+    os.umask(mask)
+    return mask
 
 
 def _is_tgr_model_card(path: str) -> bool:
