@@ -110,6 +110,39 @@ def test_resuming_from_a_saved_model_rather_than_a_checkpoint_is_one_line(tmp_pa
     assert not out.exists()  # nothing created
 
 
+def test_overwrite_never_deletes_the_checkpoint_it_is_asked_to_resume_from(tmp_path, capsys):
+    """--overwrite emptied the output folder, the checkpoint inside it included, and the run then
+    failed on the missing checkpoint: the run was lost."""
+    out = tmp_path / "run"
+    assert main(["train", "--output", str(out), "--max-steps", "1"] + FAST) == 0
+    checkpoint = out / "checkpoint-1"
+    assert (checkpoint / "model.safetensors").is_file()
+    capsys.readouterr()
+    assert main(["train", "--output", str(out), "--max-steps", "2", "--overwrite",
+                 "--resume_from_checkpoint", str(checkpoint)] + FAST) == 2
+    _one_line(capsys, "train", "lies inside --output_dir", "--overwrite")
+    assert (checkpoint / "model.safetensors").is_file() and (out / "final").is_dir()
+
+
+def test_a_batch_that_drop_last_leaves_empty_is_refused_before_anything_is_created(tmp_path, capsys, monkeypatch):
+    """The check ran inside the training, once the model had loaded and the output folder had been
+    made (an empty folder left behind) or, with --overwrite, emptied: the previous run was lost."""
+    import tgr.cli
+
+    monkeypatch.setattr(tgr.cli, "_load", lambda *a, **k: pytest.fail("the model loaded"))
+    flags = ["--batch-size", "64", "--dataloader_drop_last"] + FAST
+    out = tmp_path / "o"
+    assert main(["train", "--output", str(out)] + flags) == 2
+    _one_line(capsys, "train", "48 training example(s) do not fill one batch of 64")
+    assert not out.exists()
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    (earlier / "results.json").write_text("{}")
+    assert main(["train", "--output", str(earlier), "--overwrite"] + flags) == 2
+    _one_line(capsys, "train", "do not fill one batch")
+    assert (earlier / "results.json").is_file()
+
+
 def test_resuming_from_a_folder_that_is_no_checkpoint_creates_nothing(tmp_path, capsys):
     out = tmp_path / "o"
     assert main(["train", "--output", str(out), "--resume_from_checkpoint", str(tmp_path / "none")] + FAST) == 2

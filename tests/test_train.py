@@ -133,4 +133,56 @@ def test_evaluation_batches_stay_out_of_the_training_statistics(model, tmp_path)
     assert "eval_loss" in metrics and trainer._tgr_count == 0 and not trainer._tgr_sums
     model.train()
     trainer.compute_loss(model, PaddingCollator(pad_token_id=0)(_examples()[:2]))
+    assert trainer._tgr_step  # pooled into the current optimizer step
+    trainer._close_step()
     assert trainer._tgr_count == 1
+
+
+def test_logged_statistics_of_accumulated_micro_batches_are_those_of_one_batch(model, tmp_path):
+    """The temperature mean and spread, the GSoT pruned fraction and the LM loss that a log line
+    reports for an optimizer step do not depend on how the step is split into micro-batches: they
+    were the unweighted means of the micro-batches' own statistics (a token of the short
+    micro-batch counted more, and the spread was a mean of spreads)."""
+    collate = PaddingCollator(pad_token_id=0)
+    examples = _examples()
+    micro = [collate(examples[:1]), collate(examples[1:])]  # 1 and 2 examples: unequal token counts
+    big = [collate(examples)]
+    args = training_arguments(tmp_path, device="cpu", gradient_accumulation_steps=2, disable_tqdm=True)
+    trainer = TGRTrainer(model=model, args=args, train_dataset=examples, data_collator=collate)
+    threshold = model.config.temperature_conf_threshold
+    logged = []
+    try:
+        with torch.no_grad():  # a threshold inside the temperatures' range, so that some rows are pruned
+            t_bar = model(**big[0]).temperatures.float().mean(-1)[big[0]["attention_mask"].bool()]
+        model.config.temperature_conf_threshold = float(t_bar.median())
+        for batches in (micro, big):
+            _step(trainer, model, batches)
+            logs = {"loss": 0.0}
+            trainer.log(logs)
+            logged.append(logs)
+    finally:
+        model.config.temperature_conf_threshold = threshold
+    assert 0.2 < logged[1]["gsot_pruned"] < 0.8
+    for key in ("temperature_mean", "temperature_std", "gsot_pruned", "lm_loss"):
+        assert logged[0][key] == pytest.approx(logged[1][key], abs=2e-4), key
+
+
+def test_a_rerun_resumes_from_the_last_complete_checkpoint(model, tmp_path, caplog):
+    """A run stopped while the Trainer saved a checkpoint leaves it without trainer_state.json
+    (written last): the rerun picked it as the last checkpoint and refused to resume from it."""
+    from tgr._tiny import build_tokenizer
+
+    rows = [{"question_id": str(i), "question": "Why is the sky blue?", "document_title": "t",
+             "answer": "Air scatters blue light.", "label": 1} for i in range(4)]
+    fresh = TGRLlamaModel(model.config)
+    args = training_arguments(tmp_path, device="cpu", per_device_train_batch_size=2, max_steps=2, save_steps=1,
+                              disable_tqdm=True)
+    train(fresh, build_tokenizer(256), rows, args)
+    (tmp_path / "checkpoint-2" / "trainer_state.json").unlink()  # as if stopped while saving it
+    args = training_arguments(tmp_path, device="cpu", per_device_train_batch_size=2, max_steps=3, save_steps=1,
+                              disable_tqdm=True)
+    with caplog.at_level("WARNING", logger="tgr"):
+        result, _ = train(fresh, build_tokenizer(256), rows, args)
+    assert result.global_step == 3
+    assert "checkpoint-2 left out, no trainer_state.json there" in caplog.text
+    assert "resuming from checkpoint-1" in caplog.text

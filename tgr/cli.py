@@ -419,7 +419,7 @@ def cmd_train(args, training: dict[str, object], split_rows=None) -> dict:
     """``tgr train``: ``args`` are TGRArguments, ``training`` the TrainingArguments fields."""
     from .config import CheckpointError
     from .data import DataError
-    from .train import check_resumable, train
+    from .train import check_batch_fill, check_resumable, train
 
     # Check the data, the flags and the model before creating anything, so a bad input leaves
     # nothing behind.
@@ -432,6 +432,16 @@ def cmd_train(args, training: dict[str, object], split_rows=None) -> dict:
     if training_args.eval_strategy != "no":  # the Trainer would refuse it once the model had loaded
         raise CommandError(f"--eval_strategy {getattr(training_args.eval_strategy, 'value', '')} needs an evaluation "
                            f"set, which tgr train does not make: leave it no and rank with tgr eval")
+    resume = training_args.resume_from_checkpoint
+    if args.overwrite and resume and Path(resume).resolve().is_relative_to(out.resolve()):
+        # --overwrite empties the output folder before training: the checkpoint would go with it
+        raise CommandError(f"--resume_from_checkpoint {resume!r} lies inside --output_dir {str(out)!r}, which "
+                           f"--overwrite empties first: leave out --overwrite (a rerun resumes), or train into "
+                           f"another --output_dir")
+    try:  # one training example per correct pair: checked before the model loads and the output is made
+        check_batch_fill(sum(row["label"] == 1 for row in rows), training_args)
+    except DataError as e:
+        raise CommandError(str(e)) from None
     if training_args.use_cpu and not args.device:
         args.device = "cpu"  # --use_cpu: the model too
     model, tokenizer = _load(args, seed=training_args.seed)

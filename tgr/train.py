@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from pathlib import Path
 
 import torch
 from transformers import Trainer, TrainingArguments
 from transformers.trainer import TRAINER_STATE_NAME
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .data import IGNORE_INDEX, DataError, PaddingCollator, build_training_examples
 
@@ -113,12 +114,16 @@ class TGRTrainer(Trainer):
             self.loss_is_scaled_for_ga = False
         self._accumulated_tokens: torch.Tensor | None = None  # [label tokens, real tokens]
         # Running sums stay on the device as detached tensors: a step adds to them without a
-        # host sync, and they are read (one transfer) only when the Trainer logs.
+        # host sync, and they are read (one transfer) only when the Trainer logs. The micro-batches
+        # of one optimizer step are pooled first (_tgr_step), so that a step's statistics are those
+        # of one batch holding them all, as its loss is; the log line averages the steps' statistics.
+        self._tgr_step: dict[str, torch.Tensor] = {}
         self._tgr_sums: dict[str, torch.Tensor] = {}
         self._tgr_count = 0
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         """The micro-batches of one optimizer step and their label-token count (no host sync)."""
+        self._close_step()  # a new optimizer step begins
         if not self._token_weighted:
             return super().get_batch_samples(epoch_iterator, num_batches, device)
         batch_samples = []
@@ -146,7 +151,7 @@ class TGRTrainer(Trainer):
         # [B, S, V] logits never exist whole. Evaluation (return_outputs) keeps them.
         outputs = model(**inputs, return_logits=return_outputs or "labels" not in inputs)
         if model.training:  # the logged statistics are the training steps' (not an eval_dataset's)
-            self._track(outputs, inputs.get("attention_mask"))
+            self._track(outputs, inputs.get("labels"), inputs.get("attention_mask"))
         loss = outputs.loss
         totals = self._accumulated_tokens
         # Evaluation (model.eval()) and calls outside the training loop keep the plain mean.
@@ -158,21 +163,49 @@ class TGRTrainer(Trainer):
         return (loss, outputs) if return_outputs else loss
 
     @torch.no_grad()
-    def _track(self, outputs, attention_mask) -> None:
-        stats = {}
+    def _track(self, outputs, labels, attention_mask) -> None:
+        """Pool one micro-batch's statistics into those of the current optimizer step."""
+        parts = {}
         if outputs.temperatures is not None:  # the head's (modes "head" and "both")
-            stats.update(step_statistics(outputs.temperatures, outputs.gsot_mask, outputs.lm_loss, attention_mask))
+            parts[""] = step_moments(outputs.temperatures, outputs.gsot_mask, attention_mask)
         layer_temperatures = getattr(outputs, "layer_temperatures", None)
         if layer_temperatures is not None:  # the TGR layers' (modes "layers" and "both"), over all layers
-            layer_stats = step_statistics(layer_temperatures, outputs.layer_gsot_mask, outputs.lm_loss,
-                                          attention_mask)
-            stats.update({(k if k == "lm_loss" else f"layer_{k}"): v for k, v in layer_stats.items()})
+            parts["layer_"] = step_moments(layer_temperatures, outputs.layer_gsot_mask, attention_mask)
+        if outputs.lm_loss is not None:
+            lm_loss = outputs.lm_loss.detach().float()
+            # The micro-batch's cross-entropy sum and its label tokens: the step's mean is their ratio.
+            n = (labels[..., 1:] != IGNORE_INDEX).sum().to(lm_loss) if labels is not None else lm_loss.new_ones(())
+            parts["lm_loss"] = torch.stack([lm_loss * n, n])
+        step = getattr(self, "_tgr_step", None)
+        if step is None:
+            step = self._tgr_step = {}
+        for key, value in parts.items():
+            total = step.get(key)
+            if total is None:
+                step[key] = value
+            else:
+                step[key] = total + value if key == "lm_loss" else merge_moments(total, value.to(total.device))
+
+    def _close_step(self) -> None:
+        """Add the pooled statistics of the optimizer step just done to those of the log line."""
+        step = getattr(self, "_tgr_step", None)
+        if not step:
+            return
+        stats = {}
+        for key, value in step.items():
+            if key == "lm_loss":
+                stats["lm_loss"] = value[0] / value[1].clamp(min=1)
+            else:
+                stats.update({f"{key}{k}": v for k, v in moment_statistics(value).items()})
         for key, value in stats.items():
             total = self._tgr_sums.get(key)
-            self._tgr_sums[key] = value if total is None else total + value
+            self._tgr_sums[key] = value if total is None else total + value.to(total.device)
         self._tgr_count += 1
+        self._tgr_step = {}
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        if "loss" in logs:
+            self._close_step()
         if self._tgr_count and "loss" in logs:
             keys = list(self._tgr_sums)
             sums = torch.stack([self._tgr_sums[k].float() for k in keys]).tolist()  # the one sync
@@ -209,6 +242,44 @@ def accumulated_loss(outputs, labels: torch.Tensor, attention_mask: torch.Tensor
     return outputs.lm_loss * (n_labels / label_tokens) + outputs.temperature_loss * (n_real / real_tokens)
 
 
+def step_moments(temperatures: torch.Tensor, gsot_mask: torch.Tensor,
+                 attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """``[count, mean, M2, kept]`` of a batch's rows as one fp32 device tensor: the real (unpadded)
+    rows, the mean of their mean temperatures t̄, the sum of squared deviations from it, and the
+    rows that GSoT keeps. Batches combine exactly with :func:`merge_moments`. Weighted sums rather
+    than boolean indexing, which would sync to size its result.
+
+    ``temperatures`` ``[B, S, T]`` with ``gsot_mask`` ``[B, S]``, or ``[L, B, S, T]`` with
+    ``[L, B, S]`` for L TGR layers (every layer's rows)."""
+    t_bar = temperatures.detach().float().mean(-1)
+    real = torch.ones_like(t_bar) if attention_mask is None else attention_mask.to(t_bar).expand_as(t_bar)
+    count = real.sum()
+    mean = (t_bar * real).sum() / count.clamp(min=1)
+    m2 = ((t_bar - mean).square() * real).sum()
+    kept = (gsot_mask.to(t_bar.dtype) * real).sum()
+    return torch.stack([count, mean, m2, kept])
+
+
+def merge_moments(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The :func:`step_moments` of two batches together (Chan et al.'s pairwise update)."""
+    n_a, mean_a, m2_a, kept_a = a.unbind()
+    n_b, mean_b, m2_b, kept_b = b.unbind()
+    n = n_a + n_b
+    delta = mean_b - mean_a
+    mean = mean_a + delta * n_b / n.clamp(min=1)
+    m2 = m2_a + m2_b + delta.square() * n_a * n_b / n.clamp(min=1)
+    return torch.stack([n, mean, m2, kept_a + kept_b])
+
+
+def moment_statistics(moments: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The temperatures' mean and (unbiased) spread and the fraction of rows GSoT prunes, from
+    :func:`step_moments`."""
+    count, mean, m2, kept = moments.unbind()
+    var = m2 / (count - 1).clamp(min=1)
+    std = torch.where(count > 1, var.sqrt(), torch.zeros_like(var))
+    return {"temperature_mean": mean, "temperature_std": std, "gsot_pruned": 1.0 - kept / count.clamp(min=1)}
+
+
 def step_statistics(temperatures: torch.Tensor, gsot_mask: torch.Tensor, lm_loss: torch.Tensor,
                     attention_mask: torch.Tensor | None) -> dict[str, torch.Tensor]:
     """One step's logged statistics over the real (unpadded) tokens, as 0-d device tensors:
@@ -218,19 +289,9 @@ def step_statistics(temperatures: torch.Tensor, gsot_mask: torch.Tensor, lm_loss
 
     ``temperatures`` ``[B, S, T]`` with ``gsot_mask`` ``[B, S]``, or ``[L, B, S, T]`` with
     ``[L, B, S]`` for L TGR layers (statistics over every layer's rows)."""
-    t_bar = temperatures.detach().float().mean(-1)
-    real = torch.ones_like(t_bar) if attention_mask is None else attention_mask.to(t_bar).expand_as(t_bar)
-    count = real.sum()
-    mean = (t_bar * real).sum() / count.clamp(min=1)
-    var = ((t_bar - mean).square() * real).sum() / (count - 1).clamp(min=1)
-    std = torch.where(count > 1, var.sqrt(), torch.zeros_like(var))
-    kept = (gsot_mask.to(t_bar.dtype) * real).sum() / count.clamp(min=1)
-    return {
-        "temperature_mean": mean,
-        "temperature_std": std,
-        "gsot_pruned": 1.0 - kept,
-        "lm_loss": lm_loss.detach().float(),
-    }
+    stats = moment_statistics(step_moments(temperatures, gsot_mask, attention_mask))
+    stats["lm_loss"] = lm_loss.detach().float()
+    return stats
 
 
 def check_resumable(model, checkpoint: str | os.PathLike, warn: bool = True) -> None:
@@ -287,6 +348,40 @@ def _warn_changed_settings(model, checkpoint: str | os.PathLike) -> None:
                        "run's settings and the checkpoint's weights", os.fspath(checkpoint), "; ".join(changed))
 
 
+def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
+    """The last checkpoint in ``output_dir`` that the Trainer finished writing (it writes
+    ``trainer_state.json`` last), or None. A later one that a run stopped while saving is left out,
+    with a warning: the rerun resumes from the one before it rather than failing on it."""
+    folder = os.fspath(output_dir)
+    steps = {}
+    for name in os.listdir(folder):
+        match = re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)", name)
+        if match and os.path.isdir(os.path.join(folder, name)):
+            steps[os.path.join(folder, name)] = int(match.group(1))
+    skipped = []
+    for path in sorted(steps, key=steps.get, reverse=True):
+        if os.path.isfile(os.path.join(path, TRAINER_STATE_NAME)):
+            break
+        skipped.append(os.path.basename(path))
+    else:
+        path = None
+    if skipped:
+        logger.warning("%s: %s left out, no %s there (a run stopped while saving it); %s", folder, ", ".join(skipped),
+                       TRAINER_STATE_NAME, f"resuming from {os.path.basename(path)}" if path else "starting over")
+    return path
+
+
+def check_batch_fill(n_examples: int, args: TrainingArguments) -> None:
+    """A :class:`~tgr.data.DataError` when ``n_examples`` training examples cannot fill one batch with
+    ``dataloader_drop_last``: the data loader would be empty (the Trainer fails on max_steps, or
+    trains 0 steps with one)."""
+    per_process = -(-n_examples // max(1, args.world_size))  # each process's share, rounded up
+    if args.dataloader_drop_last and per_process < args.train_batch_size:
+        raise DataError(f"{n_examples} training example(s) do not fill one batch of {args.train_batch_size} "
+                        f"with dataloader_drop_last: nothing to train on; lower the batch size or leave out "
+                        f"dataloader_drop_last")
+
+
 def train(model, tokenizer, rows: list[dict], args: TrainingArguments, *, max_length: int = 192,
           mask_prompt: bool = False, resume: bool = True, final_dir: str | os.PathLike | None = None):
     """Train ``model``'s trainable parameters on the correct pairs of ``rows``; returns the
@@ -297,12 +392,7 @@ def train(model, tokenizer, rows: list[dict], args: TrainingArguments, *, max_le
     where the trained model and the tokenizer are saved at the end (by the main process).
     """
     examples = build_training_examples(rows, tokenizer, max_length, mask_prompt)
-    per_process = -(-len(examples) // max(1, args.world_size))  # each process's share, rounded up
-    if args.dataloader_drop_last and per_process < args.train_batch_size:
-        # The data loader would be empty: the Trainer fails on max_steps, or trains 0 steps with one.
-        raise DataError(f"{len(examples)} training example(s) do not fill one batch of {args.train_batch_size} "
-                        f"with dataloader_drop_last: nothing to train on; lower the batch size or leave out "
-                        f"dataloader_drop_last")
+    check_batch_fill(len(examples), args)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
@@ -317,7 +407,7 @@ def train(model, tokenizer, rows: list[dict], args: TrainingArguments, *, max_le
     )  # no processing_class: Trainer 5.2x would rewrite the model config's special tokens
     checkpoint = args.resume_from_checkpoint
     if checkpoint is None and resume and os.path.isdir(args.output_dir):
-        checkpoint = get_last_checkpoint(args.output_dir)
+        checkpoint = last_complete_checkpoint(args.output_dir)
     if checkpoint:
         check_resumable(model, checkpoint)
         logger.info("resuming from %s", checkpoint)
