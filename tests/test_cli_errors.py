@@ -174,3 +174,14 @@ def test_generate_refuses_data(capsys):
         main(["generate", "q", "--data", "rows.jsonl"] + FAST)
     assert exit_info.value.code == 2
     assert "unrecognized arguments: --data" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("pair", [["--lr", "1e-3", "--learning_rate", "2e-3"],
+                                  ["--output", "a", "--output-dir", "b"],
+                                  ["--grad-accum=2", "--gradient_accumulation_steps", "4"]])
+def test_a_short_flag_and_its_long_name_together_are_refused(pair, tmp_path, capsys, monkeypatch):
+    # argparse kept the last of the two silently (--lr 1e-3 --learning_rate 2e-3 trained at 2e-3).
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", *pair] + FAST) == 2
+    _one_line(capsys, "train", "set the same thing", "give one")
+    assert not any(tmp_path.iterdir())

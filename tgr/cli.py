@@ -202,11 +202,22 @@ def build_training_parser(command: str = "train"):
     return parser
 
 
+def _check_no_alias_pair(argv: list[str]) -> None:
+    """A short flag and the TrainingArguments flag it stands for, both given (``--lr 1e-3
+    --learning_rate 2e-3``): argparse would keep the last one silently."""
+    given = {token.split("=", 1)[0] for token in argv if token.startswith("--")}
+    for flag, (dest, _) in SHORT_TRAINING_FLAGS.items():
+        longs = sorted({f"--{dest}", f"--{dest.replace('_', '-')}"} & given)
+        if flag in given and longs:
+            raise CommandError(f"{flag} and {longs[0]} set the same thing ({dest}): give one")
+
+
 def parse_training_args(command: str, argv: list[str]) -> tuple[object, dict[str, object]]:
     """(``TGRArguments``, the ``TrainingArguments`` fields as given or defaulted) of ``tgr train``
     or ``tgr demo``; the TrainingArguments object is built later, once the device is known."""
     from .pipeline import TGRArguments
 
+    _check_no_alias_pair(argv)
     namespace = build_training_parser(command).parse_args(argv)
     ours = {f.name for f in dataclasses.fields(TGRArguments)}
     values = vars(namespace)
