@@ -491,7 +491,8 @@ class TGRLlamaModel(PreTrainedModel, GenerationMixin):
             if given is not None and actual is not None and given != actual:
                 raise ConfigError(
                     f"TGRConfig.{name}={given} but the base {config.base_model_name_or_path!r} has {name}={actual}; "
-                    f"leave it None to read it from the base"
+                    f"a saved TGR model loads only onto a base of its sizes (in a new TGRConfig, leave {name} None "
+                    f"to read it from the base)"
                 )
             if actual is not None:
                 setattr(config, name, actual)
