@@ -34,6 +34,7 @@ import logging
 import os
 import shutil
 import tempfile
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
@@ -264,7 +265,11 @@ def _add_lora(base: nn.Module, config: TGRConfig) -> nn.Module:
         # Activation checkpointing stays the caller's choice (TrainingArguments' flag, or
         # activation_checkpointing_enable): the recipe would otherwise switch it on for good.
         base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
-    peft_model = get_peft_model(base, lora, autocast_adapter_dtype=True)
+    with warnings.catch_warnings():
+        # peft reads transformers' deprecated alias is_gradient_checkpointing: its FutureWarning is
+        # peft's to act on, not the user's (printed before a command's one-line error, it broke it).
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        peft_model = get_peft_model(base, lora, autocast_adapter_dtype=True)
     for name, param in peft_model.named_parameters():
         if "lora_" in name:
             param.data = param.data.float()
