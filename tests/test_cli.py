@@ -321,17 +321,72 @@ def test_parser_defaults_follow_the_seed():
     assert (args.temperature, args.top_p, args.max_new_tokens) == (0.7, 0.9, 50)
 
 
-def test_two_process_training_with_torchrun_and_gloo(tmp_path):
-    """Multi-GPU runs go through torchrun unchanged: two CPU processes, the gloo backend."""
-    out = tmp_path / "ddp"
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:  # a fixed port failed when another run on the machine held it
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _torchrun(script_args, timeout=300, cwd=None):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-           "-m", "tgr", "train", "--output", str(out), "--max-steps", "3", "--batch-size", "2"] + FAST
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port())]
+    return subprocess.run(cmd + script_args, capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd)
+
+
+def test_two_process_training_with_torchrun_and_gloo(tmp_path):
+    """Multi-GPU runs go through torchrun unchanged: two CPU processes, the gloo backend. Two
+    processes of batch 1 accumulating 2 micro-batches train and log as one process of batch 4:
+    the same loss, weights and logged statistics (those were the main process's micro-batches
+    alone: lm_loss 0.855 against the step's 0.550), logged once."""
+    from safetensors.torch import load_file
+    from torch.testing import assert_close
+
+    out, single = tmp_path / "ddp", tmp_path / "single"
+    common = ["--max-steps", "3", "--logging_steps", "1", "--lr", "0.01"]
+    proc = _torchrun(["-m", "tgr", "train", "--output", str(out), "--batch-size", "1", "--grad-accum", "2"]
+                     + common + FAST[1:])
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count("trained: ") == 1  # the other process logs warnings only
+    assert main(["train", "--output", str(single), "--batch-size", "4"] + common + FAST) == 0
     state = json.loads((out / "trainer_state.json").read_text())
     assert state["global_step"] == 3
-    assert (out / "final" / "model.safetensors").exists()
+    logs = [log for log in state["log_history"] if "loss" in log]
+    expected = [log for log in json.loads((single / "trainer_state.json").read_text())["log_history"] if "loss" in log]
+    assert len(logs) == len(expected) == 3
+    for got, want in zip(logs, expected, strict=True):
+        for key in ("loss", "lm_loss", "temperature_mean", "temperature_std", "gsot_pruned"):
+            assert abs(got[key] - want[key]) <= 2e-4, (key, got, want)
+    weights, expected_weights = (load_file(folder / "final" / "model.safetensors") for folder in (out, single))
+    assert weights.keys() == expected_weights.keys()
+    for name, tensor in weights.items():
+        assert_close(tensor, expected_weights[name], rtol=1e-4, atol=1e-6)
+
+
+def test_two_process_demo_writes_one_folder_once(tmp_path):
+    """tgr demo's default output folder is named by the second each process parsed its flags in:
+    the processes of one torchrun that straddled a second wrote two folders (the second process's
+    checkpoint state in its own). Here the second process starts 1.5 s late; the demo's results
+    are written and printed by the main process alone."""
+    rows = [json.loads(line) for line in open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "tgr",
+                                                           "resources", "wikiqa_sample.jsonl"))]
+    ids = sorted({r["question_id"] for r in rows})[:8]
+    data = tmp_path / "small.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows if r["question_id"] in ids))
+    script = tmp_path / "late_second_process.py"
+    script.write_text("import os, sys, time\n"
+                      "time.sleep(1.5 * int(os.environ['RANK']))\n"
+                      "from tgr.cli import main\n"
+                      "sys.exit(main(sys.argv[1:]))\n")
+    proc = _torchrun([str(script), "demo", "--data", str(data), "--max-steps", "1", "--tgr-mode", "head",
+                      "--batch-size", "2"] + FAST, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    folders = list((tmp_path / "outputs").iterdir())
+    assert len(folders) == 1, folders
+    assert (folders[0] / "checkpoint-1" / "rng_state_1.pth").exists()
+    assert (folders[0] / "demo_results.json").exists()
+    assert proc.stdout.count("demo done") == 1
 
 
 def test_adapters_of_tgr_train_load_with_peft(trained):

@@ -17,6 +17,7 @@ model extra.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
@@ -234,7 +235,13 @@ def _silence_import_warnings() -> None:
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
+def _is_main_process() -> bool:
+    """False in the other processes of a distributed launch (torchrun and accelerate set RANK)."""
+    return os.environ.get("RANK", "0").strip() in ("", "0")
+
+
 def _setup_logging(quiet: bool) -> None:
+    quiet = quiet or not _is_main_process()  # a distributed run's other processes: warnings only
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s")
     logger.setLevel(logging.WARNING if quiet else logging.INFO)
     for noisy in ("transformers", "accelerate", "bitsandbytes", "datasets"):
@@ -571,6 +578,24 @@ def _evaluate_tgr_model(model, tokenizer, rows, batch_size: int, progress: bool 
     return result.as_dict()
 
 
+def _main_process_output(args, training: dict[str, object]) -> str:
+    """The main process's output folder, in every process of a distributed launch: tgr demo's
+    default folder is named by the second each process parsed its flags in, which the processes of
+    one torchrun do not always share (a run then wrote into two folders). The TrainingArguments set
+    up the process group, as the Trainer's would."""
+    output = str(training["output_dir"])
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return output
+    _training_arguments(args, training, Path(output))
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return output
+    chosen = [output]
+    dist.broadcast_object_list(chosen, src=0)
+    return chosen[0]
+
+
 def cmd_demo(args, training: dict[str, object]) -> dict:
     """Train the TGR head, and every-layer TGR (unless ``--tgr-mode head``), on the sample's
     training questions with the same settings; evaluate the base, the head and the layers on the
@@ -584,6 +609,7 @@ def cmd_demo(args, training: dict[str, object]) -> dict:
 
     start = time.time()
     rows = _rows(args, args.split)
+    training = dict(training, output_dir=_main_process_output(args, training))
     out = Path(training["output_dir"])
     _check_output(out, args.overwrite)
     layer_mode = None if args.tgr_mode == "head" else (args.tgr_mode or "layers")
@@ -627,7 +653,8 @@ def cmd_demo(args, training: dict[str, object]) -> dict:
     for r in results["generations"]:
         print(f"  Q: {r['question']}\n  A: {r['answer']}")
     results["seconds"] = round(time.time() - start, 1)
-    _write_json(out / "demo_results.json", results)
+    if _is_main_process():  # the other processes of a distributed run computed the same
+        _write_json(out / "demo_results.json", results)
     print(f"\ndemo done in {results['seconds']:.0f} s; results in {out}/demo_results.json")
     return results
 
@@ -692,7 +719,10 @@ def main(argv: list[str] | None = None) -> int:
         if status:
             return status
         _setup_logging(parsed["args"].quiet)
-        status = _run(command, lambda: TRAINING_COMMAND_FUNCTIONS[command](parsed["args"], parsed["training"]))
+        with contextlib.ExitStack() as stack:
+            if not _is_main_process():  # the demo's tables and answers once, from the main process
+                stack.enter_context(contextlib.redirect_stdout(stack.enter_context(open(os.devnull, "w"))))
+            status = _run(command, lambda: TRAINING_COMMAND_FUNCTIONS[command](parsed["args"], parsed["training"]))
         _end_distributed(status == 0)
         return status
     if argv and argv[0] == "bench":  # everything after it is the benchmarks' (argparse's REMAINDER

@@ -191,6 +191,8 @@ class TGRTrainer(Trainer):
         step = getattr(self, "_tgr_step", None)
         if not step:
             return
+        if self.args.world_size > 1:  # the step's micro-batches on every process, as its loss
+            step = self._pool_across_processes(step)
         stats = {}
         for key, value in step.items():
             if key == "lm_loss":
@@ -202,6 +204,24 @@ class TGRTrainer(Trainer):
             self._tgr_sums[key] = value if total is None else total + value.to(total.device)
         self._tgr_count += 1
         self._tgr_step = {}
+
+    def _pool_across_processes(self, step: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """One optimizer step's pooled statistics over all the processes of a distributed run
+        (every process closes each step, so each joins this one gather; no host sync)."""
+        keys = sorted(step)
+        sizes = [step[k].numel() for k in keys]
+        flat = torch.cat([step[k].float().reshape(-1) for k in keys])
+        gathered = self.accelerator.gather(flat[None])  # [processes, sum(sizes)]
+        pooled = {}
+        for key, part in zip(keys, gathered.split(sizes, dim=1), strict=True):
+            if key == "lm_loss":  # [cross-entropy sum, label tokens]: sums
+                pooled[key] = part.sum(0)
+            else:
+                total = part[0]
+                for other in part[1:]:
+                    total = merge_moments(total, other)
+                pooled[key] = total
+        return pooled
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         if "loss" in logs:
