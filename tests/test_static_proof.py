@@ -67,7 +67,7 @@ def _compiled_flash_candidates(records):
 @pytest.mark.slow  # compiles every kernel configuration for two architectures: minutes on a CPU
 def test_every_launch_configuration_passes_the_static_proof(tmp_path):
     # The one full compile of the suite (the other tests compile a few kernels at most).
-    proc = _run(["-m", "tgr_kernels.aot", "--out", str(tmp_path)], timeout=1500)
+    proc = _run(["-m", "tgr_kernels.aot", "--out", str(tmp_path)], timeout=2700)
     assert proc.returncode == 0, proc.stdout[-8000:] + proc.stderr[-4000:]
     data = json.loads((tmp_path / "records.json").read_text())
     records = data["records"]
@@ -95,6 +95,98 @@ def test_every_launch_configuration_passes_the_static_proof(tmp_path):
     expected = {tuple(x) for x in json.loads(expected.stdout)}
     missing = expected - _compiled_flash_candidates(records)
     assert not missing, sorted(missing)[:20]
+
+
+# What the dispatcher can launch, against what the proof enumerates (no compile: the launches are
+# recorded and bound as for a compile, so this runs in seconds).
+_ENUMERATION = textwrap.dedent("""
+    import json
+    import torch
+    from tgr_kernels import _configs, aot, attention_decode
+    from tgr_kernels.attention_flash import FLASH_HEAD_DIM_ALIGN
+    from tgr_kernels._backend import triton_dot_precision
+
+    launches = aot.collect(list(aot.FAMILY_LAUNCHES), list(aot.ARCHES), full=True)
+    jobs = [(launch, aot.compile_job(launch)) for launch in launches]
+    missing = {}
+
+    # Every flash candidate, for each BLOCK_D (not only each bucket), dtype and target.
+    names = {"fwd": "_flash_fwd_kernel", "bwd_dkdv": "_flash_bwd_dkdv_kernel", "bwd_dq": "_flash_bwd_dq_kernel"}
+    got = {(l.kernel.fn.__name__, l.arch, l.scenario["dtype"], l.kwargs["BLOCK_D"], l.kwargs["BLOCK_M"],
+            l.kwargs["BLOCK_N"], l.kwargs["num_warps"], l.kwargs["num_stages"])
+           for l in launches if l.kernel.fn.__name__.startswith("_flash")}
+    want = set()
+    for precision in aot.ATTENTION_PRECISIONS:
+        with precision.active():
+            dot = triton_dot_precision(precision.dtype)
+        for arch, (cc, _, _) in aot.ARCHES.items():
+            for kernel in _configs.FLASH_KERNELS:
+                for d in range(1, 257):
+                    d += -d % FLASH_HEAD_DIM_ALIGN
+                    kernel_dot = _configs.flash_dot_precision(kernel, d, precision.dtype, dot, cc)
+                    for c in _configs.flash_configs(kernel, d, precision.dtype, kernel_dot, cc):
+                        want.add((names[kernel], arch, precision.name, _configs.flash_block_d(d),
+                                  c["BLOCK_M"], c["BLOCK_N"], c.num_warps, c.num_stages))
+    missing["flash"] = sorted(want - got)
+
+    # The decode combine kernel's BLOCK_S for every split count, on each target.
+    got = {(l.arch, l.kwargs["BLOCK_S"]) for l in launches if l.kernel is attention_decode._decode_combine_kernel}
+    want = {(arch, triton_n) for arch in aot.ARCHES
+            for triton_n in {1 << (n - 1).bit_length() for n in range(1, _configs.DECODE_MAX_SPLITS + 1)}}
+    missing["decode_combine"] = sorted(want - got)
+
+    # The projection: every (hidden, weight) dtype pair the op takes, TF32 allowed or not, each
+    # kernel's dot precision and operand types, on each target.
+    def projection_key(job):
+        sig = job["signature"]
+        return (job["name"], job["arch"], sig.get("hidden_ptr"), sig.get("weight_ptr"),
+                str(sorted(str(v) for v in job["constexprs"].values() if v in ("ieee", "tf32", "tf32x3"))))
+    got = {projection_key(job) for l, job in jobs if l.kernel.fn.__name__.startswith("_projection")}
+    want = set()
+    dtypes = (torch.float16, torch.bfloat16, torch.float32)
+    for h in dtypes:
+        for w in dtypes:
+            for tf32 in (False, True):
+                for arch in aot.ARCHES:
+                    hidden, weight = torch.zeros(64, 4096, dtype=h), torch.zeros(8, 4096, dtype=w)
+                    with aot.Precision(torch.float32, tf32).active():
+                        recorded = aot.record(lambda: aot.temperature_projection._launch_forward(
+                            hidden, weight, None, 0.01, 0.99, True), arch)
+                        recorded += aot.record(lambda: aot.temperature_projection._launch_backward_rows(
+                            torch.zeros(64, 8, dtype=torch.promote_types(h, w)), torch.zeros(64, 8), weight, h,
+                            0.01, 0.99, True, True), arch)
+                        recorded += aot.record(lambda: aot.temperature_projection._launch_backward_weight(
+                            torch.zeros(64, 8), hidden, w), arch)
+                    want |= {projection_key(aot.compile_job(l)) for l in recorded}
+    missing["projection"] = sorted(want - got)
+
+    # Every mask and t-bar dtype an attention kernel can read (the op passes any floating additive
+    # mask as it is, and an fp64 t-bar without GSoT).
+    seen = {}
+    for l, job in jobs:
+        for arg in ("BIAS", "T_BAR"):
+            if arg in job["signature"]:
+                seen.setdefault((job["name"], arg), set()).add(job["signature"][arg])
+    want = {"BIAS": {"*fp16", "*bf16", "*fp32", "*fp64"}, "T_BAR": {"*fp32", "*fp64"}}
+    missing["mask_dtypes"] = sorted(f"{name} {arg}: {sorted(want[arg] - types)}"
+                                    for (name, arg), types in seen.items() if want[arg] - types)
+    print(json.dumps(missing))
+""")
+
+
+@pytest.fixture(scope="module")
+def enumeration_gaps():
+    proc = _run(["-c", _ENUMERATION], timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return json.loads(proc.stdout.splitlines()[-1])
+
+
+@pytest.mark.parametrize("what", ["flash", "decode_combine", "projection", "mask_dtypes"])
+def test_the_proof_enumerates_every_launch_the_dispatcher_can_make(enumeration_gaps, what):
+    # flash: the smaller BLOCK_D (D <= 32) with every candidate on both targets; decode_combine:
+    # BLOCK_S up to DECODE_MAX_SPLITS; projection: every dtype pair, TF32 allowed or not;
+    # mask_dtypes: float64 and cross-half masks, an fp64 t-bar.
+    assert not enumeration_gaps[what], enumeration_gaps[what][:20]
 
 
 _BAD_CONFIGS = textwrap.dedent("""
@@ -171,6 +263,8 @@ def _record(**overrides):
     (dict(sass={"HGMMA": 0, "HMMA": 16, "FFMA": 0}), "bf16 dot without HGMMA"),
     (dict(arch="sm_80", sass={"HGMMA": 0, "HMMA": 0, "FFMA": 64}, tensor_core_dots=["tf32x3"]),
      "tf32x3 dot without HMMA"),
+    # One bf16 dot on wgmma, another on scalar FMAs: the SASS has HGMMA, the TTGIR shows the FMA dot.
+    (dict(dot_lowering=dict(wgmma=1, mma=0, fma=1, fma_tensor_core=1)), "1 fp16/bf16/tf32 dot(s) on FMA"),
 ])
 def test_gate_rules(overrides, reason):
     assert any(reason in f for f in aot.check(_record(**overrides)))
@@ -180,6 +274,17 @@ def test_gate_passes_a_clean_kernel_and_fp32_fma():
     assert aot.check(_record()) == []
     # An fp32 kernel with ieee dots: scalar FMAs are what it asks for.
     assert aot.check(_record(half_precision=False, tensor_core_dots=[], sass={"HGMMA": 0, "HMMA": 0, "FFMA": 99})) == []
+
+
+def test_dot_lowering_is_read_from_the_ttgir():
+    ttgir = """
+      %a = ttng.warp_group_dot %q, %k, %c {inputPrecision = 0 : i32, isAsync = true} : !ttg.memdesc<64x32xf16, #shared, #smem> * !ttg.memdesc<32x32xf16, #shared1, #smem> -> tensor<64x32xf32, #mma>
+      %b = tt.dot %p, %v, %c, inputPrecision = tf32 : tensor<32x64xf32, #ttg.dot_op<{opIdx = 0, parent = #mma1, kWidth = 4}>> * tensor<64x32xf32, #ttg.dot_op<{opIdx = 1, parent = #mma1, kWidth = 4}>> -> tensor<32x32xf32, #mma1>
+      %d = tt.dot %q, %k, %c : tensor<32x256xf32, #ttg.dot_op<{opIdx = 0, parent = #blocked1}>> * tensor<256x16xf32, #ttg.dot_op<{opIdx = 1, parent = #blocked1}>> -> tensor<32x16xf32, #blocked1>
+      %e = tt.dot %q, %k, %c : tensor<16x16xbf16, #ttg.dot_op<{opIdx = 0, parent = #blocked}>> * tensor<16x16xbf16, #ttg.dot_op<{opIdx = 1, parent = #blocked}>> -> tensor<16x16xf32, #blocked>
+      %f = tt.dot %q, %k, %c, inputPrecision = tf32 : tensor<16x16xf32, #ttg.dot_op<{opIdx = 0, parent = #blocked}>> * tensor<16x16xf32, #ttg.dot_op<{opIdx = 1, parent = #blocked}>> -> tensor<16x16xf32, #blocked>
+    """  # noqa: E501 (TTGIR lines as the compiler writes them)
+    assert aot.dot_lowering_of(ttgir) == dict(wgmma=1, mma=1, fma=3, fma_tensor_core=2)
 
 
 def test_dots_are_read_from_the_ttir():

@@ -131,6 +131,25 @@ def test_mixed_dtypes_half_hidden_fp32_head(backend, hidden_dtype):
     assert got[0].dtype == torch.float32
 
 
+_OTHER_MIXES = [(torch.float32, torch.bfloat16), (torch.float32, torch.float16), (torch.bfloat16, torch.float16),
+                (torch.float16, torch.bfloat16)]
+
+
+@pytest.mark.parametrize("hidden_dtype,weight_dtype", _OTHER_MIXES,
+                         ids=["fp32h-bf16W", "fp32h-fp16W", "bf16h-fp16W", "fp16h-bf16W"])
+def test_mixed_dtypes_with_a_half_operand_multiply_on_tensor_cores(hidden_dtype, weight_dtype):
+    """Every other (hidden, weight) pair the op takes: a dot with a half operand runs on tensor cores
+    ("tf32x3", or "tf32" when both operands are half and so exact in tf32), never as scalar fp32
+    FMAs ("ieee"), whose kernels spilled 8-168 B on sm_90 and sm_80 (python -m tgr_kernels.aot);
+    the temperatures still match float64."""
+    assert not torch.backends.cuda.matmul.allow_tf32  # PyTorch's default: fp32 dots would be "ieee"
+    precision = tp_module._precision(hidden_dtype, weight_dtype)
+    both_half = hidden_dtype != torch.float32 and weight_dtype != torch.float32
+    assert precision == ("tf32" if both_half else "tf32x3")
+    hidden, weight, bias = make_inputs((2, 45), 97, 8, hidden_dtype, weight_dtype=weight_dtype)
+    assert_matches_float64("triton", hidden, weight, bias, (0.01, 0.99))
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 def test_bias_cancelling_a_large_product(backend, dtype):

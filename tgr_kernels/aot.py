@@ -8,11 +8,15 @@ with every launch configuration the dispatcher can choose, for sm_90 (H100/H200)
 - shared memory (Triton's dynamic allocation plus any static), against the per-block limit
   (227 KB = 232448 B on sm_90, 163 KB = 166912 B on sm_80);
 - the tensor-core instructions in the SASS (``nvdisasm``): HGMMA (wgmma) on sm_90, HMMA on
-  sm_80, checked against the kernel's ``tl.dot`` operations (from its TTIR).
+  sm_80, checked against the kernel's ``tl.dot`` operations (from its TTIR), and how each dot
+  was lowered (from its TTGIR: wgmma, mma.sync or scalar FMAs).
 
 It fails (exit status 1) on a compile error, shared memory over the limit, any spill (in any
-kernel, whatever its dtype), or a half-precision (or tf32) dot compiled without the
-architecture's tensor-core instruction. It writes ``table.md`` and ``records.json``.
+kernel, whatever its dtype), a kernel with half-precision (or tf32) dots but none of the
+architecture's tensor-core instruction, or any such dot lowered to FMAs. On sm_90 a dot whose tile
+cannot take wgmma (fewer than 64 rows per warp group) runs as HMMA (mma.sync) beside the kernel's
+wgmma dots: on tensor cores, so it passes, and the table lists it ("wgmma k of n dots"). It
+writes ``table.md`` and ``records.json``.
 
 Nothing is listed by hand: the launches come from the launchers themselves. Each launcher
 (``flash_forward``, ``flash_backward``, ``_triton_rows_forward``/``_backward``, the projection's
@@ -262,22 +266,57 @@ def _flash_group(head_dim: int):
     return _configs.flash_block_d(head_dim), tuple(keys)
 
 
+# The dtypes an additive mask reaches the kernels in: the op takes any floating mask as it is
+# (``_validation._split_mask``; a bool 3-/4-D mask becomes an fp32 one), so besides q's dtype and
+# fp32 a float64 mask and a half mask of the other half dtype are launched. t̄ is fp32, and fp64
+# for an fp64 temperature without GSoT (``attention._gated_in_fp32`` rounds it only for a gate).
+BIAS_DTYPES = {"fp32": torch.float32, "fp64": torch.float64, "fp16": torch.float16, "bf16": torch.bfloat16}
+T_BAR_DTYPES = {"fp32": torch.float32, "fp64": torch.float64}
+_MASK_DTYPE_VARIANTS = (dict(bias_dtype="fp32"), dict(bias_dtype="fp64"), dict(bias_dtype="fp16"),
+                        dict(bias_dtype="bf16"), dict(gsot=False, t_bar="fp64"))
+
 # Mask and flag settings: every one on (the base), then each varied alone.
 # "gqa": grouped-query attention (2 query heads on 1 k/v head), whose dK/dV kernel loops over the
 # group at run time; without it the group size is 1, a constant to the compiler.
-FLASH_BASE = dict(mask="kpm+bias", bias_dtype="q", causal=True, gsot=True, need_dq=True, need_dkv=True, gqa=True,
-                  odd=False)
+FLASH_BASE = dict(mask="kpm+bias", bias_dtype="q", t_bar="fp32", causal=True, gsot=True, need_dq=True, need_dkv=True,
+                  gqa=True, odd=False)
 FLASH_VARIANT_DTYPES = ("bf16", "fp32+tf32")
-FLASH_VARIANTS = (dict(mask="none"), dict(mask="kpm"), dict(mask="bias"), dict(bias_dtype="fp32"),
+FLASH_VARIANTS = (dict(mask="none"), dict(mask="kpm"), dict(mask="bias"), *_MASK_DTYPE_VARIANTS,
                   dict(causal=False), dict(gsot=False), dict(need_dq=False), dict(gqa=False))
-WIDE_BASE = dict(mask="kpm+bias", bias_dtype="q", causal=True, gsot=True, store_p=True, store_g=True, odd=False)
+WIDE_BASE = dict(mask="kpm+bias", bias_dtype="q", t_bar="fp32", causal=True, gsot=True, store_p=True, store_g=True,
+                 odd=False)
 WIDE_VARIANT_DTYPES = ("bf16", "fp32")
-WIDE_VARIANTS = (dict(mask="none"), dict(mask="kpm"), dict(mask="bias"), dict(bias_dtype="fp32"),
+WIDE_VARIANTS = (dict(mask="none"), dict(mask="kpm"), dict(mask="bias"), *_MASK_DTYPE_VARIANTS,
                  dict(causal=False), dict(gsot=False), dict(store_p=False), dict(store_p=False, store_g=False))
 # The dtype mixes of (hidden, weight): the model's fp32 head on bf16/fp16 hidden states, fp32,
-# and one dtype throughout.
+# and one dtype throughout (every size class and flag variant below), then every other pair the
+# op takes (fp32 hidden states on a half head, one half on the other: dots in fp32).
 PROJECTION_MIXES = ((torch.bfloat16, torch.float32), (torch.float16, torch.float32), (torch.float32, torch.float32),
-                    (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16))
+                    (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
+                    (torch.float32, torch.bfloat16), (torch.float32, torch.float16),
+                    (torch.bfloat16, torch.float16), (torch.float16, torch.bfloat16))
+
+
+def projection_precisions() -> list[tuple[torch.dtype, torch.dtype, bool]]:
+    """(hidden dtype, weight dtype, TF32 allowed): each mix with TF32 off (PyTorch's default), and
+    with TF32 allowed where that changes the kernels' dot precision (fp32 dots: "tf32" instead of
+    "ieee" or "tf32x3")."""
+    out = []
+    for hidden_dtype, weight_dtype in PROJECTION_MIXES:
+        precisions = []
+        for allow_tf32 in (False, True):
+            with Precision(torch.float32, allow_tf32).active():
+                precision = temperature_projection._precision(hidden_dtype, weight_dtype)
+            if precision not in precisions:
+                precisions.append(precision)
+                out.append((hidden_dtype, weight_dtype, allow_tf32))
+    return out
+
+
+def projection_mix_name(hidden_dtype: torch.dtype, weight_dtype: torch.dtype, allow_tf32: bool) -> str:
+    return f"{DTYPE_NAMES[hidden_dtype]} h, {DTYPE_NAMES[weight_dtype]} W" + (" +tf32" if allow_tf32 else "")
+
+
 PROJECTION_BASE = dict(bias=True, save_sigma=True, store_grad_logits=True, hidden_grad=True, odd=False)
 PROJECTION_VARIANT_DTYPES = ("bf16 h, fp32 W", "bf16 h, bf16 W")
 PROJECTION_VARIANTS = (dict(bias=False), dict(save_sigma=False), dict(store_grad_logits=False),
@@ -317,7 +356,7 @@ def _masks(mask: str, bias_dtype: str, dtype, B, H, S_q, S_k):
     if "kpm" in mask:
         key_padding = torch.ones(B, S_k, dtype=torch.bool)
     if "bias" in mask:
-        additive = torch.zeros(B, 1, S_q, S_k, dtype=dtype if bias_dtype == "q" else torch.float32)
+        additive = torch.zeros(B, 1, S_q, S_k, dtype=dtype if bias_dtype == "q" else BIAS_DTYPES[bias_dtype])
     return key_padding, additive
 
 
@@ -337,11 +376,9 @@ def flash_launches(arch: str, full: bool = True) -> list[Launch]:
     for precision in ATTENTION_PRECISIONS:
         for head_dim in head_dims:
             if head_dim not in bucket_largest:
-                # A smaller BLOCK_D of a bucket (same candidates, smaller tiles): the default
-                # candidate with every flag on, on the primary target.
-                settings = [dict(FLASH_BASE, all_candidates=False)]
-                if arch != PRIMARY_ARCH:
-                    continue
+                # A smaller BLOCK_D of a bucket (same candidates, smaller tiles): every candidate
+                # with every flag on, on each target (the dispatcher launches each of them there).
+                settings = [dict(FLASH_BASE, all_candidates=True)]
             else:
                 # Odd S (unaligned mask and bias rows) as a variant; the flags vary at the largest D.
                 settings = _settings(FLASH_BASE, FLASH_VARIANTS, arch, full, odd_sizes=True,
@@ -352,7 +389,7 @@ def flash_launches(arch: str, full: bool = True) -> list[Launch]:
                 H_kv = 1 if s["gqa"] else H
                 q = torch.zeros(B, H, S, D, dtype=precision.dtype)
                 k, v = (torch.zeros(B, H_kv, S, D, dtype=precision.dtype) for _ in range(2))
-                t_bar = torch.full((B, S), 0.5)
+                t_bar = torch.full((B, S), 0.5, dtype=T_BAR_DTYPES[s["t_bar"]])
                 key_padding, additive = _masks(s["mask"], s["bias_dtype"], precision.dtype, B, H, S, S)
                 gsot = Gate(0.1, GATE_STRAIGHT_THROUGH) if s["gsot"] else None
                 scale = D ** -0.5
@@ -380,7 +417,7 @@ def wide_launches(arch: str, full: bool = True) -> list[Launch]:
                 B, H, M = 1, 1, 2
                 S_q, S_k = M, n_cols
                 z, dp = torch.zeros(B, H, M, n_cols, dtype=dtype), torch.zeros(B, H, M, n_cols, dtype=dtype)
-                t_bar = torch.full((B, S_q), 0.5)
+                t_bar = torch.full((B, S_q), 0.5, dtype=T_BAR_DTYPES[s["t_bar"]])
                 lse, dt = torch.zeros(B, H, S_q), torch.zeros(B, H, S_q)
                 key_padding, additive = _masks(s["mask"], s["bias_dtype"], dtype, B, H, S_q, S_k)
                 gsot = Gate(0.1, GATE_STRAIGHT_THROUGH) if s["gsot"] else None
@@ -398,15 +435,22 @@ def _projection_group(n_heads: int):
                  for k in _configs.PROJECTION_KERNELS for h, w in PROJECTION_MIXES)
 
 
+# The mixes compiled in every setting, TF32 allowed or not (the rest with every flag on, at aligned
+# sizes, on each target).
+PROJECTION_FULL_MIXES = tuple(m + tf32 for m in ("bf16 h, fp32 W", "fp16 h, fp32 W", "fp32 h, fp32 W")
+                              for tf32 in ("", " +tf32")) + ("bf16 h, bf16 W", "fp16 h, fp16 W")
+
+
 def projection_launches(arch: str, full: bool = True) -> list[Launch]:
     """The projection's three kernels over 1..MAX_TEMPERATURE_HEADS heads and the dtype mixes."""
     launches = []
     reps = representatives(range(1, temperature_projection.MAX_TEMPERATURE_HEADS + 1), _projection_group)
-    for hidden_dtype, weight_dtype in PROJECTION_MIXES:
+    for hidden_dtype, weight_dtype, allow_tf32 in projection_precisions():
         for aligned_t, odd_t in reps:
             # The flags are varied at the largest size (the most registers and shared memory).
-            mix = f"{DTYPE_NAMES[hidden_dtype]} h, {DTYPE_NAMES[weight_dtype]} W"
-            for s in _settings(PROJECTION_BASE, PROJECTION_VARIANTS, arch, full, odd_sizes=True,
+            mix = projection_mix_name(hidden_dtype, weight_dtype, allow_tf32)
+            for s in _settings(PROJECTION_BASE, PROJECTION_VARIANTS, arch, full and mix in PROJECTION_FULL_MIXES,
+                               odd_sizes=True,
                                flags=(aligned_t, odd_t) == reps[-1] and mix in PROJECTION_VARIANT_DTYPES):
                 T, N, Hd = (odd_t, 97, 4095) if s["odd"] else (aligned_t, 256, 4096)
                 hidden = torch.zeros(N, Hd, dtype=hidden_dtype)
@@ -415,15 +459,15 @@ def projection_launches(arch: str, full: bool = True) -> list[Launch]:
                 out_dtype = torch.promote_types(hidden_dtype, weight_dtype)
                 grad_out = torch.zeros(N, T, dtype=out_dtype)
                 sigma = torch.zeros(N, T)
-                label = dict(dtype=f"{DTYPE_NAMES[hidden_dtype]} h, {DTYPE_NAMES[weight_dtype]} W", T=T, H=Hd,
-                             **{k: s[k] for k in PROJECTION_BASE})
-                launches += _keep(record(lambda: temperature_projection._launch_forward(
-                    hidden, weight, bias, 0.01, 0.99, save_sigma=s["save_sigma"]), arch, **label), s)
-                launches += _keep(record(lambda: temperature_projection._launch_backward_rows(
-                    grad_out, sigma, weight, hidden_dtype, 0.01, 0.99,
-                    store_grad_logits=s["store_grad_logits"], hidden_grad=s["hidden_grad"]), arch, **label), s)
-                launches += _keep(record(lambda: temperature_projection._launch_backward_weight(
-                    torch.zeros(N, T), hidden, weight_dtype), arch, **label), s)
+                label = dict(dtype=mix, T=T, H=Hd, **{k: s[k] for k in PROJECTION_BASE})
+                with Precision(torch.float32, allow_tf32).active():
+                    launches += _keep(record(lambda: temperature_projection._launch_forward(
+                        hidden, weight, bias, 0.01, 0.99, save_sigma=s["save_sigma"]), arch, **label), s)
+                    launches += _keep(record(lambda: temperature_projection._launch_backward_rows(
+                        grad_out, sigma, weight, hidden_dtype, 0.01, 0.99,
+                        store_grad_logits=s["store_grad_logits"], hidden_grad=s["hidden_grad"]), arch, **label), s)
+                    launches += _keep(record(lambda: temperature_projection._launch_backward_weight(
+                        torch.zeros(N, T), hidden, weight_dtype), arch, **label), s)
     return launches
 
 
@@ -459,9 +503,9 @@ def _decode_group(head_dim: int):
 # query row (Triton specialises an integer equal to 1), a kv head per query head, a cache split
 # over several chunks; the odd variant: odd D and S_k, 3 query rows, two query heads per kv head;
 # "short": a cache of one chunk (num_splits = 1, also specialised).
-DECODE_BASE = dict(mask="kpm+bias", bias_dtype="q", causal=True, gsot=True, short=False, odd=False)
+DECODE_BASE = dict(mask="kpm+bias", bias_dtype="q", t_bar="fp32", causal=True, gsot=True, short=False, odd=False)
 DECODE_VARIANT_DTYPES = ("bf16", "fp32")
-DECODE_VARIANTS = (dict(mask="none"), dict(mask="kpm"), dict(mask="bias"), dict(bias_dtype="fp32"),
+DECODE_VARIANTS = (dict(mask="none"), dict(mask="kpm"), dict(mask="bias"), *_MASK_DTYPE_VARIANTS,
                    dict(causal=False), dict(gsot=False), dict(short=True))
 
 
@@ -480,13 +524,33 @@ def decode_launches(arch: str, full: bool = True) -> list[Launch]:
                 B = 1
                 q = torch.zeros(B, H, S_q, D, dtype=dtype)
                 k, v = (torch.zeros(B, H_kv, S_k, D, dtype=dtype) for _ in range(2))
-                t_bar = torch.full((B, S_q), 0.5)
+                t_bar = torch.full((B, S_q), 0.5, dtype=T_BAR_DTYPES[s["t_bar"]])
                 key_padding, additive = _masks(s["mask"], s["bias_dtype"], dtype, B, H, S_q, S_k)
                 gsot = Gate(0.1, GATE_STRAIGHT_THROUGH) if s["gsot"] else None
                 label = dict(dtype=DTYPE_NAMES[dtype], D=D, S_q=S_q, S_k=S_k, **{k: s[k] for k in DECODE_BASE})
                 launches += _keep(record(lambda: attention_decode.decode_forward(
                     q, k, v, t_bar, key_padding, additive, s["causal"], gsot, D ** -0.5), arch, **label), s)
+        # The combine kernel's BLOCK_S is num_splits rounded up to a power of two: every one up to
+        # DECODE_MAX_SPLITS (and a split count that is not one), at the largest head dim. One query
+        # row of two heads against S_k = n chunks of DECODE_MIN_CHUNK_BLOCKS key blocks: n splits.
+        D = reps[-1][0]
+        block_n = _configs.decode_config(D)["BLOCK_N"]
+        for n_splits in DECODE_SPLIT_COUNTS:
+            S_k = n_splits * _configs.DECODE_MIN_CHUNK_BLOCKS * block_n
+            q = torch.zeros(1, 2, 1, D, dtype=dtype)
+            k = v = torch.zeros(1, 2, S_k, D, dtype=dtype)
+            t_bar = torch.full((1, 1), 0.5)
+            label = dict(dtype=DTYPE_NAMES[dtype], D=D, S_q=1, S_k=S_k, splits=n_splits, **DECODE_BASE)
+            launches += [launch_ for launch_ in record(lambda: attention_decode.decode_forward(
+                q, k, v, t_bar, None, None, False, Gate(0.1, GATE_STRAIGHT_THROUGH), D ** -0.5), arch, **label)
+                if launch_.kernel is attention_decode._decode_combine_kernel]
     return launches
+
+
+# Split counts whose combine launches the proof compiles: each power of two up to DECODE_MAX_SPLITS
+# (each BLOCK_S; 1 is specialised by Triton, multiples of 16 too) and the largest count that is not.
+DECODE_SPLIT_COUNTS = (*(1 << p for p in range(_configs.DECODE_MAX_SPLITS.bit_length())),
+                       _configs.DECODE_MAX_SPLITS - 1)
 
 
 FAMILY_LAUNCHES = {"flash": flash_launches, "wide": wide_launches, "projection": projection_launches,
@@ -537,6 +601,34 @@ def dots_of(ttir: str) -> list[dict]:
     return dots
 
 
+_TTGIR_DOT = re.compile(r"\btt\.dot\s.*?(?:inputPrecision\s*=\s*(\w+)\s*)?:\s*tensor<[\dx]+x(\w+),\s*"
+                        r"#ttg\.dot_op<\{opIdx = 0, parent = #(\w+?)\d*[,}]")
+
+
+def dot_lowering_of(ttgir: str) -> dict:
+    """How each ``tl.dot`` was lowered (from the TTGIR): ``wgmma`` (Hopper warp-group MMA, HGMMA),
+    ``mma`` (mma.sync, HMMA), ``fma`` (scalar FMAs), and ``fma_tensor_core``: the FMA dots of
+    fp16/bf16 operands or tf32 precision, which should have run on tensor cores. (SASS counts
+    instructions per kernel, so a kernel with one dot on tensor cores and another on FMAs would
+    pass a check of the SASS alone.)"""
+    out = dict(wgmma=0, mma=0, fma=0, fma_tensor_core=0)
+    for line in ttgir.splitlines():
+        if "ttng.warp_group_dot " in line:
+            out["wgmma"] += 1
+            continue
+        found = _TTGIR_DOT.search(line)
+        if not found:
+            continue
+        precision, element, parent = found.groups()
+        if parent == "mma":
+            out["mma"] += 1
+        else:
+            out["fma"] += 1
+            if _TYPE_NAMES.get(element, element) in _HALF_TYPES or precision in _TENSOR_CORE_PRECISIONS:
+                out["fma_tensor_core"] += 1
+    return out
+
+
 def resources_of(cubin: bytes, name: str) -> dict:
     """Registers, stack and static shared memory (cuobjdump), tensor-core instructions (nvdisasm)."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -570,6 +662,7 @@ def run_compile(job: dict) -> dict:
         result.update(resources_of(compiled.asm["cubin"], job["name"]))
         result["shared_dynamic"] = int(compiled.metadata.shared)
         result["dots"] = dots_of(compiled.asm["ttir"])
+        result["dot_lowering"] = dot_lowering_of(compiled.asm["ttgir"])
         result["error"] = None
     except Exception as exc:  # the compiler's error is the finding
         result["compile_s"] = round(time.perf_counter() - start, 3)
@@ -592,6 +685,9 @@ def check(rec: dict) -> list[str]:
     instruction = ARCHES[rec["arch"]][2]
     if rec["tensor_core_dots"] and rec["sass"][instruction] == 0:
         failures.append(f"{'/'.join(rec['tensor_core_dots'])} dot without {instruction}")
+    on_fma = (rec.get("dot_lowering") or {}).get("fma_tensor_core", 0)
+    if on_fma:
+        failures.append(f"{on_fma} fp16/bf16/tf32 dot(s) on FMA (no tensor cores)")
     return failures
 
 
@@ -693,6 +789,10 @@ def _tc(rec: dict) -> str:
         return "-"
     sass = rec["sass"]
     found = [f"{op}×{sass[op]}" for op in ("HGMMA", "HMMA") if sass[op]]
+    lowering = rec.get("dot_lowering") or {}
+    if lowering.get("wgmma") and lowering.get("mma"):
+        # On sm_90 a dot whose tile cannot take wgmma (fewer than 64 rows per warp group) runs as HMMA.
+        found.append(f"wgmma {lowering['wgmma']} of {lowering['wgmma'] + lowering['mma']} dots")
     if not rec["tensor_core_dots"] and not found:
         dots = rec.get("dots") or []
         return "no dot" if not dots else "FMA (ieee fp32)"
@@ -760,22 +860,25 @@ def enumeration_text(full: bool) -> str:
         "- **flash** (forward; backward dK/dV; backward dQ and dt̄): head dims 1..256. Each bucket (D <= 64, "
         "<= 128, <= 256) has one candidate list; head dims that are not multiples of 16 are zero-padded by the "
         "launchers to the next multiple (vector loads), so they launch as aligned ones. Every candidate at "
-        "the bucket's largest D (64/128/256 with S = 128). The smaller BLOCK_D of the first bucket (D = 16, "
-        f"32: same candidates, smaller tiles): the default candidate, every flag on, {PRIMARY_ARCH}. "
+        "the bucket's largest D (64/128/256 with S = 128), and at the smaller BLOCK_D of the first bucket (D = 16, "
+        "32: same candidates, smaller tiles), every flag on. "
         "dtypes fp16, bf16, fp32 (ieee dots), fp32 with TF32 allowed (tf32 dots). Flags: key-padding mask, "
-        "additive bias (in q's dtype, and fp32), causal, GSoT gate, STORE_DQ (dQ stored or only dt̄), dK/dV "
+        "additive bias (in q's dtype, fp32, fp64, fp16, bf16), t̄ in fp64 (no GSoT), causal, GSoT gate, "
+        "STORE_DQ (dQ stored or only dt̄), dK/dV "
         "launched or not, grouped-query attention (2 query heads per k/v head) or not.\n"
         "- **wide rows** (softmax forward, backward): row lengths 1..16384 → one per BLOCK_N/warps (aligned; "
         "odd as a variant); scores in fp16, bf16, fp32. Flags: masks as above, causal, GSoT, STORE_P/STORE_G "
         "(True/True, False/True, False/False).\n"
         "- **projection** (forward, backward dh, backward dW): temperature heads 1..128 → one per BLOCK_T (T a "
         "power of two with H = 4096, N = 256; odd T with H = 4095, N = 97 as a variant); (hidden, weight) = "
-        "bf16+fp32, fp16+fp32 (the model's mixes), fp32+fp32, bf16+bf16, fp16+fp16. Flags: bias, SAVE_SIGMA, "
-        "STORE_GRAD_LOGITS, HIDDEN_GRAD.\n"
+        "bf16+fp32, fp16+fp32 (the model's mixes), fp32+fp32 (each with TF32 off and allowed), bf16+bf16, "
+        "fp16+fp16; every other pair (fp32 on a half head, one half on the other, TF32 off and allowed) with "
+        "every flag on at aligned sizes. Flags: bias, SAVE_SIGMA, STORE_GRAD_LOGITS, HIDDEN_GRAD.\n"
         "- **decode** (split-KV partials; their combine and the GSoT gate): head dims 1..256, an aligned and an "
         "odd one per BLOCK_D; one query row against 4096 keys (several chunks), and as variants 3 rows with two "
         "query heads per kv head (odd D, 4095 keys) and a one-chunk cache; fp16, bf16, fp32; products are "
-        "tl.sum reductions (no tl.dot). Flags: masks as above, causal, GSoT.\n"
+        "tl.sum reductions (no tl.dot). Flags: masks as above, causal, GSoT. The combine at the largest D for "
+        f"{', '.join(map(str, DECODE_SPLIT_COUNTS))} splits (every BLOCK_S up to {_configs.DECODE_MAX_SPLITS}).\n"
         "- **linear CE rows** (loss, lse, and softmax − onehot in place) and **linear CE dW blocks** (s·(softmax − "
         "onehot) of a vocabulary block from each row's lse): the logits the GEMMs (cuBLAS's) give them, fp32 for "
         "fp32 inputs and the half GEMM's own fp16/bf16 output; 64 rows of V = 32000 (aligned) and 32001 (odd); "
@@ -801,7 +904,9 @@ def write_report(records: Sequence[dict], out_dir: str, meta: dict) -> tuple[str
         "",
         "Checks (each failure exits non-zero): the kernel compiles; shared memory (dynamic + static) is within "
         "the limit; no spill (stack bytes) in any kernel, whatever its dtype; every fp16/bf16 (or tf32) `tl.dot` "
-        "compiles to the architecture's tensor-core instruction (HGMMA on sm_90, HMMA on sm_80). Registers "
+        "runs on tensor cores (none lowered to FMAs, from the TTGIR), and a kernel with such dots has the "
+        "architecture's tensor-core instruction (HGMMA on sm_90, HMMA on sm_80; on sm_90 a dot whose tile cannot "
+        "take wgmma runs as HMMA, listed as \"wgmma k of n dots\"). Registers "
         "are per thread (cap 255); spill = STACK bytes from `cuobjdump --dump-resource-usage`.",
         "",
         meta["enumeration"],

@@ -307,9 +307,15 @@ def _precision(hidden_dtype: torch.dtype, weight_dtype: torch.dtype) -> str:
     Half hidden states with fp32 weights (the model's mix) use "tf32x3": a half value is exact in
     tf32, so only W is split (W = big + small, both tf32) and the products keep ~22 bits of W,
     fp32-grade, on tensor cores; "ieee" would run them as scalar FMAs (and spills registers).
+    The same holds for fp32 hidden states on a half head ("tf32x3"), and for one half dtype on the
+    other, where both operands are exact in tf32 and so are their products ("tf32"): with "ieee"
+    those kernels spilled 8-168 B on sm_90 and sm_80 (static proof). Only fp32 on fp32 keeps
+    "ieee" when PyTorch does not allow TF32.
     """
-    if hidden_dtype in _HALF_DTYPES and weight_dtype == torch.float32 and triton_dot_precision(weight_dtype) == "ieee":
-        return "tf32x3"
+    if _dot_in_fp32(hidden_dtype, weight_dtype) and triton_dot_precision(torch.float32) == "ieee":
+        halves = (hidden_dtype in _HALF_DTYPES) + (weight_dtype in _HALF_DTYPES)
+        if halves:
+            return "tf32" if halves == 2 else "tf32x3"
     return triton_dot_precision(torch.float32 if _dot_in_fp32(hidden_dtype, weight_dtype) else hidden_dtype)
 
 
