@@ -209,6 +209,55 @@ def test_attention_double_backward_raises_clearly(backend, D):
         _second_derivative(fn, leaves)
 
 
+@pytest.mark.parametrize("D", [16, 300])
+def test_attention_triton_double_backward_error_suggests_a_backend_that_works(D):
+    """The Triton attention paths' error named backend='torch', whose attention paths refuse
+    second derivatives as well: the advice must name only backends that differentiate twice."""
+    q, k, v, temperature = _inputs(B=1, S=3, D=D)
+    leaves = [t.requires_grad_() for t in (q, k, v, temperature)]
+    with pytest.raises(RuntimeError, match="second derivatives") as raised:
+        _second_derivative(lambda q, k, v, t: temperature_guided_attention(q, k, v, t, backend="triton"), leaves)
+    suggested = [b for b in ("torch", "reference") if f"backend='{b}'" in str(raised.value)]
+    assert suggested
+    leaves64 = [t.detach().double().requires_grad_() for t in leaves]
+    for backend in suggested:
+        _second_derivative(lambda q, k, v, t, b=backend: temperature_guided_attention(q, k, v, t, backend=b), leaves64)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_linear_cross_entropy_second_derivative_with_a_frozen_lm_head_raises(reduction):
+    """A gradient penalty on d loss / d hidden with a frozen lm_head (the model's case): the PyTorch
+    path kept no tensor that leads back to hidden, so the second-order term was silently dropped."""
+    hidden = torch.randn(3, 4, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    weight = torch.randn(5, 4, dtype=torch.float64, device=DEVICE)
+    labels = torch.tensor([1, 2, 3], device=DEVICE)
+    loss = tgr_kernels.linear_cross_entropy(hidden, weight, labels, reduction=reduction, backend="torch").sum()
+    (dh,) = torch.autograd.grad(loss, [hidden], create_graph=True)
+    with pytest.raises(RuntimeError, match="second derivatives"):
+        torch.autograd.grad(loss + dh.square().sum(), [hidden])
+
+
+@pytest.mark.parametrize("op", ["attention", "wide attention", "linear_cross_entropy"])
+def test_jvp_through_the_torch_paths_raises_not_zeros(op):
+    """``torch.autograd.functional.jvp`` differentiates the backward with respect to the incoming
+    gradient, and reads a missing path as zeros: the fused paths' jvp came back all zeros."""
+    if op == "linear_cross_entropy":
+        weight = torch.randn(5, 4, dtype=torch.float64, device=DEVICE)
+        labels = torch.tensor([1, 2, 3], device=DEVICE)
+        x = torch.randn(3, 4, dtype=torch.float64, device=DEVICE)
+
+        def fn(h):
+            return tgr_kernels.linear_cross_entropy(h, weight, labels, reduction="none", backend="torch")
+    else:
+        q, k, v, temperature = _inputs(B=1, S=3, D=300 if op == "wide attention" else 8, dtype=torch.float64)
+        x = q
+
+        def fn(q):
+            return temperature_guided_attention(q, k, v, temperature, backend="torch")
+    with pytest.raises(RuntimeError, match="second derivatives"):
+        torch.autograd.functional.jvp(fn, x, torch.ones_like(x))
+
+
 def test_attention_double_backward_reference_matches_gradgradcheck():
     q, k, v, temperature = _inputs(B=1, S=4, D=8, dtype=torch.float64)
     temperature = temperature.double()

@@ -155,9 +155,12 @@ def once_differentiable_strict(op: str):
             tensors = [i for i, o in enumerate(outputs) if isinstance(o, torch.Tensor)]
             if not tensors:
                 return outputs
-            # The guard node also takes the forward's saved inputs, so that a second grad with
-            # respect to them reaches it (and raises) rather than finding no path and skipping it.
-            anchors = [t for t in ctx.saved_tensors if t is not None and t.requires_grad]
+            # The guard node also takes the forward's saved inputs and the incoming gradients, so that
+            # a second grad with respect to them reaches it (and raises) rather than finding no path
+            # and skipping it (a zero, silently: torch.autograd.functional.jvp differentiates with
+            # respect to the incoming gradient, and reads a missing path as zeros).
+            anchors = [t for t in (*ctx.saved_tensors, *grads)
+                       if isinstance(t, torch.Tensor) and t.requires_grad]
             guard = torch._C._functions.DelayedError(message, len(tensors) + len(anchors))
             guarded = guard(*[outputs[i].detach().requires_grad_() for i in tensors], *anchors)
             if isinstance(guarded, torch.Tensor):

@@ -73,12 +73,13 @@ def _none_if_empty(t: torch.Tensor) -> Optional[torch.Tensor]:
     return None if t.numel() == 0 else t
 
 
-def _register_double_backward_error(backward_op, op: str) -> None:
+def _register_double_backward_error(backward_op, op: str, use: str = "backend='reference'") -> None:
+    """``use``: the backends that do differentiate twice (the attention's "torch" paths do not)."""
     def backward(ctx, *grads):
         raise RuntimeError(
             f"{op}: second derivatives (a backward through the backward, e.g. create_graph=True "
             f"followed by another grad) are not implemented for the Triton kernels; use "
-            f"backend='torch' or backend='reference' for double backward"
+            f"{use} for double backward"
         )
 
     def setup_context(ctx, inputs, output):
@@ -385,7 +386,8 @@ def _projection_backward(ctx, grad_out, grad_sigma):
 
 
 temperature_projection_forward.register_autograd(_projection_backward, setup_context=_projection_setup_context)
-_register_double_backward_error(temperature_projection_backward, "temperature_projection (Triton kernels)")
+_register_double_backward_error(temperature_projection_backward, "temperature_projection (Triton kernels)",
+                                use="backend='torch' or backend='reference'")
 
 
 def temperature_projection_triton(hidden2d, weight, bias, clamp_min: float, clamp_max: float) -> torch.Tensor:

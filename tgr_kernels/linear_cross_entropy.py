@@ -703,15 +703,15 @@ def _scaled_fp16(saved, g, dtype, in_place: bool):
 
 
 def _save_for_backward(ctx, hidden, weight, bias, labels, ignore_index: int, reduction: str, dw_per_chunk: bool,
-                       dh, dw, db, parameter_grad: bool) -> None:
+                       dh, dw, db, parameter_grad: bool, anchor=None) -> None:
     """What both paths' backward reads: the forward's gradients, and for ``"none"`` the labels
     (to zero the upstream gradient at ignored tokens) and, when dW or db is needed, the inputs
-    that recompute them."""
+    that recompute them; last, the PyTorch path's ``anchor`` (see :func:`_graph_anchor`)."""
     ctx.reduction, ctx.ignore_index, ctx.dw_per_chunk = reduction, ignore_index, dw_per_chunk
     ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
     per_token = reduction == "none"
     inputs = (hidden, weight, bias) if per_token and parameter_grad else (None,) * 3
-    ctx.save_for_backward(dh, dw, db, *inputs, labels if per_token else None)
+    ctx.save_for_backward(dh, dw, db, *inputs, labels if per_token else None, anchor)
 
 
 def _ignored_zeroed(g: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
@@ -726,19 +726,20 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
     Triton path is the custom op ``tgr_kernels::linear_cross_entropy_forward`` below."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, ignore_index: int, reduction: str, dw_per_chunk: bool):
+    def forward(ctx, hidden, weight, bias, labels, ignore_index: int, reduction: str, dw_per_chunk: bool,
+                anchor=None):
         hidden_grad, weight_grad, bias_grad = ctx.needs_input_grad[:3]
         loss, dh, dw, db = _forward_work(hidden, weight, bias, labels, ignore_index, reduction, _torch_rows,
                                          hidden_grad=hidden_grad, weight_grad=weight_grad, bias_grad=bias_grad,
                                          dw_per_chunk=dw_per_chunk)
         _save_for_backward(ctx, hidden, weight, bias, labels, ignore_index, reduction, dw_per_chunk,
-                           dh, dw, db, weight_grad or bias_grad)
+                           dh, dw, db, weight_grad or bias_grad, anchor)
         return loss
 
     @staticmethod
     @once_differentiable_strict("linear_cross_entropy")
     def backward(ctx, grad_loss):
-        dh, dw, db, hidden, weight, bias, labels = ctx.saved_tensors
+        dh, dw, db, hidden, weight, bias, labels, _ = ctx.saved_tensors
         hidden_dtype, weight_dtype, bias_dtype = ctx.dtypes
         hidden_grad, weight_grad, bias_grad = ctx.needs_input_grad[:3]
         grad_hidden = grad_weight = grad_bias = None
@@ -750,7 +751,7 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
                 grad_weight = _scaled(dw, grad_loss, weight_dtype, in_place)
             if bias_grad:
                 grad_bias = _scaled(db, grad_loss, bias_dtype, in_place)
-            return grad_hidden, grad_weight, grad_bias, None, None, None, None
+            return grad_hidden, grad_weight, grad_bias, None, None, None, None, None
         g = _ignored_zeroed(grad_loss.reshape(-1), labels, ctx.ignore_index)
         if hidden_grad:
             grad_hidden = _scaled(dh, g.unsqueeze(1), hidden_dtype, in_place)
@@ -760,7 +761,7 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
                                               dw_per_chunk=ctx.dw_per_chunk)
             grad_weight = None if dw is None else dw.to(weight_dtype)
             grad_bias = None if db is None else db.to(bias_dtype)
-        return grad_hidden, grad_weight, grad_bias, None, None, None, None
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None
 
 
 # --------------------------------------------------------------------------------------------
@@ -850,7 +851,7 @@ def _triton_setup_context(ctx, inputs, output):
 
 @once_differentiable_strict("linear_cross_entropy (Triton path)")
 def _triton_backward(ctx, grad_loss, grad_dh, grad_dw, grad_db):
-    dh, dw, db, hidden, weight, bias, labels = ctx.saved_tensors
+    dh, dw, db, hidden, weight, bias, labels, _ = ctx.saved_tensors
     hidden_dtype, weight_dtype, bias_dtype = ctx.dtypes
     hidden_grad, weight_grad, bias_grad = ctx.needs_input_grad[:3]
     nones = (None,) * 7
@@ -1046,6 +1047,18 @@ def _prepare(hidden, weight, labels, bias, ignore_index, reduction, backend, lab
     return chosen, hidden, weight, bias
 
 
+def _graph_anchor(*tensors):
+    """A 0-d zero whose graph reaches each of ``tensors`` that needs a gradient, holding none of
+    their memory (the sum of an empty slice), or None. The PyTorch path's Function saves it so that
+    a second derivative with respect to an input whose tensor it does not keep (hidden, weight and
+    bias are kept only for ``"none"`` with a trainable lm_head) reaches the guard of
+    ``once_differentiable_strict`` and raises, instead of silently getting no second-order term."""
+    if not torch.is_grad_enabled():
+        return None
+    needed = [t.narrow(0, 0, 0).sum() for t in tensors if t is not None and t.requires_grad]
+    return sum(needed[1:], needed[0]) if needed else None
+
+
 def _fused_loss(hidden, weight, labels, bias, ignore_index, reduction, use_triton, weight_grad_accumulation):
     ignore = _NO_IGNORE if ignore_index is None else ignore_index
     dw_per_chunk = weight_grad_accumulation == "weight-dtype"
@@ -1058,7 +1071,8 @@ def _fused_loss(hidden, weight, labels, bias, ignore_index, reduction, use_trito
             if not torch.is_grad_enabled():  # needs_input_grad would still ask for the gradients
                 hidden2d, weight = hidden2d.detach(), weight.detach()
                 bias = None if bias is None else bias.detach()
-            loss = _LinearCrossEntropyFunction.apply(hidden2d, weight, bias, labels1d, ignore, reduction, dw_per_chunk)
+            loss = _LinearCrossEntropyFunction.apply(hidden2d, weight, bias, labels1d, ignore, reduction, dw_per_chunk,
+                                                     _graph_anchor(hidden2d, weight, bias))
     return loss.view(labels.shape) if reduction == "none" else loss
 
 
