@@ -58,6 +58,52 @@ _FLASH_CANDIDATES = _FLASH_WANT + textwrap.dedent("""
     print(json.dumps(sorted(flash_candidates(lambda d: 64 if d <= 64 else (128 if d <= 128 else 256)))))
 """)
 
+
+def _compiled_flash_candidates(records):
+    out = set()
+    for r in records:
+        if r["kernel"].startswith("_flash"):
+            d = r["scenario"]["D"]
+            bucket = 64 if d <= 64 else (128 if d <= 128 else 256)
+            assert d % 16 == 0, r  # padded by the launcher
+            out.add((r["kernel"], r["arch"], r["dtype"], bucket, r["constexprs"]["BLOCK_M"],
+                     r["constexprs"]["BLOCK_N"], r["num_warps"], r["num_stages"]))
+    return out
+
+
+@pytest.mark.slow  # compiles every kernel configuration for two architectures: minutes on a CPU
+def test_every_launch_configuration_passes_the_static_proof(tmp_path):
+    # The one full compile of the suite (the other tests compile a few kernels at most).
+    proc = _run(["-m", "tgr_kernels.aot", "--out", str(tmp_path)], timeout=2700)
+    assert proc.returncode == 0, proc.stdout[-8000:] + proc.stderr[-4000:]
+    data = json.loads((tmp_path / "records.json").read_text())
+    records = data["records"]
+    assert (tmp_path / "table.md").read_text().count("| ok |") > 0
+    # Every kernel family, on both targets, in every dtype it is launched with.
+    assert {(r["family"], r["arch"]) for r in records} == {(f, a) for f in aot.FAMILIES.values() for a in aot.ARCHES}
+    flash = {r["dtype"] for r in records if r["family"].startswith("flash")}
+    assert flash == {"fp16", "bf16", "fp32", "fp32+tf32"}
+    assert any(r["dtype"] == "bf16 h, fp32 W" for r in records if r["family"].startswith("projection"))
+    for rec in records:
+        assert rec["ok"] and rec["error"] is None, rec
+        assert rec["stack"] == 0, rec  # no spill in any kernel, fp32 (ieee and tf32) included
+        if rec["tensor_core_dots"]:
+            assert rec["sass"][aot.ARCHES[rec["arch"]][2]] > 0, rec
+    # The model's projection mix (bf16 hidden, fp32 weights) runs on tensor cores, without spills.
+    # (The dh kernel launched without HIDDEN_GRAD only scales dz: it has no matmul to check.)
+    mixed = [r for r in records if r["dtype"] == "bf16 h, fp32 W"]
+    no_matmul = [r for r in mixed if r["family"] == "projection bwd dh" and not r["scenario"]["hidden_grad"]]
+    assert mixed and all(r["stack"] == 0 for r in mixed)
+    assert all(r["tensor_core_dots"] for r in mixed if r not in no_matmul)
+    # The enumeration is reduced (variants for the default candidate only), but every flash candidate
+    # the dispatcher can choose is compiled, for each head-dim bucket, alignment, dtype and arch.
+    expected = _run(["-c", _FLASH_CANDIDATES], timeout=120)
+    assert expected.returncode == 0, expected.stderr[-4000:]
+    expected = {tuple(x) for x in json.loads(expected.stdout)}
+    missing = expected - _compiled_flash_candidates(records)
+    assert not missing, sorted(missing)[:20]
+
+
 # What the dispatcher can launch, against what the proof enumerates (no compile: the launches are
 # recorded and bound as for a compile, so this runs in seconds).
 _ENUMERATION = _FLASH_WANT + textwrap.dedent("""
