@@ -176,9 +176,7 @@ class TGRTrainer(Trainer):
             # The micro-batch's cross-entropy sum and its label tokens: the step's mean is their ratio.
             n = (labels[..., 1:] != IGNORE_INDEX).sum().to(lm_loss) if labels is not None else lm_loss.new_ones(())
             parts["lm_loss"] = torch.stack([lm_loss * n, n])
-        step = getattr(self, "_tgr_step", None)
-        if step is None:
-            step = self._tgr_step = {}
+        step = self._tgr_step
         for key, value in parts.items():
             total = step.get(key)
             if total is None:
@@ -188,7 +186,7 @@ class TGRTrainer(Trainer):
 
     def _close_step(self) -> None:
         """Add the pooled statistics of the optimizer step just done to those of the log line."""
-        step = getattr(self, "_tgr_step", None)
+        step = self._tgr_step
         if not step:
             return
         if self.args.world_size > 1:  # the step's micro-batches on every process, as its loss
