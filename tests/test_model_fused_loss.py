@@ -78,9 +78,9 @@ def test_the_trainer_asks_for_no_logits(base_dir, monkeypatch):
     monkeypatch.setattr(TGRLlamaModel, "forward", spy)
     ids = torch.randint(3, 256, (2, 7))
     inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids)
-    # A minimal trainer: compute_loss only reads _track's state and the accumulated counts.
+    # A minimal trainer: compute_loss only reads the state _reset_tracking sets.
     trainer = object.__new__(TGRTrainer)
-    trainer._tgr_sums, trainer._tgr_count, trainer._accumulated_tokens = {}, 0, None
+    trainer._reset_tracking()
     loss = trainer.compute_loss(model, inputs)
     assert seen == [False] and torch.isfinite(loss)
     _, outputs = trainer.compute_loss(model, inputs, return_outputs=True)

@@ -112,6 +112,10 @@ class TGRTrainer(Trainer):
             self.model_accepts_loss_kwargs = True
         else:
             self.loss_is_scaled_for_ga = False
+        self._reset_tracking()
+
+    def _reset_tracking(self) -> None:
+        """The token counts and training statistics that compute_loss accumulates, emptied."""
         self._accumulated_tokens: torch.Tensor | None = None  # [label tokens, real tokens]
         # Running sums stay on the device as detached tensors: a step adds to them without a
         # host sync, and they are read (one transfer) only when the Trainer logs. The micro-batches
