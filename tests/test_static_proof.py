@@ -1,6 +1,6 @@
 """The static GPU proof (``python -m tgr_kernels.aot``) runs in the suite, and its gate can fail.
 
-The proof compiles for sm_90 and sm_80 with real JIT functions, which the interpreter replaces
+The proof compiles for sm_90, sm_80 and sm_86 with real JIT functions, which the interpreter replaces
 (conftest sets TRITON_INTERPRET=1 for this process), so it runs in a subprocess without it.
 """
 import json
@@ -71,15 +71,15 @@ def _compiled_flash_candidates(records):
     return out
 
 
-@pytest.mark.slow  # compiles every kernel configuration for two architectures: minutes on a CPU
+@pytest.mark.slow  # compiles every kernel configuration for three architectures: minutes on a CPU
 def test_every_launch_configuration_passes_the_static_proof(tmp_path):
     # The one full compile of the suite (the other tests compile a few kernels at most).
-    proc = _run(["-m", "tgr_kernels.aot", "--out", str(tmp_path)], timeout=2700)
+    proc = _run(["-m", "tgr_kernels.aot", "--out", str(tmp_path)], timeout=3600)
     assert proc.returncode == 0, proc.stdout[-8000:] + proc.stderr[-4000:]
     data = json.loads((tmp_path / "records.json").read_text())
     records = data["records"]
     assert (tmp_path / "table.md").read_text().count("| ok |") > 0
-    # Every kernel family, on both targets, in every dtype it is launched with.
+    # Every kernel family, on every target, in every dtype it is launched with.
     assert {(r["family"], r["arch"]) for r in records} == {(f, a) for f in aot.FAMILIES.values() for a in aot.ARCHES}
     flash = {r["dtype"] for r in records if r["family"].startswith("flash")}
     assert flash == {"fp16", "bf16", "fp32", "fp32+tf32"}
@@ -171,10 +171,66 @@ def enumeration_gaps():
 
 @pytest.mark.parametrize("what", ["flash", "decode_combine", "projection", "mask_dtypes"])
 def test_the_proof_enumerates_every_launch_the_dispatcher_can_make(enumeration_gaps, what):
-    # flash: the smaller BLOCK_D (D <= 32) with every candidate on both targets; decode_combine:
+    # flash: the smaller BLOCK_D (D <= 32) with every candidate on every target; decode_combine:
     # BLOCK_S up to DECODE_MAX_SPLITS; projection: every dtype pair, TF32 allowed or not;
     # mask_dtypes: float64 and cross-half masks, an fp64 t-bar.
     assert not enumeration_gaps[what], enumeration_gaps[what][:20]
+
+
+# Per compute capability, the proof target whose tiles the dispatcher picks and every flash candidate
+# it can launch there (bucketed as in the records).
+_FLASH_BY_CAPABILITY = textwrap.dedent("""
+    import json
+    import torch
+    from tgr_kernels import _configs, aot
+    from tgr_kernels._backend import triton_dot_precision
+
+    out = {}
+    for cc in map(int, __import__("sys").argv[1].split(",")):
+        keys = set()
+        for precision in aot.ATTENTION_PRECISIONS:
+            with precision.active():
+                dot = triton_dot_precision(precision.dtype)
+            for kernel in _configs.FLASH_KERNELS:
+                for d in (16, 32, 64, 128, 256):
+                    kernel_dot = _configs.flash_dot_precision(kernel, d, precision.dtype, dot, cc)
+                    for c in _configs.flash_configs(kernel, d, precision.dtype, kernel_dot, cc):
+                        keys.add((kernel, precision.name, d, c["BLOCK_M"], c["BLOCK_N"], c.num_warps,
+                                  c.num_stages))
+        out[cc] = dict(target=_configs._arch_name(cc), keys=sorted(keys))
+    print(json.dumps(out))
+""")
+# Shared memory per block (opt-in maximum) of real GPUs, by compute capability: A100, RTX 30 / A10 /
+# A40, RTX 40 / L4 / L40S, H100 / H200, RTX 50, DGX Spark.
+_SHARED_MEMORY_PER_BLOCK = {80: 166912, 86: 101376, 89: 101376, 90: 232448, 120: 101376, 121: 101376}
+
+
+def test_every_gpu_gets_flash_tiles_the_committed_proof_fits_in_its_shared_memory():
+    """The flash tiles each GPU generation gets have a passing record in the committed proof, within
+    that GPU's shared memory: cards with 99 KiB per block (RTX 30/40, A10, L4, L40S) got the A100's
+    tiles, six of whose dK/dV kernels need up to 163,840 B."""
+    proc = _run(["-c", _FLASH_BY_CAPABILITY, ",".join(map(str, _SHARED_MEMORY_PER_BLOCK))], timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    wanted = json.loads(proc.stdout.splitlines()[-1])
+    path = os.path.join(ROOT, "benchmarks", "results", "static-proof", "records.json")
+    with open(path) as f:
+        records = json.load(f)["records"]
+    names = {"_flash_fwd_kernel": "fwd", "_flash_bwd_dkdv_kernel": "bwd_dkdv", "_flash_bwd_dq_kernel": "bwd_dq"}
+    compiled = {}
+    for r in records:
+        if r["kernel"] in names and not r["scenario"].get("odd"):
+            key = (names[r["kernel"]], r["dtype"], r["scenario"]["D"], r["constexprs"]["BLOCK_M"],
+                   r["constexprs"]["BLOCK_N"], r["num_warps"], r["num_stages"])
+            compiled.setdefault((r["arch"], key), []).append(r)
+    for cc, limit in _SHARED_MEMORY_PER_BLOCK.items():
+        target = wanted[str(cc)]["target"]
+        assert aot.ARCHES[target][1] <= limit, (cc, target)
+        for key in map(tuple, wanted[str(cc)]["keys"]):
+            found = compiled.get((target, key))
+            assert found, f"compute capability {cc}: {key} has no {target} record (regenerate the proof)"
+            for r in found:
+                shared = r["shared_dynamic"] + r["shared_static"]
+                assert r["ok"] and shared <= limit, (cc, key, shared, r["failures"])
 
 
 _BAD_CONFIGS = textwrap.dedent("""
@@ -244,6 +300,7 @@ def _record(**overrides):
     (dict(error="PTXASError: out of resources"), "compile error"),
     (dict(shared_dynamic=232448, shared_static=1024), "shared memory 233472 B > 232448 B"),
     (dict(arch="sm_80", shared_dynamic=166913, sass={"HGMMA": 0, "HMMA": 4, "FFMA": 0}), "> 166912 B"),
+    (dict(arch="sm_86", shared_dynamic=101377, sass={"HGMMA": 0, "HMMA": 4, "FFMA": 0}), "> 101376 B"),
     (dict(stack=8), "spills 8 B"),
     # fp32 with ieee dots (no tensor cores asked for) and fp32 with tf32 dots spill no more than fp16.
     (dict(stack=8, half_precision=False, tensor_core_dots=[], sass={"HGMMA": 0, "HMMA": 0, "FFMA": 99}), "spills 8 B"),

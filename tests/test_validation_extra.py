@@ -344,3 +344,28 @@ def test_meta_tensors_give_shapes(backend):
     labels = torch.zeros(2, 3, dtype=torch.long, device=meta)
     assert tgr_kernels.linear_cross_entropy(hidden, lm_head, labels, backend=backend).shape == ()
     assert tgr_kernels.linear_log_probs(hidden, lm_head, labels, backend=backend).shape == (2, 3)
+
+
+@pytest.mark.parametrize("capability,auto", [(70, "torch"), (75, "torch"), (80, "triton"), (86, "triton"),
+                                             (89, "triton"), (90, "triton"), (120, "triton")])
+def test_gpus_older_than_ampere_run_the_torch_backend(monkeypatch, capability, auto):
+    """The Triton tiles are checked for sm_80, sm_86 and sm_90 only: on a V100 or T4 (less shared
+    memory per block, no bf16 tensor cores) "auto" chose them anyway."""
+    monkeypatch.setattr(_backend, "_cuda_capability", lambda index: capability)
+    cuda = torch.device("cuda", 0)
+    assert _backend.resolve_backend("auto", cuda) == auto
+    assert _backend.resolve_backend("torch", cuda) == "torch"
+    if auto == "triton":
+        assert _backend.resolve_backend("triton", cuda) == "triton"
+    else:
+        with pytest.raises(RuntimeError, match=r"compute capability 8\.0 or newer.*is 7\.\d.*backend='torch'"):
+            _backend.resolve_backend("triton", cuda)
+    assert _backend.resolve_backend("auto", torch.device("cpu")) == "torch"
+
+
+def test_the_flash_tiles_follow_the_compute_capability():
+    """Cards with 99 KiB of shared memory per block get the sm_86 tile set, Hopper sm_90's, the rest sm_80's."""
+    from tgr_kernels import _configs
+
+    assert [_configs._arch_name(cc) for cc in (80, 86, 87, 89, 90, 100, 120, 121)] == [
+        "sm_80", "sm_86", "sm_80", "sm_86", "sm_90", "sm_80", "sm_86", "sm_86"]

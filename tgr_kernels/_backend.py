@@ -19,12 +19,42 @@ from ._validation import check_backend
 TRITON_INTERPRET = interpreter_enabled()
 
 
+# The oldest GPUs the Triton kernels are compiled and checked for: compute capability 8.0 (the static
+# proof's targets are sm_80, sm_86 and sm_90). Older ones (V100, T4: less shared memory per block,
+# no bf16 tensor cores) run the PyTorch backend.
+MIN_TRITON_CAPABILITY = 80
+
+
+@torch.compiler.assume_constant_result
+def cuda_capability(index: int) -> int:
+    """The compute capability of CUDA device ``index`` as 10 * major + minor (a constant to
+    torch.compile)."""
+    return _cuda_capability(index)
+
+
+@functools.cache
+def _cuda_capability(index: int) -> int:
+    major, minor = torch.cuda.get_device_capability(index)
+    return 10 * major + minor
+
+
 def resolve_backend(backend: str, device: torch.device) -> str:
     """Map ``"auto"`` to a concrete backend and reject Triton where it cannot run."""
     check_backend(backend)
+    if device.type == "cuda" and backend in ("auto", "triton"):
+        capability = cuda_capability(torch.cuda.current_device() if device.index is None else device.index)
+        if capability < MIN_TRITON_CAPABILITY:
+            if backend == "triton":
+                raise RuntimeError(
+                    f"backend='triton' needs a GPU of compute capability {MIN_TRITON_CAPABILITY // 10}.0 or newer "
+                    f"(the kernels' tiles are checked for sm_80, sm_86 and sm_90); {device} is "
+                    f"{capability // 10}.{capability % 10}. Use backend='torch' (backend='auto' does)."
+                )
+            return "torch"
+        return "triton"
     if backend == "auto":
-        return "triton" if device.type == "cuda" else "torch"
-    if backend == "triton" and device.type != "cuda" and not (device.type == "cpu" and TRITON_INTERPRET):
+        return "torch"
+    if backend == "triton" and not (device.type == "cpu" and TRITON_INTERPRET):
         raise RuntimeError(
             f"backend='triton' needs CUDA tensors, or CPU tensors with TRITON_INTERPRET=1 set before "
             f"triton is imported; got tensors on {device}. Use backend='torch' on this device."

@@ -3,7 +3,7 @@
 This module is the one place where they are chosen. The launchers in ``attention_flash``,
 ``attention_wide`` and ``temperature_projection`` ask it for their configurations and launch
 through :func:`launch`; the static proof (``python -m tgr_kernels.aot``) calls the same launchers
-and compiles every configuration these functions can return, for sm_90 and sm_80, so a change
+and compiles every configuration these functions can return, for sm_90, sm_80 and sm_86, so a change
 here is checked (registers, spills, shared memory, tensor cores) before it reaches a GPU.
 
 Under Triton's interpreter (CPU tests) each kernel has one small configuration: the interpreter
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from ._backend import TRITON_INTERPRET, next_power_of_2
+from ._backend import TRITON_INTERPRET, cuda_capability, next_power_of_2
 
 AUTOTUNE = not TRITON_INTERPRET and os.environ.get("TGR_AUTOTUNE", "1").lower() not in ("0", "false", "no", "off")
 
@@ -68,12 +68,11 @@ def flash_block_d(head_dim: int) -> int:
 
 
 def device_arch(device: torch.device) -> int:
-    """The compute capability of a CUDA device as 10 * major + minor (90 = H100/H200, 80 = A100);
-    0 for any other device."""
+    """The compute capability of a CUDA device as 10 * major + minor (90 = H100/H200, 80 = A100,
+    86/89 = RTX 30/40, A10, L4, L40S); 0 for any other device."""
     if device.type != "cuda":
         return 0
-    major, minor = torch.cuda.get_device_capability(device)
-    return 10 * major + minor
+    return cuda_capability(torch.cuda.current_device() if device.index is None else device.index)
 
 
 def _flash_bucket(head_dim: int) -> int:
@@ -82,8 +81,17 @@ def _flash_bucket(head_dim: int) -> int:
     return 64 if head_dim <= 64 else (128 if head_dim <= 128 else 256)
 
 
+# Compute capabilities whose blocks get at most 99 KiB (101,376 B) of shared memory: Ampere and Ada
+# consumer and workstation cards (RTX 30/40, A10, A40, L4, L40S) and consumer Blackwell (RTX 50).
+SMALL_SHARED_MEMORY_ARCHES = (86, 89, 120, 121)
+
+
 def _arch_name(arch: int) -> str:
-    return "sm_90" if 90 <= arch < 100 else "sm_80"
+    """The tile set of a compute capability: "sm_90" (Hopper), "sm_86" (99 KiB of shared memory per
+    block, SMALL_SHARED_MEMORY_ARCHES) or "sm_80" (A100's 163 KiB; every other GPU)."""
+    if 90 <= arch < 100:
+        return "sm_90"
+    return "sm_86" if arch in SMALL_SHARED_MEMORY_ARCHES else "sm_80"
 
 
 def flash_dot_precision(kernel: str, head_dim: int, dtype: torch.dtype, precision: str, arch: int = 90) -> str:
@@ -129,7 +137,8 @@ def flash_configs(kernel: str, head_dim: int, dtype: torch.dtype, precision: str
 # compiles without spills, within shared memory, and (sm_90) to wgmma. wgmma gives each group of
 # four warps 64 rows, so on sm_90 BLOCK_M (and BLOCK_N of the dK/dV kernel, whose dots run over
 # keys) is 64 per four warps where registers allow. On sm_80 mma.sync keeps both operands in
-# registers, so its tiles are smaller. (Other GPUs take the sm_80 set.)
+# registers, so its tiles are smaller. Cards with 99 KiB of shared memory per block take the sm_86
+# set below; other GPUs take the sm_80 set.
 _FLASH_TENSOR_CORE = {
     "sm_90": {
         # D > 64: also without spills when the mask and bias rows are unaligned (odd S).
@@ -170,6 +179,19 @@ _FLASH_TF32 = {
         "bwd_dq": {64: [(64, 32, 8, 1)], 128: [(64, 16, 8, 1)], 256: None},
     },
 }
+# sm_86 (SMALL_SHARED_MEMORY_ARCHES): the sm_80 tiles, but where they need more than 99 KiB of shared
+# memory per block (dK/dV: fp16/bf16 at D > 128 102,400 B; fp32 with TF32 at D > 32 up to 163,840 B)
+# or spill there (ptxas allocates for sm_86 otherwise than for sm_80: the fp32 + TF32 forward at
+# D > 64 spilled 16-48 B with sm_80's tiles). Chosen with the static proof's sm_86 target.
+_FLASH_TENSOR_CORE["sm_86"] = {**_FLASH_TENSOR_CORE["sm_80"], "bwd_dkdv": {
+    **_FLASH_TENSOR_CORE["sm_80"]["bwd_dkdv"], 256: [(32, 32, 8, 1), (32, 16, 4, 1)]}}
+_FLASH_TF32["sm_86"] = {
+    "fwd": {**_FLASH_TF32["sm_80"]["fwd"], 128: [(64, 16, 8, 1), (32, 32, 4, 1)],
+            256: [(32, 16, 4, 1), (16, 32, 8, 1)]},
+    "bwd_dkdv": {64: [(64, 32, 8, 1), (32, 64, 8, 1)], 128: [(32, 32, 8, 1), (32, 16, 4, 1)],
+                 256: [(16, 16, 4, 1), (16, 16, 8, 1)]},
+    "bwd_dq": _FLASH_TF32["sm_80"]["bwd_dq"]}
+
 # Re-load the kernel's own tiles (q and dO in the dQ kernel) at each step instead of holding them:
 # held fp32 tiles at D = 256 spill (168-2184 B in the dQ kernel, every tile tried); re-loaded, they
 # drop to 58-160 registers. ptxas then picks a low register target for some mask/flag variants and

@@ -417,7 +417,7 @@ def _flash_bwd_dq_kernel(
 def _kernel_setup(kernel: str, q: torch.Tensor):
     """The dot precision and candidate (BLOCK_M, BLOCK_N, warps, stages) configurations of one
     flash kernel for q: chosen in ``_configs`` (one configuration under the interpreter;
-    autotuned over on CUDA), each one compiled and checked for sm_90 and sm_80 by
+    autotuned over on CUDA), each one compiled and checked for sm_90, sm_80 and sm_86 by
     ``python -m tgr_kernels.aot``."""
     D, arch = q.shape[-1], _configs.device_arch(q.device)
     precision = _configs.flash_dot_precision(kernel, D, q.dtype, triton_dot_precision(q.dtype), arch)

@@ -204,7 +204,7 @@ def _wide_softmax_bwd_kernel(
 
 def _row_block(n_cols: int):
     """The row kernels' configuration (BLOCK_N, warps) for rows of n_cols scores: chosen in
-    ``_configs`` and compiled for sm_90 and sm_80 by ``python -m tgr_kernels.aot``."""
+    ``_configs`` and compiled for sm_90, sm_80 and sm_86 by ``python -m tgr_kernels.aot``."""
     return (_configs.wide_row_config(n_cols),)
 
 

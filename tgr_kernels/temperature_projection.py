@@ -44,7 +44,7 @@ __all__ = ["temperature_projection", "TemperatureMechanism"]
 # Rows of h per program and columns of H per loop step. Fixed (no autotune: the interpreter
 # cannot run more than one config, and this memory-bound op gains little from tuning).
 # Tile sizes (BLOCK_M rows of h, BLOCK_K columns of H, BLOCK_T heads), warps and stages of each
-# kernel are chosen in _configs.projection_config and compiled for sm_90 and sm_80 by
+# kernel are chosen in _configs.projection_config and compiled for sm_90, sm_80 and sm_86 by
 # `python -m tgr_kernels.aot`.
 # The whole T lives in one tile; wider projections (not TTM's shape) go to the torch backend.
 MAX_TEMPERATURE_HEADS = 128
