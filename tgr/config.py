@@ -108,8 +108,8 @@ class TGRConfig(PretrainedConfig):
             also attends to tokens after i.
         num_tgr_heads: heads of the TGR attention. 1 is the seed (q = k = v = the final hidden
             state, one head as wide as it); n > 1 splits the hidden state into n heads.
-        attention_backend: "auto" (Triton on CUDA, optimized PyTorch elsewhere), "triton",
-            "torch", or "reference" (the seed's eager math).
+        attention_backend: "auto" (Triton on CUDA GPUs of compute capability 8.0 or newer, optimized
+            PyTorch elsewhere), "triton", "torch", or "reference" (the seed's eager math).
         gsoT_enabled: Guided Sequence of Thought: zero the TGR output of tokens whose mean
             temperature is below ``temperature_conf_threshold``.
         temperature_conf_threshold: the GSoT threshold τ.
