@@ -117,6 +117,17 @@ _ENUMERATION = _FLASH_WANT + textwrap.dedent("""
            for l in launches if l.kernel.fn.__name__.startswith("_flash")}
     missing["flash"] = sorted(flash_candidates(_configs.flash_block_d) - got)
 
+    # Every flash candidate with each mask a call can pass (one attn_mask: key padding or an additive
+    # bias), and never both at once (a kernel no call launches).
+    masks = {}
+    for l in launches:
+        if l.kernel.fn.__name__.startswith("_flash"):
+            key = (l.kernel.fn.__name__, l.arch, l.scenario["dtype"], l.kwargs["BLOCK_D"], l.kwargs["BLOCK_M"],
+                   l.kwargs["BLOCK_N"], l.kwargs["num_warps"], l.kwargs["num_stages"])
+            masks.setdefault(key, set()).add((l.kwargs["HAS_KPM"], l.kwargs["HAS_BIAS"]))
+    missing["flash_masks"] = sorted(f"{key}: {sorted(seen)}" for key, seen in masks.items()
+                                    if not {(True, False), (False, True)} <= seen or (True, True) in seen)
+
     # The decode combine kernel's BLOCK_S for every split count, on each target.
     got = {(l.arch, l.kwargs["BLOCK_S"]) for l in launches if l.kernel is attention_decode._decode_combine_kernel}
     want = {(arch, triton_n) for arch in aot.ARCHES
@@ -169,9 +180,10 @@ def enumeration_gaps():
     return json.loads(proc.stdout.splitlines()[-1])
 
 
-@pytest.mark.parametrize("what", ["flash", "decode_combine", "projection", "mask_dtypes"])
+@pytest.mark.parametrize("what", ["flash", "flash_masks", "decode_combine", "projection", "mask_dtypes"])
 def test_the_proof_enumerates_every_launch_the_dispatcher_can_make(enumeration_gaps, what):
-    # flash: the smaller BLOCK_D (D <= 32) with every candidate on every target; decode_combine:
+    # flash: the smaller BLOCK_D (D <= 32) with every candidate on every target; flash_masks: each
+    # candidate with key padding and with a bias (it was compiled with both at once); decode_combine:
     # BLOCK_S up to DECODE_MAX_SPLITS; projection: every dtype pair, TF32 allowed or not;
     # mask_dtypes: float64 and cross-half masks, an fp64 t-bar.
     assert not enumeration_gaps[what], enumeration_gaps[what][:20]

@@ -132,6 +132,10 @@ def flash_configs(kernel: str, head_dim: int, dtype: torch.dtype, precision: str
     return tuple(_config(w, s, BLOCK_M=m, BLOCK_N=n, **dict(*extra)) for m, n, w, s, *extra in candidates)
 
 
+# ptxas's register cap at the hardware's 255: without one, ptxas aims some kernels at a lower count
+# (80 or 128 registers, for occupancy) and stores 8 B to the stack; with it, the same kernels
+# allocate 96-176 registers and no stack (static proof, each such candidate, key padding or bias).
+_FULL_REGISTERS = (("maxnreg", 255),)
 # Candidate (BLOCK_M, BLOCK_N, num_warps, num_stages[, other launch settings]) per arch, kernel and
 # head-dim bucket (D <= 64, <= 128, <= 256), the default first, chosen with `python -m tgr_kernels.aot`: each
 # compiles without spills, within shared memory, and (sm_90) to wgmma. wgmma gives each group of
@@ -152,8 +156,10 @@ _FLASH_TENSOR_CORE = {
     "sm_80": {
         "fwd": {64: [(128, 32, 8, 2), (64, 64, 4, 2)], 128: [(64, 32, 8, 1), (32, 32, 4, 1)],
                 256: [(64, 32, 8, 1), (32, 32, 4, 1)]},
-        # One stage at D <= 64: with two, the loop over a grouped-query group spills 8 B.
-        "bwd_dkdv": {64: [(64, 64, 8, 1), (64, 32, 8, 1)], 128: [(64, 32, 8, 1), (32, 64, 8, 2)],
+        # One stage at D <= 64: with two, the loop over a grouped-query group spills 8 B. 64 x 64
+        # spilled 24 B (72 B on sm_86) with a key-padding mask, at 255 registers.
+        "bwd_dkdv": {64: [(64, 32, 8, 1, _FULL_REGISTERS), (32, 32, 8, 1, _FULL_REGISTERS)],
+                     128: [(64, 32, 8, 1), (32, 64, 8, 2)],
                      256: [(64, 32, 8, 1), (32, 32, 8, 1)]},
         "bwd_dq": {64: [(128, 32, 8, 2), (64, 32, 4, 2)], 128: [(64, 32, 8, 2), (32, 32, 8, 1)],
                    256: [(64, 16, 8, 2)]},
@@ -174,7 +180,7 @@ _FLASH_TF32 = {
     "sm_80": {
         "fwd": {64: [(128, 32, 8, 2), (64, 64, 4, 2)], 128: [(64, 32, 8, 1), (32, 32, 4, 1)],
                 256: [(64, 16, 8, 1), (32, 32, 8, 1)]},
-        "bwd_dkdv": {64: [(64, 64, 8, 2), (64, 32, 8, 1)], 128: [(64, 32, 8, 1), (32, 64, 8, 2)],
+        "bwd_dkdv": {64: [(64, 64, 8, 2), (64, 32, 8, 1, _FULL_REGISTERS)], 128: [(64, 32, 8, 1), (32, 64, 8, 2)],
                      256: [(32, 16, 4, 1)]},
         "bwd_dq": {64: [(64, 32, 8, 1)], 128: [(64, 16, 8, 1)], 256: None},
     },
@@ -183,12 +189,15 @@ _FLASH_TF32 = {
 # memory per block (dK/dV: fp16/bf16 at D > 128 102,400 B; fp32 with TF32 at D > 32 up to 163,840 B)
 # or spill there (ptxas allocates for sm_86 otherwise than for sm_80: the fp32 + TF32 forward at
 # D > 64 spilled 16-48 B with sm_80's tiles). Chosen with the static proof's sm_86 target.
-_FLASH_TENSOR_CORE["sm_86"] = {**_FLASH_TENSOR_CORE["sm_80"], "bwd_dkdv": {
-    **_FLASH_TENSOR_CORE["sm_80"]["bwd_dkdv"], 256: [(32, 32, 8, 1), (32, 16, 4, 1)]}}
+_FLASH_TENSOR_CORE["sm_86"] = {
+    "fwd": {**_FLASH_TENSOR_CORE["sm_80"]["fwd"], 128: [(64, 32, 8, 1), (32, 32, 4, 1, _FULL_REGISTERS)]},
+    "bwd_dkdv": {**_FLASH_TENSOR_CORE["sm_80"]["bwd_dkdv"], 256: [(32, 32, 8, 1), (32, 16, 4, 1)]},
+    "bwd_dq": {**_FLASH_TENSOR_CORE["sm_80"]["bwd_dq"],
+               64: [(128, 32, 8, 2, _FULL_REGISTERS), (64, 32, 4, 2, _FULL_REGISTERS)]}}
 _FLASH_TF32["sm_86"] = {
     "fwd": {**_FLASH_TF32["sm_80"]["fwd"], 128: [(64, 16, 8, 1), (32, 32, 4, 1)],
             256: [(32, 16, 4, 1), (16, 32, 8, 1)]},
-    "bwd_dkdv": {64: [(64, 32, 8, 1), (32, 64, 8, 1)], 128: [(32, 32, 8, 1), (32, 16, 4, 1)],
+    "bwd_dkdv": {64: [(64, 32, 8, 1, _FULL_REGISTERS), (32, 64, 8, 1)], 128: [(32, 32, 8, 1), (32, 16, 4, 1)],
                  256: [(16, 16, 4, 1), (16, 16, 8, 1)]},
     "bwd_dq": _FLASH_TF32["sm_80"]["bwd_dq"]}
 
@@ -202,11 +211,11 @@ _RELOAD = (("RELOAD_ROWS", 1), ("maxnreg", 168))
 # accumulators all sit in registers, so the tiles shrink as the head dim grows and eight warps share
 # the accumulators. One list for both arches (neither has fp32 tensor cores).
 _FLASH_FP32_IEEE = {
-    "fwd": {64: [(64, 16, 8, 1)], 128: [(32, 16, 4, 1)], 256: [(32, 16, 8, 1)]},
+    "fwd": {64: [(64, 16, 8, 1)], 128: [(32, 16, 8, 1, _FULL_REGISTERS)], 256: [(32, 16, 8, 1)]},
     # D <= 128: 16 keys, as at D = 256; with 32 the loop over a grouped-query group spills
     # 8-40 B on sm_90 when S is odd (also with maxnreg 128 or 168).
-    "bwd_dkdv": {64: [(16, 32, 8, 1)], 128: [(16, 16, 8, 1)], 256: [(16, 16, 8, 1)]},
-    "bwd_dq": {64: [(32, 32, 8, 1)], 128: [(16, 16, 8, 1)], 256: [(16, 16, 8, 1, _RELOAD)]},
+    "bwd_dkdv": {64: [(16, 32, 8, 1)], 128: [(16, 16, 8, 1)], 256: [(16, 16, 8, 1, _FULL_REGISTERS)]},
+    "bwd_dq": {64: [(32, 32, 8, 1, _FULL_REGISTERS)], 128: [(16, 16, 8, 1)], 256: [(16, 16, 8, 1, _RELOAD)]},
 }
 
 
@@ -256,7 +265,9 @@ def decode_config(head_dim: int) -> LaunchConfig:
     if TRITON_INTERPRET:
         return _config(4, 1, BLOCK_N=32)
     block_n = max(16, min(128, 8192 // flash_block_d(head_dim)))
-    return _config(4, 2, BLOCK_N=block_n if head_dim % 16 == 0 else block_n // 2)
+    # maxnreg 255: with ptxas's own register target the key-padding and bias-only kernels stored
+    # 8 B to the stack at 56-128 registers (odd D on sm_90; D = 16 fp32 on sm_86).
+    return _config(4, 2, 255, BLOCK_N=block_n if head_dim % 16 == 0 else block_n // 2)
 
 
 def decode_combine_config() -> LaunchConfig:

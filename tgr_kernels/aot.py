@@ -277,18 +277,20 @@ T_BAR_DTYPES = {"fp32": torch.float32, "fp64": torch.float64}
 _MASK_DTYPE_VARIANTS = (dict(bias_dtype="fp32"), dict(bias_dtype="fp64"), dict(bias_dtype="fp16"),
                         dict(bias_dtype="bf16"), dict(gsot=False, t_bar="fp64"))
 
-# Mask and flag settings: every one on (the base), then each varied alone.
-# "gqa": grouped-query attention (2 query heads on 1 k/v head), whose dK/dV kernel loops over the
-# group at run time; without it the group size is 1, a constant to the compiler.
-FLASH_BASE = dict(mask="kpm+bias", bias_dtype="q", t_bar="fp32", causal=True, gsot=True, need_dq=True, need_dkv=True,
+# Mask and flag settings: every flag on (the base) with each mask a call can pass (BASE_MASKS: one
+# attn_mask is a key-padding mask or an additive bias, never both: ``_validation._split_mask``),
+# then each varied alone. "gqa": grouped-query attention (2 query heads on 1 k/v head), whose dK/dV
+# kernel loops over the group at run time; without it the group size is 1, a constant to the compiler.
+BASE_MASKS = ("bias", "kpm")
+FLASH_BASE = dict(mask="bias", bias_dtype="q", t_bar="fp32", causal=True, gsot=True, need_dq=True, need_dkv=True,
                   gqa=True, odd=False)
 FLASH_VARIANT_DTYPES = ("bf16", "fp32+tf32")
-FLASH_VARIANTS = (dict(mask="none"), dict(mask="kpm"), dict(mask="bias"), *_MASK_DTYPE_VARIANTS,
+FLASH_VARIANTS = (dict(mask="none"), *_MASK_DTYPE_VARIANTS,
                   dict(causal=False), dict(gsot=False), dict(need_dq=False), dict(gqa=False))
-WIDE_BASE = dict(mask="kpm+bias", bias_dtype="q", t_bar="fp32", causal=True, gsot=True, store_p=True, store_g=True,
+WIDE_BASE = dict(mask="bias", bias_dtype="q", t_bar="fp32", causal=True, gsot=True, store_p=True, store_g=True,
                  odd=False)
 WIDE_VARIANT_DTYPES = ("bf16", "fp32")
-WIDE_VARIANTS = (dict(mask="none"), dict(mask="kpm"), dict(mask="bias"), *_MASK_DTYPE_VARIANTS,
+WIDE_VARIANTS = (dict(mask="none"), *_MASK_DTYPE_VARIANTS,
                  dict(causal=False), dict(gsot=False), dict(store_p=False), dict(store_p=False, store_g=False))
 # The dtype mixes of (hidden, weight): the model's fp32 head on bf16/fp16 hidden states, fp32,
 # and one dtype throughout (every size class and flag variant below), then every other pair the
@@ -326,7 +328,7 @@ PROJECTION_VARIANTS = (dict(bias=False), dict(save_sigma=False), dict(store_grad
 
 
 # Where the one-at-a-time variants are compiled. Every candidate of every size class, dtype and arch
-# is compiled with every flag on; the variants (odd sizes of an aligned class, each flag varied
+# is compiled with every flag on and each mask; the variants (odd sizes of an aligned class, each flag varied
 # alone) change loads and masks, not tiles, so they are compiled for the default candidate on the
 # primary target only, and the flag variants only at a family's largest size and for the dtypes in
 # its *_VARIANT_DTYPES (a half-precision one, whose spills are gated, and an fp32 or mixed one): this
@@ -336,16 +338,22 @@ PRIMARY_ARCH = "sm_90"
 
 def _settings(base: dict, variants: Sequence[dict], arch: str, full: bool, odd_sizes: bool,
               flags: bool) -> list[dict]:
-    """Every flag on with aligned sizes, for every candidate; on ``PRIMARY_ARCH`` (with ``full``)
-    and for the default candidate, odd sizes (``odd_sizes``) and each flag varied alone
-    (``flags``)."""
-    out = [dict(base, all_candidates=True)]
+    """Every flag on with aligned sizes (with each of BASE_MASKS where the kernel takes masks), for
+    every candidate; on ``PRIMARY_ARCH`` (with ``full``) and for the default candidate, odd sizes
+    (``odd_sizes``) and each flag varied alone (``flags``)."""
+    out = _every_candidate(base)
     if full and arch == PRIMARY_ARCH:
         if odd_sizes:
-            out.append(dict(base, odd=True, all_candidates=False))
+            out += [dict(setting, odd=True, all_candidates=False) for setting in _every_candidate(base)]
         if flags:
             out += [{**base, **v, "all_candidates": False} for v in variants]
     return out
+
+
+def _every_candidate(base: dict) -> list[dict]:
+    """The all-candidate settings of ``base``: one per mask of BASE_MASKS where it has a mask."""
+    masks = BASE_MASKS if "mask" in base else (base.get("mask"),)
+    return [dict(base, all_candidates=True, **({"mask": m} if "mask" in base else {})) for m in masks]
 
 
 def _keep(launches: list[Launch], setting: dict) -> list[Launch]:
@@ -380,7 +388,7 @@ def flash_launches(arch: str, full: bool = True) -> list[Launch]:
             if head_dim not in bucket_largest:
                 # A smaller BLOCK_D of a bucket (same candidates, smaller tiles): every candidate
                 # with every flag on, on each target (the dispatcher launches each of them there).
-                settings = [dict(FLASH_BASE, all_candidates=True)]
+                settings = _every_candidate(FLASH_BASE)
             else:
                 # Odd S (unaligned mask and bias rows) as a variant; the flags vary at the largest D.
                 settings = _settings(FLASH_BASE, FLASH_VARIANTS, arch, full, odd_sizes=True,
@@ -505,7 +513,7 @@ def _decode_group(head_dim: int):
 # query row (Triton specialises an integer equal to 1), a kv head per query head, a cache split
 # over several chunks; the odd variant: odd D and S_k, 3 query rows, two query heads per kv head;
 # "short": a cache of one chunk (num_splits = 1, also specialised).
-DECODE_BASE = dict(mask="kpm+bias", bias_dtype="q", t_bar="fp32", causal=True, gsot=True, short=False, odd=False)
+DECODE_BASE = dict(mask="bias", bias_dtype="q", t_bar="fp32", causal=True, gsot=True, short=False, odd=False)
 DECODE_VARIANT_DTYPES = ("bf16", "fp32")
 DECODE_VARIANTS = (dict(mask="none"), dict(mask="kpm"), dict(mask="bias"), *_MASK_DTYPE_VARIANTS,
                    dict(causal=False), dict(gsot=False), dict(short=True))
@@ -858,7 +866,8 @@ def enumeration_text(full: bool) -> str:
     return (
         "Enumerated from the launchers (`_configs` probed over the input domain; the largest value of each "
         "distinct configuration, the most registers and shared memory it meets). Every autotuning candidate × "
-        "dtype × size class × arch (sm_90, sm_80, sm_86) with every mask/flag on. " + variants + "\n"
+        "dtype × size class × arch (sm_90, sm_80, sm_86) with every flag on, once with each mask a call can pass "
+        "(key padding; an additive bias: one attn_mask is one or the other). " + variants + "\n"
         "- **flash** (forward; backward dK/dV; backward dQ and dt̄): head dims 1..256. Each bucket (D <= 64, "
         "<= 128, <= 256) has one candidate list; head dims that are not multiples of 16 are zero-padded by the "
         "launchers to the next multiple (vector loads), so they launch as aligned ones. Every candidate at "
