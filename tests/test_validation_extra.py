@@ -351,7 +351,7 @@ def test_meta_tensors_give_shapes(backend):
 def test_gpus_older_than_ampere_run_the_torch_backend(monkeypatch, capability, auto):
     """The Triton tiles are checked for sm_80, sm_86 and sm_90 only: on a V100 or T4 (less shared
     memory per block, no bf16 tensor cores) "auto" chose them anyway."""
-    monkeypatch.setattr(_backend, "_cuda_capability", lambda index: capability)
+    monkeypatch.setitem(_backend._CAPABILITIES, 0, capability)
     cuda = torch.device("cuda", 0)
     assert _backend.resolve_backend("auto", cuda) == auto
     assert _backend.resolve_backend("torch", cuda) == "torch"

@@ -25,17 +25,19 @@ TRITON_INTERPRET = interpreter_enabled()
 MIN_TRITON_CAPABILITY = 80
 
 
-@torch.compiler.assume_constant_result
+# Compute capability by CUDA device index, read once per device. A plain dict rather than
+# functools.cache, which torch.compile warns about; and no torch.compiler decorator, which would
+# import the compiler (and sympy) with tgr_kernels.
+_CAPABILITIES: dict[int, int] = {}
+
+
 def cuda_capability(index: int) -> int:
-    """The compute capability of CUDA device ``index`` as 10 * major + minor (a constant to
-    torch.compile)."""
-    return _cuda_capability(index)
-
-
-@functools.cache
-def _cuda_capability(index: int) -> int:
-    major, minor = torch.cuda.get_device_capability(index)
-    return 10 * major + minor
+    """The compute capability of CUDA device ``index`` as 10 * major + minor."""
+    capability = _CAPABILITIES.get(index)
+    if capability is None:
+        major, minor = torch.cuda.get_device_capability(index)
+        capability = _CAPABILITIES[index] = 10 * major + minor
+    return capability
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
