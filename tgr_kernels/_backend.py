@@ -31,8 +31,9 @@ MIN_TRITON_CAPABILITY = 80
 _CAPABILITIES: dict[int, int] = {}
 
 
-def cuda_capability(index: int) -> int:
-    """The compute capability of CUDA device ``index`` as 10 * major + minor."""
+def cuda_capability(device: torch.device) -> int:
+    """The compute capability of a CUDA device as 10 * major + minor."""
+    index = torch.cuda.current_device() if device.index is None else device.index
     capability = _CAPABILITIES.get(index)
     if capability is None:
         major, minor = torch.cuda.get_device_capability(index)
@@ -44,7 +45,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     """Map ``"auto"`` to a concrete backend and reject Triton where it cannot run."""
     check_backend(backend)
     if device.type == "cuda" and backend in ("auto", "triton"):
-        capability = cuda_capability(torch.cuda.current_device() if device.index is None else device.index)
+        capability = cuda_capability(device)
         if capability < MIN_TRITON_CAPABILITY:
             if backend == "triton":
                 raise RuntimeError(

@@ -72,7 +72,7 @@ def device_arch(device: torch.device) -> int:
     86/89 = RTX 30/40, A10, L4, L40S); 0 for any other device."""
     if device.type != "cuda":
         return 0
-    return cuda_capability(torch.cuda.current_device() if device.index is None else device.index)
+    return cuda_capability(device)
 
 
 def _flash_bucket(head_dim: int) -> int:

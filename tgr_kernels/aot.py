@@ -352,8 +352,9 @@ def _settings(base: dict, variants: Sequence[dict], arch: str, full: bool, odd_s
 
 def _every_candidate(base: dict) -> list[dict]:
     """The all-candidate settings of ``base``: one per mask of BASE_MASKS where it has a mask."""
-    masks = BASE_MASKS if "mask" in base else (base.get("mask"),)
-    return [dict(base, all_candidates=True, **({"mask": m} if "mask" in base else {})) for m in masks]
+    if "mask" not in base:
+        return [dict(base, all_candidates=True)]
+    return [dict(base, mask=mask, all_candidates=True) for mask in BASE_MASKS]
 
 
 def _keep(launches: list[Launch], setting: dict) -> list[Launch]:
