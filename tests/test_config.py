@@ -4,6 +4,7 @@ import json
 import math
 
 import pytest
+import torch
 from transformers import AutoConfig, PretrainedConfig
 
 from tgr import ConfigError, TGRConfig
@@ -152,3 +153,26 @@ def test_a_damaged_config_is_one_line_naming_the_file(tmp_path, damage):
     message = str(err.value)
     assert "\n" not in message and str(file) in message and "damaged" in message
     assert isinstance(err.value, ValueError)
+
+
+@pytest.mark.parametrize("given", ["bfloat16", torch.bfloat16])
+@pytest.mark.parametrize("keyword", ["dtype", "torch_dtype"])
+def test_the_inherited_dtype_argument_sets_the_base_compute_dtype(keyword, given):
+    # Every PretrainedConfig takes dtype=; a TGR model's only dtype choice is its base's.
+    c = TGRConfig(**{keyword: given})
+    assert c.compute_dtype == "bfloat16" and c.dtype is None
+    assert TGRConfig.from_dict(c.to_dict()).compute_dtype == "bfloat16"  # kept as compute_dtype
+    saved = TGRConfig(compute_dtype="float32").to_dict()
+    assert TGRConfig.from_dict(saved, **{keyword: given}).compute_dtype == "bfloat16"  # a load-time dtype wins
+    assert TGRConfig.from_dict(saved, dtype="auto").compute_dtype == "float32"
+    assert TGRConfig(dtype="auto").compute_dtype == "auto"
+    assert TGRConfig(dtype="float16", compute_dtype="float16").compute_dtype == "float16"
+
+
+def test_a_dtype_that_cannot_be_the_base_compute_dtype_is_an_error():
+    with pytest.raises(ConfigError, match="dtype=torch.float64 must be one of"):
+        TGRConfig(dtype=torch.float64)
+    with pytest.raises(ConfigError, match="dtype='fp8' must be one of"):
+        TGRConfig(dtype="fp8")
+    with pytest.raises(ConfigError, match="dtype='float16' and compute_dtype='bfloat16'"):
+        TGRConfig(dtype="float16", compute_dtype="bfloat16")

@@ -385,6 +385,12 @@ def test_dtype_follows_a_cast(tiny_base):
     assert model.half().dtype == torch.float16
 
 
+def test_a_config_built_with_dtype_loads_the_base_in_it(tiny_base):
+    config = TGRConfig(base_model_name_or_path=tiny_base, temperature_heads=4, load_in_4bit=False,
+                       attention_backend="torch", dtype=torch.bfloat16)
+    model = TGRLlamaModel(config)
+    assert model.dtype == torch.bfloat16 and model.config.compute_dtype == "bfloat16"
+
 
 def test_generation_config_return_dict_in_generate_is_honoured(tiny_base):
     model = make_model(tiny_base, load_in_4bit=False, gsoT_enabled=False).eval()

@@ -91,6 +91,7 @@ class TGRConfig(PretrainedConfig):
         compute_dtype: dtype of the base's activations (and of bitsandbytes' 4-bit compute):
             "auto" (bfloat16 on CUDA when supported, else float16; float32 on the CPU),
             "float32", "bfloat16" or "float16". The TGR head's weights are float32 always.
+            ``dtype=`` (or ``torch_dtype=``), which every ``PretrainedConfig`` takes, sets it.
         device: where to load the base ("cuda", "cuda:1", "cpu"); None = CUDA when present, else
             the CPU.
         num_hidden_layers, hidden_size, intermediate_size, num_attention_heads,
@@ -198,6 +199,7 @@ class TGRConfig(PretrainedConfig):
             if key == "_name_or_path":
                 kwargs.setdefault("name_or_path", kwargs[key])
             kwargs.pop(key)
+        self._take_inherited_dtype(kwargs.pop("torch_dtype", None))
         super().__post_init__(**kwargs)
         # JSON gives lists; a tuple is accepted for convenience.
         if isinstance(self.lora_target_modules, tuple):
@@ -205,6 +207,24 @@ class TGRConfig(PretrainedConfig):
         if isinstance(self.tgr_layers, tuple):
             self.tgr_layers = list(self.tgr_layers)
         self.validate()
+
+    def _take_inherited_dtype(self, torch_dtype) -> None:
+        """``dtype=`` (or ``torch_dtype=``), which every ``PretrainedConfig`` accepts, becomes
+        ``compute_dtype``: the TGR head is float32 always, so the only dtype a TGR model has to
+        choose is the base's. Left as it was, it would be accepted and do nothing."""
+        given = torch_dtype if self.dtype is None else self.dtype
+        if given is None:
+            return
+        name = str(given).removeprefix("torch.")
+        if name != "auto":
+            if name not in COMPUTE_DTYPES:
+                raise ConfigError(f"TGRConfig dtype={given!r} must be one of {COMPUTE_DTYPES} "
+                                  "(it sets compute_dtype, the base's dtype)")
+            if self.compute_dtype not in ("auto", name):
+                raise ConfigError(f"TGRConfig got dtype={given!r} and compute_dtype={self.compute_dtype!r}: "
+                                  "they name the same thing (the base's dtype); give one")
+            self.compute_dtype = name
+        self.dtype = None  # compute_dtype is the one field a saved config keeps
 
     @classmethod
     def tgr_field_names(cls) -> tuple[str, ...]:
@@ -359,8 +379,12 @@ class TGRConfig(PretrainedConfig):
         names = {f.name for f in fields(cls)}
         known = names | _META_KEYS | _HF_INIT_KWARGS
         unknown = sorted(k for k in config_dict if k not in known)
-        overrides = {k: v for k, v in kwargs.items() if k in names}
-        unused = {k: v for k, v in kwargs.items() if k not in names}
+        overrides = {k: v for k, v in kwargs.items() if k in names or k == "torch_dtype"}
+        unused = {k: v for k, v in kwargs.items() if k not in overrides}
+        if any(str(overrides.get(k, "auto")) != "auto" for k in ("dtype", "torch_dtype")) \
+                and "compute_dtype" not in overrides:
+            # A dtype given when loading sets the base's dtype: it replaces the saved compute_dtype.
+            config_dict = {k: v for k, v in config_dict.items() if k != "compute_dtype"}
         if not return_unused:
             unknown += sorted(unused)
         if unknown:
