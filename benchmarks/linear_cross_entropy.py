@@ -313,11 +313,45 @@ def render_table(records: list) -> str:
                  f"{' / '.join(f'{f:.0%}' for f in fractions)} of the labels ignored.")
     for reason, index in notes.items():
         lines.append(f"[{index}] {reason}")
+    lines += _beyond_gradients_table(measurements, keys, case, providers, show_ignored=bool(ignored_head))
     firsts = [f"{r['provider']} {r['tokens']}×{r['vocab']} {r['weight']}: {_fmt_ms(r['first_ms'])}"
               for r in measurements if r.get("status") == "ok" and r["provider"] == "torch-compile"]
     if firsts:
         lines += ["", "First call (compilation included): " + "; ".join(firsts) + "."]
     return "\n".join(lines) + "\n"
+
+
+def returned_gradient_mib(tokens: int, hidden: int, vocab: int, trainable: bool, dtype: str) -> float:
+    """What every provider must hand back, in MiB: d hidden [N, H], and dW [V, H] when the lm_head
+    is trainable, in the inputs' dtype."""
+    elements = tokens * hidden + (vocab * hidden if trainable else 0)
+    return elements * torch.finfo(DTYPES[dtype]).bits / 8 / 2**20
+
+
+def _beyond_gradients_table(measurements, keys, case, providers, show_ignored: bool) -> list[str]:
+    """The extra peak less the returned gradients (the op's own working memory), per case and
+    provider, and its ratio to eager's: a trainable lm_head's dW is a third of eager's peak at
+    1024 tokens, which no implementation that returns dW can go under."""
+    shown = [p for p in providers if p != "gemms"]
+    lines = ["", "Extra peak less the returned gradients (d hidden, and dW when trainable) · over eager's:", "",
+             "| tokens | V | lm_head |" + (" ignored |" if show_ignored else "") + " gradients | "
+             + " | ".join(shown) + " |",
+             "|---:|---:|---|" + ("---:|" if show_ignored else "") + "---:|" + "---|" * len(shown)]
+    for key in keys:
+        dtype, hidden, tokens, vocab, weight, ignored = key
+        row = {r["provider"]: r for r in measurements if case(r) == key and r["status"] == "ok"}
+        grads = returned_gradient_mib(tokens, hidden, vocab, weight == "trainable", dtype)
+        eager = row["eager"]["peak_mib"] - grads if "eager" in row else None
+        cells = []
+        for p in shown:
+            if p not in row:
+                cells.append("")
+                continue
+            own = row[p]["peak_mib"] - grads
+            cells.append(f"{own:.0f} MiB" + (f" · {own / eager:.2f}×" if eager else ""))
+        ignored_cell = f" {ignored:.0%} |" if show_ignored else ""
+        lines.append(f"| {tokens} | {vocab} | {weight} |{ignored_cell} {grads:.0f} MiB | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _ignored(record) -> float:

@@ -690,6 +690,21 @@ def test_benchmark_gpu_providers_and_floor():
     assert "H200 floor |" not in cpu_table and "× floor" not in cpu_table
 
 
+def test_benchmark_table_gives_the_memory_beyond_the_returned_gradients():
+    """benchmarks/linear_cross_entropy.py: the second table subtracts d hidden and (trainable) dW, which
+    every provider returns, from the extra peak: fp32, N = H = 1024, V = 32000 is 4 + 125 MiB."""
+    bench = pytest.importorskip("benchmarks.linear_cross_entropy")
+    assert bench.returned_gradient_mib(1024, 1024, 32000, True, "float32") == pytest.approx(129.0)
+    assert bench.returned_gradient_mib(1024, 1024, 32000, False, "bfloat16") == pytest.approx(2.0)
+    shape = dict(op="linear-cross-entropy", tokens=1024, hidden=1024, vocab=32000, dtype="float32",
+                 weight="trainable", mode="full", kind="measurement", device="cpu")
+    timing = dict(status="ok", median_ms=1.0, p20_ms=1.0, p80_ms=1.0, check_rel_err=None, check_ok=None)
+    records = [dict(shape, provider="eager", peak_mib=375.0, **timing),
+               dict(shape, provider="tgr-torch", peak_mib=160.0, **timing)]
+    table = bench.render_table(records)
+    assert "| 1024 | 32000 | trainable | 129 MiB | 246 MiB · 1.00× | 31 MiB · 0.13× |" in table
+
+
 def test_weight_grad_error_benchmark(monkeypatch):
     """benchmarks/weight_grad_error.py: eager's row first, then fp32 and each chunk count; the
     default summation is within the tests' criterion of eager's error, and the chunk patch is
