@@ -185,3 +185,29 @@ def test_a_short_flag_and_its_long_name_together_are_refused(pair, tmp_path, cap
     assert main(["train", *pair] + FAST) == 2
     _one_line(capsys, "train", "set the same thing", "give one")
     assert not any(tmp_path.iterdir())
+
+
+def test_a_distributed_launch_prints_a_command_line_error_once(tmp_path, capsys, monkeypatch):
+    """Under torchrun every process parses the same command line: the main process prints its
+    error, the others exit 2 without repeating it."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    bad = ["train", "--lr", "1e-3", "--learning_rate", "2e-3"] + FAST
+    monkeypatch.setenv("RANK", "1")
+    assert main(bad) == 2
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--no-such-flag"] + FAST)
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == ""
+    monkeypatch.setenv("RANK", "0")
+    assert main(bad) == 2
+    _one_line(capsys, "train", "set the same thing")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_an_error_met_by_another_process_names_its_rank(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert main(["train", "--output", str(tmp_path / "o"), "--max-steps", "1", "--device", "cuda"] + FAST) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("tgr train (rank 1): error: ") and "CUDA is not available" in err and err.count("\n") == 1

@@ -675,19 +675,27 @@ COMMANDS = {"eval": cmd_eval, "generate": cmd_generate, "bench": cmd_bench}
 TRAINING_COMMAND_FUNCTIONS = {"train": cmd_train, "demo": cmd_demo}
 
 
-def _run(command: str, call) -> int:
+def _run(command: str, call, *, same_in_every_process: bool = False) -> int:
     """Run one command: its exit status (0 unless it returns an int), or 2 with one line on stderr
-    for a user error or a missing model extra."""
+    for a user error or a missing model extra.
+
+    In a distributed launch the other processes name their rank in that line; an error that every
+    process meets alike (``same_in_every_process``: the command line's) is printed by the main one
+    alone, not once per process."""
+    main_process = _is_main_process()
+    where = "" if main_process else f" (rank {os.environ['RANK'].strip()})"
     try:
         status = call()
     except CommandError as e:
-        print(f"tgr {command}: error: {e}", file=sys.stderr)
+        if main_process or not same_in_every_process:
+            print(f"tgr {command}{where}: error: {e}", file=sys.stderr)
         return 2
     except ImportError as e:
         if not missing_model_extra(e):
             raise
-        print(f"tgr {command}: error: this command needs the model extra ({e.name} is not installed): "
-              f"{INSTALL_MODEL_EXTRA}", file=sys.stderr)
+        if main_process or not same_in_every_process:
+            print(f"tgr {command}{where}: error: this command needs the model extra ({e.name} is not installed): "
+                  f"{INSTALL_MODEL_EXTRA}", file=sys.stderr)
         return 2
     return status if isinstance(status, int) and not isinstance(status, bool) else 0
 
@@ -713,9 +721,12 @@ def main(argv: list[str] | None = None) -> int:
         command, parsed = argv[0], {}
 
         def parse():
-            parsed["args"], parsed["training"] = parse_training_args(command, argv[1:])
+            with contextlib.ExitStack() as quiet:
+                if not _is_main_process():  # argparse's usage errors are the same in every process
+                    quiet.enter_context(contextlib.redirect_stderr(quiet.enter_context(open(os.devnull, "w"))))
+                parsed["args"], parsed["training"] = parse_training_args(command, argv[1:])
 
-        status = _run(command, parse)
+        status = _run(command, parse, same_in_every_process=True)
         if status:
             return status
         _setup_logging(parsed["args"].quiet)
