@@ -626,6 +626,63 @@ def test_collect_layer_temperatures_leaves_out_the_checkpointing_recomputation(l
     assert all(m.proj.weight.grad is not None for m in tgr_layer_modules(model).values())
 
 
+def _grads_of_a_block_crossing_step(llama_dir, attn_implementation, checkpointing, backward_in_block):
+    """Gradients of off + 2 on, where `off` is the loss of a forward inside tgr_layers_disabled and
+    the backward runs inside the block or after it."""
+    from transformers import AutoModelForCausalLM
+
+    from tgr.layers import tgr_layers_disabled
+
+    model = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32,
+                                                 attn_implementation=attn_implementation).train()
+    apply_tgr(model, backend="torch", temperature_heads=2, gsot_threshold=None)
+    _perturb(model)
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ids = torch.randint(3, 200, (2, 7), generator=torch.Generator().manual_seed(0))
+    if backward_in_block:
+        on = model(input_ids=ids, labels=ids).loss
+        with tgr_layers_disabled(model):
+            (model(input_ids=ids, labels=ids).loss + 2 * on).backward()
+    else:
+        with tgr_layers_disabled(model):
+            off = model(input_ids=ids, labels=ids).loss
+        (off + 2 * model(input_ids=ids, labels=ids).loss).backward()
+    assert model.config._attn_implementation == "tgr"
+    return {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+@pytest.mark.parametrize("backward_in_block", [False, True])
+def test_checkpointing_recomputes_a_forward_in_the_mode_it_ran_in(llama_dir, attn_implementation,
+                                                                   backward_in_block):
+    """A forward made inside tgr_layers_disabled and recomputed after the block (or the other way
+    round) is recomputed as it ran: the gradients are those without checkpointing (before, the
+    recomputation ran the other attention and torch raised a CheckpointError)."""
+    plain = _grads_of_a_block_crossing_step(llama_dir, attn_implementation, False, backward_in_block)
+    checkpointed = _grads_of_a_block_crossing_step(llama_dir, attn_implementation, True, backward_in_block)
+    assert plain.keys() == checkpointed.keys() and any("temperature_mechanism" in k for k in plain)
+    for name, grad in plain.items():
+        torch.testing.assert_close(checkpointed[name], grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_checkpointing_refuses_a_recomputation_whose_mode_it_cannot_tell(llama_dir):
+    """Two forwards sharing their rotary embeddings, one inside tgr_layers_disabled: a clear error."""
+    from tgr.layers import tgr_layers_disabled
+
+    model = apply_tgr(_llama(llama_dir).train(), backend="torch", temperature_heads=2)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    rotary = model.model.rotary_emb
+    shared = rotary(torch.zeros(1, 7, 64), torch.arange(7)[None])
+    rotary.forward = lambda *args, **kwargs: shared
+    ids = torch.randint(3, 200, (2, 7), generator=torch.Generator().manual_seed(0))
+    with tgr_layers_disabled(model):
+        off = model(input_ids=ids, labels=ids).loss
+    on = model(input_ids=ids, labels=ids).loss
+    with pytest.raises(RuntimeError, match="rotary embeddings were passed to two forwards"):
+        (off + on).backward()
+
+
 def test_set_layer_gate_keeps_the_mode_and_width_it_is_not_given(llama_dir):
     from tgr.layers import set_layer_gate, tgr_layer_settings
 

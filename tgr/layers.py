@@ -36,6 +36,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -43,6 +44,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from torch.utils.weak import WeakIdKeyDictionary
 
 from tgr_kernels import TemperatureMechanism, temperature_guided_attention
 
@@ -89,6 +91,11 @@ class _PatchState:
     collector: list[torch.Tensor] | None = None
     # False inside tgr_layers_disabled: the model runs as the unpatched one.
     enabled: bool = True
+    # Activation checkpointing: whether the layers were on in each checkpointed forward, keyed by
+    # that forward's rotary embeddings, which every layer's recomputation receives again.
+    checkpointed_modes: WeakIdKeyDictionary = field(default_factory=WeakIdKeyDictionary)
+    # Per recomputed attention call: the mode to restore after it (None: it did not switch).
+    recompute_restores: list = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -203,6 +210,65 @@ def _stash_temperatures(state: _PatchState, module: nn.Module, args: tuple, kwar
     # forward recomputes in its own graph, without this hook; dynamo folds is_compiling().)
     if state.collector is not None and (torch.compiler.is_compiling() or torch._C._current_graph_task_id() == -1):
         state.collector.append(temperatures)
+
+
+_AMBIGUOUS = "ambiguous"  # a forward key seen with the layers on and off
+
+
+def _forward_key(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """What an attention call's recomputation receives again from its checkpointed forward: the
+    cos of the rotary embeddings, made once per forward of the model (None without them)."""
+    embeddings = kwargs.get("position_embeddings", args[1] if len(args) > 1 else None)
+    if isinstance(embeddings, (tuple, list)) and embeddings and isinstance(embeddings[0], torch.Tensor):
+        return embeddings[0]
+    return None
+
+
+def _set_enabled(model: nn.Module, state: _PatchState, enabled: bool) -> None:
+    state.enabled = enabled
+    name = ATTENTION_NAME if enabled else state.original_attn_implementation
+    if name is not None:
+        model.set_attn_implementation(name)
+
+
+def _recompute_as_it_ran(state: _PatchState, model_ref, layer: nn.Module, module: nn.Module, args: tuple,
+                         kwargs: dict) -> None:
+    """Forward pre-hook of every decoder layer's attention (before the temperatures' hook).
+
+    Activation checkpointing recomputes a layer's forward inside the backward. A forward made
+    inside :func:`tgr_layers_disabled` whose backward runs after the block (or the other way
+    round) would be recomputed in the other mode: other saved tensors, a CheckpointError. So a
+    checkpointed forward records the mode it ran in, and its recomputation switches to that mode
+    for the attention call (:func:`_restore_after_recompute` switches back)."""
+    if torch.compiler.is_compiling():
+        return
+    key = _forward_key(args, kwargs)
+    if torch._C._current_graph_task_id() == -1:  # a forward, not the backward's recomputation
+        if key is not None and layer.training and torch.is_grad_enabled() \
+                and getattr(layer, "gradient_checkpointing", False):
+            seen = state.checkpointed_modes.get(key)
+            state.checkpointed_modes[key] = state.enabled if seen in (None, state.enabled) else _AMBIGUOUS
+        return
+    mode = state.checkpointed_modes.get(key) if key is not None else None
+    if isinstance(mode, str):
+        raise RuntimeError("TGR layers: activation checkpointing recomputes a forward whose rotary embeddings "
+                           "were passed to two forwards, one inside tgr_layers_disabled and one outside; pass "
+                           "each forward its own, or turn checkpointing off")
+    switch = mode is not None and mode != state.enabled
+    state.recompute_restores.append(state.enabled if switch else None)
+    if switch:
+        _set_enabled(model_ref(), state, mode)
+
+
+def _restore_after_recompute(state: _PatchState, model_ref, module: nn.Module, args: tuple, kwargs: dict,
+                             output) -> None:
+    """Forward hook (always called) paired with :func:`_recompute_as_it_ran`."""
+    if torch.compiler.is_compiling() or torch._C._current_graph_task_id() == -1:
+        return
+    if state.recompute_restores:
+        restore = state.recompute_restores.pop()
+        if restore is not None:
+            _set_enabled(model_ref(), state, restore)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -417,6 +483,14 @@ def apply_tgr(model: nn.Module, layers: str | Sequence[int] = "all", *, temperat
             setattr(attn, _OPTIONS_ATTR, options)
             state.hooks.append(attn.register_forward_pre_hook(functools.partial(_stash_temperatures, state),
                                                               with_kwargs=True))
+        model_ref = weakref.ref(model)
+        for layer in _decoder_layers(model):
+            attn = getattr(layer, "self_attn", None)
+            if isinstance(attn, nn.Module):
+                state.hooks.append(attn.register_forward_pre_hook(
+                    functools.partial(_recompute_as_it_ran, state, model_ref, layer), with_kwargs=True, prepend=True))
+                state.hooks.append(attn.register_forward_hook(
+                    functools.partial(_restore_after_recompute, state, model_ref), with_kwargs=True, always_call=True))
         model.set_attn_implementation(ATTENTION_NAME)
     except BaseException:
         _undo(model, state)  # whatever failed (out of memory, say), the model is left as it was
@@ -466,7 +540,8 @@ def tgr_layers_disabled(model: nn.Module) -> Iterator[nn.Module]:
     """Within the block, a patched model runs as the unpatched one (its original attention
     implementation, no temperatures): the base's own scores beside the TGR layers', without
     removing and re-creating the mechanisms. ``model`` may be a :class:`tgr.TGRLlamaModel`
-    (its base's layers)."""
+    (its base's layers). Under activation checkpointing (``use_reentrant=False``) a forward is
+    recomputed in the mode it ran in, wherever its backward runs."""
     patched = _patched_model(model)
     state: _PatchState | None = getattr(patched, _STATE_ATTR, None)
     if state is None:
