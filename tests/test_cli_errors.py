@@ -211,3 +211,11 @@ def test_an_error_met_by_another_process_names_its_rank(tmp_path, capsys, monkey
     assert main(["train", "--output", str(tmp_path / "o"), "--max-steps", "1", "--device", "cuda"] + FAST) == 2
     err = capsys.readouterr().err
     assert err.startswith("tgr train (rank 1): error: ") and "CUDA is not available" in err and err.count("\n") == 1
+
+
+def test_eval_on_start_is_refused_in_one_line_before_anything_is_created(tmp_path, capsys):
+    # The Trainer raised "evaluation requires an eval_dataset" once the model had loaded.
+    out = tmp_path / "o"
+    assert main(["train", "--output", str(out), "--max-steps", "1", "--eval_on_start"] + FAST) == 2
+    _one_line(capsys, "train", "--eval_on_start")
+    assert not out.exists()

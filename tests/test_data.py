@@ -239,3 +239,53 @@ def test_a_long_question_loses_its_start_and_the_answer_is_trained_whole(tokeniz
     (cut,) = build_training_examples([long_answer], tokenizer, max_length=12)
     assert len(cut["input_ids"]) == 12 and tokenizer.eos_token_id not in cut["input_ids"]
     assert cut["input_ids"][0] == tokenizer.bos_token_id and cut["labels"] == cut["input_ids"]
+
+
+ONE_ROW = {"question_id": "Q1", "question": "Who?", "document_title": "T", "answer": "Someone.", "label": 1}
+
+
+def test_a_folder_whose_files_differ_in_columns_is_one_data_error_naming_the_file(tmp_path):
+    (tmp_path / "a.jsonl").write_text(json.dumps(ONE_ROW) + "\n")
+    (tmp_path / "b.jsonl").write_text(json.dumps({k: v for k, v in ONE_ROW.items() if k != "document_title"}) + "\n")
+    with pytest.raises(DataError, match=r"b\.jsonl.*document_title"):  # a bare KeyError before
+        load_wikiqa(str(tmp_path))
+
+
+def test_excel_utf8_csv_with_a_byte_order_mark_loads(tmp_path):
+    path = tmp_path / "wiki.csv"
+    path.write_text("\ufeff" + ",".join(COLUMNS) + "\nQ1,Who?,T,Someone.,1\n", encoding="utf-8")
+    assert load_wikiqa(str(path)) == [ONE_ROW]
+
+
+@pytest.mark.parametrize("suffix, sep", [(".csv", ","), (".tsv", "\t")])
+def test_a_csv_written_by_pandas_with_its_index_column_loads(tmp_path, suffix, sep):
+    path = tmp_path / f"wiki{suffix}"
+    path.write_text(sep + sep.join(COLUMNS) + "\n" + sep.join(["0", "Q1", "Who?", "T", "Someone.", "1"]) + "\n")
+    assert load_wikiqa(str(path)) == [ONE_ROW]
+
+
+def test_tsv_cells_are_kept_as_written_and_a_stray_quote_never_merges_rows(tmp_path):
+    path = tmp_path / "wiki.tsv"
+    lines = ["\t".join(COLUMNS),
+             'Q1\tWhich film?\tT\t"Heat" is a 1995 film.\t1',
+             'Q2\tWhat did he say?\tT\t"Hello\t1',
+             'Q3\tWho?\tT\tBob" said it.\t0']
+    path.write_text("\n".join(lines) + "\n")
+    rows = load_wikiqa(str(path))
+    assert [r["question_id"] for r in rows] == ["Q1", "Q2", "Q3"]  # Q2 and Q3 were one row
+    assert [r["answer"] for r in rows] == ['"Heat" is a 1995 film.', '"Hello', 'Bob" said it.']
+
+
+def test_a_json_file_whose_first_value_is_null_is_a_data_error(tmp_path):
+    """pyarrow's JSON reader crashed the process (SIGSEGV) on it; the check runs before it."""
+    for text in ("null", "\nnull\n" + json.dumps(ONE_ROW) + "\n"):
+        path = tmp_path / "wiki.json"
+        path.write_text(text)
+        with pytest.raises(DataError, match="is null, not a row"):
+            load_wikiqa(str(path))
+
+
+def test_upper_case_suffixes_are_data_files_in_a_folder_too(tmp_path):
+    (tmp_path / "train.JSONL").write_text(json.dumps(ONE_ROW) + "\n")
+    assert load_wikiqa(str(tmp_path / "train.JSONL")) == [ONE_ROW]
+    assert load_wikiqa(str(tmp_path)) == [ONE_ROW]

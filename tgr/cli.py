@@ -450,6 +450,9 @@ def cmd_train(args, training: dict[str, object], split_rows=None) -> dict:
     if training_args.eval_strategy != "no":  # the Trainer would refuse it once the model had loaded
         raise CommandError(f"--eval_strategy {getattr(training_args.eval_strategy, 'value', '')} needs an evaluation "
                            f"set, which tgr train does not make: leave it no and rank with tgr eval")
+    if training_args.eval_on_start:  # the Trainer would fail on it with a traceback once the model had loaded
+        raise CommandError("--eval_on_start needs an evaluation set, which tgr train does not make: leave it out "
+                           "and rank with tgr eval")
     resume = training_args.resume_from_checkpoint
     if args.overwrite and resume and Path(resume).resolve().is_relative_to(out.resolve()):
         # --overwrite empties the output folder before training: the checkpoint would go with it

@@ -62,13 +62,13 @@ def load_wikiqa(source: str | None = None, split: str = "train") -> list[dict]:
 
 
 def _looks_like_path(source: str) -> bool:
-    return source.startswith((".", "/", "~")) or source.endswith(LOCAL_SUFFIXES) or os.sep + os.sep in source
+    return source.startswith((".", "/", "~")) or source.lower().endswith(LOCAL_SUFFIXES) or os.sep + os.sep in source
 
 
 def _read_local(path: Path, split: str) -> list[dict]:
     if path.is_file():
         return _read_file(path)
-    files = sorted(p for p in path.iterdir() if p.suffix in LOCAL_SUFFIXES)
+    files = sorted(p for p in path.iterdir() if p.suffix.lower() in LOCAL_SUFFIXES)  # as _read_file: train.JSONL too
     if not files:
         raise DataError(f"folder {path} holds no data file ({', '.join(LOCAL_SUFFIXES)})")
     chosen = [p for p in files if _names_split(p, split)]
@@ -82,7 +82,10 @@ def _read_local(path: Path, split: str) -> list[dict]:
         chosen = files
     rows: list[dict] = []
     for p in chosen:
-        rows.extend(_read_file(p))
+        # Each file checked under its own name: files with other columns name the file, not a KeyError.
+        file_rows = _read_file(p)
+        if file_rows:
+            rows.extend(validate_rows(file_rows, str(p)))
     return rows
 
 
@@ -112,11 +115,26 @@ def _read_file(path: Path) -> list[dict]:
     _check_utf8(path)
     if suffix in (".csv", ".tsv"):
         delimiter = "\t" if suffix == ".tsv" else ","
+        # TSV has no quoting (WikiQA's own TSV files hold sentences that start or end with a '"'):
+        # a quote is text, never the start of a cell that runs on over tabs and lines.
+        quoting = csv.QUOTE_NONE if suffix == ".tsv" else csv.QUOTE_MINIMAL
         # Every column as text, as written: pandas would otherwise turn "007" into 7 and "1.50" into
         # 1.5, and empty cells into None; validate_rows converts the labels.
         return _load_local("csv", path, f"not valid {suffix[1:].upper()}", delimiter=delimiter, na_filter=False,
-                           features=_text_features(path, delimiter))
+                           quoting=quoting, features=_text_features(path, delimiter, quoting))
+    _check_json_start(path)
     return _load_local("json", path, "not valid JSON")
+
+
+def _check_json_start(path: Path) -> None:
+    """A JSON (Lines) file whose first value is ``null`` crashes pyarrow's JSON reader (SIGSEGV,
+    the whole process): say so in one line instead."""
+    with open(path, encoding="utf-8-sig") as f:
+        for number, line in enumerate(f, 1):
+            if line.strip():
+                if line.strip() == "null":
+                    raise DataError(f"{path}: not valid WikiQA JSON (line {number} is null, not a row)")
+                return
 
 
 def _check_utf8(path: Path) -> None:
@@ -138,12 +156,18 @@ def _check_utf8(path: Path) -> None:
             offset += len(chunk)
 
 
-def _text_features(path: Path, delimiter: str):
+def _text_features(path: Path, delimiter: str, quoting: int):
     import datasets
+    import pandas
 
-    with open(path, encoding="utf-8", newline="") as f:
-        header = next(csv.reader(f, delimiter=delimiter), [])
-    return datasets.Features({name: datasets.Value("string") for name in header})
+    # The column names as pandas (the reader datasets uses) makes them: a UTF-8 BOM (Excel's
+    # "CSV UTF-8") dropped, an unnamed column (DataFrame.to_csv's index) "Unnamed: 0", a repeated
+    # name "answer.1"; names read with the csv module did not match them.
+    try:
+        header = pandas.read_csv(path, sep=delimiter, nrows=0, encoding="utf-8", quoting=quoting).columns
+    except (ValueError, pandas.errors.ParserError):
+        return None  # load_dataset reports it
+    return datasets.Features({str(name): datasets.Value("string") for name in header})
 
 
 def _load_local(builder: str, path: Path, what_is_wrong: str, **options) -> list[dict]:
@@ -224,10 +248,10 @@ def validate_rows(rows: Sequence[dict], where: str) -> list[dict]:
     clean, bad = [], []
     for i, row in enumerate(rows):
         # A key that only some JSON rows have is read as None in the others.
-        absent = [c for c in COLUMNS if row[c] is None and c != "label"]
+        absent = [c for c in COLUMNS if row.get(c) is None and c != "label"]
         if absent:
             raise DataError(f"{where}: row {i} has no {', '.join(absent)}")
-        label = row["label"]
+        label = row.get("label")
         try:  # 1, "1", " 1 ", 1.0 (a float column, e.g. written by pandas) and "1.0"; not True or 0.5
             number = None if isinstance(label, bool) else float(str(label).strip())
         except ValueError:
