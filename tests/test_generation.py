@@ -360,3 +360,90 @@ def test_clamp_logits_bounds_past_the_scores_dtype():
     assert torch.equal(out, torch.tensor([[-big, big, -big, 3.5]]))
     half = ClampLogits(-1e5, 1e5)(None, scores.half())
     assert torch.isfinite(half).all() and half[0, 3] == 3.5
+
+
+def _prompts_ending_at_eos(model, row_that_ends=None):
+    """Prompts, and the EOS id(s) that make them end at their first new token (every row, or one)."""
+    ids = torch.randint(4, 200, (2, 6), generator=torch.Generator().manual_seed(5))
+    first = model.generate(ids, max_new_tokens=1, eos_token_id=[])[:, -1]
+    return ids, sorted(set(first.tolist())) if row_that_ends is None else int(first[row_that_ends])
+
+
+def test_max_new_tokens_is_an_upper_bound_not_an_allocation(tiny_base):
+    """The hidden-state cache grows with the tokens made: EOS after one token with max_new_tokens
+    = 10^9 asked for 512 GB up front."""
+    model = make_model(tiny_base)
+    ids, eos = _prompts_ending_at_eos(model)
+    assert model.generate(ids, max_new_tokens=10**9, eos_token_id=eos).shape == (2, 7)
+
+
+def test_the_cache_grows_past_its_first_room_and_matches_the_full_forward(tiny_base, monkeypatch):
+    import tgr.generation
+
+    monkeypatch.setattr(tgr.generation, "_INITIAL_ROOM", 2)  # doubles twice in 9 tokens
+    model = make_model(tiny_base)
+    ids, mask = prompts(model)
+    cached = model.generate(ids, mask, max_new_tokens=9, eos_token_id=[])
+    assert torch.equal(cached, model.generate(ids, mask, max_new_tokens=9, eos_token_id=[], use_cache=False))
+
+
+@pytest.mark.parametrize("pad", [-1, 10_000, 1.5])
+def test_a_pad_token_id_that_is_no_token_is_a_clear_error_up_front(tiny_base, pad):
+    """It fills a finished row and is fed to the model: an IndexError deep in torch's embedding,
+    and only once some row finished before the others."""
+    model = make_model(tiny_base)
+    ids, eos = _prompts_ending_at_eos(model, row_that_ends=0)
+    with pytest.raises(ValueError, match="pad_token_id must be a token id"):
+        model.generate(ids, max_new_tokens=4, eos_token_id=eos, pad_token_id=pad)
+    model.generation_config.pad_token_id = -1
+    with pytest.raises(ValueError, match="pad_token_id must be a token id"):
+        model.generate(ids, max_new_tokens=4, eos_token_id=eos)
+
+
+def _tokenizer_with_template(base, template):
+    from tokenizers import processors
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(base)
+    if template is not None:
+        tok._tokenizer.post_processor = processors.TemplateProcessing(
+            single=template, special_tokens=[(t, tok.convert_tokens_to_ids(t)) for t in ("<s>", "</s>")
+                                             if t in template])
+    return tok
+
+
+@pytest.mark.parametrize("template", [None, "$A", "<s> $A </s>"], ids=["auto-bos", "no-auto-bos", "bos-and-eos"])
+def test_generate_answers_prompts_as_training_and_evaluation_do(tiny_base, template):
+    """BOS + the prompt's tokens, whatever the tokenizer's template adds or leaves out (it gave no
+    BOS for a tokenizer that adds none, and a trailing EOS for one that appends it)."""
+    from tgr.evaluation import encode_pair
+    from tgr.pipeline import generate_answers
+
+    model, tok = make_model(tiny_base), _tokenizer_with_template(tiny_base, template)
+    seen = []
+    generate = model.generate
+
+    def recording(ids, mask, **kwargs):
+        seen.append(ids[0][mask[0].bool()].tolist())
+        return generate(ids, mask, **kwargs)
+
+    model.generate = recording
+    generate_answers(model, tok, ["Why is the sky blue?"], greedy=True, max_new_tokens=1)
+    ids, n_prompt = encode_pair(tok, "Why is the sky blue?", "Air.", 256)
+    assert seen[0] == ids[:n_prompt]
+
+
+def test_generate_answers_and_evaluate_heads_give_every_module_back_in_its_mode(tiny_base):
+    """A model in training stays so, and a frozen base kept in eval mode stays in eval mode
+    (generate_answers left the model in eval mode; evaluate_heads set every module training)."""
+    from tgr.data import load_wikiqa
+    from tgr.evaluation import evaluate_heads
+    from tgr.pipeline import generate_answers
+
+    model, tok = make_model(tiny_base), _tokenizer_with_template(tiny_base, None)
+    for run in (lambda: generate_answers(model, tok, ["Why?"], greedy=True, max_new_tokens=1),
+                lambda: evaluate_heads(model, tok, load_wikiqa()[:8])):
+        model.train()
+        model.base_llama_model.eval()
+        run()
+        assert model.training and not model.base_llama_model.training

@@ -272,6 +272,13 @@ def prompt_text(question: str) -> str:
     return f"Q: {question.strip()}\nA:"
 
 
+def prompt_ids(tokenizer, question: str) -> tuple[list[int], list[int]]:
+    """(the BOS, if the tokenizer has one; the prompt's tokens): how training, evaluation and
+    generation encode a question, with no other special token the tokenizer's template may add."""
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    return bos, tokenizer(prompt_text(question), add_special_tokens=False)["input_ids"]
+
+
 def answer_text(answer: str) -> str:
     return f" {answer.strip()}"
 
@@ -307,12 +314,11 @@ def build_training_examples(rows: Iterable[dict], tokenizer, max_length: int = 1
     check_int("max_length", max_length, 2, "an integer >= 2 (a prompt token and the EOS)")
     if tokenizer.eos_token_id is None:
         raise DataError("the tokenizer has no EOS token; training examples need one to end each answer")
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     examples, cut_questions, cut_answers = [], 0, 0
     for row in rows:
         if row["label"] != 1:
             continue
-        question = tokenizer(prompt_text(row["question"]), add_special_tokens=False)["input_ids"]
+        bos, question = prompt_ids(tokenizer, row["question"])
         answer = tokenizer(answer_text(row["answer"]), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         prompt, kept = fit_pair(bos, question, answer, max_length)
         cut_questions += len(prompt) < len(bos) + len(question)

@@ -14,6 +14,7 @@ base model's own head with the same protocol, in one pass, through
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import math
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from .data import DataError, RankingGroup, answer_text, check_int, fit_pair, prompt_text, ranking_groups
+from .data import DataError, RankingGroup, answer_text, check_int, fit_pair, prompt_ids, ranking_groups
 
 logger = logging.getLogger("tgr")
 
@@ -76,8 +77,7 @@ def encode_pair(tokenizer, question: str, answer: str, max_length: int):
 
 def _encode_pair(tokenizer, question: str, answer: str, max_length: int):
     """:func:`encode_pair`, and whether it cut the question and the answer."""
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    question_ids = tokenizer(prompt_text(question), add_special_tokens=False)["input_ids"]
+    bos, question_ids = prompt_ids(tokenizer, question)
     answer_ids = tokenizer(answer_text(answer), add_special_tokens=False)["input_ids"]
     prompt, kept_answer = fit_pair(bos, question_ids, answer_ids, max_length)
     return (prompt + kept_answer, len(prompt), len(prompt) < len(bos) + len(question_ids),
@@ -215,6 +215,25 @@ def _base_logits(model, ids, mask):
         return model.base_model(input_ids=ids, attention_mask=mask).logits
 
 
+@contextlib.contextmanager
+def eval_mode(model):
+    """``model.eval()`` inside the block; after it, every submodule in the mode it was in before (a
+    model in training stays so, and so does a part of it that was kept in eval mode, such as a frozen
+    base). An object that is no ``nn.Module`` goes back to train mode if it was training."""
+    modules = list(model.modules()) if isinstance(model, torch.nn.Module) else []
+    modes = [m.training for m in modules]
+    was_training = getattr(model, "training", False)
+    model.eval()
+    try:
+        yield model
+    finally:
+        if modules:
+            for module, training in zip(modules, modes, strict=True):
+                module.training = training
+        elif was_training:
+            model.train()
+
+
 def evaluate_heads(model, tokenizer, rows: Sequence[dict], *, batch_size: int = 8,
                    progress: bool = False) -> dict[str, dict[str, float]]:
     """MAP and MRR of a TGR model's head and of its base's own head, with the same protocol, over
@@ -229,16 +248,11 @@ def evaluate_heads(model, tokenizer, rows: Sequence[dict], *, batch_size: int = 
     groups = ranking_groups(rows)
     if not groups:
         raise DataError("no question in the data has a correct (label 1) candidate: nothing to rank")
-    was_training = getattr(model, "training", False)
-    model.eval()
     pairs = [(g.question, a) for g in groups for a in g.answers]
-    try:
-        with torch.no_grad():
-            scores = _answer_scores(lambda ids, mask, scored: model.heads_target_log_probs(ids, mask, scored=scored),
-                                    tokenizer, pairs, batch_size=batch_size, max_length=MAX_LENGTH,
-                                    device=model.device, per_token=False, progress=progress)
-    finally:
-        if was_training:  # a model in training stays so: its GSoT gate and dropout as they were
-            model.train()
+    # A model in training stays so (its GSoT gate and dropout as they were), module by module.
+    with eval_mode(model), torch.no_grad():
+        scores = _answer_scores(lambda ids, mask, scored: model.heads_target_log_probs(ids, mask, scored=scored),
+                                tokenizer, pairs, batch_size=batch_size, max_length=MAX_LENGTH,
+                                device=model.device, per_token=False, progress=progress)
     return {"tgr_head": _ranking(groups, scores["tgr"]).as_dict(),
             "base_head": _ranking(groups, scores["base"]).as_dict()}

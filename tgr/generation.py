@@ -5,7 +5,9 @@ new token comes from ``lm_head(TGR-head(h))``. The TGR attention of the newest t
 final hidden states of every token so far (its keys and values), so generation keeps two caches:
 
 - the base's KV cache (a ``DynamicCache``): each step runs the base on the new token only;
-- ``hidden``: the base's final hidden states so far, ``[B, S_max, H]``, preallocated.
+- ``hidden``: the base's final hidden states so far, ``[B, capacity, H]``: room for the prompt and
+  up to 256 new tokens, doubled when full (memory follows the tokens generated, not
+  ``max_new_tokens``, which is an upper bound that EOS usually cuts short).
 
 Each step then costs one base step plus one TGR-attention row (a query of length 1 against the
 ``S`` cached keys). Only the newest token's logits are needed, and the newest token sees every
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
+import operator
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
@@ -53,7 +56,8 @@ class TGRDecodeState:
     """The caches of incremental decoding.
 
     base_cache: the base's KV cache. hidden: ``[B, capacity, H]`` final hidden states, the first
-    ``length`` valid. positions: ``[B, 1]`` the position id of the last token of each row.
+    ``length`` valid (it grows as needed). positions: ``[B, 1]`` the position id of the last token
+    of each row.
     """
 
     base_cache: object
@@ -74,16 +78,22 @@ def _at_last_real(t: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor
     return t[torch.arange(t.shape[0], device=t.device), last.to(t.device)]
 
 
+#: New tokens that the prefill makes room for in the hidden-state cache; past them it doubles.
+_INITIAL_ROOM = 256
+
+
 def prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, capacity: int):
     """Run the prompt through the base (filling its KV cache) and the TGR head's last row.
 
+    ``capacity``: the most tokens (prompt included) the sequences can reach; the hidden-state
+    cache starts with room for at most :data:`_INITIAL_ROOM` new ones and grows as needed.
     Returns ``(logits [B, V] of each row's last real token, TGRDecodeState)``.
     """
     B, S = input_ids.shape
     positions = _positions(attention_mask)
     cache = model._new_base_cache()
     hidden = model._base_hidden(input_ids, attention_mask, positions, cache)
-    buffer = hidden.new_empty((B, max(capacity, S), hidden.shape[-1]))
+    buffer = hidden.new_empty((B, max(min(capacity, S + _INITIAL_ROOM), S), hidden.shape[-1]))
     buffer[:, :S] = hidden
     state = TGRDecodeState(cache, buffer, S, positions[:, -1:])
     return _last_logits(model, state, _at_last_real(hidden, attention_mask)[:, None], attention_mask), state
@@ -92,8 +102,10 @@ def prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, capaci
 def decode_step(model, state: TGRDecodeState, next_tokens: torch.Tensor, attention_mask: torch.Tensor):
     """Append one token per row (``next_tokens [B]``; ``attention_mask`` covers it) and return the
     logits ``[B, V]`` for the token after it."""
-    if state.length >= state.hidden.shape[1]:
-        raise RuntimeError("TGR decode cache is full")
+    if state.length >= state.hidden.shape[1]:  # full: double it (amortized O(1) per token)
+        grown = state.hidden.new_empty((state.hidden.shape[0], 2 * state.hidden.shape[1], state.hidden.shape[2]))
+        grown[:, :state.length] = state.hidden[:, :state.length]
+        state.hidden = grown
     state.positions = state.positions + 1
     hidden = model._base_hidden(next_tokens[:, None], attention_mask, state.positions, state.base_cache)
     state.hidden[:, state.length] = hidden[:, 0]
@@ -261,8 +273,8 @@ def generate(
             scores, with ``input_ids`` the whole sequence so far. :class:`tgr.ClampLogits` is one.
         eos_token_id: id(s) that end a sequence; None = the base's generation config; ``[]`` =
             none. A finished sequence is filled with ``pad_token_id`` (default: the generation
-            config's pad token, else the first EOS id, else 0); generation stops early when every
-            sequence has finished.
+            config's pad token, else the first EOS id, else 0; one outside the vocabulary is a
+            ``ValueError``); generation stops early when every sequence has finished.
         use_cache: incremental decoding (default). False recomputes the full forward for every
             new token: slow, for checking.
         generator: a ``torch.Generator`` for reproducible sampling.
@@ -338,6 +350,17 @@ def generate(
         pad_token_id = getattr(gen_config, "pad_token_id", None) if gen_config is not None else None
         if pad_token_id is None:
             pad_token_id = eos_ids[0] if eos_ids else 0
+    if eos_ids:  # a finished row is filled with the pad token, which is then fed to the model
+        embeddings = model.get_input_embeddings() if callable(getattr(model, "get_input_embeddings", None)) else None
+        vocab = getattr(embeddings, "num_embeddings", None)
+        try:
+            pad = None if isinstance(pad_token_id, bool) else operator.index(pad_token_id)  # numpy ints too
+        except TypeError:
+            pad = None
+        if pad is None or pad < 0 or (vocab is not None and pad >= vocab):
+            raise ValueError(f"pad_token_id must be a token id in [0, {vocab}) (finished sequences are filled with "
+                             f"it and it is fed to the model), got {pad_token_id!r}")
+        pad_token_id = pad
     eos = torch.tensor(eos_ids, dtype=torch.long, device=device) if eos_ids else None
 
     processors = _as_processor_list(logits_processor)

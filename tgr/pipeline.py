@@ -118,36 +118,38 @@ def generate_answers(model, tokenizer, questions: list[str], *, greedy: bool = F
     """Answers to ``questions`` (each prompted as ``"Q: <question>\\nA:"``), generated through the
     TGR head with the seed's ``ClampLogits`` in left-padded batches of ``batch_size`` questions
     (``progress``: a progress bar over them); sampling by default (the seed's temperature and
-    top-p), ``greedy`` for greedy decoding. A tokenizer without a pad token pads with its EOS; the
-    tokenizer is left as it was given."""
+    top-p), ``greedy`` for greedy decoding. A prompt is encoded as training and evaluation encode
+    it: the BOS, then the prompt's tokens (none of the other special tokens the tokenizer's own
+    template may add, such as a trailing EOS). A tokenizer without a pad token pads with its EOS;
+    the tokenizer is left as it was given."""
     import torch
     from tqdm.auto import tqdm
 
-    from .data import check_int, prompt_text
+    from .data import check_int, prompt_ids
+    from .evaluation import eval_mode
     from .processors import ClampLogits
 
     check_int("batch_size", batch_size, 1, "a positive integer")
     if tokenizer.pad_token_id is None and tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has neither a pad nor an EOS token to pad the batched questions with")
-    prompts = [prompt_text(q) for q in questions]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    encoded = [sum(prompt_ids(tokenizer, q), []) for q in questions]
     generator = torch.Generator(device=model.device).manual_seed(seed)
-    model.eval()
     answers = []
-    side, pad = tokenizer.padding_side, tokenizer.pad_token
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    try:
-        for start in tqdm(range(0, len(prompts), batch_size), desc="generating", unit="batch", disable=not progress):
-            batch = tokenizer(prompts[start:start + batch_size], return_tensors="pt", padding=True)
+    with eval_mode(model):  # generation gates hard; a model in training is given back in training
+        for start in tqdm(range(0, len(encoded), batch_size), desc="generating", unit="batch", disable=not progress):
+            batch = encoded[start:start + batch_size]
+            longest = max(len(ids) for ids in batch)
+            input_ids = torch.full((len(batch), longest), pad, dtype=torch.long)
+            attention_mask = torch.zeros((len(batch), longest), dtype=torch.long)
+            for row, ids in enumerate(batch):  # left padding
+                input_ids[row, longest - len(ids):] = torch.tensor(ids, dtype=torch.long)
+                attention_mask[row, longest - len(ids):] = 1
             out = model.generate(
-                batch["input_ids"].to(model.device), batch["attention_mask"].to(model.device),
+                input_ids.to(model.device), attention_mask.to(model.device),
                 max_new_tokens=max_new_tokens, do_sample=not greedy, temperature=temperature, top_p=top_p,
                 top_k=top_k, logits_processor=[ClampLogits(-50.0, 50.0)], eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id, generator=generator,
+                pad_token_id=pad, generator=generator,
             )
-            new = out[:, batch["input_ids"].shape[1]:]
-            answers += [tokenizer.decode(seq, skip_special_tokens=True).strip() for seq in new]
-    finally:
-        tokenizer.padding_side, tokenizer.pad_token = side, pad
+            answers += [tokenizer.decode(seq, skip_special_tokens=True).strip() for seq in out[:, longest:]]
     return answers
