@@ -51,23 +51,22 @@ def load_wikiqa(source: str | None = None, split: str = "train") -> list[dict]:
     name other splits only), or a hub dataset name such as ``microsoft/wiki_qa``.
     """
     if source is None or source == "sample":
-        rows, where = _read_file(SAMPLE_PATH), str(SAMPLE_PATH)
-    elif os.path.exists(source):
-        rows, where = _read_local(Path(source), split), source
-    elif _looks_like_path(source):
+        return validate_rows(_read_file(SAMPLE_PATH), str(SAMPLE_PATH))
+    if os.path.exists(source):
+        return _read_local(Path(source), split, source)
+    if _looks_like_path(source):
         raise DataError(f"data path {source!r} does not exist")
-    else:
-        rows, where = _read_hub(source, split), f"{source} [{split}]"
-    return validate_rows(rows, where)
+    return validate_rows(_read_hub(source, split), f"{source} [{split}]")
 
 
 def _looks_like_path(source: str) -> bool:
     return source.startswith((".", "/", "~")) or source.lower().endswith(LOCAL_SUFFIXES) or os.sep + os.sep in source
 
 
-def _read_local(path: Path, split: str) -> list[dict]:
+def _read_local(path: Path, split: str, where: str) -> list[dict]:
+    """The validated rows of a local file, or of a folder's files (``where``: the path as given)."""
     if path.is_file():
-        return _read_file(path)
+        return validate_rows(_read_file(path), where)
     files = sorted(p for p in path.iterdir() if p.suffix.lower() in LOCAL_SUFFIXES)  # as _read_file: train.JSONL too
     if not files:
         raise DataError(f"folder {path} holds no data file ({', '.join(LOCAL_SUFFIXES)})")
@@ -86,6 +85,8 @@ def _read_local(path: Path, split: str) -> list[dict]:
         file_rows = _read_file(p)
         if file_rows:
             rows.extend(validate_rows(file_rows, str(p)))
+    if not rows:
+        raise DataError(f"{where} holds no rows")
     return rows
 
 

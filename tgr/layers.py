@@ -239,13 +239,13 @@ def _recompute_as_it_ran(state: _PatchState, model_ref, layer: nn.Module, module
     inside :func:`tgr_layers_disabled` whose backward runs after the block (or the other way
     round) would be recomputed in the other mode: other saved tensors, a CheckpointError. So a
     checkpointed forward records the mode it ran in, and its recomputation switches to that mode
-    for the attention call (:func:`_restore_after_recompute` switches back)."""
-    if torch.compiler.is_compiling():
+    for the attention call (:func:`_restore_after_recompute` switches back). A layer that is not
+    checkpointing (inference, generation) returns at once."""
+    if not getattr(layer, "gradient_checkpointing", False) or torch.compiler.is_compiling():
         return
     key = _forward_key(args, kwargs)
     if torch._C._current_graph_task_id() == -1:  # a forward, not the backward's recomputation
-        if key is not None and layer.training and torch.is_grad_enabled() \
-                and getattr(layer, "gradient_checkpointing", False):
+        if key is not None and layer.training and torch.is_grad_enabled():
             seen = state.checkpointed_modes.get(key)
             state.checkpointed_modes[key] = state.enabled if seen in (None, state.enabled) else _AMBIGUOUS
         return
@@ -260,10 +260,11 @@ def _recompute_as_it_ran(state: _PatchState, model_ref, layer: nn.Module, module
         _set_enabled(model_ref(), state, mode)
 
 
-def _restore_after_recompute(state: _PatchState, model_ref, module: nn.Module, args: tuple, kwargs: dict,
-                             output) -> None:
+def _restore_after_recompute(state: _PatchState, model_ref, layer: nn.Module, module: nn.Module, args: tuple,
+                             kwargs: dict, output) -> None:
     """Forward hook (always called) paired with :func:`_recompute_as_it_ran`."""
-    if torch.compiler.is_compiling() or torch._C._current_graph_task_id() == -1:
+    if not getattr(layer, "gradient_checkpointing", False) or torch.compiler.is_compiling() \
+            or torch._C._current_graph_task_id() == -1:
         return
     if state.recompute_restores:
         restore = state.recompute_restores.pop()
@@ -490,7 +491,8 @@ def apply_tgr(model: nn.Module, layers: str | Sequence[int] = "all", *, temperat
                 state.hooks.append(attn.register_forward_pre_hook(
                     functools.partial(_recompute_as_it_ran, state, model_ref, layer), with_kwargs=True, prepend=True))
                 state.hooks.append(attn.register_forward_hook(
-                    functools.partial(_restore_after_recompute, state, model_ref), with_kwargs=True, always_call=True))
+                    functools.partial(_restore_after_recompute, state, model_ref, layer), with_kwargs=True,
+                    always_call=True))
         model.set_attn_implementation(ATTENTION_NAME)
     except BaseException:
         _undo(model, state)  # whatever failed (out of memory, say), the model is left as it was
